@@ -1,0 +1,1 @@
+"""specjax.evaluation: prompt sets, metrics and sweeps."""

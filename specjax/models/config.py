@@ -1,0 +1,125 @@
+"""ModelConfig: the static (hashable) description of a target or draft LM.
+
+One config covers the Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3), which
+differ only by flags (qkv bias, q/k norm, RoPE scaling, sliding window, tied embeddings),
+and GPT-2. It is hashable so that jitted functions can take it as a static argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+ARCHS = ("llama", "gpt2")
+# Hugging Face `model_type` -> our architecture family.
+HF_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "qwen3": "llama",
+    "gpt2": "gpt2",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyperparameters of a decoder-only LM; every field is static."""
+
+  arch: str  # "llama" or "gpt2"
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_pos) or
+  # ("linear", factor) or None.
+  rope_scaling: tuple | None = None
+  tie_embeddings: bool = False
+  attention_bias: bool = False  # q/k/v projection bias (Qwen2).
+  qk_norm: bool = False  # RMSNorm on q and k per head (Qwen3).
+  sliding_window: int | None = None  # Mistral; None = full attention.
+  max_position_embeddings: int = 4096
+  model_type: str = "llama"  # the Hugging Face name, for messages and export.
+
+  def __post_init__(self):
+    if self.arch not in ARCHS:
+      raise ValueError(f"Unsupported architecture {self.arch!r}; supported: {ARCHS}.")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}.")
+
+  @property
+  def num_params(self) -> int:
+    """Parameter count (embeddings counted once when tied)."""
+    h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+    q = self.num_heads * self.head_dim
+    kv = self.num_kv_heads * self.head_dim
+    if self.arch == "gpt2":
+      per_layer = 4 * h * h + 2 * h * f + 9 * h + f
+      return v * h + self.max_position_embeddings * h + self.num_layers * per_layer + 2 * h
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h
+    head = 0 if self.tie_embeddings else v * h
+    return v * h + self.num_layers * per_layer + h + head
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+
+def _rope_params(hf: Mapping[str, Any]) -> dict:
+  """RoPE settings from either transformers<5 (`rope_theta`, `rope_scaling`) or >=5
+  (`rope_parameters`) config files."""
+  rp = dict(hf.get("rope_parameters") or {})
+  rs = dict(hf.get("rope_scaling") or {})
+  return {**rs, **rp, "rope_theta": rp.get("rope_theta", hf.get("rope_theta", 10000.0))}
+
+
+def _rope_scaling(hf: Mapping[str, Any]) -> tuple | None:
+  rs = _rope_params(hf)
+  if rs is None:
+    return None
+  kind = rs.get("rope_type", rs.get("type"))
+  if kind in (None, "default"):
+    return None
+  if kind == "llama3":
+    return ("llama3", float(rs["factor"]), float(rs["low_freq_factor"]),
+            float(rs["high_freq_factor"]), int(rs["original_max_position_embeddings"]))
+  if kind == "linear":
+    return ("linear", float(rs["factor"]))
+  raise ValueError(f"Unsupported rope_scaling type {kind!r}; supported: llama3, linear.")
+
+
+def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
+  """Builds a ModelConfig from a Hugging Face config.json dict."""
+  model_type = hf.get("model_type")
+  if model_type not in HF_MODEL_TYPES:
+    raise ValueError(
+        f"Unsupported architecture model_type={model_type!r}; supported: "
+        f"{sorted(HF_MODEL_TYPES)}.")
+  if HF_MODEL_TYPES[model_type] == "gpt2":
+    h = hf["n_embd"]
+    return ModelConfig(
+        arch="gpt2", vocab_size=hf["vocab_size"], hidden_size=h,
+        intermediate_size=hf.get("n_inner") or 4 * h, num_layers=hf["n_layer"],
+        num_heads=hf["n_head"], num_kv_heads=hf["n_head"], head_dim=h // hf["n_head"],
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=True,
+        max_position_embeddings=hf["n_positions"], model_type=model_type)
+  if hf.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"Unsupported hidden_act {hf['hidden_act']!r} (only silu).")
+  if model_type in ("llama", "mistral") and hf.get("attention_bias"):
+    raise ValueError("Unsupported: Llama attention_bias=True (o_proj bias).")
+  heads = hf["num_attention_heads"]
+  window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+  return ModelConfig(
+      arch="llama", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+      num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+      norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(_rope_params(hf)["rope_theta"]),
+      rope_scaling=_rope_scaling(hf), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias")),
+      qk_norm=model_type == "qwen3", sliding_window=window if model_type == "mistral" else None,
+      max_position_embeddings=hf.get("max_position_embeddings", 4096), model_type=model_type)

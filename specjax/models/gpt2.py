@@ -1,0 +1,68 @@
+"""GPT-2 in flax.linen, with the same calling convention as `Llama`.
+
+Parameter names follow Hugging Face (`h_0/attn/c_attn/kernel`); GPT-2's Conv1D weights are
+already stored [in, out], so they load without a transpose.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from specjax.kernels import attention_reference
+from specjax.models.cache import KVCache
+from specjax.models.config import ModelConfig
+from specjax.models.llama import write_kv
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BxTxH, mask_BxTxS, kv, start_B):
+    cfg, b, t = self.cfg, x_BxTxH.shape[0], x_BxTxH.shape[1]
+    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.dtype, name=name)
+    norm = lambda name: nn.LayerNorm(cfg.norm_eps, dtype=self.dtype, param_dtype=self.dtype,
+                                     name=name)
+    qkv = dense(3 * cfg.hidden_size, "c_attn")(norm("ln_1")(x_BxTxH))
+    q, k, v = (a.reshape(b, t, cfg.num_heads, cfg.head_dim) for a in jnp.split(qkv, 3, -1))
+    if kv is not None:
+      kv = (write_kv(kv[0], k, start_B), write_kv(kv[1], v, start_B))
+      k, v = kv
+    o = attention_reference(q, k, v, mask_BxTxS).reshape(b, t, -1)
+    x_BxTxH = x_BxTxH + dense(cfg.hidden_size, "c_proj")(o)
+    h = nn.gelu(dense(cfg.intermediate_size, "c_fc")(norm("ln_2")(x_BxTxH)), approximate=True)
+    return x_BxTxH + dense(cfg.hidden_size, "mlp_c_proj")(h), kv
+
+
+class GPT2(nn.Module):
+  """GPT-2 LM head model (tied embeddings, learned positions)."""
+
+  cfg: ModelConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens_BxT, positions_BxT, mask_BxTxS, cache: KVCache | None,
+               hidden_layers: tuple[int, ...] = ()):
+    cfg = self.cfg
+    wte = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
+                   name="wte")
+    wpe = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype,
+                   param_dtype=self.dtype, name="wpe")
+    x = wte(tokens_BxT) + wpe(positions_BxT)
+    start_B = None if cache is None else cache.lengths
+    layer_hidden, ks, vs = [], [], []
+    for i in range(cfg.num_layers):
+      if i in hidden_layers:
+        layer_hidden.append(x)
+      kv = None if cache is None else (cache.k[i], cache.v[i])
+      x, kv = Block(cfg, self.dtype, name=f"h_{i}")(x, mask_BxTxS, kv, start_B)
+      if kv is not None:
+        ks.append(kv[0])
+        vs.append(kv[1])
+    hidden_BxTxH = nn.LayerNorm(cfg.norm_eps, dtype=self.dtype, param_dtype=self.dtype,
+                                name="ln_f")(x)
+    logits = wte.attend(hidden_BxTxH)
+    new_cache = None if cache is None else cache.replace(k=tuple(ks), v=tuple(vs))
+    return logits.astype(jnp.float32), hidden_BxTxH, tuple(layer_hidden), new_cache

@@ -1,0 +1,222 @@
+"""Checkpoint loading: Hugging Face folders (config.json + safetensors) and GGUF files.
+
+Both formats are first brought to Hugging Face tensor names and layouts as numpy arrays
+(GGUF: dequantized with the `gguf` package, llama.cpp's q/k row permutation undone), then
+one converter renames them into our flax params and checks every name and shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specjax.models import model as model_lib
+from specjax.models.config import ModelConfig, from_hf_config
+
+# ----------------------------------------------------------------------------------------
+# Hugging Face names -> flax params.
+
+_LLAMA_RULES = [  # (regex on the HF name without the "model." prefix, flax path, transpose)
+    (r"embed_tokens\.weight", "embed_tokens/embedding", False),
+    (r"norm\.weight", "norm/scale", False),
+    (r"lm_head\.weight", "lm_head/kernel", True),
+    (r"layers\.(\d+)\.self_attn\.([qkvo])_proj\.weight", r"layers_\1/self_attn/\2_proj/kernel", True),
+    (r"layers\.(\d+)\.self_attn\.([qkv])_proj\.bias", r"layers_\1/self_attn/\2_proj/bias", False),
+    (r"layers\.(\d+)\.self_attn\.([qk])_norm\.weight", r"layers_\1/self_attn/\2_norm/scale", False),
+    (r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"layers_\1/mlp/\2_proj/kernel", True),
+    (r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", r"layers_\1/\2/scale",
+     False),
+]
+_GPT2_RULES = [  # GPT-2 Conv1D weights are already [in, out].
+    (r"wte\.weight", "wte/embedding", False),
+    (r"wpe\.weight", "wpe/embedding", False),
+    (r"ln_f\.weight", "ln_f/scale", False),
+    (r"ln_f\.bias", "ln_f/bias", False),
+    (r"h\.(\d+)\.(ln_1|ln_2)\.weight", r"h_\1/\2/scale", False),
+    (r"h\.(\d+)\.(ln_1|ln_2)\.bias", r"h_\1/\2/bias", False),
+    (r"h\.(\d+)\.attn\.(c_attn|c_proj)\.(weight|bias)", r"h_\1/\2/\3", False),
+    (r"h\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"h_\1/c_fc/\2", False),
+    (r"h\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"h_\1/mlp_c_proj/\2", False),
+]
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|attn\.(masked_)?bias|lm_head\.weight)$")
+
+
+def _flax_name(cfg: ModelConfig, hf_name: str) -> tuple[str, bool] | None:
+  name = re.sub(r"^(model|transformer)\.", "", hf_name)
+  for pattern, target, transpose in (_GPT2_RULES if cfg.arch == "gpt2" else _LLAMA_RULES):
+    if re.fullmatch(pattern, name):
+      path = re.sub(pattern, target, name)
+      if cfg.arch == "gpt2":
+        path = path.replace("/weight", "/kernel")
+      if cfg.tie_embeddings and path == "lm_head/kernel":
+        return None
+      return path, transpose
+  if _IGNORED.search(name):
+    return None
+  raise ValueError(f"Unexpected tensor {hf_name!r} in a {cfg.model_type} checkpoint.")
+
+
+def params_from_hf(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]],
+                   dtype=jnp.float32) -> Any:
+  """Builds the flax params pytree from (HF name, array) pairs; checks names and shapes."""
+  want = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0), dtype))
+  flat_want = {"/".join(k.key for k in path): leaf
+               for path, leaf in jax.tree_util.tree_flatten_with_path(want)[0]}
+  got = {}
+  for hf_name, array in tensors:
+    mapped = _flax_name(cfg, hf_name)
+    if mapped is None:
+      continue
+    path, transpose = mapped
+    array = np.asarray(array, np.float32)
+    if transpose:
+      array = array.T
+    if path not in flat_want:
+      raise ValueError(f"Tensor {hf_name!r} maps to {path!r}, which the model does not have.")
+    if array.shape != flat_want[path].shape:
+      raise ValueError(f"Tensor {hf_name!r} has shape {array.shape}; the config implies "
+                       f"{flat_want[path].shape}.")
+    got[path] = jnp.asarray(array, dtype)
+  missing = sorted(set(flat_want) - set(got))
+  if missing:
+    raise ValueError(f"Checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}.")
+  params: dict = {}
+  for path, array in got.items():
+    node = params
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = array
+  return params
+
+
+# ----------------------------------------------------------------------------------------
+# Hugging Face folders.
+
+
+def _safetensors_files(path: str) -> list[str]:
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      shards = sorted(set(json.load(f)["weight_map"].values()))
+    return [os.path.join(path, s) for s in shards]
+  single = os.path.join(path, "model.safetensors")
+  if os.path.exists(single):
+    return [single]
+  raise FileNotFoundError(f"No model.safetensors or model.safetensors.index.json in {path}.")
+
+
+def load_hf_dir(path: str, dtype=jnp.float32) -> tuple[ModelConfig, Any]:
+  """Reads a Hugging Face checkpoint folder (config.json + safetensors, sharded or not)."""
+  from safetensors.numpy import safe_open  # pylint: disable=g-import-not-at-top
+
+  config_path = os.path.join(path, "config.json")
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"No config.json in {path}.")
+  with open(config_path) as f:
+    cfg = from_hf_config(json.load(f))
+
+  def tensors():
+    for file in _safetensors_files(path):
+      with safe_open(file, framework="numpy") as st:
+        for name in st.keys():
+          yield name, st.get_tensor(name)
+
+  return cfg, params_from_hf(cfg, tensors(), dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# GGUF files.
+
+_GGUF_NAMES = [  # llama.cpp tensor names -> Hugging Face names (Llama family)
+    (r"token_embd\.(weight)", r"model.embed_tokens.\1"),
+    (r"output_norm\.(weight)", r"model.norm.\1"),
+    (r"output\.(weight)", r"lm_head.\1"),
+    (r"blk\.(\d+)\.attn_norm\.(weight)", r"model.layers.\1.input_layernorm.\2"),
+    (r"blk\.(\d+)\.ffn_norm\.(weight)", r"model.layers.\1.post_attention_layernorm.\2"),
+    (r"blk\.(\d+)\.attn_([qkv])\.(weight|bias)", r"model.layers.\1.self_attn.\2_proj.\3"),
+    (r"blk\.(\d+)\.attn_output\.(weight)", r"model.layers.\1.self_attn.o_proj.\2"),
+    (r"blk\.(\d+)\.attn_([qk])_norm\.(weight)", r"model.layers.\1.self_attn.\2_norm.\3"),
+    (r"blk\.(\d+)\.ffn_(gate|up|down)\.(weight)", r"model.layers.\1.mlp.\2_proj.\3"),
+]
+_GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def _gguf_field(reader, key: str, default=None):
+  field = reader.fields.get(key)
+  return default if field is None else field.contents()
+
+
+def gguf_hf_config(reader) -> dict:
+  """The Hugging Face config.json equivalent of a GGUF file's metadata."""
+  arch = _gguf_field(reader, "general.architecture")
+  if arch not in _GGUF_ARCHS:
+    raise ValueError(f"Unsupported GGUF architecture {arch!r}; supported: "
+                     f"{sorted(_GGUF_ARCHS)}.")
+  g = lambda key, default=None: _gguf_field(reader, f"{arch}.{key}", default)
+  names = {t.name for t in reader.tensors}
+  if "rope_freqs.weight" in names:
+    raise ValueError("GGUF files with a rope_freqs tensor (Llama-3.1 RoPE scaling) are not "
+                     "supported yet; load the Hugging Face folder instead.")
+  heads = int(g("attention.head_count"))
+  hidden = int(g("embedding_length"))
+  vocab = g("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+  return {
+      "model_type": _GGUF_ARCHS[arch],
+      "vocab_size": int(vocab),
+      "hidden_size": hidden,
+      "intermediate_size": int(g("feed_forward_length")),
+      "num_hidden_layers": int(g("block_count")),
+      "num_attention_heads": heads,
+      "num_key_value_heads": int(g("attention.head_count_kv", heads)),
+      "head_dim": int(g("attention.key_length", hidden // heads)),
+      "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-6)),
+      "rope_theta": float(g("rope.freq_base", 10000.0)),
+      "max_position_embeddings": int(g("context_length", 4096)),
+      "tie_word_embeddings": "output.weight" not in names,
+      "sliding_window": g("attention.sliding_window"),
+  }
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Undoes llama.cpp's q/k row permutation (interleaved -> rotate-half RoPE layout)."""
+  d = w.shape[0] // n_head // 2
+  return w.reshape(n_head, d, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_hf_tensors(reader, hf: Mapping[str, Any]):
+  """Yields (Hugging Face name, float32 array) for every tensor of a GGUF file."""
+  from gguf import quants  # pylint: disable=g-import-not-at-top
+
+  permuted = hf["model_type"] in ("llama", "mistral")
+  for t in reader.tensors:
+    for pattern, target in _GGUF_NAMES:
+      if re.fullmatch(pattern, t.name):
+        name = re.sub(pattern, target, t.name)
+        break
+    else:
+      raise ValueError(f"Unexpected tensor {t.name!r} in GGUF file.")
+    w = np.asarray(quants.dequantize(t.data, t.tensor_type), np.float32)
+    if permuted and name.endswith("q_proj.weight"):
+      w = _unpermute(w, hf["num_attention_heads"])
+    elif permuted and name.endswith("k_proj.weight"):
+      w = _unpermute(w, hf["num_key_value_heads"])
+    yield name, w
+
+
+def load_gguf(path: str, dtype=jnp.float32):
+  """Reads a GGUF file: (ModelConfig, params, the GGUFReader for the tokenizer)."""
+  import gguf  # pylint: disable=g-import-not-at-top
+
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"GGUF file not found: {path}")
+  reader = gguf.GGUFReader(path)
+  hf = gguf_hf_config(reader)
+  cfg = from_hf_config(hf)
+  return cfg, params_from_hf(cfg, gguf_hf_tensors(reader, hf), dtype), reader

@@ -1,0 +1,1 @@
+"""specjax.training: optax training of draft heads and stop predictors against frozen targets."""
