@@ -1,0 +1,43 @@
+"""The full sweep on SmolLM2-135M: three datasets, greedy and sampled decoding, draft
+budgets, stop policies, a lossy acceptance rule, and the transformers peers.
+
+Hours on a CPU; on an accelerator drop the peers (--config.peers="()").
+"""
+
+import importlib.util
+import os
+
+# Config files are loaded by path, not as a package: load the shared pieces the same way.
+_spec = importlib.util.spec_from_file_location(
+    "specjax_configs_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
+BUDGETS = (2, 4, 8)
+
+
+def get_config(arg: str | None = None):
+    del arg
+    c = common.base()
+    c.self_draft_layers = 20
+    layers = c.get_ref("self_draft_layers")
+    c.methods = [
+        common.method("ar"),
+        common.method("prompt_lookup", drafter="prompt_lookup", num_draft=10),
+        *[common.method(f"self_draft_k{k}", drafter="self_draft", num_draft=k, layers=layers)
+          for k in BUDGETS],
+        common.method("self_draft_confidence", drafter="self_draft", num_draft=8,
+                      layers=layers, stop="confidence", stop_kwargs={"threshold": 0.4}),
+        common.method("self_draft_svip", drafter="self_draft", num_draft=8, layers=layers,
+                      stop="svip"),
+        common.method("self_draft_typical", drafter="self_draft", num_draft=4, layers=layers,
+                      acceptance="typical"),
+    ]
+    c.datasets = ("mt_bench", "humaneval", "gsm8k")
+    c.num_prompts = 10
+    c.temperatures = (0.0, 1.0)
+    c.seeds = (0,)
+    c.max_new_tokens = 128
+    c.warmup = 1
+    c.peers = ("hf_ar", "hf_prompt_lookup")
+    return c

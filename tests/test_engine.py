@@ -1,0 +1,139 @@
+"""The draft-and-verify engine on tiny random models: greedy losslessness, ragged batches,
+per-sequence stopping, and clear errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from specjax import decode, stopping
+from specjax.drafters import DraftModel, PromptLookup
+from specjax.models import Model, ModelConfig, init_params
+
+
+def tiny(vocab=64, layers=2, seed=0, arch="llama"):
+  """A random model; untied (Llama) so that greedy text does not just repeat itself."""
+  cfg = ModelConfig(arch=arch, vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                    num_layers=layers, num_heads=4, num_kv_heads=2 if arch == "llama" else 4,
+                    head_dim=8, tie_embeddings=arch == "gpt2", max_position_embeddings=256)
+  return Model(cfg, init_params(cfg, jax.random.key(seed)))
+
+
+TARGET = tiny()
+OTHER = tiny(layers=1, seed=7)
+# Prompts with repeats so prompt lookup finds matches; ragged lengths.
+PROMPTS = [[5, 9, 3, 5, 9, 3, 5, 9], [1, 2], [7, 7, 7, 8, 7, 7, 7, 8, 7, 7, 7], [11, 12, 13]]
+
+DRAFTERS = {
+    "prompt_lookup": lambda: PromptLookup(num_draft=5),
+    "self": lambda: DraftModel.from_model(TARGET, num_draft=4),
+    "truncated": lambda: DraftModel.truncated(TARGET, 1, num_draft=3),
+    "other": lambda: DraftModel.from_model(OTHER, num_draft=3),
+}
+CASES = [("prompt_lookup", None), ("self", "fixed"), ("truncated", "confidence"),
+         ("truncated", "svip"), ("other", "fixed")]
+
+
+def gen(model, prompts, **kw):
+  """generate() with prompt widths bucketed to 16, so tests share compiled loops."""
+  return decode.generate(model, prompts, pad_to=16, **kw)
+
+
+def ar(prompts, n=24, eos=None, model=TARGET):
+  return gen(model, prompts, max_new_tokens=n, eos=eos).token_lists()
+
+
+@pytest.mark.parametrize("drafter,stop", CASES)
+def test_greedy_speculative_equals_ar(drafter, stop):
+  d = DRAFTERS[drafter]()
+  want = ar(PROMPTS)
+  batch = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None, drafter=d, stop=stop)
+  assert batch.token_lists() == want
+  assert (np.asarray(batch.lengths) == 24).all()
+  # Each sequence alone gets exactly what it gets in the batch.
+  for i, p in enumerate(PROMPTS):
+    alone = gen(TARGET, [p], max_new_tokens=24, eos=None, drafter=d, stop=stop)
+    assert alone.token_lists()[0] == want[i]
+  # tau * target calls == new tokens, per sequence.
+  np.testing.assert_allclose(batch.tau * np.asarray(batch.stats.target_calls),
+                             np.asarray(batch.lengths))
+  if drafter == "self" and stop == "fixed":  # the target drafting itself accepts everything
+    assert (batch.tau > 4.0).all()
+
+
+def test_sequences_accept_different_lengths_in_one_batch():
+  out = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None,
+                        drafter=DRAFTERS["truncated"]())
+  acc = np.asarray(out.stats.accepted)
+  # The per-step gains differ between sequences: there is no shared minimum.
+  assert len({tuple(r[:4]) for r in acc}) > 1
+  assert (acc.sum(1) >= 24).all()
+
+
+def test_eos_stops_each_sequence_on_its_own():
+  free = ar(PROMPTS, n=24)
+  eos = free[0][5]  # a token that sequence 0 emits at step 6
+  want = ar(PROMPTS, n=24, eos=eos)
+  for i, toks in enumerate(want):
+    cut = free[i].index(eos) + 1 if eos in free[i] else 24
+    assert toks == free[i][:cut]
+  for name in ("prompt_lookup", "self", "truncated"):
+    out = gen(TARGET, PROMPTS, max_new_tokens=24, eos=eos, drafter=DRAFTERS[name]())
+    assert out.token_lists() == want, name
+
+
+def test_gpt2_target_with_truncated_drafter():
+  gpt = tiny(arch="gpt2", seed=3)
+  want = ar(PROMPTS, model=gpt)
+  out = gen(gpt, PROMPTS, max_new_tokens=24, eos=None,
+                        drafter=DraftModel.truncated(gpt, 1, num_draft=3))
+  assert out.token_lists() == want
+
+
+def test_stop_policies_shorten_drafts():
+  d = DraftModel.from_model(OTHER, num_draft=6)
+  fixed = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None, drafter=d)
+  svip = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None, drafter=d,
+             stop=stopping.SVIP(threshold=0.0, min_len=1))
+  # Fixed drafts all 6 tokens: 6 draft forwards per target call (catch-up included).
+  np.testing.assert_array_equal(fixed.stats.draft_calls, 6 * np.asarray(fixed.stats.target_calls))
+  # Threshold 0 stops before the 2nd token every time, which costs the forward of the
+  # 1st: 2 draft calls per target call, and at most 1 accepted draft + 1 bonus per step.
+  np.testing.assert_array_equal(svip.stats.draft_calls, 2 * np.asarray(svip.stats.target_calls))
+  assert np.asarray(svip.stats.accepted).max() <= 2
+  assert svip.token_lists() == fixed.token_lists() == ar(PROMPTS)
+
+
+def test_lossy_rules_are_labelled_and_never_default():
+  from specjax import verify
+  assert verify.get("greedy").lossless and verify.get("speculative").lossless
+  assert not verify.get("typical").lossless and not verify.get("fuzzy").lossless
+  assert "LOSSY" in verify.__doc__
+  import inspect
+  default = inspect.signature(decode.generate).parameters["acceptance"].default
+  assert default is None  # resolves to greedy / speculative
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(drafter=DraftModel.from_model(tiny(vocab=32))), "vocab size 32 != target vocab"),
+    (dict(drafter=PromptLookup(num_draft=8), max_len=30), "cache slots; max_len is 30"),
+    (dict(acceptance="medusa"), "Unknown acceptance rule 'medusa'"),
+    (dict(drafter=DraftModel.from_model(OTHER), stop="sometimes"), "Unknown stop policy"),
+    (dict(drafter=PromptLookup(), stop="svip"), "stop policies do not apply"),
+    (dict(acceptance="greedy", temperature=1.0), "needs temperature=0"),
+    (dict(stop="svip"), "needs a drafter"),
+    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+])
+def test_bad_input_errors(kwargs, match):
+  kw = dict(max_new_tokens=8, eos=None) | kwargs
+  with pytest.raises(ValueError, match=match):
+    gen(TARGET, PROMPTS, **kw)
+
+
+def test_bad_prompts():
+  with pytest.raises(ValueError, match="Prompt 1 is empty"):
+    decode.generate(TARGET, [[1], []], max_new_tokens=4)
+  with pytest.raises(ValueError, match="outside"):
+    decode.generate(TARGET, [[1, 999]], max_new_tokens=4)
+  with pytest.raises(ValueError, match="context of 256 positions"):
+    decode.generate(TARGET, [[1] * 250], max_new_tokens=10)

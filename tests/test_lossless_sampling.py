@@ -1,0 +1,135 @@
+"""Speculative sampling preserves the target distribution (chains and trees).
+
+On a vocabulary of 8 the exact distribution of the first two generated tokens is a 64-cell
+table. We draw tens of thousands of samples with fixed seeds and require the total
+variation distance to the exact table to stay below a bound set from the sampling noise
+expected under the null; a deliberately biased rule in the same test must exceed it.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from specjax import decode, sampling as sampling_lib, verify
+from specjax.drafters import DraftModel
+from specjax.models import Model, ModelConfig, init_params
+from specjax.tree import DraftTree, parents_from_choices
+
+V = 8
+
+
+def tv(counts, exact):
+  return 0.5 * np.abs(counts / counts.sum() - exact).sum()
+
+
+def tv_bound(exact, n):
+  """4x the expected TV of n samples from `exact` (normal approximation per cell)."""
+  return 4 * 0.5 * np.sum(np.sqrt(2 * exact * (1 - exact) / (np.pi * n)))
+
+
+def tiny(seed):
+  cfg = ModelConfig(arch="llama", vocab_size=V, hidden_size=32, intermediate_size=64,
+                    num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                    max_position_embeddings=64)
+  return Model(cfg, init_params(cfg, jax.random.key(seed)))
+
+
+TARGET, DRAFT = tiny(0), tiny(1)
+PROMPT = [3, 1, 4]
+
+
+def exact_two_tokens(s: sampling_lib.Sampling):
+  """Exact joint of the first two target tokens after PROMPT, warped by `s`."""
+  p1 = sampling_lib.probs(TARGET.logits([PROMPT])[0, -1], s)
+  p2 = sampling_lib.probs(TARGET.logits([PROMPT + [x] for x in range(V)])[:, -1], s)
+  return np.asarray(p1[:, None] * p2)
+
+
+def counts_of(tokens_Nx2):
+  return np.bincount(tokens_Nx2[:, 0] * V + tokens_Nx2[:, 1], minlength=V * V).reshape(V, V)
+
+
+SAMPLINGS = [sampling_lib.Sampling(1.0), sampling_lib.Sampling(0.8, top_k=5, top_p=0.9)]
+
+
+@pytest.mark.parametrize("s", SAMPLINGS, ids=["t1", "t0.8_k5_p0.9"])
+def test_chain_speculative_sampling_matches_target(s):
+  n = 40_000
+  exact = exact_two_tokens(s)
+  bound = tv_bound(exact, n)
+  kw = dict(max_new_tokens=2, eos=None, temperature=s.temperature, top_k=s.top_k,
+            top_p=s.top_p, seed=1, drafter=DraftModel.from_model(DRAFT, num_draft=3))
+  spec = decode.generate(TARGET, [PROMPT] * n, **kw)
+  got = tv(counts_of(np.asarray(spec.tokens)), exact)
+  assert got < bound, (got, bound)
+  # The draft accepted tokens often enough for the test to mean something.
+  assert np.mean(np.asarray(spec.stats.accepted)[:, 0]) > 1.3
+  # Negative control: accepting every draft token (fuzzy with an infinite threshold)
+  # returns the draft's distribution, which this test must catch.
+  biased = decode.generate(TARGET, [PROMPT] * n, acceptance=verify.get("fuzzy", threshold=1e9),
+                           **kw)
+  assert tv(counts_of(np.asarray(biased.tokens)), exact) > bound
+
+
+def bigram_tables(seed=0):
+  """Target and draft next-token tables; the draft is a noisy copy of the target."""
+  kp, kq = jax.random.split(jax.random.key(seed))
+  logits_p = 2 * jax.random.normal(kp, (V, V))
+  logits_q = logits_p + jax.random.normal(kq, (V, V))
+  return jax.nn.softmax(logits_p, -1), jax.nn.softmax(logits_q, -1)
+
+
+CHOICES = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (2, 0)]
+
+
+def draw_tree(key, q_VxV, n, root, sampled):
+  """Trees for n samples: children drawn i.i.d. from q (sampled) or its top ranks."""
+  parents, ranks = parents_from_choices(CHOICES)
+  tokens = np.zeros((n, len(parents)), np.int32)
+  probs = np.zeros((n, len(parents), V), np.float32)
+  keys = jax.random.split(key, len(parents))
+  q = np.asarray(q_VxV)
+  for i, (par, rank) in enumerate(zip(parents, ranks)):
+    parent_tok = np.full(n, root) if par < 0 else tokens[:, par]
+    probs[:, i] = q[parent_tok]
+    if sampled:
+      tokens[:, i] = np.asarray(jax.random.categorical(keys[i], jnp.log(q[parent_tok])))
+    else:
+      tokens[:, i] = np.argsort(-q[parent_tok], axis=1)[:, rank]
+  b_parents = np.broadcast_to(parents, tokens.shape)
+  return DraftTree(jnp.asarray(tokens), jnp.asarray(b_parents), jnp.ones(tokens.shape, bool),
+                   jnp.asarray(probs), sampled=sampled)
+
+
+def first_two(tree, verdict, p_VxV, key):
+  """First two generated tokens: the accepted path, then the next token, then (only when
+  nothing was accepted) one exact target draw after the correction token."""
+  toks = np.asarray(tree.tokens)
+  path, a = np.asarray(verdict.path), np.asarray(verdict.num_accepted)
+  nxt = np.asarray(verdict.next_token)
+  rows = np.arange(len(a))
+  x1 = np.where(a >= 1, toks[rows, path[:, 0]], nxt)
+  after = np.asarray(jax.random.categorical(key, jnp.log(p_VxV[x1])))
+  x2 = np.where(a >= 2, toks[rows, path[:, 1]], np.where(a == 1, nxt, after))
+  return np.stack([x1, x2], 1)
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["topk_children", "sampled_children"])
+def test_tree_speculative_sampling_matches_target(sampled):
+  n, root = 100_000, 2
+  p, q = bigram_tables()
+  exact = np.asarray(p[root][:, None] * p)
+  bound = tv_bound(exact, n)
+  k_tree, k_verify, k_after = jax.random.split(jax.random.key(0), 3)
+  tree = draw_tree(k_tree, q, n, root, sampled)
+  nodes = jnp.concatenate([jnp.full((n, 1), root), tree.tokens], 1)
+  logits = jnp.log(p[nodes])  # the target's next-token logits at root and every node
+  s = sampling_lib.Sampling(1.0)
+  verdict = verify.verify(verify.get("speculative"), tree, logits, s, k_verify)
+  got = tv(counts_of(first_two(tree, verdict, p, k_after)), exact)
+  assert got < bound, (got, bound)
+  assert np.mean(np.asarray(verdict.num_accepted) >= 2) > 0.1  # depth 2 is exercised
+  # Negative control: the lossy fuzzy rule with a huge threshold keeps the first child.
+  biased = verify.verify(verify.get("fuzzy", threshold=1e9), tree, logits, s, k_verify)
+  assert tv(counts_of(first_two(tree, biased, p, k_after)), exact) > bound
