@@ -280,3 +280,16 @@ def test_checkpoint_shape_mismatch(tmp_path):
     json.dump(cfg, f)
   with pytest.raises(ValueError, match="shape"):
     models.load(path)
+
+
+@pytest.mark.parametrize("qwen", ["Qwen2Config", "Qwen3Config"])
+def test_qwen_per_layer_sliding_window_rejected(qwen):
+  """Qwen's use_sliding_window slides on some layers only, which we do not model: an error
+  rather than silently different logits. Without it the config loads."""
+  kw = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+            num_hidden_layers=2, sliding_window=4, max_window_layers=1)
+  cfg = getattr(transformers, qwen)(use_sliding_window=True, **kw).to_dict()
+  with pytest.raises(ValueError, match="use_sliding_window"):
+    models.from_hf_config(cfg)
+  cfg = getattr(transformers, qwen)(use_sliding_window=False, **kw).to_dict()
+  assert models.from_hf_config(cfg).sliding_window is None

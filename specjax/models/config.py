@@ -111,6 +111,14 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
     raise ValueError(f"Unsupported hidden_act {hf['hidden_act']!r} (only silu).")
   if model_type in ("llama", "mistral") and hf.get("attention_bias"):
     raise ValueError("Unsupported: Llama attention_bias=True (o_proj bias).")
+  if (model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window")
+      and hf.get("sliding_window")):
+    types = hf.get("layer_types") or [  # transformers<5: layers >= max_window_layers slide
+        "sliding_attention" if i >= hf.get("max_window_layers", 0) else "full_attention"
+        for i in range(hf["num_hidden_layers"])]
+    if "sliding_attention" in types:
+      raise ValueError(f"Unsupported: {model_type} with use_sliding_window=True (a sliding "
+                       "window on some layers only).")
   heads = hf["num_attention_heads"]
   window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
   return ModelConfig(
