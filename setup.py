@@ -24,6 +24,7 @@ EXTRAS = {
     # The parity reference (PyTorch CPU + transformers) and the test tools.
     "dev": [
         "pytest==9.2.0",
+        "pytest-xdist==3.8.0",
         "hypothesis==6.170.15",
         "torch==2.13.0",
         "transformers==5.23.0",

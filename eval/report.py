@@ -94,11 +94,13 @@ def _write_csv(summary: Sequence[Mapping[str, Any]], path: str) -> None:
 
 
 def _plot_speedup(summary: Sequence[Mapping[str, Any]], path: str) -> None:
-    """Grouped bars: x = dataset, one bar per method, one panel per temperature."""
+    """Grouped bars: x = dataset, one bar per method (AR is the dashed line at 1), one panel
+    per temperature."""
     temps = sorted({s["temperature"] for s in summary})
     fig, axes = plt.subplots(1, len(temps), figsize=(6 * len(temps), 4), squeeze=False)
     for ax, temp in zip(axes[0], temps):
-        rows = [s for s in summary if s["temperature"] == temp and s["speedup"] is not None]
+        rows = [s for s in summary if s["temperature"] == temp and s["drafter"] != "ar"
+                and s["speedup"] is not None]
         datasets = list(dict.fromkeys(s["dataset"] for s in rows))
         methods = list(dict.fromkeys(s["method"] for s in rows))
         width = 0.8 / max(len(methods), 1)

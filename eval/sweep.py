@@ -305,14 +305,14 @@ def _measure_peer(plan: Plan, timer: Timer, hf: Any, name: str, ids: list[int],
             "seconds": seconds, "accepted_hist": None}
 
 
-def make_row(plan: Plan, spec: Mapping[str, Any], cell: Mapping[str, Any],
+def make_row(plan: Plan, spec: Mapping[str, Any], cell: Mapping[str, Any], prompt_tokens: int,
              measured: Mapping[str, Any], ar_tokens: list[int]) -> dict[str, Any]:
     """One results.jsonl row: the method spec, the cell, the numbers and the tokens."""
     new = len(measured["tokens"])
     greedy = cell["temperature"] == 0
     return {
         **spec, **cell, "target": plan.target, "max_new_tokens": plan.max_new_tokens,
-        "new_tokens": new, "target_calls": measured["target_calls"],
+        "prompt_tokens": prompt_tokens, "new_tokens": new, "target_calls": measured["target_calls"],
         "draft_calls": measured["draft_calls"],
         "tau": metrics.tau(new, measured["target_calls"]),
         "seconds": measured["seconds"],
@@ -386,47 +386,38 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
     if not todo:
         return []
     target = load_model(plan.target, plan.dtype)
-    drafters = {m.name: build_drafter(m, target, plan.dtype) for m in plan.methods}
-    hf = peers_lib.load(_checkpoint_path(plan.target)) if plan.peers else None
-    timer = Timer(plan.warmup)
     tok = target.tokenizer
+    timer = Timer(plan.warmup)
+    base = plan.baseline
+    jobs = [(_spec(m), functools.partial(_measure_method, plan, timer, target, m,
+                                         build_drafter(m, target, plan.dtype)))
+            for m in [base] + [m for m in plan.methods if m is not base]]
+    if plan.peers:
+        hf = peers_lib.load(_checkpoint_path(plan.target))
+        jobs += [(_peer_spec(n), functools.partial(_measure_peer, plan, timer, hf, n,
+                                                   eos_ids=tok.eos_ids)) for n in plan.peers]
     new_rows = []
     with open(path, "a", encoding="utf-8") as f, tqdm.tqdm(
             total=len(keys), initial=len(keys) - len(todo), unit="row", desc="sweep",
             disable=not plan.progress) as bar:
-
-        def finish(row: dict[str, Any]) -> None:
-            report.append_row(f, row)
-            new_rows.append(row)
-            done[report.row_key(row)] = row
-            bar.update(1)
-
         for p, temperature, seed in _cells(plan, prompt_sets):
             messages: list[dict[str, str]] = []
-            for t, turn in enumerate(p.turns):
+            for t, turn in enumerate(p.turns):  # AR, then every method and peer, per turn
                 cell = {"dataset": p.dataset, "prompt_id": _turn_id(p, t),
                         "temperature": temperature, "seed": seed}
-                key = functools.partial(_key, cell)
                 messages.append({"role": "user", "content": turn})
                 ids = tok.encode_chat(messages)
-                base = plan.baseline
-                if key(base.name) not in done:
-                    bar.set_postfix_str(f"{base.name} {cell['prompt_id']}")
-                    m = _measure_method(plan, timer, target, base, None, ids, temperature, seed)
-                    finish(make_row(plan, _spec(base), cell, m, m["tokens"]))
-                ar_tokens = done[key(base.name)]["tokens"]
-                for method in plan.methods:
-                    if key(method.name) not in done:
-                        bar.set_postfix_str(f"{method.name} {cell['prompt_id']}")
-                        m = _measure_method(plan, timer, target, method, drafters[method.name],
-                                            ids, temperature, seed)
-                        finish(make_row(plan, _spec(method), cell, m, ar_tokens))
-                for name in plan.peers:
-                    if key(name) not in done:
-                        bar.set_postfix_str(f"{name} {cell['prompt_id']}")
-                        m = _measure_peer(plan, timer, hf, name, ids, temperature, seed,
-                                          tok.eos_ids)
-                        finish(make_row(plan, _peer_spec(name), cell, m, ar_tokens))
-                answer = [i for i in ar_tokens if i not in tok.eos_ids]
+                for spec, measure in jobs:
+                    if _key(cell, spec["method"]) in done:
+                        continue
+                    bar.set_postfix_str(f"{spec['method']} {cell['prompt_id']}")
+                    m = measure(ids, temperature, seed)
+                    ar = done.get(_key(cell, base.name), m)["tokens"]  # AR runs first
+                    row = make_row(plan, spec, cell, len(ids), m, ar)
+                    report.append_row(f, row)
+                    done[report.row_key(row)] = row
+                    new_rows.append(row)
+                    bar.update(1)
+                answer = [i for i in done[_key(cell, base.name)]["tokens"] if i not in tok.eos_ids]
                 messages.append({"role": "assistant", "content": tok.decode(answer)})
     return new_rows

@@ -15,7 +15,7 @@ from specjax.evaluation import cli, metrics, report, sweep
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 ROW_FIELDS = {"method", "dataset", "prompt_id", "temperature", "seed", "new_tokens",
               "target_calls", "draft_calls", "tau", "seconds", "tokens_per_s", "equal_to_ar",
-              "lossy", "accepted_hist", "tokens"}
+              "lossy", "accepted_hist", "tokens", "prompt_tokens"}
 # One two-turn prompt (rows "chat/t1", "chat/t2") and two with repeats for prompt lookup.
 PROMPTS = [{"id": "chat", "turns": ["hi there", "and again"]},
            {"id": "rep", "prompt": "ab ab ab ab"},
@@ -86,6 +86,24 @@ def test_summarize_pairs_prompts_and_flags():
     assert by["pl", 0.0]["all_equal"] is False and by["ar", 0.0]["all_equal"] is True
     assert by["typ", 1.0]["speedup"] == 2.0 and by["typ", 1.0]["all_equal"] is None
     assert by["typ", 1.0]["lossy"] and not by["pl", 0.0]["lossy"]
+
+
+def test_report_from_results_file(tmp_path):
+    """Summary files and all three plots, tau vs budget included, from a results file."""
+    extra = {"layers": 2, "stop": None, "acceptance": None, "checkpoint": None,
+             "accepted_hist": [1, 2, 1]}
+    rows = [{**_row("ar", p, 10.0, calls=8), **extra, "num_draft": 0, "accepted_hist": [8]}
+            for p in "ab"]
+    rows += [{**_row(f"k{k}", p, 15.0, drafter="self_draft", calls=8 // k), **extra,
+              "num_draft": k} for k in (2, 4) for p in "ab"]
+    with open(tmp_path / report.RESULTS, "w") as f:
+        for r in rows:
+            report.append_row(f, r)
+    summary = report.write(str(tmp_path))
+    assert [s["speedup"] for s in summary] == [1.0, 1.5, 1.5]
+    for name in ("summary.csv", "summary.md", "speedup.png", "accepted_hist.png",
+                 "tau_vs_budget.png"):
+        assert os.path.getsize(tmp_path / name) > 0
 
 
 def test_budget_curves_need_two_budgets():
