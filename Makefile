@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/specjax-eval --config configs/demo.py --workdir workdir/demo
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
