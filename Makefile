@@ -29,7 +29,7 @@ test-slow: install
 
 bench: install
 	$(BIN)/python -m specjax.evaluation.bench --out workdir/bench
-	$(BIN)/specjax-eval --config configs/sweep.py --workdir workdir/sweep
+	$(BIN)/specjax-eval --config configs/bench.py --workdir workdir/bench_sweep
 
 lint: install
 	$(BIN)/python -m compileall -q specjax train eval kernels configs tests

@@ -112,14 +112,30 @@ def _generate(cfg: ModelConfig, params, drafter, stop, prompt_BxP, prompt_len_B,
     else:
       tree, dstate, draft_calls = drafter.propose(st.drafter, ctx, stop, sampling, draft_key)
     root_B = st.history[rows, st.length - 1]
-    tokens, positions, tree_mask = tree.verify_inputs(root_B, st.length - 1)
-    out = forward(cfg, params, tokens, positions, st.cache.attention_mask(tree_mask), st.cache)
-    verdict = verify_lib.verify(rule, tree, out.logits, sampling, verify_key)
+
+    def verify_tree(tree):
+      tokens, positions, tree_mask = tree.verify_inputs(root_B, st.length - 1)
+      out = forward(cfg, params, tokens, positions, st.cache.attention_mask(tree_mask),
+                    st.cache)
+      verdict = verify_lib.verify(rule, tree, out.logits, sampling, verify_key)
+      return out.cache, out.hidden, verdict
+
+    def verify_root_only(tree):
+      """No sequence has a draft (e.g. no n-gram match): a plain AR step, at AR cost."""
+      cache, hidden, verdict = verify_tree(_empty_tree(b))
+      hidden = jnp.pad(hidden, ((0, 0), (0, n), (0, 0)))
+      return cache, hidden, verdict._replace(path=jnp.zeros((b, n), jnp.int32))
+
+    if n:
+      cache, hidden, verdict = jax.lax.cond(tree.valid.any(), verify_tree, verify_root_only,
+                                            tree)
+    else:
+      cache, hidden, verdict = verify_tree(tree)
     verdict = verdict._replace(num_accepted=jnp.where(live, verdict.num_accepted, 0))
     a_B = verdict.num_accepted
     # Target cache: keep the root (offset 0) and the accepted nodes (offset 1 + node).
     keep = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), 1 + verdict.path], axis=1)
-    cache = out.cache.commit(keep, jnp.where(live, 1 + a_B, 0))
+    cache = cache.commit(keep, jnp.where(live, 1 + a_B, 0))
     # New tokens: the accepted path then the next token; cut after the first EOS.
     j = jnp.arange(n + 1)
     path_tokens = jnp.take_along_axis(tree.tokens, verdict.path, 1)
@@ -132,7 +148,7 @@ def _generate(cfg: ModelConfig, params, drafter, stop, prompt_BxP, prompt_len_B,
     new = st.new + gained
     stats = Stats(st.stats.accepted.at[:, st.step].set(gained),
                   st.stats.target_calls + live, st.stats.draft_calls + draft_calls * live)
-    dstate = dstate if drafter is None else drafter.commit(dstate, ctx, verdict, out.hidden)
+    dstate = dstate if drafter is None else drafter.commit(dstate, ctx, verdict, hidden)
     return _State(cache=cache, history=_write(st.history, window, st.length),
                   length=st.length + gained, new=new,
                   done=st.done | (live & hit_eos) | (new >= max_new_tokens), drafter=dstate,

@@ -241,7 +241,7 @@ def test_greedy_rule_with_sampling_is_refused(prompt_file):
         sweep.plan(c)
 
 
-@pytest.mark.parametrize("name", ["demo", "sweep", "tiny"])
+@pytest.mark.parametrize("name", ["demo", "bench", "sweep", "tiny"])
 def test_shipped_configs_are_valid(name):
     p = sweep.plan(get_config(name))
     assert p.baseline.name == "ar"
