@@ -47,13 +47,13 @@ def test_cache_commit_gathers_the_accepted_path():
   cache = KVCache.create(num_layers=1, batch=2, max_len=12, num_kv_heads=1, head_dim=1)
   cache = cache.advance(jnp.asarray([2, 4]))
   # Pretend a forward wrote root + 4 tree nodes: slot value = slot index.
-  slots = jnp.arange(12, dtype=jnp.float32)[None, :, None, None].repeat(2, 0)
+  slots = jnp.arange(12, dtype=jnp.float32)[None, None, :, None].repeat(2, 0)  # [B,K,S,D]
   cache = cache.replace(k=(slots,), v=(slots,))
   keep = jnp.asarray([[0, 2, 4, 0, 0], [0, 1, 0, 0, 0]])  # root, then path nodes + 1
   out = cache.commit(keep, jnp.asarray([3, 2]))
   np.testing.assert_array_equal(out.lengths, [5, 6])
-  np.testing.assert_array_equal(out.k[0][0, :5, 0, 0], [0, 1, 2, 4, 6])
-  np.testing.assert_array_equal(out.k[0][1, :6, 0, 0], [0, 1, 2, 3, 4, 5])
+  np.testing.assert_array_equal(out.k[0][0, 0, :5, 0], [0, 1, 2, 4, 6])
+  np.testing.assert_array_equal(out.k[0][1, 0, :6, 0], [0, 1, 2, 3, 4, 5])
   mask = out.attention_mask(num_new=2)
   np.testing.assert_array_equal(mask[0, 0, :8], [1, 1, 1, 1, 1, 1, 0, 0])
   np.testing.assert_array_equal(mask[0, 1, :8], [1, 1, 1, 1, 1, 1, 1, 0])

@@ -20,21 +20,21 @@ import jax.numpy as jnp
 
 @flax.struct.dataclass
 class KVCache:
-  k: tuple  # num_layers x [B, S, KVH, Dh]
-  v: tuple  # num_layers x [B, S, KVH, Dh]
+  k: tuple  # num_layers x [B, KVH, S, Dh]
+  v: tuple  # num_layers x [B, KVH, S, Dh]
   lengths: jax.Array  # int32[B]
 
   @classmethod
   def create(cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int,
              head_dim: int, dtype=jnp.float32) -> "KVCache":
-    shape = (batch, max_len, num_kv_heads, head_dim)
+    shape = (batch, num_kv_heads, max_len, head_dim)
     return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
                v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
                lengths=jnp.zeros((batch,), jnp.int32))
 
   @property
   def max_len(self) -> int:
-    return self.k[0].shape[1]
+    return self.k[0].shape[2]
 
   def attention_mask(self, tree_mask_BxTxT: jax.Array | None = None,
                      num_new: int | None = None) -> jax.Array:
@@ -66,12 +66,13 @@ class KVCache:
     The kept entries are gathered to `[lengths, lengths + n)`; `path` must be increasing
     (tree nodes are stored parents first), so a chain's accepted prefix is a no-op copy.
     """
-    src_BxA = self.lengths[:, None] + path_BxA
+    a, s = path_BxA.shape[1], self.max_len
+    rel_BxS = jnp.arange(s)[None, :] - self.lengths[:, None]
+    src_BxS = self.lengths[:, None] + jnp.take_along_axis(path_BxA, jnp.clip(rel_BxS, 0, a - 1), 1)
+    src_BxS = jnp.where((rel_BxS >= 0) & (rel_BxS < a), src_BxS, jnp.arange(s)[None, :])
 
-    def move(c_BxSxKxD):
-      rows_BxAxKxD = jnp.take_along_axis(c_BxSxKxD, src_BxA[:, :, None, None], axis=1)
-      return jax.vmap(lambda c, r, i: jax.lax.dynamic_update_slice_in_dim(c, r, i, 0))(
-          c_BxSxKxD, rows_BxAxKxD, self.lengths)
+    def move(c_BxKxSxD):  # a gather of every slot from itself or its source: one fused pass
+      return jnp.take_along_axis(c_BxKxSxD, src_BxS[:, None, :, None], axis=2)
 
     return KVCache(k=tuple(move(c) for c in self.k), v=tuple(move(c) for c in self.v),
                    lengths=self.lengths + n_B.astype(jnp.int32))

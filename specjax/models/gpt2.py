@@ -27,6 +27,7 @@ class Block(nn.Module):
                                      name=name)
     qkv = dense(3 * cfg.hidden_size, "c_attn")(norm("ln_1")(x_BxTxH))
     q, k, v = (a.reshape(b, t, cfg.num_heads, cfg.head_dim) for a in jnp.split(qkv, 3, -1))
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, T, D]
     if kv is not None:
       kv = (write_kv(kv[0], k, start_B), write_kv(kv[1], v, start_B))
       k, v = kv

@@ -56,10 +56,18 @@ class RMSNorm(nn.Module):
     return scale * x32.astype(self.dtype)
 
 
-def write_kv(cache_BxSxKxD: jax.Array, new_BxTxKxD: jax.Array, start_B: jax.Array) -> jax.Array:
-  """Writes each sequence's T new entries at its own offset."""
-  return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, 0))(
-      cache_BxSxKxD, new_BxTxKxD.astype(cache_BxSxKxD.dtype), start_B)
+def write_kv(cache_BxKxSxD: jax.Array, new_BxKxTxD: jax.Array, start_B: jax.Array) -> jax.Array:
+  """Writes each sequence's T new entries at its own offset, slots [start, start + T).
+
+  A masked select over all slots rather than a per-sequence dynamic_update_slice: XLA's
+  CPU backend then reads the cache once in one fused pass, where the scatter form made
+  a decode step ~2x slower at 1024 slots (measured).
+  """
+  t, s = new_BxKxTxD.shape[2], cache_BxKxSxD.shape[2]
+  rel_BxS = jnp.arange(s)[None, :] - start_B[:, None]
+  picked = jnp.take_along_axis(new_BxKxTxD, jnp.clip(rel_BxS, 0, t - 1)[:, None, :, None], 2)
+  inside = ((rel_BxS >= 0) & (rel_BxS < t))[:, None, :, None]
+  return jnp.where(inside, picked.astype(cache_BxKxSxD.dtype), cache_BxKxSxD)
 
 
 class Attention(nn.Module):
@@ -81,15 +89,14 @@ class Attention(nn.Module):
       q_BxTxHxD = RMSNorm(cfg.norm_eps, self.dtype, name="q_norm")(q_BxTxHxD)
       k_BxTxKxD = RMSNorm(cfg.norm_eps, self.dtype, name="k_norm")(k_BxTxKxD)
     q_BxTxHxD = apply_rope(q_BxTxHxD, cos, sin)
-    k_BxTxKxD = apply_rope(k_BxTxKxD, cos, sin)
+    k_BxKxTxD = apply_rope(k_BxTxKxD, cos, sin).transpose(0, 2, 1, 3)
+    v_BxKxTxD = v_BxTxKxD.transpose(0, 2, 1, 3)
     if kv is not None:
-      k_cache, v_cache = kv
-      k_BxSxKxD = write_kv(k_cache, k_BxTxKxD, start_B)
-      v_BxSxKxD = write_kv(v_cache, v_BxTxKxD, start_B)
-      kv = (k_BxSxKxD, v_BxSxKxD)
+      kv = (write_kv(kv[0], k_BxKxTxD, start_B), write_kv(kv[1], v_BxKxTxD, start_B))
+      k_BxKxSxD, v_BxKxSxD = kv
     else:
-      k_BxSxKxD, v_BxSxKxD = k_BxTxKxD, v_BxTxKxD
-    o_BxTxHxD = attention_reference(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
+      k_BxKxSxD, v_BxKxSxD = k_BxKxTxD, v_BxKxTxD
+    o_BxTxHxD = attention_reference(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS)
     out = dense(cfg.hidden_size, "o_proj", False)(o_BxTxHxD.reshape(b, t, -1))
     return out, kv
 
