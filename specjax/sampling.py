@@ -52,6 +52,9 @@ def probs(logits_xV: jax.Array, s: Sampling) -> jax.Array:
   return jax.nn.softmax(logits_xV, -1)
 
 
-def sample(key: jax.Array, p_xV: jax.Array) -> jax.Array:
-  """Draws one token per row of a distribution (exact argmax for one-hot rows)."""
+def sample(key: jax.Array, p_xV: jax.Array, s: Sampling) -> jax.Array:
+  """Draws one token per row of a `probs` distribution (its argmax when greedy, which
+  skips drawing V Gumbel variables per row)."""
+  if s.greedy:
+    return jnp.argmax(p_xV, axis=-1).astype(jnp.int32)
   return jax.random.categorical(key, jnp.log(p_xV), axis=-1).astype(jnp.int32)

@@ -129,4 +129,4 @@ def verify(rule: Acceptance, tree: DraftTree, target_logits_BxTxV: jax.Array,
   init = (jnp.full((b,), -1, jnp.int32), p_BxTxV[:, 0], jnp.zeros((b, n), jnp.int32),
           jnp.zeros((b,), jnp.int32))
   _, p_final, path, num = jax.lax.fori_loop(0, n, body, init) if n else init
-  return Verdict(path, num, sampling_lib.sample(next_key, p_final))
+  return Verdict(path, num, sampling_lib.sample(next_key, p_final, s))

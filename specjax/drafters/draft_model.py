@@ -95,7 +95,7 @@ class DraftModel:
       stop_B, pstate = stop.stop(pstate, j, jax.nn.softmax(logits, -1), hidden)
       active = active & ~stop_B
       q = sampling_lib.probs(logits, sampling)
-      tok = sampling_lib.sample(sub, q)
+      tok = sampling_lib.sample(sub, q, sampling)
       return (tokens.at[:, j].set(tok), valid.at[:, j].set(active),
               None if probs is None else probs.at[:, j].set(q), active, pstate, key)
 
