@@ -94,23 +94,40 @@ def names() -> list[str]:
 
 
 def _load_file(path: str) -> list[Prompt]:
-    """Load a local .json/.jsonl file; one row is one prompt.
-
-    Turns come from `turns` (a list of strings, or one string), else from the first
-    non-null field of `PROMPT_FIELDS`. The id is the first non-null of `ID_FIELDS`,
-    else `<file stem>/<row index>`. An optional `category` field is kept.
-    """
+    """Load a local .json/.jsonl file; one row is one prompt (see `_from_rows`)."""
     import datasets  # heavy; only needed for local files
 
     rows = datasets.load_dataset("json", data_files=path, split="train")
-    stem = os.path.basename(path).split(".")[0]
+    return _from_rows(rows, os.path.basename(path).split(".")[0], path)
+
+
+def _load_hub(spec: str) -> list[Prompt]:
+    """`hf:NAME[:SPLIT]`: a dataset from a reachable hub, explicitly asked for (split
+    defaults to "test"); rows are read like a local file's."""
+    import datasets
+
+    name, _, split = spec.partition(":")
+    try:
+        rows = datasets.load_dataset(name, split=split or "test")
+    except Exception as e:  # offline, unknown name or split: say which and why
+        raise ValueError(f"Could not load hub dataset {name!r} (split {split or 'test'!r}): "
+                         f"{type(e).__name__}: {e}. Without a hub, use a local "
+                         ".json/.jsonl file.") from e
+    return _from_rows(rows, name.split("/")[-1], f"hf:{spec}")
+
+
+def _from_rows(rows, stem: str, where: str) -> list[Prompt]:
+    """Rows to prompts. Turns come from `turns` (a list of strings, or one string), else from the first
+    non-null field of `PROMPT_FIELDS`. The id is the first non-null of `ID_FIELDS`,
+    else `<file stem>/<row index>`. An optional `category` field is kept.
+    """
     prompts = []
     for i, row in enumerate(rows):
         turns = row.get("turns")
         if turns is None:
             turns = next((row[k] for k in PROMPT_FIELDS if row.get(k) is not None), None)
         if turns is None:
-            raise ValueError(f"{path}: row {i} has none of the fields {('turns',) + PROMPT_FIELDS}")
+            raise ValueError(f"{where}: row {i} has none of the fields {('turns',) + PROMPT_FIELDS}")
         turns = (turns,) if isinstance(turns, str) else tuple(turns)
         pid = next((row[k] for k in ID_FIELDS if row.get(k) is not None), f"{stem}/{i}")
         prompts.append(Prompt(str(pid), turns, stem, row.get("category")))
@@ -119,7 +136,8 @@ def _load_file(path: str) -> list[Prompt]:
 
 def load(name_or_path: str, *, limit: int | None = None,
          split_seed: int | None = None) -> list[Prompt]:
-    """Load a prompt set by registered name or local .json/.jsonl path.
+    """Load a prompt set by registered name, local .json/.jsonl path, or `hf:NAME[:SPLIT]`
+    (a hub dataset, only when a hub is reachable; never a default).
 
     Order is the file's order; with `split_seed` the prompts are first shuffled
     with `random.Random(split_seed)` (deterministic). `limit` keeps the first N.
@@ -130,6 +148,8 @@ def load(name_or_path: str, *, limit: int | None = None,
         prompts = REGISTRY[name_or_path]()
     elif os.path.isfile(name_or_path):
         prompts = _load_file(name_or_path)
+    elif name_or_path.startswith("hf:"):
+        prompts = _load_hub(name_or_path[3:])
     elif name_or_path.endswith((".json", ".jsonl")):
         raise FileNotFoundError(f"prompt file {name_or_path!r} does not exist")
     else:

@@ -110,7 +110,7 @@ def _check_model_ref(ref: str, what: str) -> None:
 
 
 def _check_dataset(name: str) -> None:
-    if name in prompts_lib.names():
+    if name in prompts_lib.names() or name.startswith("hf:"):
         prompts_lib.load(name, limit=1)  # FileNotFoundError with the install command
     elif not os.path.isfile(name):
         kind = FileNotFoundError if name.endswith((".json", ".jsonl")) else ValueError

