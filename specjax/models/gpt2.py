@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from specjax.kernels import attention_reference
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
-from specjax.models.llama import write_kv
+from specjax.models.llama import run_layers, write_kv
 
 
 class Block(nn.Module):
@@ -53,17 +53,9 @@ class GPT2(nn.Module):
                    param_dtype=self.dtype, name="wpe")
     x = wte(tokens_BxT) + wpe(positions_BxT)
     start_B = None if cache is None else cache.lengths
-    layer_hidden, ks, vs = [], [], []
-    for i in range(cfg.num_layers):
-      if i in hidden_layers:
-        layer_hidden.append(x)
-      kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, kv = Block(cfg, self.dtype, name=f"h_{i}")(x, mask_BxTxS, kv, start_B)
-      if kv is not None:
-        ks.append(kv[0])
-        vs.append(kv[1])
+    block = lambda i, x, kv: Block(cfg, self.dtype, name=f"h_{i}")(x, mask_BxTxS, kv, start_B)
+    x, layer_hidden, new_cache = run_layers(cfg.num_layers, x, cache, hidden_layers, block)
     hidden_BxTxH = nn.LayerNorm(cfg.norm_eps, dtype=self.dtype, param_dtype=self.dtype,
                                 name="ln_f")(x)
     logits = wte.attend(hidden_BxTxH)
-    new_cache = None if cache is None else cache.replace(k=tuple(ks), v=tuple(vs))
-    return logits.astype(jnp.float32), hidden_BxTxH, tuple(layer_hidden), new_cache
+    return logits.astype(jnp.float32), hidden_BxTxH, layer_hidden, new_cache

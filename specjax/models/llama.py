@@ -70,6 +70,21 @@ def write_kv(cache_BxKxSxD: jax.Array, new_BxKxTxD: jax.Array, start_B: jax.Arra
   return jnp.where(inside, picked.astype(cache_BxKxSxD.dtype), cache_BxKxSxD)
 
 
+def run_layers(num_layers: int, x, cache: KVCache | None, hidden_layers, layer):
+  """Runs `layer(i, x, kv_i) -> (x, kv_i)` for every layer (kv_i None without a cache),
+  collecting the inputs of `hidden_layers`. Returns (x, layer inputs, updated cache)."""
+  layer_hidden, ks, vs = [], [], []
+  for i in range(num_layers):
+    if i in hidden_layers:
+      layer_hidden.append(x)
+    x, kv = layer(i, x, None if cache is None else (cache.k[i], cache.v[i]))
+    if kv is not None:
+      ks.append(kv[0])
+      vs.append(kv[1])
+  new_cache = None if cache is None else cache.replace(k=tuple(ks), v=tuple(vs))
+  return x, tuple(layer_hidden), new_cache
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
   dtype: jnp.dtype
@@ -149,20 +164,13 @@ class Llama(nn.Module):
       slot_S = jnp.arange(mask_BxTxS.shape[-1])
       mask_BxTxS = mask_BxTxS & (positions_BxT[..., None] - slot_S < cfg.sliding_window)
     start_B = None if cache is None else cache.lengths
-    layer_hidden, ks, vs = [], [], []
-    for i in range(cfg.num_layers):
-      if i in hidden_layers:
-        layer_hidden.append(x)
-      kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, kv = Block(cfg, self.dtype, name=f"layers_{i}")(x, cos, sin, mask_BxTxS, kv, start_B)
-      if kv is not None:
-        ks.append(kv[0])
-        vs.append(kv[1])
+    block = lambda i, x, kv: Block(cfg, self.dtype, name=f"layers_{i}")(
+        x, cos, sin, mask_BxTxS, kv, start_B)
+    x, layer_hidden, new_cache = run_layers(cfg.num_layers, x, cache, hidden_layers, block)
     hidden_BxTxH = RMSNorm(cfg.norm_eps, self.dtype, name="norm")(x)
     if cfg.tie_embeddings:
       logits = embed.attend(hidden_BxTxH)
     else:
       logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype,
                         param_dtype=self.dtype, name="lm_head")(hidden_BxTxH)
-    new_cache = None if cache is None else cache.replace(k=tuple(ks), v=tuple(vs))
-    return logits.astype(jnp.float32), hidden_BxTxH, tuple(layer_hidden), new_cache
+    return logits.astype(jnp.float32), hidden_BxTxH, layer_hidden, new_cache
