@@ -16,22 +16,22 @@ _spec.loader.exec_module(common)
 
 
 def get_config(arg: str | None = None):
-    del arg
-    c = common.base()
-    c.self_draft_layers = 24
-    layers = c.get_ref("self_draft_layers")
-    c.methods = [
-        common.method("ar"),
-        common.method("prompt_lookup_k4", drafter="prompt_lookup", num_draft=4),
-        common.method("prompt_lookup_k10", drafter="prompt_lookup", num_draft=10),
-        common.method("self_draft_svip", drafter="self_draft", num_draft=3, layers=layers,
-                      stop="svip"),
-    ]
-    c.datasets = ("mt_bench", "humaneval")
-    c.num_prompts = 3
-    c.temperatures = (0.0,)
-    c.max_new_tokens = 128
-    c.warmup = 1
-    c.pad_to = 256
-    c.peers = ("hf_ar", "hf_prompt_lookup")
-    return c
+  del arg
+  c = common.base()
+  c.self_draft_layers = 24
+  layers = c.get_ref("self_draft_layers")
+  c.methods = [
+      common.method("ar"),
+      common.method("prompt_lookup_k4", drafter="prompt_lookup", num_draft=4),
+      common.method("prompt_lookup_k10", drafter="prompt_lookup", num_draft=10),
+      common.method("self_draft_svip", drafter="self_draft", num_draft=3, layers=layers,
+                    stop="svip"),
+  ]
+  c.datasets = ("mt_bench", "humaneval")
+  c.num_prompts = 3
+  c.temperatures = (0.0,)
+  c.max_new_tokens = 128
+  c.warmup = 1
+  c.pad_to = 256
+  c.peers = ("hf_ar", "hf_prompt_lookup")
+  return c

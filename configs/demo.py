@@ -16,18 +16,18 @@ _spec.loader.exec_module(common)
 
 
 def get_config(arg: str | None = None):
-    del arg
-    c = common.base()
-    c.self_draft_layers = 24  # of SmolLM2-135M's 30: fewer layers accept almost nothing
-    c.methods = [
-        common.method("ar"),
-        common.method("prompt_lookup", drafter="prompt_lookup", num_draft=4),
-        common.method("self_draft", drafter="self_draft", num_draft=3, stop="svip",
-                      layers=c.get_ref("self_draft_layers")),
-    ]
-    c.datasets = ("mt_bench", "humaneval")
-    c.num_prompts = 2
-    c.pad_to = 256  # one compiled shape per method
-    c.temperatures = (0.0,)
-    c.max_new_tokens = 64
-    return c
+  del arg
+  c = common.base()
+  c.self_draft_layers = 24  # of SmolLM2-135M's 30: fewer layers accept almost nothing
+  c.methods = [
+      common.method("ar"),
+      common.method("prompt_lookup", drafter="prompt_lookup", num_draft=4),
+      common.method("self_draft", drafter="self_draft", num_draft=3, stop="svip",
+                    layers=c.get_ref("self_draft_layers")),
+  ]
+  c.datasets = ("mt_bench", "humaneval")
+  c.num_prompts = 2
+  c.pad_to = 256  # one compiled shape per method
+  c.temperatures = (0.0,)
+  c.max_new_tokens = 64
+  return c

@@ -17,27 +17,27 @@ BUDGETS = (2, 4, 8)
 
 
 def get_config(arg: str | None = None):
-    del arg
-    c = common.base()
-    c.self_draft_layers = 20
-    layers = c.get_ref("self_draft_layers")
-    c.methods = [
-        common.method("ar"),
-        common.method("prompt_lookup", drafter="prompt_lookup", num_draft=10),
-        *[common.method(f"self_draft_k{k}", drafter="self_draft", num_draft=k, layers=layers)
-          for k in BUDGETS],
-        common.method("self_draft_confidence", drafter="self_draft", num_draft=8,
-                      layers=layers, stop="confidence", stop_kwargs={"threshold": 0.4}),
-        common.method("self_draft_svip", drafter="self_draft", num_draft=8, layers=layers,
-                      stop="svip"),
-        common.method("self_draft_typical", drafter="self_draft", num_draft=4, layers=layers,
-                      acceptance="typical"),
-    ]
-    c.datasets = ("mt_bench", "humaneval", "gsm8k")
-    c.num_prompts = 10
-    c.temperatures = (0.0, 1.0)
-    c.seeds = (0,)
-    c.max_new_tokens = 128
-    c.warmup = 1
-    c.peers = ("hf_ar", "hf_prompt_lookup")
-    return c
+  del arg
+  c = common.base()
+  c.self_draft_layers = 20
+  layers = c.get_ref("self_draft_layers")
+  c.methods = [
+      common.method("ar"),
+      common.method("prompt_lookup", drafter="prompt_lookup", num_draft=10),
+      *[common.method(f"self_draft_k{k}", drafter="self_draft", num_draft=k, layers=layers)
+        for k in BUDGETS],
+      common.method("self_draft_confidence", drafter="self_draft", num_draft=8,
+                    layers=layers, stop="confidence", stop_kwargs={"threshold": 0.4}),
+      common.method("self_draft_svip", drafter="self_draft", num_draft=8, layers=layers,
+                    stop="svip"),
+      common.method("self_draft_typical", drafter="self_draft", num_draft=4, layers=layers,
+                    acceptance="typical"),
+  ]
+  c.datasets = ("mt_bench", "humaneval", "gsm8k")
+  c.num_prompts = 10
+  c.temperatures = (0.0, 1.0)
+  c.seeds = (0,)
+  c.max_new_tokens = 128
+  c.warmup = 1
+  c.peers = ("hf_ar", "hf_prompt_lookup")
+  return c

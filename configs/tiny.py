@@ -15,13 +15,13 @@ _spec.loader.exec_module(common)
 
 
 def get_config(arg: str | None = None):
-    c = common.base()
-    c.target = "random:tiny"
-    c.methods = [common.method("ar"),
-                 common.method("prompt_lookup", drafter="prompt_lookup", num_draft=4)]
-    c.datasets = (arg,) if arg else ("mt_bench",)
-    c.num_prompts = 2
-    c.max_new_tokens = 8
-    c.pad_to = 1024  # one compiled shape per method: cheap on a tiny model, compiles are not
-    c.progress = False
-    return c
+  c = common.base()
+  c.target = "random:tiny"
+  c.methods = [common.method("ar"),
+               common.method("prompt_lookup", drafter="prompt_lookup", num_draft=4)]
+  c.datasets = (arg,) if arg else ("mt_bench",)
+  c.num_prompts = 2
+  c.max_new_tokens = 8
+  c.pad_to = 1024  # one compiled shape per method: cheap on a tiny model, compiles are not
+  c.progress = False
+  return c

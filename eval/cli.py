@@ -22,21 +22,21 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    start = time.perf_counter()
-    plan = sweep.plan(_CONFIG.value)
-    new_rows = sweep.run(plan, _WORKDIR.value)
-    summary = report.write(_WORKDIR.value)
-    print(report.markdown(summary))
-    print(f"\n{len(new_rows)} new rows in {time.perf_counter() - start:.0f} s; "
-          f"outputs in {_WORKDIR.value}")
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  start = time.perf_counter()
+  plan = sweep.plan(_CONFIG.value)
+  new_rows = sweep.run(plan, _WORKDIR.value)
+  summary = report.write(_WORKDIR.value)
+  print(report.markdown(summary))
+  print(f"\n{len(new_rows)} new rows in {time.perf_counter() - start:.0f} s; "
+        f"outputs in {_WORKDIR.value}")
 
 
 def run() -> None:
-    """Console entry point (`specjax-eval`)."""
-    app.run(main)
+  """Console entry point (`specjax-eval`)."""
+  app.run(main)
 
 
 if __name__ == "__main__":
-    run()
+  run()

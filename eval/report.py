@@ -27,168 +27,168 @@ SUMMARY_FIELDS = ("method", "dataset", "temperature", "drafter", "num_draft", "r
 
 
 def row_key(row: Mapping[str, Any]) -> tuple:
-    """What identifies a row: a restarted sweep skips keys it already has."""
-    return tuple(row[k] for k in KEY)
+  """What identifies a row: a restarted sweep skips keys it already has."""
+  return tuple(row[k] for k in KEY)
 
 
 def read_rows(path: str) -> list[dict[str, Any]]:
-    """The rows of a results file ([] if absent).
+  """The rows of a results file ([] if absent).
 
-    A torn last line (the process died mid-write) is cut off the file, so that appending
-    resumes on a clean line.
-    """
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb+") as f:
-        data = f.read()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            f.truncate(end)
-    rows = []
-    for i, line in enumerate(data[:end].decode("utf-8").splitlines()):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {i + 1} is not JSON ({e}).") from e
-    return rows
+  A torn last line (the process died mid-write) is cut off the file, so that appending
+  resumes on a clean line.
+  """
+  if not os.path.exists(path):
+    return []
+  with open(path, "rb+") as f:
+    data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+      f.truncate(end)
+  rows = []
+  for i, line in enumerate(data[:end].decode("utf-8").splitlines()):
+    if line.strip():
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {i + 1} is not JSON ({e}).") from e
+  return rows
 
 
 def append_row(f: IO[str], row: Mapping[str, Any]) -> None:
-    """Appends one row and forces it to disk before the sweep goes on."""
-    f.write(json.dumps(row) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
+  """Appends one row and forces it to disk before the sweep goes on."""
+  f.write(json.dumps(row) + "\n")
+  f.flush()
+  os.fsync(f.fileno())
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
+  if value is None:
+    return "-"
+  if isinstance(value, bool):
+    return "yes" if value else "no"
+  if isinstance(value, float):
+    return f"{value:.{digits}f}"
+  return str(value)
 
 
 def markdown(summary: Sequence[Mapping[str, Any]]) -> str:
-    """The summary as a Markdown table."""
-    head = ("method", "dataset", "T", "rows", "tau", "tok/s", "speedup", "target fwd/tok",
-            "draft fwd/tok", "all = AR", "lossy")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for s in summary:
-        cells = (s["method"], s["dataset"], _fmt(s["temperature"], 1), s["rows"],
-                 _fmt(s["tau"]), _fmt(s["tokens_per_s"], 1),
-                 "-" if s["speedup"] is None else f"{s['speedup']:.2f}x",
-                 _fmt(s["target_per_token"]), _fmt(s["draft_per_token"]),
-                 _fmt(s["all_equal"]), _fmt(s["lossy"]))
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
+  """The summary as a Markdown table."""
+  head = ("method", "dataset", "T", "rows", "tau", "tok/s", "speedup", "target fwd/tok",
+          "draft fwd/tok", "all = AR", "lossy")
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for s in summary:
+    cells = (s["method"], s["dataset"], _fmt(s["temperature"], 1), s["rows"],
+             _fmt(s["tau"]), _fmt(s["tokens_per_s"], 1),
+             "-" if s["speedup"] is None else f"{s['speedup']:.2f}x",
+             _fmt(s["target_per_token"]), _fmt(s["draft_per_token"]),
+             _fmt(s["all_equal"]), _fmt(s["lossy"]))
+    lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+  return "\n".join(lines)
 
 
 def _write_csv(summary: Sequence[Mapping[str, Any]], path: str) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, SUMMARY_FIELDS)
-        writer.writeheader()
-        writer.writerows({k: s[k] for k in SUMMARY_FIELDS} for s in summary)
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, SUMMARY_FIELDS)
+    writer.writeheader()
+    writer.writerows({k: s[k] for k in SUMMARY_FIELDS} for s in summary)
 
 
 def _plot_speedup(summary: Sequence[Mapping[str, Any]], path: str) -> None:
-    """Grouped bars: x = dataset, one bar per method (AR is the dashed line at 1), one panel
-    per temperature."""
-    temps = sorted({s["temperature"] for s in summary})
-    fig, axes = plt.subplots(1, len(temps), figsize=(6 * len(temps), 4), squeeze=False)
-    for ax, temp in zip(axes[0], temps):
-        rows = [s for s in summary if s["temperature"] == temp and s["drafter"] != "ar"
-                and s["speedup"] is not None]
-        datasets = list(dict.fromkeys(s["dataset"] for s in rows))
-        methods = list(dict.fromkeys(s["method"] for s in rows))
-        width = 0.8 / max(len(methods), 1)
-        for j, m in enumerate(methods):
-            by_ds = {s["dataset"]: s["speedup"] for s in rows if s["method"] == m}
-            xs = [i + j * width for i, d in enumerate(datasets) if d in by_ds]
-            ax.bar(xs, [by_ds[d] for d in datasets if d in by_ds], width, label=m)
-        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-        ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(datasets))],
-                      datasets)
-        ax.set_ylabel("speedup vs AR")
-        ax.set_title(f"temperature {temp:g}")
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+  """Grouped bars: x = dataset, one bar per method (AR is the dashed line at 1), one panel
+  per temperature."""
+  temps = sorted({s["temperature"] for s in summary})
+  fig, axes = plt.subplots(1, len(temps), figsize=(6 * len(temps), 4), squeeze=False)
+  for ax, temp in zip(axes[0], temps):
+    rows = [s for s in summary if s["temperature"] == temp and s["drafter"] != "ar"
+            and s["speedup"] is not None]
+    datasets = list(dict.fromkeys(s["dataset"] for s in rows))
+    methods = list(dict.fromkeys(s["method"] for s in rows))
+    width = 0.8 / max(len(methods), 1)
+    for j, m in enumerate(methods):
+      by_ds = {s["dataset"]: s["speedup"] for s in rows if s["method"] == m}
+      xs = [i + j * width for i, d in enumerate(datasets) if d in by_ds]
+      ax.bar(xs, [by_ds[d] for d in datasets if d in by_ds], width, label=m)
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(datasets))],
+                  datasets)
+    ax.set_ylabel("speedup vs AR")
+    ax.set_title(f"temperature {temp:g}")
+    ax.legend(fontsize="small")
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
 
 
 def _plot_accepted(rows: Iterable[Mapping[str, Any]], path: str) -> None:
-    """Per drafting method: the share of target calls that accepted k draft tokens."""
-    hists: dict[str, list[int]] = {}
-    for r in rows:
-        h = r.get("accepted_hist")
-        if h and r["drafter"] != "ar":
-            total = hists.setdefault(r["method"], [0] * len(h))
-            total.extend([0] * (len(h) - len(total)))
-            for k, n in enumerate(h):
-                total[k] += n
-    cols = min(3, max(len(hists), 1))
-    nrows = -(-max(len(hists), 1) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
-    for ax, (method, h) in zip(axes.flat, hists.items()):
-        calls = max(sum(h), 1)
-        ax.bar(range(len(h)), [n / calls for n in h])
-        ax.set_title(method)
-        ax.set_xlabel("accepted draft tokens per target call")
-        ax.set_ylabel("share of calls")
-    for ax in list(axes.flat)[len(hists):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+  """Per drafting method: the share of target calls that accepted k draft tokens."""
+  hists: dict[str, list[int]] = {}
+  for r in rows:
+    h = r.get("accepted_hist")
+    if h and r["drafter"] != "ar":
+      total = hists.setdefault(r["method"], [0] * len(h))
+      total.extend([0] * (len(h) - len(total)))
+      for k, n in enumerate(h):
+        total[k] += n
+  cols = min(3, max(len(hists), 1))
+  nrows = -(-max(len(hists), 1) // cols)
+  fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
+  for ax, (method, h) in zip(axes.flat, hists.items()):
+    calls = max(sum(h), 1)
+    ax.bar(range(len(h)), [n / calls for n in h])
+    ax.set_title(method)
+    ax.set_xlabel("accepted draft tokens per target call")
+    ax.set_ylabel("share of calls")
+  for ax in list(axes.flat)[len(hists):]:
+    ax.axis("off")
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
 
 
 def _family(row: Mapping[str, Any]) -> str:
-    """A method up to its tree budget: drafter, layers, stop policy, acceptance, checkpoint."""
-    parts = [row["drafter"], row.get("layers") and f"L{row['layers']}", row.get("stop"),
-             row.get("acceptance"), row.get("checkpoint") and os.path.basename(row["checkpoint"])]
-    return "/".join(str(p) for p in parts if p)
+  """A method up to its tree budget: drafter, layers, stop policy, acceptance, checkpoint."""
+  parts = [row["drafter"], row.get("layers") and f"L{row['layers']}", row.get("stop"),
+           row.get("acceptance"), row.get("checkpoint") and os.path.basename(row["checkpoint"])]
+  return "/".join(str(p) for p in parts if p)
 
 
 def budget_curves(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[int, float]]:
-    """tau by num_draft, for every (family, temperature) run with at least two budgets."""
-    totals: dict[str, dict[int, list[int]]] = {}
-    for r in rows:
-        if r["drafter"] == "ar" or r["target_calls"] is None or not r["num_draft"]:
-            continue
-        label = f"{_family(r)} T={r['temperature']:g}"
-        new_calls = totals.setdefault(label, {}).setdefault(r["num_draft"], [0, 0])
-        new_calls[0] += r["new_tokens"]
-        new_calls[1] += r["target_calls"]
-    return {label: {k: metrics.tau(n, c) for k, (n, c) in sorted(by_k.items())}
-            for label, by_k in totals.items() if len(by_k) > 1}
+  """tau by num_draft, for every (family, temperature) run with at least two budgets."""
+  totals: dict[str, dict[int, list[int]]] = {}
+  for r in rows:
+    if r["drafter"] == "ar" or r["target_calls"] is None or not r["num_draft"]:
+      continue
+    label = f"{_family(r)} T={r['temperature']:g}"
+    new_calls = totals.setdefault(label, {}).setdefault(r["num_draft"], [0, 0])
+    new_calls[0] += r["new_tokens"]
+    new_calls[1] += r["target_calls"]
+  return {label: {k: metrics.tau(n, c) for k, (n, c) in sorted(by_k.items())}
+          for label, by_k in totals.items() if len(by_k) > 1}
 
 
 def _plot_budget(curves: Mapping[str, Mapping[int, float]], path: str) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, by_k in curves.items():
-        ax.plot(list(by_k), list(by_k.values()), marker="o", label=label)
-    ax.set_xlabel("num_draft (tree budget)")
-    ax.set_ylabel("tau (tokens per target call)")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for label, by_k in curves.items():
+    ax.plot(list(by_k), list(by_k.values()), marker="o", label=label)
+  ax.set_xlabel("num_draft (tree budget)")
+  ax.set_ylabel("tau (tokens per target call)")
+  ax.legend(fontsize="small")
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
 
 
 def write(workdir: str) -> list[dict[str, Any]]:
-    """Regenerates summary.csv, summary.md and the plots from results.jsonl; returns the
-    summary. tau_vs_budget.png appears only when some drafter ran with several budgets."""
-    rows = read_rows(os.path.join(workdir, RESULTS))
-    summary = metrics.summarize(rows)
-    _write_csv(summary, os.path.join(workdir, "summary.csv"))
-    with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(markdown(summary) + "\n")
-    _plot_speedup(summary, os.path.join(workdir, "speedup.png"))
-    _plot_accepted(rows, os.path.join(workdir, "accepted_hist.png"))
-    curves = budget_curves(rows)
-    if curves:
-        _plot_budget(curves, os.path.join(workdir, "tau_vs_budget.png"))
-    return summary
+  """Regenerates summary.csv, summary.md and the plots from results.jsonl; returns the
+  summary. tau_vs_budget.png appears only when some drafter ran with several budgets."""
+  rows = read_rows(os.path.join(workdir, RESULTS))
+  summary = metrics.summarize(rows)
+  _write_csv(summary, os.path.join(workdir, "summary.csv"))
+  with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:
+    f.write(markdown(summary) + "\n")
+  _plot_speedup(summary, os.path.join(workdir, "speedup.png"))
+  _plot_accepted(rows, os.path.join(workdir, "accepted_hist.png"))
+  curves = budget_curves(rows)
+  if curves:
+    _plot_budget(curves, os.path.join(workdir, "tau_vs_budget.png"))
+  return summary

@@ -24,34 +24,34 @@ MAX_NEW = 8
 
 
 def get_config(name, arg=None):
-    path = os.path.join(CONFIGS, f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+  path = os.path.join(CONFIGS, f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "mini.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
-    return str(path)
+  path = tmp_path_factory.mktemp("data") / "mini.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+  return str(path)
 
 
 def tiny_config(prompt_file, **overrides):
-    c = get_config("tiny", prompt_file)
-    c.num_prompts = len(PROMPTS)
-    c.max_new_tokens = MAX_NEW
-    for k, v in overrides.items():
-        setattr(c, k, v)
-    return c
+  c = get_config("tiny", prompt_file)
+  c.num_prompts = len(PROMPTS)
+  c.max_new_tokens = MAX_NEW
+  for k, v in overrides.items():
+    setattr(c, k, v)
+  return c
 
 
 @pytest.fixture(scope="module")
 def swept(prompt_file, tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("sweep"))
-    rows = sweep.run(sweep.plan(tiny_config(prompt_file)), workdir)
-    return workdir, rows, report.write(workdir)
+  workdir = str(tmp_path_factory.mktemp("sweep"))
+  rows = sweep.run(sweep.plan(tiny_config(prompt_file)), workdir)
+  return workdir, rows, report.write(workdir)
 
 
 # ------------------------------------------------------------------------------------------
@@ -59,58 +59,58 @@ def swept(prompt_file, tmp_path_factory):
 
 
 def test_metric_functions():
-    assert metrics.tau(12, 4) == 3.0 and metrics.tau(5, 0) is None
-    assert metrics.tokens_per_s(10, 2.0) == 5.0
-    assert metrics.per_token(3, 12) == 0.25 and metrics.per_token(None, 12) is None
-    assert metrics.accepted_histogram([1, 3, 5, 1, 0, 0], 4) == [2, 0, 1, 0, 1]
-    assert metrics.speedup([4.0, 8.0], [2.0, 4.0]) == 2.0
-    assert metrics.speedup([], [1.0]) is None
+  assert metrics.tau(12, 4) == 3.0 and metrics.tau(5, 0) is None
+  assert metrics.tokens_per_s(10, 2.0) == 5.0
+  assert metrics.per_token(3, 12) == 0.25 and metrics.per_token(None, 12) is None
+  assert metrics.accepted_histogram([1, 3, 5, 1, 0, 0], 4) == [2, 0, 1, 0, 1]
+  assert metrics.speedup([4.0, 8.0], [2.0, 4.0]) == 2.0
+  assert metrics.speedup([], [1.0]) is None
 
 
 def _row(method, prompt, tps, temperature=0.0, drafter=None, equal=True, new=8, calls=4):
-    return {"method": method, "drafter": drafter or method, "num_draft": 4, "dataset": "d",
-            "prompt_id": prompt, "temperature": temperature, "seed": 0, "new_tokens": new,
-            "target_calls": calls, "draft_calls": 0, "tokens_per_s": tps,
-            "equal_to_ar": equal if temperature == 0 else None, "lossy": method == "typ"}
+  return {"method": method, "drafter": drafter or method, "num_draft": 4, "dataset": "d",
+          "prompt_id": prompt, "temperature": temperature, "seed": 0, "new_tokens": new,
+          "target_calls": calls, "draft_calls": 0, "tokens_per_s": tps,
+          "equal_to_ar": equal if temperature == 0 else None, "lossy": method == "typ"}
 
 
 def test_summarize_pairs_prompts_and_flags():
-    rows = [_row("ar", "a", 10.0, calls=8), _row("ar", "b", 30.0, calls=8),
-            _row("pl", "a", 30.0), _row("pl", "b", 50.0, equal=False),
-            _row("typ", "a", 40.0, temperature=1.0), _row("ar", "a", 20.0, 1.0, "ar", calls=8)]
-    by = {(s["method"], s["temperature"]): s for s in metrics.summarize(rows)}
-    assert [k[0] for k in by] == ["ar", "ar", "pl", "typ"]
-    assert by["ar", 0.0]["speedup"] == 1.0 and by["ar", 0.0]["tau"] == 1.0
-    assert by["pl", 0.0]["speedup"] == 2.0 and by["pl", 0.0]["tau"] == 2.0
-    assert by["pl", 0.0]["target_per_token"] == 0.5
-    assert by["pl", 0.0]["all_equal"] is False and by["ar", 0.0]["all_equal"] is True
-    assert by["typ", 1.0]["speedup"] == 2.0 and by["typ", 1.0]["all_equal"] is None
-    assert by["typ", 1.0]["lossy"] and not by["pl", 0.0]["lossy"]
+  rows = [_row("ar", "a", 10.0, calls=8), _row("ar", "b", 30.0, calls=8),
+          _row("pl", "a", 30.0), _row("pl", "b", 50.0, equal=False),
+          _row("typ", "a", 40.0, temperature=1.0), _row("ar", "a", 20.0, 1.0, "ar", calls=8)]
+  by = {(s["method"], s["temperature"]): s for s in metrics.summarize(rows)}
+  assert [k[0] for k in by] == ["ar", "ar", "pl", "typ"]
+  assert by["ar", 0.0]["speedup"] == 1.0 and by["ar", 0.0]["tau"] == 1.0
+  assert by["pl", 0.0]["speedup"] == 2.0 and by["pl", 0.0]["tau"] == 2.0
+  assert by["pl", 0.0]["target_per_token"] == 0.5
+  assert by["pl", 0.0]["all_equal"] is False and by["ar", 0.0]["all_equal"] is True
+  assert by["typ", 1.0]["speedup"] == 2.0 and by["typ", 1.0]["all_equal"] is None
+  assert by["typ", 1.0]["lossy"] and not by["pl", 0.0]["lossy"]
 
 
 def test_report_from_results_file(tmp_path):
-    """Summary files and all three plots, tau vs budget included, from a results file."""
-    extra = {"layers": 2, "stop": None, "acceptance": None, "checkpoint": None,
-             "accepted_hist": [1, 2, 1]}
-    rows = [{**_row("ar", p, 10.0, calls=8), **extra, "num_draft": 0, "accepted_hist": [8]}
-            for p in "ab"]
-    rows += [{**_row(f"k{k}", p, 15.0, drafter="self_draft", calls=8 // k), **extra,
-              "num_draft": k} for k in (2, 4) for p in "ab"]
-    with open(tmp_path / report.RESULTS, "w") as f:
-        for r in rows:
-            report.append_row(f, r)
-    summary = report.write(str(tmp_path))
-    assert [s["speedup"] for s in summary] == [1.0, 1.5, 1.5]
-    for name in ("summary.csv", "summary.md", "speedup.png", "accepted_hist.png",
-                 "tau_vs_budget.png"):
-        assert os.path.getsize(tmp_path / name) > 0
+  """Summary files and all three plots, tau vs budget included, from a results file."""
+  extra = {"layers": 2, "stop": None, "acceptance": None, "checkpoint": None,
+           "accepted_hist": [1, 2, 1]}
+  rows = [{**_row("ar", p, 10.0, calls=8), **extra, "num_draft": 0, "accepted_hist": [8]}
+          for p in "ab"]
+  rows += [{**_row(f"k{k}", p, 15.0, drafter="self_draft", calls=8 // k), **extra,
+            "num_draft": k} for k in (2, 4) for p in "ab"]
+  with open(tmp_path / report.RESULTS, "w") as f:
+    for r in rows:
+      report.append_row(f, r)
+  summary = report.write(str(tmp_path))
+  assert [s["speedup"] for s in summary] == [1.0, 1.5, 1.5]
+  for name in ("summary.csv", "summary.md", "speedup.png", "accepted_hist.png",
+               "tau_vs_budget.png"):
+    assert os.path.getsize(tmp_path / name) > 0
 
 
 def test_budget_curves_need_two_budgets():
-    rows = [{**_row("k2", "a", 1.0, drafter="self_draft", new=8, calls=4), "num_draft": 2},
-            {**_row("k4", "a", 1.0, drafter="self_draft", new=8, calls=2), "num_draft": 4},
-            {**_row("pl", "a", 1.0, drafter="prompt_lookup"), "num_draft": 10}]
-    assert report.budget_curves(rows) == {"self_draft T=0": {2: 2.0, 4: 4.0}}
+  rows = [{**_row("k2", "a", 1.0, drafter="self_draft", new=8, calls=4), "num_draft": 2},
+          {**_row("k4", "a", 1.0, drafter="self_draft", new=8, calls=2), "num_draft": 4},
+          {**_row("pl", "a", 1.0, drafter="prompt_lookup"), "num_draft": 10}]
+  assert report.budget_curves(rows) == {"self_draft T=0": {2: 2.0, 4: 4.0}}
 
 
 # ------------------------------------------------------------------------------------------
@@ -118,66 +118,66 @@ def test_budget_curves_need_two_budgets():
 
 
 def test_sweep_rows_and_outputs(swept):
-    workdir, rows, summary = swept
-    assert len(rows) == 2 * (len(PROMPTS) + 1)  # 2 methods x 4 prompt turns
-    assert {r["prompt_id"] for r in rows} == {"chat/t1", "chat/t2", "rep", "num"}
-    for r in rows:
-        assert ROW_FIELDS <= set(r), ROW_FIELDS - set(r)
-        assert r["tau"] * r["target_calls"] == pytest.approx(r["new_tokens"])
-        assert 1 <= r["new_tokens"] <= MAX_NEW and len(r["tokens"]) == r["new_tokens"]
-        assert sum(r["accepted_hist"]) == r["target_calls"]
-        assert r["tokens_per_s"] == pytest.approx(r["new_tokens"] / r["seconds"])
-        assert r["equal_to_ar"] is True and r["lossy"] is False
-        if r["method"] == "ar":
-            assert r["tau"] == 1.0 and r["draft_calls"] == 0
-    assert any(r["tau"] > 1 for r in rows if r["method"] == "prompt_lookup")
-    with open(os.path.join(workdir, "summary.csv")) as f:
-        table = list(csv.DictReader(f))
-    assert [(t["method"], t["dataset"]) for t in table] == [("ar", "mini"),
-                                                            ("prompt_lookup", "mini")]
-    assert [s["all_equal"] for s in summary] == [True, True]
-    assert summary[0]["speedup"] == 1.0 and summary[1]["speedup"] > 0
-    with open(os.path.join(workdir, "summary.md")) as f:
-        assert "| prompt_lookup | mini |" in f.read()
-    for png in ("speedup.png", "accepted_hist.png"):
-        assert os.path.getsize(os.path.join(workdir, png)) > 0
+  workdir, rows, summary = swept
+  assert len(rows) == 2 * (len(PROMPTS) + 1)  # 2 methods x 4 prompt turns
+  assert {r["prompt_id"] for r in rows} == {"chat/t1", "chat/t2", "rep", "num"}
+  for r in rows:
+    assert ROW_FIELDS <= set(r), ROW_FIELDS - set(r)
+    assert r["tau"] * r["target_calls"] == pytest.approx(r["new_tokens"])
+    assert 1 <= r["new_tokens"] <= MAX_NEW and len(r["tokens"]) == r["new_tokens"]
+    assert sum(r["accepted_hist"]) == r["target_calls"]
+    assert r["tokens_per_s"] == pytest.approx(r["new_tokens"] / r["seconds"])
+    assert r["equal_to_ar"] is True and r["lossy"] is False
+    if r["method"] == "ar":
+      assert r["tau"] == 1.0 and r["draft_calls"] == 0
+  assert any(r["tau"] > 1 for r in rows if r["method"] == "prompt_lookup")
+  with open(os.path.join(workdir, "summary.csv")) as f:
+    table = list(csv.DictReader(f))
+  assert [(t["method"], t["dataset"]) for t in table] == [("ar", "mini"),
+                                                          ("prompt_lookup", "mini")]
+  assert [s["all_equal"] for s in summary] == [True, True]
+  assert summary[0]["speedup"] == 1.0 and summary[1]["speedup"] > 0
+  with open(os.path.join(workdir, "summary.md")) as f:
+    assert "| prompt_lookup | mini |" in f.read()
+  for png in ("speedup.png", "accepted_hist.png"):
+    assert os.path.getsize(os.path.join(workdir, png)) > 0
 
 
 def test_second_turn_follows_the_ar_answer(swept):
-    _, rows, _ = swept
-    ar = {r["prompt_id"]: r["tokens"] for r in rows if r["method"] == "ar"}
-    tok = sweep.ByteTokenizer(sweep.RANDOM_MODELS["tiny"].vocab_size)
-    turn2 = tok.encode_chat([{"role": "user", "content": "hi there"},
-                             {"role": "assistant", "content": tok.decode(ar["chat/t1"])},
-                             {"role": "user", "content": "and again"}])
-    target = sweep.load_model("random:tiny", "float32")
-    out = decode.generate(target, [turn2], max_new_tokens=MAX_NEW, pad_to=1024)
-    assert out.token_lists()[0] == ar["chat/t2"]
+  _, rows, _ = swept
+  ar = {r["prompt_id"]: r["tokens"] for r in rows if r["method"] == "ar"}
+  tok = sweep.ByteTokenizer(sweep.RANDOM_MODELS["tiny"].vocab_size)
+  turn2 = tok.encode_chat([{"role": "user", "content": "hi there"},
+                           {"role": "assistant", "content": tok.decode(ar["chat/t1"])},
+                           {"role": "user", "content": "and again"}])
+  target = sweep.load_model("random:tiny", "float32")
+  out = decode.generate(target, [turn2], max_new_tokens=MAX_NEW, pad_to=1024)
+  assert out.token_lists()[0] == ar["chat/t2"]
 
 
 def test_restart_reruns_only_missing_rows(swept, prompt_file, tmp_path):
-    workdir, rows, _ = swept
-    results = os.path.join(workdir, report.RESULTS)
-    with open(results) as f:
-        lines = f.readlines()
-    cut = tmp_path / "resumed"
-    cut.mkdir()
-    # Interrupted: the last two rows are missing and a third was torn mid-write.
-    (cut / report.RESULTS).write_text("".join(lines[:-2]) + lines[-2][:25])
-    new = sweep.run(sweep.plan(tiny_config(prompt_file)), str(cut))
-    assert [report.row_key(r) for r in new] == [report.row_key(json.loads(l)) for l in lines[-2:]]
-    assert all(r["equal_to_ar"] for r in new)
-    after = report.read_rows(str(cut / report.RESULTS))
-    keys = [report.row_key(r) for r in after]
-    assert len(keys) == len(set(keys)) == len(rows)
-    assert set(keys) == {report.row_key(r) for r in rows}
-    assert sweep.run(sweep.plan(tiny_config(prompt_file)), str(cut)) == []
+  workdir, rows, _ = swept
+  results = os.path.join(workdir, report.RESULTS)
+  with open(results) as f:
+    lines = f.readlines()
+  cut = tmp_path / "resumed"
+  cut.mkdir()
+  # Interrupted: the last two rows are missing and a third was torn mid-write.
+  (cut / report.RESULTS).write_text("".join(lines[:-2]) + lines[-2][:25])
+  new = sweep.run(sweep.plan(tiny_config(prompt_file)), str(cut))
+  assert [report.row_key(r) for r in new] == [report.row_key(json.loads(l)) for l in lines[-2:]]
+  assert all(r["equal_to_ar"] for r in new)
+  after = report.read_rows(str(cut / report.RESULTS))
+  keys = [report.row_key(r) for r in after]
+  assert len(keys) == len(set(keys)) == len(rows)
+  assert set(keys) == {report.row_key(r) for r in rows}
+  assert sweep.run(sweep.plan(tiny_config(prompt_file)), str(cut)) == []
 
 
 def test_results_of_another_sweep_are_refused(swept, prompt_file):
-    workdir, _, _ = swept
-    with pytest.raises(ValueError, match="max_new_tokens=8"):
-        sweep.run(sweep.plan(tiny_config(prompt_file, max_new_tokens=4)), workdir)
+  workdir, _, _ = swept
+  with pytest.raises(ValueError, match="max_new_tokens=8"):
+    sweep.run(sweep.plan(tiny_config(prompt_file, max_new_tokens=4)), workdir)
 
 
 # ------------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def test_results_of_another_sweep_are_refused(swept, prompt_file):
 
 
 def _method(**kw):
-    return ml_collections.ConfigDict({"name": "m", **kw})
+  return ml_collections.ConfigDict({"name": "m", **kw})
 
 
 @pytest.mark.parametrize("method,error,match", [
@@ -202,11 +202,11 @@ def _method(**kw):
     ({"drafter": "ar", "typo": 1}, ValueError, "unknown fields \\['typo'\\]"),
 ])
 def test_bad_method(prompt_file, monkeypatch, method, error, match):
-    monkeypatch.setattr(sweep, "load_model", lambda *a: pytest.fail("loaded weights"))
-    c = tiny_config(prompt_file)
-    c.methods = list(c.methods) + [_method(**method)]
-    with pytest.raises(error, match=match):
-        sweep.plan(c)
+  monkeypatch.setattr(sweep, "load_model", lambda *a: pytest.fail("loaded weights"))
+  c = tiny_config(prompt_file)
+  c.methods = list(c.methods) + [_method(**method)]
+  with pytest.raises(error, match=match):
+    sweep.plan(c)
 
 
 @pytest.mark.parametrize("field,value,error,match", [
@@ -219,35 +219,35 @@ def test_bad_method(prompt_file, monkeypatch, method, error, match):
     ("temperatures", (-1.0,), ValueError, "temperatures"),
 ])
 def test_bad_sweep_fields(prompt_file, field, value, error, match):
-    with pytest.raises(error, match=match):
-        sweep.plan(tiny_config(prompt_file, **{field: value}))
+  with pytest.raises(error, match=match):
+    sweep.plan(tiny_config(prompt_file, **{field: value}))
 
 
 def test_baseline_and_names_are_checked(prompt_file):
-    c = tiny_config(prompt_file)
-    c.methods = c.methods[1:]
-    with pytest.raises(ValueError, match="exactly one method with drafter 'ar'"):
-        sweep.plan(c)
-    c = tiny_config(prompt_file)
-    c.methods = [c.methods[0], c.methods[0]]
-    with pytest.raises(ValueError, match="unique"):
-        sweep.plan(c)
+  c = tiny_config(prompt_file)
+  c.methods = c.methods[1:]
+  with pytest.raises(ValueError, match="exactly one method with drafter 'ar'"):
+    sweep.plan(c)
+  c = tiny_config(prompt_file)
+  c.methods = [c.methods[0], c.methods[0]]
+  with pytest.raises(ValueError, match="unique"):
+    sweep.plan(c)
 
 
 def test_greedy_rule_with_sampling_is_refused(prompt_file):
-    c = tiny_config(prompt_file, temperatures=(0.0, 1.0))
-    c.methods = list(c.methods) + [_method(drafter="prompt_lookup", acceptance="greedy")]
-    with pytest.raises(ValueError, match="'greedy' needs temperature 0"):
-        sweep.plan(c)
+  c = tiny_config(prompt_file, temperatures=(0.0, 1.0))
+  c.methods = list(c.methods) + [_method(drafter="prompt_lookup", acceptance="greedy")]
+  with pytest.raises(ValueError, match="'greedy' needs temperature 0"):
+    sweep.plan(c)
 
 
 @pytest.mark.parametrize("name", ["demo", "bench", "sweep", "tiny"])
 def test_shipped_configs_are_valid(name):
-    p = sweep.plan(get_config(name))
-    assert p.baseline.name == "ar"
-    if name == "sweep":
-        budgets = {m.num_draft for m in p.methods if m.drafter == "self_draft"}
-        assert p.peers and budgets >= {2, 4, 8}
+  p = sweep.plan(get_config(name))
+  assert p.baseline.name == "ar"
+  if name == "sweep":
+    budgets = {m.num_draft for m in p.methods if m.drafter == "self_draft"}
+    assert p.peers and budgets >= {2, 4, 8}
 
 
 # ------------------------------------------------------------------------------------------
@@ -255,40 +255,40 @@ def test_shipped_configs_are_valid(name):
 
 
 def test_cli_end_to_end(swept, prompt_file, tmp_path, monkeypatch, capsys):
-    """`specjax-eval` in process (the tiny sweep's shapes are compiled by the fixture)."""
-    workdir = str(tmp_path / "cli")
-    monkeypatch.setattr(sys, "argv", [
-        "specjax-eval", f"--config={os.path.join(CONFIGS, 'tiny.py')}:{prompt_file}",
-        f"--workdir={workdir}", f"--config.num_prompts={len(PROMPTS)}",
-        f"--config.max_new_tokens={MAX_NEW}"])
-    with pytest.raises(SystemExit) as exit_:
-        cli.run()
-    assert exit_.value.code in (0, None)
-    assert "| prompt_lookup | mini | 0.0 | 4 |" in capsys.readouterr().out
-    rows = report.read_rows(os.path.join(workdir, report.RESULTS))
-    assert len(rows) == len(swept[1])
-    assert os.path.exists(os.path.join(workdir, "summary.md"))
+  """`specjax-eval` in process (the tiny sweep's shapes are compiled by the fixture)."""
+  workdir = str(tmp_path / "cli")
+  monkeypatch.setattr(sys, "argv", [
+      "specjax-eval", f"--config={os.path.join(CONFIGS, 'tiny.py')}:{prompt_file}",
+      f"--workdir={workdir}", f"--config.num_prompts={len(PROMPTS)}",
+      f"--config.max_new_tokens={MAX_NEW}"])
+  with pytest.raises(SystemExit) as exit_:
+    cli.run()
+  assert exit_.value.code in (0, None)
+  assert "| prompt_lookup | mini | 0.0 | 4 |" in capsys.readouterr().out
+  rows = report.read_rows(os.path.join(workdir, report.RESULTS))
+  assert len(rows) == len(swept[1])
+  assert os.path.exists(os.path.join(workdir, "summary.md"))
 
 
 @pytest.mark.slow
 def test_peers_on_a_hf_folder(prompt_file, tmp_path):
-    """hf_ar / hf_prompt_lookup rows next to specjax's, on a tiny random HF Llama folder."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=2048,
-                                   tie_word_embeddings=True)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
-    c = tiny_config(prompt_file, target=str(tmp_path / "hf"),
-                    peers=("hf_ar", "hf_prompt_lookup"))
-    rows = sweep.run(sweep.plan(c), str(tmp_path / "work"))
-    peers = [r for r in rows if r["method"].startswith("hf_")]
-    assert len(peers) == 2 * (len(PROMPTS) + 1)
-    for r in peers:
-        assert r["new_tokens"] == MAX_NEW
-        assert r["tau"] * r["target_calls"] == pytest.approx(MAX_NEW)
-    assert all(r["tau"] == 1.0 and r["equal_to_ar"] for r in peers if r["method"] == "hf_ar")
-    summary = report.write(str(tmp_path / "work"))
-    assert {s["method"] for s in summary} == {"ar", "prompt_lookup", "hf_ar", "hf_prompt_lookup"}
+  """hf_ar / hf_prompt_lookup rows next to specjax's, on a tiny random HF Llama folder."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=2048,
+                                 tie_word_embeddings=True)
+  transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+  c = tiny_config(prompt_file, target=str(tmp_path / "hf"),
+                  peers=("hf_ar", "hf_prompt_lookup"))
+  rows = sweep.run(sweep.plan(c), str(tmp_path / "work"))
+  peers = [r for r in rows if r["method"].startswith("hf_")]
+  assert len(peers) == 2 * (len(PROMPTS) + 1)
+  for r in peers:
+    assert r["new_tokens"] == MAX_NEW
+    assert r["tau"] * r["target_calls"] == pytest.approx(MAX_NEW)
+  assert all(r["tau"] == 1.0 and r["equal_to_ar"] for r in peers if r["method"] == "hf_ar")
+  summary = report.write(str(tmp_path / "work"))
+  assert {s["method"] for s in summary} == {"ar", "prompt_lookup", "hf_ar", "hf_prompt_lookup"}
