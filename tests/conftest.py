@@ -21,8 +21,8 @@ def smollm2():
 @pytest.fixture(scope="session")
 def hf_smollm2():
   """The same GGUF file as a transformers float32 torch model (the parity reference); ~30 s."""
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  import torch  # the dev extra; a missing parity reference must fail, not skip
+  import transformers
   import specjax.models  # pylint: disable=g-import-not-at-top
 
   try:

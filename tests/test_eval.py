@@ -273,8 +273,8 @@ def test_cli_end_to_end(swept, prompt_file, tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_peers_on_a_hf_folder(prompt_file, tmp_path):
   """hf_ar / hf_prompt_lookup rows next to specjax's, on a tiny random HF Llama folder."""
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  import torch  # the dev extra; a missing parity reference must fail, not skip
+  import transformers
   torch.manual_seed(0)
   cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64,
                                  num_hidden_layers=2, num_attention_heads=4,
