@@ -2,7 +2,6 @@
 per-sequence stopping, and clear errors."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -18,7 +18,7 @@ import torch  # the parity reference (dev extra): missing must fail, not skip
 import transformers
 
 import specjax.models as models  # pylint: disable=g-import-not-at-top
-from specjax.models import KVCache, forward
+from specjax.models import forward
 
 VOCAB = 256
 SEQ = 12

@@ -9,7 +9,6 @@ distribution: verification treats q as one-hot. Stop policies do not apply (no q
 from __future__ import annotations
 
 import flax.struct
-import jax
 import jax.numpy as jnp
 
 from specjax.tree import DraftTree
