@@ -52,19 +52,6 @@ class ModelConfig:
       raise ValueError(
           f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}.")
 
-  @property
-  def num_params(self) -> int:
-    """Parameter count (embeddings counted once when tied)."""
-    h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
-    q = self.num_heads * self.head_dim
-    kv = self.num_kv_heads * self.head_dim
-    if self.arch == "gpt2":
-      per_layer = 4 * h * h + 2 * h * f + 9 * h + f
-      return v * h + self.max_position_embeddings * h + self.num_layers * per_layer + 2 * h
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h
-    head = 0 if self.tie_embeddings else v * h
-    return v * h + self.num_layers * per_layer + h + head
-
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
 
