@@ -292,7 +292,7 @@ def _measure_method(plan: Plan, timer: Timer, target: Model, method: Method, dra
   return {"tokens": out.token_lists()[0], "target_calls": int(out.stats.target_calls[0]),
           "draft_calls": int(out.stats.draft_calls[0]), "seconds": seconds,
           "accepted_hist": metrics.accepted_histogram(
-              out.stats.accepted[0].tolist(), num_nodes)}
+              out.stats.gained[0].tolist(), num_nodes)}
 
 
 def _measure_peer(plan: Plan, timer: Timer, hf: Any, name: str, ids: list[int],

@@ -2,10 +2,13 @@
 
   target = specjax.load("smollm2-135m")
   out = specjax.generate(target, prompts, max_new_tokens=64, drafter=..., stop=...)
+
+Drafters, stop policies and acceptance rules are registered by name in `specjax.registry`.
 """
 
+from specjax import drafters, stopping  # registers the built-in parts
 from specjax.decode import Output, generate
 from specjax.models import Model, load
 
 __version__ = "0.1.0"
-__all__ = ["Model", "Output", "generate", "load"]
+__all__ = ["Model", "Output", "drafters", "generate", "load", "stopping"]

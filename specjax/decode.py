@@ -4,9 +4,14 @@ Data flow of one step (AR decoding is the same step with an empty draft tree):
 
   history[b, :length[b]]   committed tokens; the last one, the root, is not in the cache
   drafter.propose    ->    DraftTree of N nodes rooted at the root
-  target forward     on    [root, node_0..node_{N-1}] at [lengths, lengths + 1 + N)
+  target forward     on    [root, node_0..node_{N-1}] at [lengths, lengths + 1 + N),
+                           returning the target features the drafter declared
   verify.verify      ->    accepted path + next token (bonus or correction)
   cache.commit       keeps root + accepted nodes; history gains accepted + next token
+  drafter.commit     sees the verdict and the features of [root, nodes...]
+
+Before the loop the prefill runs the prompt (all but its last token, the first root) and
+hands the drafter's declared features to `drafter.init`.
 
 Every sequence of a ragged batch accepts its own number of tokens and stops on its own
 EOS or budget; finished sequences ride along without changing. Statistics are counted
@@ -23,19 +28,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax import stopping
+from specjax import registry, stopping
 from specjax import verify as verify_lib
 from specjax.drafters.base import Context
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
-from specjax.models.model import Model, forward
+from specjax.models.model import Model, check_features, forward, param_dtype
 from specjax.sampling import Sampling
 from specjax.tree import DraftTree
 
 
 @flax.struct.dataclass
 class Stats:
-  accepted: jax.Array  # int32[B, S]: tokens gained per step (accepted drafts + 1); 0 = idle
+  gained: jax.Array  # int32[B, S]: tokens gained per step (accepted drafts + 1); 0 = idle
   target_calls: jax.Array  # int32[B]: verification forwards (the prefill is not counted)
   draft_calls: jax.Array  # int32[B]: drafter forwards
 
@@ -84,12 +89,15 @@ def _generate(cfg: ModelConfig, params, drafter, stop, prompt_BxP, prompt_len_B,
               eos: tuple[int, ...], max_len: int) -> Output:
   b, p = prompt_BxP.shape
   n = 0 if drafter is None else drafter.num_nodes
+  feats = () if drafter is None else tuple(drafter.features)
   cache = KVCache.create(cfg.num_layers, b, max_len, cfg.num_kv_heads, cfg.head_dim,
-                         jax.tree.leaves(params)[0].dtype)
+                         param_dtype(params))
+  prompt_features = tuple(jnp.zeros((b, 0, cfg.hidden_size), param_dtype(params)) for _ in feats)
   if p > 1:  # prefill everything but the last prompt token (the first root)
     positions = jnp.broadcast_to(jnp.arange(p - 1), (b, p - 1))
-    cache = forward(cfg, params, prompt_BxP[:, :-1], positions,
-                    cache.attention_mask(num_new=p - 1), cache).cache
+    out = forward(cfg, params, prompt_BxP[:, :-1], positions,
+                  cache.attention_mask(num_new=p - 1), cache, feats)
+    cache, prompt_features = out.cache, out.features
   cache = cache.advance(prompt_len_B - 1)
   history = jnp.zeros((b, max_len), jnp.int32).at[:, :p].set(prompt_BxP)
   ctx = Context(history, prompt_len_B)
@@ -97,7 +105,7 @@ def _generate(cfg: ModelConfig, params, drafter, stop, prompt_BxP, prompt_len_B,
   state = _State(
       cache=cache, history=history, length=prompt_len_B, new=zeros,
       done=jnp.zeros((b,), bool),
-      drafter=() if drafter is None else drafter.init(ctx, max_len, p),
+      drafter=() if drafter is None else drafter.init(ctx, max_len, p, prompt_features),
       stats=Stats(jnp.zeros((b, max_new_tokens), jnp.int32), zeros, zeros),
       step=jnp.zeros((), jnp.int32))
   rows = jnp.arange(b)
@@ -116,23 +124,23 @@ def _generate(cfg: ModelConfig, params, drafter, stop, prompt_BxP, prompt_len_B,
     def verify_tree(tree):
       tokens, positions, tree_mask = tree.verify_inputs(root_B, st.length - 1)
       out = forward(cfg, params, tokens, positions, st.cache.attention_mask(tree_mask),
-                    st.cache)
+                    st.cache, feats)
       verdict = verify_lib.verify(rule, tree, out.logits, sampling, verify_key)
-      return out.cache, out.hidden, verdict
+      return out.cache, out.features, verdict
 
     def verify_root_only(tree):
       """No sequence has a draft (e.g. no n-gram match): a plain AR step, at AR cost."""
-      cache, hidden, verdict = verify_tree(_empty_tree(b))
-      hidden = jnp.pad(hidden, ((0, 0), (0, n), (0, 0)))
-      return cache, hidden, verdict._replace(path=jnp.zeros((b, n), jnp.int32))
+      cache, features, verdict = verify_tree(_empty_tree(b))
+      features = tuple(jnp.pad(f, ((0, 0), (0, n), (0, 0))) for f in features)
+      return cache, features, verdict._replace(path=jnp.zeros((b, n), jnp.int32))
 
     if n:
-      cache, hidden, verdict = jax.lax.cond(tree.valid.any(), verify_tree, verify_root_only,
-                                            tree)
+      cache, features, verdict = jax.lax.cond(tree.valid.any(), verify_tree, verify_root_only,
+                                              tree)
     else:
-      cache, hidden, verdict = verify_tree(tree)
-    verdict = verdict._replace(num_accepted=jnp.where(live, verdict.num_accepted, 0))
-    a_B = verdict.num_accepted
+      cache, features, verdict = verify_tree(tree)
+    verdict = verdict._replace(accepted_drafts=jnp.where(live, verdict.accepted_drafts, 0))
+    a_B = verdict.accepted_drafts
     # Target cache: keep the root (offset 0) and the accepted nodes (offset 1 + node).
     keep = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), 1 + verdict.path], axis=1)
     cache = cache.commit(keep, jnp.where(live, 1 + a_B, 0))
@@ -146,9 +154,9 @@ def _generate(cfg: ModelConfig, params, drafter, stop, prompt_BxP, prompt_len_B,
     gained = jnp.where(hit_eos, jnp.argmax(is_eos, -1) + 1, a_B + 1)
     gained = jnp.where(live, gained, 0).astype(jnp.int32)
     new = st.new + gained
-    stats = Stats(st.stats.accepted.at[:, st.step].set(gained),
+    stats = Stats(st.stats.gained.at[:, st.step].set(gained),
                   st.stats.target_calls + live, st.stats.draft_calls + draft_calls * live)
-    dstate = dstate if drafter is None else drafter.commit(dstate, ctx, verdict, hidden)
+    dstate = dstate if drafter is None else drafter.commit(dstate, ctx, verdict, features)
     return _State(cache=cache, history=_write(st.history, window, st.length),
                   length=st.length + gained, new=new,
                   done=st.done | (live & hit_eos) | (new >= max_new_tokens), drafter=dstate,
@@ -166,15 +174,23 @@ def _generate(cfg: ModelConfig, params, drafter, stop, prompt_BxP, prompt_len_B,
 
 
 def _encode_prompts(model: Model, prompts) -> list[list[int]]:
-  if isinstance(prompts, (str, np.ndarray)) or (prompts and isinstance(prompts[0], int)):
+  """Token-id lists from one prompt or a list of prompts (strings or integer ids)."""
+  if isinstance(prompts, str) or (isinstance(prompts, np.ndarray) and prompts.ndim == 1) or (
+      isinstance(prompts, (list, tuple)) and prompts and np.isscalar(prompts[0])):
     prompts = [prompts]
+  if len(prompts) == 0:
+    raise ValueError("generate() got no prompts: pass a prompt or a non-empty list of them.")
   out = []
   for i, pr in enumerate(prompts):
     if isinstance(pr, str):
       if model.tokenizer is None:
         raise ValueError("String prompts need a model with a tokenizer; pass token ids.")
       pr = model.tokenizer.encode(pr)
-    pr = [int(t) for t in np.asarray(pr).reshape(-1)]
+    arr = np.asarray(pr)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+      raise ValueError(f"Prompt {i} holds {arr.dtype} values, not integer token ids "
+                       f"(e.g. {arr.reshape(-1)[:3].tolist()}).")
+    pr = [int(t) for t in arr.reshape(-1)]
     if not pr:
       raise ValueError(f"Prompt {i} is empty: every prompt needs at least one token.")
     bad = [t for t in pr if not 0 <= t < model.config.vocab_size]
@@ -214,9 +230,11 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
     seed: PRNG seed for sampling and sampled drafts.
     eos: "default" (the tokenizer's EOS ids), None (never stop early), an id or ids.
     drafter: None for autoregressive decoding, or a drafter (`specjax.drafters`).
-    stop: a stop policy for chain drafters ("fixed", "confidence", "svip" or an instance).
+    stop: a stop policy for drafters that draft from a distribution, chains and trees alike
+      (a name in `registry.STOP_POLICIES`, e.g. "svip", or an instance).
     acceptance: "greedy" (default at temperature 0), "speculative" (default when
-      sampling), or the LOSSY "typical" / "fuzzy" (name or `verify.Acceptance`).
+      sampling), or the LOSSY "typical" / "fuzzy" (name or `verify.Acceptance`). Which
+      combinations run is decided in one place: `registry.check_combination`.
     max_len: optional cache size limit; an error names the shortfall.
     pad_to: round the prompt width up to a multiple of this (fewer recompiles in sweeps).
 
@@ -226,20 +244,16 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}.")
   sampling = Sampling(temperature, top_k, top_p)
-  if acceptance is None:
-    acceptance = "greedy" if sampling.greedy else "speculative"
-  rule = verify_lib.get(acceptance)
-  if rule.name == "greedy" and not sampling.greedy:
-    raise ValueError("acceptance='greedy' needs temperature=0; use 'speculative' to sample.")
-  if rule.name == "fuzzy" and sampling.greedy:
-    raise ValueError("acceptance='fuzzy' compares sampling distributions: use temperature>0.")
-  if drafter is None and stop is not None:
-    raise ValueError("A stop policy needs a drafter.")
+  rule = None if acceptance is None else verify_lib.get(acceptance)
+  registry.check_combination(
+      takes_stop_policy=None if drafter is None else bool(drafter.takes_stop_policy),
+      has_stop=stop is not None, rule=None if rule is None else rule.name,
+      temperatures=[temperature])
+  if rule is None:
+    rule = verify_lib.get("greedy" if sampling.greedy else "speculative")
   if drafter is not None:
     drafter.validate(model.config)
-    if stop is not None and not getattr(drafter, "takes_stop_policy", False):
-      raise ValueError(f"{type(drafter).__name__} proposes without a distribution; stop "
-                       "policies do not apply to it.")
+    check_features(model.config, drafter.features)
   stop = stopping.get(stop)
   tokens = _encode_prompts(model, prompts)
   lens = [len(t) for t in tokens]

@@ -7,6 +7,7 @@ is warped the same way, so target and drafters both call `probs(logits, sampling
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +22,11 @@ class Sampling:
   top_p: float | None = None
 
   def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"temperature must be >= 0; got {self.temperature}.")
+    if not math.isfinite(self.temperature) or self.temperature < 0:
+      raise ValueError(f"temperature must be a finite number >= 0; got {self.temperature}.")
     if self.top_k is not None and self.top_k < 1:
       raise ValueError(f"top_k must be >= 1; got {self.top_k}.")
-    if self.top_p is not None and not 0 < self.top_p <= 1:
+    if self.top_p is not None and not 0 < self.top_p <= 1:  # also refuses nan
       raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}.")
 
   @property
@@ -50,6 +51,11 @@ def probs(logits_xV: jax.Array, s: Sampling) -> jax.Array:
     cutoff = jnp.min(jnp.where(keep_xV, sorted_xV, jnp.inf), -1, keepdims=True)
     logits_xV = jnp.where(logits_xV < cutoff, -jnp.inf, logits_xV)
   return jax.nn.softmax(logits_xV, -1)
+
+
+def entropy(p_xV: jax.Array) -> jax.Array:
+  """float32[...]: the Shannon entropy (nats) of distributions over the last axis."""
+  return -jnp.sum(jnp.where(p_xV > 0, p_xV * jnp.log(jnp.where(p_xV > 0, p_xV, 1.0)), 0.0), -1)
 
 
 def sample(key: jax.Array, p_xV: jax.Array, s: Sampling) -> jax.Array:

@@ -5,12 +5,20 @@ is -1 = the root, i.e. the last committed token, or an index < i). A chain is a 
 node i has parent i - 1. Nodes cut off by a stop policy (or that a drafter could not fill)
 are marked invalid and can never be accepted, which keeps every shape static.
 
+Draft distributions are stored once per *parent*: siblings were drawn from the same
+distribution, so `probs[b, m]` holds M distributions and `dist[b, i]` says which one node
+i was drawn from (a chain has M = N and dist = arange(N)).
+
 The target verifies `[root, node_0, ..., node_{N-1}]` in one forward: node i sits at
 position `root_position + depth[i]` and sees the context, the root and its own ancestors.
+
+`StaticTree` is a fixed topology (a Medusa-style choice list, or a chain) laid out in
+levels for drafters that expand it one depth at a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -20,14 +28,27 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def check_parents_first(parents: np.ndarray) -> None:
+  """Raises unless every parent index is -1 (root) or smaller than its child's index:
+  the order verification walks and cache commits rely on."""
+  parents = np.asarray(parents)
+  idx = np.arange(parents.shape[-1])
+  bad = np.argwhere((parents < -1) | (parents >= idx))
+  if bad.size:
+    i = tuple(bad[0])
+    raise ValueError(f"Tree nodes must come after their parents: node {i[-1]} has parent "
+                     f"{parents[i]}.")
+
+
 @flax.struct.dataclass
 class DraftTree:
   tokens: jax.Array  # int32[B, N]
   parents: jax.Array  # int32[B, N], -1 = root
   valid: jax.Array  # bool[B, N]
-  # float32[B, N, V]: the draft distribution node i was drawn from (its parent's), or None
-  # when the drafter picked tokens without a distribution (prompt lookup).
+  # float32[B, M, V]: the draft distributions children were drawn from (one per parent),
+  # or None when the drafter picked tokens without a distribution (prompt lookup).
   probs: jax.Array | None = None
+  dist: jax.Array | None = None  # int32[B, N]: the row of `probs` node i was drawn from
   # True when tokens were *sampled* from `probs`; False when chosen deterministically
   # (argmax, top-k, lookup): lossless verification then treats q as one-hot on the token.
   sampled: bool = flax.struct.field(pytree_node=False, default=False)
@@ -38,19 +59,19 @@ class DraftTree:
 
   @classmethod
   def chain(cls, tokens_BxN, valid_BxN, probs_BxNxV=None, sampled=False) -> "DraftTree":
+    """Node i follows node i - 1 and was drawn from probs[:, i]."""
     b, n = tokens_BxN.shape
     parents = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32) - 1, (b, n))
-    return cls(tokens_BxN.astype(jnp.int32), parents, valid_BxN, probs_BxNxV, sampled)
+    dist = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    return cls(tokens_BxN.astype(jnp.int32), parents, valid_BxN, probs_BxNxV, dist, sampled)
+
+  def draft_probs(self, i: int) -> jax.Array:
+    """float32[B, V]: the distribution node i was drawn from."""
+    return jnp.take_along_axis(self.probs, self.dist[:, i, None, None], 1)[:, 0]
 
   def ancestor_mask(self) -> jax.Array:
     """bool[B, N, N]: [b, i, j] is True when j is i or an ancestor of i."""
-    n = self.num_nodes
-    step_BxNxN = jax.nn.one_hot(self.parents, n, dtype=jnp.bool_) | jnp.eye(n, dtype=bool)
-    closure = step_BxNxN
-    for _ in range(max(1, math.ceil(math.log2(max(n, 2))))):
-      closure = jnp.einsum("bij,bjk->bik", closure.astype(jnp.int32),
-                           closure.astype(jnp.int32)) > 0
-    return closure
+    return ancestor_mask(self.parents)
 
   def depth(self) -> jax.Array:
     """int32[B, N]: 1 for children of the root."""
@@ -68,6 +89,15 @@ class DraftTree:
     return tokens, root_position_B[:, None] + depth, mask
 
 
+def ancestor_mask(parents_xN) -> jax.Array:
+  """bool[..., N, N]: [..., i, j] is True when j is i or an ancestor of i."""
+  n = parents_xN.shape[-1]
+  closure = jax.nn.one_hot(parents_xN, n, dtype=jnp.int32) | jnp.eye(n, dtype=jnp.int32)
+  for _ in range(max(1, math.ceil(math.log2(max(n, 2))))):
+    closure = (jnp.einsum("...ij,...jk->...ik", closure, closure) > 0).astype(jnp.int32)
+  return closure > 0
+
+
 def parents_from_choices(choices: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
   """Static tree from Medusa-style choice lists.
 
@@ -76,6 +106,8 @@ def parents_from_choices(choices: Sequence[Sequence[int]]) -> tuple[np.ndarray, 
   lexicographically, so parents precede children and siblings come in rank order.
   """
   paths = sorted({tuple(c) for c in choices}, key=lambda c: (len(c), c))
+  if not paths:
+    raise ValueError("A tree needs at least one choice path.")
   index = {p: i for i, p in enumerate(paths)}
   parents, ranks = [], []
   for p in paths:
@@ -85,4 +117,79 @@ def parents_from_choices(choices: Sequence[Sequence[int]]) -> tuple[np.ndarray, 
       raise ValueError(f"Tree choice {p} has no parent {p[:-1]} in the choice list.")
     parents.append(index[p[:-1]] if len(p) > 1 else -1)
     ranks.append(p[-1])
-  return np.asarray(parents, np.int32), np.asarray(ranks, np.int32)
+  parents = np.asarray(parents, np.int32)
+  check_parents_first(parents)
+  return parents, np.asarray(ranks, np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticTree:
+  """A fixed draft-tree topology, laid out in levels of equal (padded) width.
+
+  Level d holds the nodes at depth d + 1; slot j of level d is padded node d * width + j.
+  Real nodes (those of the choice list) are numbered parents first as the verifier sees
+  them; `padded_index[i]` is where real node i sits in the level layout. Padding slots
+  exist only so that every level is one static-width forward of the drafter.
+  """
+
+  parents: tuple[int, ...]  # real node -> real parent (-1 = root)
+  ranks: tuple[int, ...]  # real node -> rank among its parent's candidates
+
+  @classmethod
+  def chain(cls, n: int) -> "StaticTree":
+    if n < 1:
+      raise ValueError(f"A draft chain needs at least 1 token; got num_draft={n}.")
+    return cls(tuple(range(-1, n - 1)), (0,) * n)
+
+  @classmethod
+  def from_choices(cls, choices: Sequence[Sequence[int]]) -> "StaticTree":
+    parents, ranks = parents_from_choices(choices)
+    return cls(tuple(parents.tolist()), tuple(ranks.tolist()))
+
+  @property
+  def num_nodes(self) -> int:
+    return len(self.parents)
+
+  @property
+  def is_chain(self) -> bool:
+    return self.parents == tuple(range(-1, self.num_nodes - 1))
+
+  @property
+  def node_depth(self) -> tuple[int, ...]:
+    d = []
+    for p in self.parents:
+      d.append(1 if p < 0 else d[p] + 1)
+    return tuple(d)
+
+  @property
+  def depth(self) -> int:
+    return max(self.node_depth)
+
+  @property
+  def width(self) -> int:
+    return max(np.bincount(self.node_depth))
+
+  @property
+  def max_rank(self) -> int:
+    return max(self.ranks)
+
+  @property
+  def padded_index(self) -> np.ndarray:
+    """int32[N]: slot of each real node in the level layout."""
+    depth, seen, out = self.node_depth, {}, []
+    for d in depth:
+      out.append((d - 1) * self.width + seen.get(d, 0))
+      seen[d] = seen.get(d, 0) + 1
+    return np.asarray(out, np.int32)
+
+  def padded(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(parent slot within the previous level [depth, width] (0 for level 0 = the root),
+    rank [depth, width], real [depth, width]) of the level layout."""
+    shape = (self.depth, self.width)
+    parent, rank, real = np.zeros(shape, np.int32), np.zeros(shape, np.int32), np.zeros(shape, bool)
+    slots = self.padded_index
+    for i, (p, r) in enumerate(zip(self.parents, self.ranks)):
+      d, j = divmod(int(slots[i]), self.width)
+      parent[d, j] = 0 if p < 0 else slots[p] % self.width
+      rank[d, j], real[d, j] = r, True
+    return parent, rank, real

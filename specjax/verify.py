@@ -1,12 +1,13 @@
 """Acceptance rules: which path of a draft tree the target keeps, and the next token.
 
 One walk serves every rule. Nodes are visited in index order (parents first); a node is
-tried when its parent is the current accepted node. The rule decides acceptance and how
-the target distribution at the current node changes after a rejection; when no child of
-the current node survives, the next token is drawn from that (residual) distribution.
+tried when its parent is the current accepted node. The rule decides acceptance and, for
+speculative sampling, how the target distribution at the current node changes after a
+rejection; when no child of the current node survives, the next token is drawn from that
+(residual) distribution.
 
-- "greedy": the target distribution is one-hot on its argmax, so a child is accepted iff
-  it equals the argmax and the next token is the argmax. Lossless (equals greedy AR).
+- "greedy": a child is accepted iff it equals the target's argmax, and the next token is
+  the argmax. Lossless (equals greedy AR). Works on argmaxes only: no softmax over V.
 - "speculative": accept x with prob min(1, p(x)/q(x)); on rejection p <- norm(max(0, p-q)).
   For chains this is Leviathan/Chen speculative sampling; for trees it is SpecInfer's
   multi-round rule (q one-hot for deterministically chosen children, i.e. accept with
@@ -24,6 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from specjax import registry
 from specjax import sampling as sampling_lib
 from specjax.tree import DraftTree
 
@@ -43,30 +45,38 @@ class Acceptance:
     return self.name in ("greedy", "speculative")
 
 
-RULES = ("greedy", "speculative", "typical", "fuzzy")
 DIVERGENCES = ("kl", "js", "tv")
+RULES = registry.ACCEPTANCE
+
+
+def _rule(name: str, doc: str):
+  def build(**kw) -> Acceptance:
+    rule = Acceptance(name, **kw)
+    if rule.divergence not in DIVERGENCES:
+      raise ValueError(f"Unknown divergence {rule.divergence!r}; choose from {DIVERGENCES}.")
+    return rule
+  build.__doc__ = doc
+  RULES.register(name)(build)
+
+
+_rule("greedy", "Exact match with the target's argmax (lossless, temperature 0).")
+_rule("speculative", "Speculative sampling, SpecInfer on trees (lossless).")
+_rule("typical", "Medusa's typical acceptance (LOSSY; knobs eps, delta).")
+_rule("fuzzy", "Fuzzy SD: accept while Div(p, q) <= threshold (LOSSY; knobs divergence, "
+      "threshold).")
 
 
 def get(name: str | Acceptance, **kw) -> Acceptance:
+  """A rule by registered name (with its knobs), or an `Acceptance` as is."""
   if isinstance(name, Acceptance):
     return name
-  if name not in RULES:
-    raise ValueError(f"Unknown acceptance rule {name!r}; choose from {RULES} "
-                     "(typical and fuzzy are lossy).")
-  rule = Acceptance(name, **kw)
-  if rule.divergence not in DIVERGENCES:
-    raise ValueError(f"Unknown divergence {rule.divergence!r}; choose from {DIVERGENCES}.")
-  return rule
+  return RULES.build(name, **kw)
 
 
 class Verdict(NamedTuple):
-  path: jax.Array  # int32[B, N]: accepted node indices, in order; entries >= n are junk
-  num_accepted: jax.Array  # int32[B]: accepted draft tokens (bonus not counted)
+  path: jax.Array  # int32[B, N]: accepted node indices, in order; entries past the count are junk
+  accepted_drafts: jax.Array  # int32[B]: accepted draft tokens (the next token not counted)
   next_token: jax.Array  # int32[B]: bonus (all accepted) or correction token
-
-
-def _entropy(p_BxV):
-  return -jnp.sum(jnp.where(p_BxV > 0, p_BxV * jnp.log(p_BxV), 0.0), -1)
 
 
 def divergence(p_BxV, q_BxV, kind: str) -> jax.Array:
@@ -81,52 +91,75 @@ def divergence(p_BxV, q_BxV, kind: str) -> jax.Array:
   return 0.5 * jnp.sum(jnp.abs(p_BxV - q_BxV), -1)
 
 
+def _walk(tree: DraftTree, accept, carry):
+  """Walks the nodes in order. `accept(i, cur_B, carry) -> (bool[B], carry)` decides node i
+  when it is tried (its parent is the current node); returns (cur_B, path, count, carry)."""
+  b, n = tree.tokens.shape
+  rows = jnp.arange(b)
+
+  def body(i, state):
+    cur_B, path_BxN, n_B, carry = state
+    tried_B = tree.valid[:, i] & (tree.parents[:, i] == cur_B)
+    ok_B, carry = accept(i, cur_B, tried_B, carry)
+    ok_B = tried_B & ok_B
+    slot = jnp.minimum(n_B, n - 1)
+    path_BxN = path_BxN.at[rows, slot].set(jnp.where(ok_B, i, path_BxN[rows, slot]))
+    return jnp.where(ok_B, i, cur_B), path_BxN, n_B + ok_B, carry
+
+  init = (jnp.full((b,), -1, jnp.int32), jnp.zeros((b, n), jnp.int32),
+          jnp.zeros((b,), jnp.int32), carry)
+  return jax.lax.fori_loop(0, n, body, init) if n else init
+
+
 def verify(rule: Acceptance, tree: DraftTree, target_logits_BxTxV: jax.Array,
            s: sampling_lib.Sampling, key: jax.Array) -> Verdict:
   """Walks the tree against the target logits of [root, node_0, ..., node_{N-1}]."""
   if rule.name == "greedy" and not s.greedy:
     raise ValueError("acceptance='greedy' needs temperature 0; use 'speculative' to sample.")
   b, n = tree.tokens.shape
-  v = target_logits_BxTxV.shape[-1]
-  p_BxTxV = sampling_lib.probs(target_logits_BxTxV, s)
-  if rule.name == "typical":  # Medusa thresholds the (temperature) softmax, not its top-k cut
-    p_raw_BxTxV = jax.nn.softmax(target_logits_BxTxV / max(s.temperature, 1e-6), -1)
-    typical_ok_BxT = jnp.minimum(rule.eps, rule.delta * jnp.exp(-_entropy(p_raw_BxTxV)))
-  u_key, next_key = jax.random.split(key)
-  u_BxN = jax.random.uniform(u_key, (b, n))
   rows = jnp.arange(b)
+  at = lambda x_BxT, cur_B: x_BxT[rows, cur_B + 1]  # the target's row for the current node
 
-  def body(i, carry):
-    cur_B, p_BxV, path_BxN, n_B = carry
-    x_B = tree.tokens[:, i]
-    if tree.probs is None or not tree.sampled:
-      q_BxV = jax.nn.one_hot(x_B, v, dtype=jnp.float32)
-    else:
-      q_BxV = tree.probs[:, i]
-    tried_B = tree.valid[:, i] & (tree.parents[:, i] == cur_B)
-    p_x, q_x = p_BxV[rows, x_B], q_BxV[rows, x_B]
-    if rule.name in ("greedy", "speculative"):
-      accept_B = u_BxN[:, i] * q_x < p_x
+  if rule.name == "greedy" or (rule.name == "speculative" and s.greedy):
+    best_BxT = jnp.argmax(target_logits_BxTxV, -1).astype(jnp.int32)
+    accept = lambda i, cur_B, tried_B, c: (tree.tokens[:, i] == at(best_BxT, cur_B), c)
+    cur_B, path, num, _ = _walk(tree, accept, ())
+    return Verdict(path, num, at(best_BxT, cur_B))
+
+  u_key, next_key = jax.random.split(key)
+  p_BxTxV = sampling_lib.probs(target_logits_BxTxV, s)
+  if rule.name == "speculative":
+    u_BxN = jax.random.uniform(u_key, (b, n))
+
+    def accept(i, cur_B, tried_B, p_BxV):
+      x_B = tree.tokens[:, i]
+      if tree.sampled:
+        q_BxV = tree.draft_probs(i)
+      else:  # a deterministic pick: q is one-hot on the token
+        q_BxV = jax.nn.one_hot(x_B, p_BxV.shape[-1], dtype=jnp.float32)
+      ok_B = u_BxN[:, i] * q_BxV[rows, x_B] < p_BxV[rows, x_B]
       residual = jnp.maximum(p_BxV - q_BxV, 0.0)
       mass = jnp.sum(residual, -1, keepdims=True)
-      rejected_p = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_BxV)
-    elif rule.name == "typical":
-      cur_p_raw = p_raw_BxTxV[rows, cur_B + 1]
-      accept_B = cur_p_raw[rows, x_B] > typical_ok_BxT[rows, cur_B + 1]
-      rejected_p = p_BxV
-    else:  # fuzzy: q is the draft's real distribution even for deterministic picks
-      q_real = q_BxV if tree.probs is None else tree.probs[:, i]
-      accept_B = divergence(p_BxTxV[rows, cur_B + 1], q_real, rule.divergence) <= rule.threshold
-      rejected_p = p_BxV
-    accept_B = tried_B & accept_B
-    rejected_B = tried_B & ~accept_B
-    new_p = jnp.where(accept_B[:, None], p_BxTxV[:, i + 1],
-                      jnp.where(rejected_B[:, None], rejected_p, p_BxV))
-    path_BxN = path_BxN.at[rows, jnp.minimum(n_B, n - 1)].set(
-        jnp.where(accept_B, i, path_BxN[rows, jnp.minimum(n_B, n - 1)]))
-    return (jnp.where(accept_B, i, cur_B), new_p, path_BxN, n_B + accept_B)
+      rejected = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_BxV)
+      new_p = jnp.where((tried_B & ok_B)[:, None], p_BxTxV[:, i + 1],
+                        jnp.where((tried_B & ~ok_B)[:, None], rejected, p_BxV))
+      return ok_B, new_p
 
-  init = (jnp.full((b,), -1, jnp.int32), p_BxTxV[:, 0], jnp.zeros((b, n), jnp.int32),
-          jnp.zeros((b,), jnp.int32))
-  _, p_final, path, num = jax.lax.fori_loop(0, n, body, init) if n else init
-  return Verdict(path, num, sampling_lib.sample(next_key, p_final, s))
+    _, path, num, p_final = _walk(tree, accept, p_BxTxV[:, 0])
+    return Verdict(path, num, sampling_lib.sample(next_key, p_final, s))
+
+  if rule.name == "typical":  # Medusa thresholds the (temperature) softmax, not its top-k cut
+    p_raw_BxTxV = jax.nn.softmax(target_logits_BxTxV / max(s.temperature, 1e-6), -1)
+    ok_BxT = jnp.minimum(rule.eps, rule.delta * jnp.exp(-sampling_lib.entropy(p_raw_BxTxV)))
+
+    def accept(i, cur_B, tried_B, c):
+      return at(p_raw_BxTxV, cur_B)[rows, tree.tokens[:, i]] > at(ok_BxT, cur_B), c
+  else:  # fuzzy: q is the draft's real distribution even for deterministic picks (one-hot
+    # on the token for drafters without a distribution, e.g. prompt lookup)
+    def accept(i, cur_B, tried_B, c):
+      q_BxV = (jax.nn.one_hot(tree.tokens[:, i], p_BxTxV.shape[-1], dtype=jnp.float32)
+               if tree.probs is None else tree.draft_probs(i))
+      return divergence(at(p_BxTxV, cur_B), q_BxV, rule.divergence) <= rule.threshold, c
+
+  cur_B, path, num, _ = _walk(tree, accept, ())
+  return Verdict(path, num, sampling_lib.sample(next_key, at(p_BxTxV, cur_B), s))

@@ -63,7 +63,7 @@ def test_greedy_speculative_equals_ar(drafter, stop):
 def test_sequences_accept_different_lengths_in_one_batch():
   out = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None,
                         drafter=DRAFTERS["truncated"]())
-  acc = np.asarray(out.stats.accepted)
+  acc = np.asarray(out.stats.gained)
   # The per-step gains differ between sequences: there is no shared minimum.
   assert len({tuple(r[:4]) for r in acc}) > 1
   assert (acc.sum(1) >= 24).all()
@@ -99,7 +99,7 @@ def test_stop_policies_shorten_drafts():
   # Threshold 0 stops before the 2nd token every time, which costs the forward of the
   # 1st: 2 draft calls per target call, and at most 1 accepted draft + 1 bonus per step.
   np.testing.assert_array_equal(svip.stats.draft_calls, 2 * np.asarray(svip.stats.target_calls))
-  assert np.asarray(svip.stats.accepted).max() <= 2
+  assert np.asarray(svip.stats.gained).max() <= 2
   assert svip.token_lists() == fixed.token_lists() == ar(PROMPTS)
 
 
@@ -119,7 +119,8 @@ def test_lossy_rules_are_labelled_and_never_default():
     (dict(acceptance="medusa"), "Unknown acceptance rule 'medusa'"),
     (dict(drafter=DraftModel.from_model(OTHER), stop="sometimes"), "Unknown stop policy"),
     (dict(drafter=PromptLookup(), stop="svip"), "stop policies do not apply"),
-    (dict(acceptance="greedy", temperature=1.0), "needs temperature=0"),
+    (dict(drafter=PromptLookup(), acceptance="greedy", temperature=1.0), "needs temperature=0"),
+    (dict(acceptance="greedy"), "takes no acceptance rule"),
     (dict(stop="svip"), "needs a drafter"),
     (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
 ])

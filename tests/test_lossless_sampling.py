@@ -64,7 +64,7 @@ def test_chain_speculative_sampling_matches_target(s):
   got = tv(counts_of(np.asarray(spec.tokens)), exact)
   assert got < bound, (got, bound)
   # The draft accepted tokens often enough for the test to mean something.
-  assert np.mean(np.asarray(spec.stats.accepted)[:, 0]) > 1.3
+  assert np.mean(np.asarray(spec.stats.gained)[:, 0]) > 1.3
   # Negative control: accepting every draft token (fuzzy with an infinite threshold)
   # returns the draft's distribution, which this test must catch.
   biased = decode.generate(TARGET, [PROMPT] * n, acceptance=verify.get("fuzzy", threshold=1e9),
@@ -84,29 +84,29 @@ CHOICES = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (2, 0)]
 
 
 def draw_tree(key, q_VxV, n, root, sampled):
-  """Trees for n samples: children drawn i.i.d. from q (sampled) or its top ranks."""
+  """Trees for n samples: children drawn i.i.d. from q (sampled) or its top ranks. The
+  draft distributions are stored per parent: row 0 the root's, row 1 + j node j's."""
   parents, ranks = parents_from_choices(CHOICES)
   tokens = np.zeros((n, len(parents)), np.int32)
-  probs = np.zeros((n, len(parents), V), np.float32)
   keys = jax.random.split(key, len(parents))
   q = np.asarray(q_VxV)
   for i, (par, rank) in enumerate(zip(parents, ranks)):
     parent_tok = np.full(n, root) if par < 0 else tokens[:, par]
-    probs[:, i] = q[parent_tok]
     if sampled:
       tokens[:, i] = np.asarray(jax.random.categorical(keys[i], jnp.log(q[parent_tok])))
     else:
       tokens[:, i] = np.argsort(-q[parent_tok], axis=1)[:, rank]
+  probs = np.concatenate([q[np.full((n, 1), root)], q[tokens]], 1)  # [n, 1 + N, V]
   b_parents = np.broadcast_to(parents, tokens.shape)
   return DraftTree(jnp.asarray(tokens), jnp.asarray(b_parents), jnp.ones(tokens.shape, bool),
-                   jnp.asarray(probs), sampled=sampled)
+                   jnp.asarray(probs), jnp.asarray(b_parents + 1), sampled=sampled)
 
 
 def first_two(tree, verdict, p_VxV, key):
   """First two generated tokens: the accepted path, then the next token, then (only when
   nothing was accepted) one exact target draw after the correction token."""
   toks = np.asarray(tree.tokens)
-  path, a = np.asarray(verdict.path), np.asarray(verdict.num_accepted)
+  path, a = np.asarray(verdict.path), np.asarray(verdict.accepted_drafts)
   nxt = np.asarray(verdict.next_token)
   rows = np.arange(len(a))
   x1 = np.where(a >= 1, toks[rows, path[:, 0]], nxt)
@@ -129,7 +129,7 @@ def test_tree_speculative_sampling_matches_target(sampled):
   verdict = verify.verify(verify.get("speculative"), tree, logits, s, k_verify)
   got = tv(counts_of(first_two(tree, verdict, p, k_after)), exact)
   assert got < bound, (got, bound)
-  assert np.mean(np.asarray(verdict.num_accepted) >= 2) > 0.1  # depth 2 is exercised
+  assert np.mean(np.asarray(verdict.accepted_drafts) >= 2) > 0.1  # depth 2 is exercised
   # Negative control: the lossy fuzzy rule with a huge threshold keeps the first child.
   biased = verify.verify(verify.get("fuzzy", threshold=1e9), tree, logits, s, k_verify)
   assert tv(counts_of(first_two(tree, biased, p, k_after)), exact) > bound

@@ -1,4 +1,5 @@
-"""Drafters: one module each. See `base.py` for the interface the decode loop calls."""
+"""Drafters: one module each, registered by name in `registry.DRAFTERS`. See `base.py` for
+the interface the decode loop calls."""
 
 from specjax.drafters.base import Context, Drafter
 from specjax.drafters.draft_model import DraftModel

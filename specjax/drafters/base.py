@@ -5,14 +5,21 @@ weights live in pytree fields, so a drafter passes through `jax.jit` as an argum
 implements
 
   num_nodes: int                                  static tree size N
+  features: tuple[int, ...]                       target features it reads (may be empty):
+                                                  layer inputs i >= 0, or models.FINAL
+  takes_stop_policy: bool                         whether it drafts from a distribution
   validate(target_config) -> None                 clear errors before anything compiles
-  init(ctx, max_len, prompt_width) -> state       after the target's prefill
+  init(ctx, max_len, prompt_width, features) -> state
   propose(state, ctx, stop, sampling, key) -> (DraftTree, state, draft_calls[B])
-  commit(state, ctx, verdict, target_hidden_BxTxH) -> state
+  commit(state, ctx, verdict, features) -> state
 
-`ctx` is the committed token history. `commit` sees the context *before* the step's
-tokens were appended, the verdict (accepted path + next token) and the target's hidden
-states for [root, node_0, ...], which feature-level drafters (EAGLE, Medusa) consume.
+`ctx` is the committed token history. `init` runs after the target's prefill and gets the
+target's `features` for the prompt (each [B, prompt_width - 1, H]: every prompt token but
+the last, which is the first root). `commit` sees the context *before* the step's tokens
+were appended, the verdict (accepted path + next token) and the target's features for
+[root, node_0, ..., node_{N-1}] (each [B, 1 + N, H]): the root's and accepted nodes' are
+the features of committed tokens, which feature-level drafters (EAGLE, Medusa) consume.
+Each drafter registers a builder in `registry.DRAFTERS`.
 """
 
 from __future__ import annotations
@@ -33,15 +40,17 @@ class Context:
 
 class Drafter(Protocol):
   num_nodes: int
+  features: tuple[int, ...]
+  takes_stop_policy: bool
 
   def validate(self, target_config) -> None:
     ...
 
-  def init(self, ctx: Context, max_len: int, prompt_width: int) -> Any:
+  def init(self, ctx: Context, max_len: int, prompt_width: int, features: tuple) -> Any:
     ...
 
   def propose(self, state, ctx: Context, stop, sampling, key) -> tuple[DraftTree, Any, jax.Array]:
     ...
 
-  def commit(self, state, ctx: Context, verdict, target_hidden_BxTxH) -> Any:
+  def commit(self, state, ctx: Context, verdict, features: tuple) -> Any:
     ...

@@ -1,125 +1,195 @@
-"""Independent draft model: any `Model` config sharing the target's vocabulary.
-
-`DraftModel.truncated(target, n)` keeps the target's first n layers, final norm and LM
-head: a training-free self-speculative drafter that needs no extra weights.
+"""Draft model: an independent LM sharing the target's vocabulary, or the target's own
+first layers (`DraftModel.truncated`, a training-free self-speculative drafter). It drafts
+a chain (`num_draft` tokens) or a static tree (a Medusa-style choice list: top-k branching).
 
 The drafter keeps its own KV cache. Its invariant: the cache holds a prefix of the
 committed history. Each draft first "catches up" on the 1 or 2 committed tokens it has not
-seen (the last accepted draft token, if every draft was accepted, and the new root), then
-drafts autoregressively. After verification the cache is cut back to the accepted prefix.
+seen (the last accepted draft token, if every draft was accepted, and the new root), which
+gives the root's next-token distribution; then it expands the tree one level per forward:
+level d's nodes (all of one depth, padded to the tree's width) go through the draft model
+together, written past the committed cache with an ancestor mask, and their children are
+their top-ranked tokens (greedy) or i.i.d. samples (sampling). A chain is a tree of width 1.
+After verification the accepted path's entries are gathered into contiguous slots and
+everything else is cut off.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from specjax import registry, stopping
 from specjax import sampling as sampling_lib
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
-from specjax.models.model import Model, forward
-from specjax.tree import DraftTree
+from specjax.models.model import Model, forward, param_dtype
+from specjax.tree import DraftTree, StaticTree, ancestor_mask
 
 _CATCH_UP = 2  # committed tokens the draft may lag behind after a verification
+
+
+@flax.struct.dataclass
+class DraftState:
+  cache: KVCache
+  levels: jax.Array  # int32[B]: tree levels forwarded by the last propose (their K/V is cached)
 
 
 @flax.struct.dataclass
 class DraftModel:
   params: Any
   config: ModelConfig = flax.struct.field(pytree_node=False)
-  num_draft: int = flax.struct.field(pytree_node=False, default=4)
+  tree: StaticTree = flax.struct.field(pytree_node=False, default=StaticTree.chain(4))
   takes_stop_policy = True
+  features = ()
 
   @classmethod
-  def from_model(cls, model: Model, num_draft: int = 4) -> "DraftModel":
-    return cls(model.params, model.config, num_draft)
+  def from_model(cls, model: Model, num_draft: int = 4,
+                 tree: Sequence[Sequence[int]] | None = None) -> "DraftModel":
+    """Drafts with `model`: a chain of `num_draft` tokens, or the tree of choice paths."""
+    shape = StaticTree.chain(num_draft) if tree is None else StaticTree.from_choices(tree)
+    return cls(model.params, model.config, shape)
 
   @classmethod
-  def truncated(cls, target: Model, num_layers: int, num_draft: int = 4) -> "DraftModel":
+  def truncated(cls, target: Model, num_layers: int, num_draft: int = 4,
+                tree: Sequence[Sequence[int]] | None = None) -> "DraftModel":
     """The target's first `num_layers` layers + its final norm and LM head."""
-    cfg = target.config
-    if not 1 <= num_layers < cfg.num_layers:
-      raise ValueError(f"num_layers must be in [1, {cfg.num_layers}); got {num_layers}.")
-    prefix = "h_" if cfg.arch == "gpt2" else "layers_"
-    params = {k: v for k, v in target.params.items()
-              if not k.startswith(prefix) or int(k[len(prefix):]) < num_layers}
-    return cls(params, cfg.replace(num_layers=num_layers), num_draft)
+    return cls.from_model(target.truncated(num_layers), num_draft, tree)
 
   @property
   def num_nodes(self) -> int:
-    return self.num_draft
+    return self.tree.num_nodes
 
   def validate(self, target_config: ModelConfig) -> None:
     if self.config.vocab_size != target_config.vocab_size:
       raise ValueError(f"Draft vocab size {self.config.vocab_size} != target vocab size "
                        f"{target_config.vocab_size}: draft and target must share a tokenizer.")
-    if self.num_draft < 1:
-      raise ValueError(f"num_draft must be >= 1; got {self.num_draft}.")
+    if self.tree.max_rank >= self.config.vocab_size:
+      raise ValueError(f"Tree rank {self.tree.max_rank} exceeds the vocabulary.")
 
-  def init(self, ctx, max_len: int, prompt_width: int) -> KVCache:
-    b = ctx.history.shape[0]
+  def _cache(self, batch: int, max_len: int) -> KVCache:
     c = self.config
-    dtype = jax.tree.leaves(self.params)[0].dtype
-    cache = KVCache.create(c.num_layers, b, max_len, c.num_kv_heads, c.head_dim, dtype)
+    return KVCache.create(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim,
+                          param_dtype(self.params))
+
+  def init(self, ctx, max_len: int, prompt_width: int, features) -> DraftState:
+    b = ctx.history.shape[0]
+    # Room for the tree's padded levels past the committed context.
+    cache = self._cache(b, max_len + self.tree.depth * self.tree.width)
     if prompt_width > 1:
       t = prompt_width - 1
-      tokens = ctx.history[:, :t]
       positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-      cache = forward(c, self.params, tokens, positions, cache.attention_mask(num_new=t),
-                      cache).cache
-    return cache.advance(ctx.length - 1)
+      cache = forward(self.config, self.params, ctx.history[:, :t], positions,
+                      cache.attention_mask(num_new=t), cache).cache
+    return DraftState(cache.advance(ctx.length - 1), jnp.zeros((b,), jnp.int32))
 
-  def _step(self, cache: KVCache, tokens_BxT, last_B):
-    """Forwards T tokens; returns logits/hidden of token last_B and the written cache."""
-    b, t = tokens_BxT.shape
-    positions = cache.lengths[:, None] + jnp.arange(t)
-    out = forward(self.config, self.params, tokens_BxT, positions,
-                  cache.attention_mask(num_new=t), cache)
-    pick = lambda x: jnp.take_along_axis(x, last_B[:, None, None], 1)[:, 0]
-    return pick(out.logits), pick(out.hidden), out.cache
-
-  def propose(self, cache: KVCache, ctx, stop, sampling, key):
-    b, k = ctx.history.shape[0], self.num_draft
+  def _catch_up(self, cache: KVCache, ctx):
+    """Forwards the committed tokens the cache lacks; returns the root's logits/hidden."""
+    b = ctx.history.shape[0]
     lag_B = ctx.length - cache.lengths  # 1 or 2 for live sequences
     idx = jnp.minimum(cache.lengths[:, None] + jnp.arange(_CATCH_UP), ctx.history.shape[1] - 1)
-    catch_up = jnp.take_along_axis(ctx.history, idx, 1)
-    logits, hidden, cache = self._step(cache, catch_up, jnp.clip(lag_B - 1, 0, _CATCH_UP - 1))
-    cache = cache.advance(jnp.maximum(lag_B, 0))
+    tokens = jnp.take_along_axis(ctx.history, idx, 1)
+    out = forward(self.config, self.params, tokens, cache.lengths[:, None] + jnp.arange(_CATCH_UP),
+                  cache.attention_mask(num_new=_CATCH_UP), cache)
+    last = jnp.clip(lag_B - 1, 0, _CATCH_UP - 1)[:, None, None]
+    pick = lambda x: jnp.take_along_axis(x, last, 1)  # [B, 1, ...]
+    return pick(out.logits), pick(out.hidden), out.cache.advance(jnp.maximum(lag_B, 0))
 
-    def draw(j, logits, hidden, carry):
-      tokens, valid, probs, active, pstate, key = carry
-      key, sub = jax.random.split(key)
-      stop_B, pstate = stop.stop(pstate, j, jax.nn.softmax(logits, -1), hidden)
-      active = active & ~stop_B
-      q = sampling_lib.probs(logits, sampling)
-      tok = sampling_lib.sample(sub, q, sampling)
-      return (tokens.at[:, j].set(tok), valid.at[:, j].set(active),
-              None if probs is None else probs.at[:, j].set(q), active, pstate, key)
+  def propose(self, state: DraftState, ctx, stop, sampling, key):
+    tree = self.tree
+    depth, w = tree.depth, tree.width
+    b, v = ctx.history.shape[0], self.config.vocab_size
+    parent_DxW, rank_DxW, real_DxW = (jnp.asarray(a) for a in tree.padded())
+    # Ancestor-or-self mask of the padded level layout (padding slots see only themselves).
+    parents_pad = np.full(depth * w, -1, np.int32)
+    for d in range(1, depth):
+      parents_pad[d * w:(d + 1) * w] = (d - 1) * w + np.asarray(tree.padded()[0][d])
+    anc_NxN = ancestor_mask(jnp.asarray(parents_pad))
+    logits_Bx1xV, hidden_Bx1xH, cache = self._catch_up(state.cache, ctx)
+    base_B = cache.lengths  # the root is committed; the tree goes at base + padded slot
+    pos_B = ctx.length - 1  # the root's position
 
-    probs0 = None if sampling.greedy else jnp.zeros((b, k, self.config.vocab_size), jnp.float32)
-    carry = (jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), bool), probs0,
-             jnp.ones((b,), bool), stop.init(b), key)
-    carry = draw(0, logits, hidden, carry)
+    def children(d, logits_BxKxV, hidden_BxKxH, expand_BxK, pstate, key):
+      """Level d's tokens and validity from the K parents' logits (K = 1 at the root)."""
+      stop_BxK, pstate = stop.stop(pstate, d, jax.nn.softmax(logits_BxKxV, -1), hidden_BxKxH)
+      expand_BxK = expand_BxK & ~stop_BxK
+      q_BxKxV = sampling_lib.probs(logits_BxKxV, sampling)
+      par_W = parent_DxW[d]
+      if sampling.greedy:  # top-ranked tokens of the raw logits
+        top_BxKxR = jax.lax.top_k(logits_BxKxV, tree.max_rank + 1)[1]
+        tok_BxW = top_BxKxR[:, par_W, rank_DxW[d]]
+      else:  # i.i.d. samples from the warped distribution (SpecInfer's rule verifies them)
+        q_BxWxV = q_BxKxV[:, par_W]
+        tok_BxW = jax.random.categorical(key, jnp.log(q_BxWxV), axis=-1)
+      valid_BxW = expand_BxK[:, par_W] & real_DxW[d]
+      pstate = stopping.gather(pstate, jnp.broadcast_to(par_W, (b, w)))
+      return tok_BxW.astype(jnp.int32), valid_BxW, q_BxKxV, pstate
+
+    key, sub = jax.random.split(key)
+    tok, valid, q_root, pstate = children(0, logits_Bx1xV, hidden_Bx1xH, jnp.ones((b, 1), bool),
+                                          stop.init(b), sub)
+    tokens_BxDxW = jnp.zeros((b, depth, w), jnp.int32).at[:, 0].set(tok)
+    valid_BxDxW = jnp.zeros((b, depth, w), bool).at[:, 0].set(valid)
+    # probs[:, 0] = the root's distribution, probs[:, 1 + slot] = that of padded node slot.
+    probs = None if sampling.greedy else (
+        jnp.zeros((b, 1 + (depth - 1) * w, v), jnp.float32).at[:, 0].set(q_root[:, 0]))
     calls = jnp.ones((b,), jnp.int32)
 
     def cond(loop):
-      j, _, _, carry = loop
-      return (j < k) & carry[3].any()
+      d, valid_BxDxW = loop[0], loop[3]
+      return (d < depth) & valid_BxDxW[:, d - 1].any()
 
     def body(loop):
-      j, cache, calls, carry = loop
-      calls = calls + carry[3]
-      last_token = jax.lax.dynamic_slice_in_dim(carry[0], j - 1, 1, axis=1)
-      logits, hidden, cache = self._step(cache, last_token, jnp.zeros((b,), jnp.int32))
-      return j + 1, cache.advance(jnp.ones((b,), jnp.int32)), calls, draw(j, logits, hidden, carry)
+      d, cache, tokens_BxDxW, valid_BxDxW, probs, calls, pstate, key = loop
+      key, sub = jax.random.split(key)
+      # Forward level d - 1 at slots base + (d-1)*w: it sees the context and its ancestors.
+      slots = (d - 1) * w + jnp.arange(w)
+      visible_BxWxN = jnp.broadcast_to(anc_NxN[slots], (b, w, depth * w))
+      mask = cache.attention_mask(visible_BxWxN)
+      out = forward(self.config, self.params, tokens_BxDxW[:, d - 1],
+                    jnp.broadcast_to(pos_B[:, None] + d, (b, w)), mask, cache.replace(lengths=base_B + (d - 1) * w))
+      cache = out.cache.replace(lengths=base_B)
+      live_BxW = valid_BxDxW[:, d - 1]
+      calls = calls + live_BxW.any(-1)
+      tok, valid, q, pstate = children(d, out.logits, out.hidden, live_BxW, pstate, sub)
+      if probs is not None:
+        probs = jax.lax.dynamic_update_slice_in_dim(probs, q, 1 + (d - 1) * w, axis=1)
+      return (d + 1, cache, tokens_BxDxW.at[:, d].set(tok), valid_BxDxW.at[:, d].set(valid),
+              probs, calls, pstate, key)
 
-    _, cache, calls, carry = jax.lax.while_loop(cond, body, (1, cache, calls, carry))
-    tokens, valid, probs = carry[:3]
-    return DraftTree.chain(tokens, valid, probs, sampled=not sampling.greedy), cache, calls
+    loop = (1, cache, tokens_BxDxW, valid_BxDxW, probs, calls, pstate, key)
+    d, cache, tokens_BxDxW, valid_BxDxW, probs, calls, _, _ = jax.lax.while_loop(cond, body, loop)
+    # The verifier's view: real nodes only, parents first.
+    idx = jnp.asarray(tree.padded_index)
+    parents = jnp.asarray(tree.parents, jnp.int32)
+    dist = jnp.where(parents < 0, 0, 1 + idx[jnp.maximum(parents, 0)])
+    draft = DraftTree(tokens_BxDxW.reshape(b, -1)[:, idx], jnp.broadcast_to(parents, (b, tree.num_nodes)),
+                      valid_BxDxW.reshape(b, -1)[:, idx], probs,
+                      jnp.broadcast_to(dist, (b, tree.num_nodes)), sampled=not sampling.greedy)
+    return draft, DraftState(cache, jnp.broadcast_to(d - 1, (b,))), calls
 
-  def commit(self, cache: KVCache, ctx, verdict, target_hidden_BxTxH):
-    written_B = cache.lengths - ctx.length
-    return cache.replace(lengths=ctx.length + jnp.minimum(verdict.num_accepted, written_B))
+  def commit(self, state: DraftState, ctx, verdict, features) -> DraftState:
+    """Keeps the accepted nodes whose K/V the drafter computed (levels it forwarded)."""
+    slots = jnp.asarray(self.tree.padded_index)[verdict.path]  # increasing along the path
+    kept_B = jnp.minimum(verdict.accepted_drafts, state.levels)
+    cache = state.cache.commit(slots, kept_B)
+    return DraftState(cache, state.levels)
+
+
+@registry.DRAFTERS.register("self_draft", takes_stop_policy=True)
+def _self_draft(target: Model, *, layers: int, num_draft: int = 4,
+                tree: Sequence[Sequence[int]] | None = None) -> DraftModel:
+  """The target's first `layers` layers (training-free), as a chain or a top-k tree."""
+  return DraftModel.truncated(target, layers, num_draft, tree)
+
+
+@registry.DRAFTERS.register("draft_model", takes_stop_policy=True)
+def _draft_model(target: Model, *, checkpoint: str, num_draft: int = 4,
+                 tree: Sequence[Sequence[int]] | None = None) -> DraftModel:
+  """An independent model sharing the vocabulary (a preset, HF folder or .gguf file)."""
+  from specjax import models  # pylint: disable=g-import-not-at-top
+  model = models.load(checkpoint, target.dtype)
+  return DraftModel.from_model(model, num_draft, tree)

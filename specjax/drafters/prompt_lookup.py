@@ -11,6 +11,7 @@ from __future__ import annotations
 import flax.struct
 import jax.numpy as jnp
 
+from specjax import registry
 from specjax.tree import DraftTree
 
 
@@ -20,17 +21,20 @@ class PromptLookup:
   max_ngram: int = flax.struct.field(pytree_node=False, default=3)
   min_ngram: int = flax.struct.field(pytree_node=False, default=1)
   takes_stop_policy = False
+  features = ()
 
   @property
   def num_nodes(self) -> int:
     return self.num_draft
 
   def validate(self, target_config) -> None:
+    if self.num_draft < 1:
+      raise ValueError(f"PromptLookup needs num_draft >= 1; got {self.num_draft}.")
     if not 1 <= self.min_ngram <= self.max_ngram:
       raise ValueError(f"Need 1 <= min_ngram <= max_ngram; got {self.min_ngram}, "
                        f"{self.max_ngram}.")
 
-  def init(self, ctx, max_len, prompt_width):
+  def init(self, ctx, max_len, prompt_width, features):
     return ()
 
   def propose(self, state, ctx, stop, sampling, key):
@@ -56,5 +60,12 @@ class PromptLookup:
     valid_BxK = found_B[:, None] & (idx_BxK < len_B[:, None])
     return DraftTree.chain(tokens_BxK, valid_BxK), state, jnp.zeros(b, jnp.int32)
 
-  def commit(self, state, ctx, verdict, target_hidden_BxTxH):
+  def commit(self, state, ctx, verdict, features):
     return state
+
+
+@registry.DRAFTERS.register("prompt_lookup", takes_stop_policy=False)
+def _build(target, *, num_draft: int = 10, max_ngram: int = 3, min_ngram: int = 1):
+  """Model-free n-gram lookup in prompt + output."""
+  del target
+  return PromptLookup(num_draft, max_ngram, min_ngram)

@@ -12,7 +12,8 @@ import os
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig, from_hf_config
 from specjax.models.loading import load_gguf, load_hf_dir, params_from_hf
-from specjax.models.model import Forward, Model, forward, init_params, parse_dtype
+from specjax.models.model import (FINAL, Forward, Model, causal_forward, embed, forward,
+                                  init_params, lm_head, param_dtype, parse_dtype)
 
 # preset -> (package that ships the file, file inside it, pip command that installs it)
 PRESETS = {
@@ -60,6 +61,7 @@ def load(name_or_path: str = DEFAULT, dtype: str = "float32") -> Model:
   return Model(cfg, params, tokenizer, name=name_or_path)
 
 
-__all__ = ["DEFAULT", "PRESETS", "Forward", "KVCache", "Model", "ModelConfig", "forward",
-           "from_hf_config", "init_params", "load", "load_gguf", "load_hf_dir",
-           "params_from_hf", "parse_dtype", "preset_path"]
+__all__ = ["DEFAULT", "FINAL", "PRESETS", "Forward", "KVCache", "Model", "ModelConfig",
+           "causal_forward", "embed", "forward", "from_hf_config", "init_params", "lm_head",
+           "load", "load_gguf", "load_hf_dir", "param_dtype", "params_from_hf", "parse_dtype",
+           "preset_path"]

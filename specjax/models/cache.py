@@ -3,8 +3,10 @@
 Slots `[0, lengths[b])` hold the committed context of sequence b; everything past
 `lengths[b]` is garbage by contract. A forward writes its T new entries at
 `[lengths, lengths + T)` and leaves `lengths` alone: the caller then either `advance`s
-(plain decoding) or `commit`s an accepted path out of a verified tree, which gathers the
+(plain decoding) or `commit`s an accepted path out of a verified tree, which moves the
 accepted entries into contiguous slots. Rejected entries simply stay past `lengths`.
+Writes and commits touch only the slots they change (in place inside a jitted loop), so a
+step's cost does not grow with the cache beyond attention's own read.
 
 Keys and values are kept as one array per layer (not one stacked array): on XLA's CPU
 backend an unrolled layer loop over separate buffers decodes ~2x faster than a scan
@@ -16,6 +18,15 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+
+def write(cache_BxKxSxD: jax.Array, new_BxKxTxD: jax.Array, start_B: jax.Array) -> jax.Array:
+  """Writes each sequence's T new entries at its own offset, slots [start, start + T).
+
+  The caller guarantees start + T <= S (dynamic_update_slice would otherwise shift the
+  write back over committed slots)."""
+  upd = lambda c, x, s: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), s, axis=1)
+  return jax.vmap(upd)(cache_BxKxSxD, new_BxKxTxD, start_B)
 
 
 @flax.struct.dataclass
@@ -36,25 +47,25 @@ class KVCache:
   def max_len(self) -> int:
     return self.k[0].shape[2]
 
-  def attention_mask(self, tree_mask_BxTxT: jax.Array | None = None,
+  def attention_mask(self, visible_BxTxN: jax.Array | None = None,
                      num_new: int | None = None) -> jax.Array:
-    """bool[B, T, S]: what each of T new tokens (written at `lengths + t`) may attend to.
+    """bool[B, T, S]: what each of T queries may attend to.
 
-    Every committed slot, plus the new slots allowed by `tree_mask_BxTxT` (causal when
-    None, i.e. a chain).
+    Every committed slot, plus slot `lengths + n` when `visible_BxTxN[b, t, n]` (N slots
+    past the committed ones, e.g. a tree's ancestor mask). None means T = N = `num_new`
+    new tokens written at `[lengths, lengths + T)` seeing each other causally (a chain).
     """
-    if tree_mask_BxTxT is None:
-      t = num_new
-      tree_mask_BxTxT = jnp.tril(jnp.ones((t, t), bool))[None]
-    t = tree_mask_BxTxT.shape[-1]
-    slot_S = jnp.arange(self.max_len)
-    rel_BxS = slot_S[None, :] - self.lengths[:, None]  # index into the new tokens
+    if visible_BxTxN is None:
+      visible_BxTxN = jnp.tril(jnp.ones((num_new, num_new), bool))[None]
+    t, n = visible_BxTxN.shape[-2:]
+    b = self.lengths.shape[0]
+    rel_BxS = jnp.arange(self.max_len)[None, :] - self.lengths[:, None]  # index past lengths
     committed_BxS = rel_BxS < 0
-    in_new_BxS = (rel_BxS >= 0) & (rel_BxS < t)
-    tree_BxTxS = jnp.take_along_axis(
-        jnp.broadcast_to(tree_mask_BxTxT, (self.lengths.shape[0], t, t)),
-        jnp.clip(rel_BxS, 0, t - 1)[:, None, :], axis=2)
-    return committed_BxS[:, None, :] | (in_new_BxS[:, None, :] & tree_BxTxS)
+    in_new_BxS = (rel_BxS >= 0) & (rel_BxS < n)
+    new_BxTxS = jnp.take_along_axis(
+        jnp.broadcast_to(visible_BxTxN, (b, t, n)),
+        jnp.broadcast_to(jnp.clip(rel_BxS, 0, n - 1)[:, None, :], (b, t, self.max_len)), axis=2)
+    return committed_BxS[:, None, :] | (in_new_BxS[:, None, :] & new_BxTxS)
 
   def advance(self, n_B: jax.Array) -> "KVCache":
     """Marks the next n[b] written entries of each sequence as committed."""
@@ -63,16 +74,19 @@ class KVCache:
   def commit(self, path_BxA: jax.Array, n_B: jax.Array) -> "KVCache":
     """Keeps the n[b] new entries at offsets path[b, :n[b]] (relative to `lengths`).
 
-    The kept entries are gathered to `[lengths, lengths + n)`; `path` must be increasing
-    (tree nodes are stored parents first), so a chain's accepted prefix is a no-op copy.
+    The kept entries move to `[lengths, lengths + n)`; `path` must be increasing (tree
+    nodes are stored parents first), so every source is read before it is overwritten.
+    Only the A slots `[lengths, lengths + A)` are rewritten (slots past the kept ones get
+    their old contents back).
     """
-    a, s = path_BxA.shape[1], self.max_len
-    rel_BxS = jnp.arange(s)[None, :] - self.lengths[:, None]
-    src_BxS = self.lengths[:, None] + jnp.take_along_axis(path_BxA, jnp.clip(rel_BxS, 0, a - 1), 1)
-    src_BxS = jnp.where((rel_BxS >= 0) & (rel_BxS < a), src_BxS, jnp.arange(s)[None, :])
+    a = path_BxA.shape[1]
+    keep_BxA = jnp.arange(a)[None, :] < n_B[:, None]
+    src_BxA = self.lengths[:, None] + jnp.where(keep_BxA, path_BxA, jnp.arange(a)[None, :])
+    src_BxA = jnp.minimum(src_BxA, self.max_len - 1)
 
-    def move(c_BxKxSxD):  # a gather of every slot from itself or its source: one fused pass
-      return jnp.take_along_axis(c_BxKxSxD, src_BxS[:, None, :, None], axis=2)
+    def move(c_BxKxSxD):
+      moved = jnp.take_along_axis(c_BxKxSxD, src_BxA[:, None, :, None], axis=2)
+      return write(c_BxKxSxD, moved, self.lengths)
 
     return KVCache(k=tuple(move(c) for c in self.k), v=tuple(move(c) for c in self.v),
                    lengths=self.lengths + n_B.astype(jnp.int32))

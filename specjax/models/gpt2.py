@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from specjax.kernels import attention_reference
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
-from specjax.models.llama import run_layers, write_kv
+from specjax.models import cache as cache_lib
+from specjax.models.llama import run_layers
 
 
 class Block(nn.Module):
@@ -29,7 +30,7 @@ class Block(nn.Module):
     q, k, v = (a.reshape(b, t, cfg.num_heads, cfg.head_dim) for a in jnp.split(qkv, 3, -1))
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, T, D]
     if kv is not None:
-      kv = (write_kv(kv[0], k, start_B), write_kv(kv[1], v, start_B))
+      kv = (cache_lib.write(kv[0], k, start_B), cache_lib.write(kv[1], v, start_B))
       k, v = kv
     o = attention_reference(q, k, v, mask_BxTxS).reshape(b, t, -1)
     x_BxTxH = x_BxTxH + dense(cfg.hidden_size, "c_proj")(o)
@@ -45,7 +46,7 @@ class GPT2(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxT, positions_BxT, mask_BxTxS, cache: KVCache | None,
-               hidden_layers: tuple[int, ...] = ()):
+               feature_layers: tuple[int, ...] = ()):
     cfg = self.cfg
     wte = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
                    name="wte")
@@ -54,7 +55,7 @@ class GPT2(nn.Module):
     x = wte(tokens_BxT) + wpe(positions_BxT)
     start_B = None if cache is None else cache.lengths
     block = lambda i, x, kv: Block(cfg, self.dtype, name=f"h_{i}")(x, mask_BxTxS, kv, start_B)
-    x, layer_hidden, new_cache = run_layers(cfg.num_layers, x, cache, hidden_layers, block)
+    x, layer_hidden, new_cache = run_layers(cfg.num_layers, x, cache, feature_layers, block)
     hidden_BxTxH = nn.LayerNorm(cfg.norm_eps, dtype=self.dtype, param_dtype=self.dtype,
                                 name="ln_f")(x)
     logits = wte.attend(hidden_BxTxH)

@@ -3,6 +3,9 @@
 `forward(cfg, params, tokens, positions, mask, cache)` is the only way any part of specjax
 runs a network: full causal passes (no cache), prefill, one-token decode steps and the
 verification of a whole draft tree (explicit positions + ancestor mask) all go through it.
+
+Heads that share the target's weights reach them through `embed` and `lm_head` (and a
+self-drafter through `Model.truncated`), never by picking parameter names themselves.
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ from specjax.models.gpt2 import GPT2
 from specjax.models.llama import Llama
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# A feature index names what a drafter reads from the target: i >= 0 is the input of layer
+# i (the residual stream before it); FINAL is the final normed state the LM head reads.
+FINAL = -1
+# Where each architecture keeps its token embedding (the LM head too, when tied).
+_EMBEDDING = {"llama": "embed_tokens", "gpt2": "wte"}
 
 
 def parse_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
@@ -30,6 +38,11 @@ def parse_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
   return jnp.dtype(dtype).type
 
 
+def param_dtype(params: Any) -> jnp.dtype:
+  """The dtype a params pytree computes in (that of its first leaf)."""
+  return jax.tree.leaves(params)[0].dtype
+
+
 def module(cfg: ModelConfig, dtype=jnp.float32):
   return {"llama": Llama, "gpt2": GPT2}[cfg.arch](cfg, dtype)
 
@@ -37,23 +50,51 @@ def module(cfg: ModelConfig, dtype=jnp.float32):
 class Forward(NamedTuple):
   logits: jax.Array  # float32[B, T, V]
   hidden: jax.Array  # [B, T, H], the final normed state the LM head reads
-  layer_hidden: tuple  # inputs of the requested layers, each [B, T, H]
+  features: tuple  # the requested features (see FINAL), each [B, T, H]
   cache: KVCache | None
+
+
+def check_features(cfg: ModelConfig, features) -> tuple[int, ...]:
+  """Validates feature indices against a config; returns them as a tuple of ints."""
+  features = tuple(int(f) for f in features)
+  bad = [f for f in features if not (f == FINAL or 0 <= f < cfg.num_layers)]
+  if bad:
+    raise ValueError(f"Feature indices {bad} do not exist in a {cfg.num_layers}-layer model: "
+                     f"use 0..{cfg.num_layers - 1} (layer inputs) or {FINAL} (final state).")
+  return features
 
 
 def forward(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array, positions_BxT: jax.Array,
             mask_BxTxS: jax.Array, cache: KVCache | None = None,
-            hidden_layers: tuple[int, ...] = ()) -> Forward:
+            features: tuple[int, ...] = ()) -> Forward:
   """Runs the network on T new tokens per sequence.
 
   With a cache, the new keys/values are written at `cache.lengths + t` and
   `mask_BxTxS` ranges over all cache slots (see `KVCache.attention_mask`); the returned
   cache has the same `lengths` (commit or advance afterwards). Without one, S == T.
+  `features` names hidden states to return (layer inputs, or FINAL), in that order.
   """
-  dtype = jax.tree.leaves(params)[0].dtype
-  out = module(cfg, dtype).apply({"params": params}, tokens_BxT, positions_BxT, mask_BxTxS,
-                                 cache, tuple(hidden_layers))
-  return Forward(*out)
+  layers = tuple(sorted({f for f in features if f != FINAL}))
+  logits, hidden, layer_inputs, cache = module(cfg, param_dtype(params)).apply(
+      {"params": params}, tokens_BxT, positions_BxT, mask_BxTxS, cache, layers)
+  picked = tuple(hidden if f == FINAL else layer_inputs[layers.index(f)] for f in features)
+  return Forward(logits, hidden, picked, cache)
+
+
+def embed(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array) -> jax.Array:
+  """[B, T, H]: the token embeddings (no positions), as heads that share them read them."""
+  return jnp.take(params[_EMBEDDING[cfg.arch]]["embedding"], tokens_BxT, axis=0)
+
+
+def lm_head(cfg: ModelConfig, params: Any, hidden_BxTxH: jax.Array) -> jax.Array:
+  """float32[B, T, V]: the target's LM head applied to final-normed hidden states."""
+  if cfg.tie_embeddings:
+    w_VxH = params[_EMBEDDING[cfg.arch]]["embedding"]
+    logits = jnp.einsum("...h,vh->...v", hidden_BxTxH.astype(w_VxH.dtype), w_VxH)
+  else:
+    w_HxV = params["lm_head"]["kernel"]
+    logits = hidden_BxTxH.astype(w_HxV.dtype) @ w_HxV
+  return logits.astype(jnp.float32)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> Any:
@@ -62,12 +103,13 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> Any:
   return module(cfg, dtype).init(rng, tokens, tokens, jnp.ones((1, 1, 1), bool), None)["params"]
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def _causal_logits(cfg, params, tokens_BxT):
+@functools.partial(jax.jit, static_argnames=("cfg", "features"))
+def causal_forward(cfg, params, tokens_BxT, features=()) -> Forward:
+  """A full causal forward without cache (every position, every requested feature)."""
   b, t = tokens_BxT.shape
   positions = jnp.broadcast_to(jnp.arange(t), (b, t))
   mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-  return forward(cfg, params, tokens_BxT, positions, mask).logits
+  return forward(cfg, params, tokens_BxT, positions, mask, features=features)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -81,19 +123,34 @@ class Model:
 
   @property
   def dtype(self):
-    return jax.tree.leaves(self.params)[0].dtype
+    return param_dtype(self.params)
 
   def logits(self, tokens_BxT) -> jax.Array:
     """float32[B, T, V]: a full causal forward without cache."""
     tokens_BxT = jnp.asarray(tokens_BxT, jnp.int32)
     if tokens_BxT.ndim != 2:
       raise ValueError(f"tokens must be [batch, time]; got shape {tokens_BxT.shape}.")
-    return _causal_logits(self.config, self.params, tokens_BxT)
+    return causal_forward(self.config, self.params, tokens_BxT).logits
 
   def forward(self, params, tokens_BxT, positions_BxT, mask_BxTxS, cache=None,
-              hidden_layers=()) -> Forward:
+              features=()) -> Forward:
     return forward(self.config, params, tokens_BxT, positions_BxT, mask_BxTxS, cache,
-                   hidden_layers)
+                   features)
+
+  def embed(self, tokens_BxT) -> jax.Array:
+    return embed(self.config, self.params, tokens_BxT)
+
+  def lm_head(self, hidden_BxTxH) -> jax.Array:
+    return lm_head(self.config, self.params, hidden_BxTxH)
+
+  def truncated(self, num_layers: int) -> "Model":
+    """The first `num_layers` layers + the final norm and LM head, sharing these params
+    (no copy: the forward of the shorter config never reads the later layers)."""
+    cfg = self.config
+    if not 1 <= num_layers < cfg.num_layers:
+      raise ValueError(f"num_layers must be in [1, {cfg.num_layers}); got {num_layers}.")
+    return dataclasses.replace(self, config=cfg.replace(num_layers=num_layers),
+                               name=f"{self.name}[:{num_layers}]")
 
   def init_cache(self, batch: int, max_len: int) -> KVCache:
     c = self.config

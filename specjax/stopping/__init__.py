@@ -1,22 +1,19 @@
-"""Draft-length (stop) policies. See `base.py` for the interface."""
+"""Draft-length (stop) policies, registered by name. See `base.py` for the interface."""
 
 from __future__ import annotations
 
-from specjax.stopping.base import StopPolicy
+from specjax import registry
+from specjax.stopping.base import StopPolicy, gather
 from specjax.stopping.training_free import SVIP, Confidence, Fixed
-
-POLICIES = {"fixed": Fixed, "confidence": Confidence, "svip": SVIP}
 
 
 def get(name, **kw) -> StopPolicy:
-  """A policy by name ("fixed", "confidence", "svip") or an instance; None = fixed."""
+  """A policy by registered name (with its knobs) or an instance; None = fixed."""
   if name is None:
     return Fixed()
   if not isinstance(name, str):
     return name
-  if name not in POLICIES:
-    raise ValueError(f"Unknown stop policy {name!r}; choose from {sorted(POLICIES)}.")
-  return POLICIES[name](**kw)
+  return registry.STOP_POLICIES.build(name, **kw)
 
 
-__all__ = ["POLICIES", "SVIP", "Confidence", "Fixed", "StopPolicy", "get"]
+__all__ = ["SVIP", "Confidence", "Fixed", "StopPolicy", "gather", "get"]

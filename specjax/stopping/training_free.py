@@ -5,24 +5,25 @@ from __future__ import annotations
 import flax.struct
 import jax.numpy as jnp
 
+from specjax import registry
+from specjax.sampling import entropy
+
 static = lambda default: flax.struct.field(pytree_node=False, default=default)
 
 
-def entropy(q_BxV):
-  return -jnp.sum(jnp.where(q_BxV > 0, q_BxV * jnp.log(q_BxV), 0.0), -1)
-
-
+@registry.STOP_POLICIES.register("fixed")
 @flax.struct.dataclass
 class Fixed:
-  """Always draft the drafter's full `num_draft` tokens."""
+  """Always draft the drafter's full size."""
 
   def init(self, batch):
     return ()
 
-  def stop(self, state, step, q_BxV, hidden_BxH):
-    return jnp.zeros(q_BxV.shape[0], bool), state
+  def stop(self, state, depth, q_BxKxV, hidden_BxKxH):
+    return jnp.zeros(q_BxKxV.shape[:2], bool), state
 
 
+@registry.STOP_POLICIES.register("confidence")
 @flax.struct.dataclass
 class Confidence:
   """Stop when the draft's top probability falls below `threshold` (after `min_len`)."""
@@ -33,10 +34,11 @@ class Confidence:
   def init(self, batch):
     return ()
 
-  def stop(self, state, step, q_BxV, hidden_BxH):
-    return (step >= self.min_len) & (jnp.max(q_BxV, -1) < self.threshold), state
+  def stop(self, state, depth, q_BxKxV, hidden_BxKxH):
+    return (depth >= self.min_len) & (jnp.max(q_BxKxV, -1) < self.threshold), state
 
 
+@registry.STOP_POLICIES.register("svip")
 @flax.struct.dataclass
 class SVIP:
   """SVIP (Zhang et al. 2025): stop when sqrt(gamma * H(q)) > threshold, H = draft entropy.
@@ -51,6 +53,6 @@ class SVIP:
   def init(self, batch):
     return ()
 
-  def stop(self, state, step, q_BxV, hidden_BxH):
-    h = entropy(q_BxV)
-    return (step >= self.min_len) & (jnp.sqrt(self.gamma * h) > self.threshold), state
+  def stop(self, state, depth, q_BxKxV, hidden_BxKxH):
+    h = entropy(q_BxKxV)
+    return (depth >= self.min_len) & (jnp.sqrt(self.gamma * h) > self.threshold), state

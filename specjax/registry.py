@@ -1,0 +1,100 @@
+"""Registries: drafters, stop policies and acceptance rules, built from config by name.
+
+Each pluggable part registers a builder under a name in the module that defines it:
+
+  @registry.DRAFTERS.register("prompt_lookup", takes_stop_policy=False)
+  def _build(target, *, num_draft=10, max_ngram=3, min_ngram=1): ...
+
+`build(name, ...)` calls it; `check(name, ...)` binds the keyword arguments without
+building anything, so a sweep finds a mistyped knob before any weights load. Adding a
+drafter is one new module plus its registration. `check_combination` is the one place
+that says which drafter / stop policy / acceptance rule / temperature combinations work.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Mapping
+
+
+class Registry:
+  """Named builders of one kind of part, each with static metadata."""
+
+  def __init__(self, kind: str):
+    self.kind = kind
+    self._builders: dict[str, Callable[..., Any]] = {}
+    self._meta: dict[str, dict[str, Any]] = {}
+
+  def register(self, name: str, **meta) -> Callable:
+    def deco(builder):
+      if name in self._builders:
+        raise ValueError(f"{self.kind} {name!r} is registered twice.")
+      self._builders[name] = builder
+      self._meta[name] = meta
+      return builder
+    return deco
+
+  def names(self) -> tuple[str, ...]:
+    return tuple(sorted(self._builders))
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._builders
+
+  def _builder(self, name: str) -> Callable[..., Any]:
+    if name not in self._builders:
+      raise ValueError(f"Unknown {self.kind} {name!r}; choose from {list(self.names())}.")
+    return self._builders[name]
+
+  def meta(self, name: str) -> Mapping[str, Any]:
+    self._builder(name)
+    return self._meta[name]
+
+  def check(self, name: str, *args, **kwargs) -> None:
+    """Raises ValueError if `name` is unknown or does not take these keyword arguments."""
+    try:
+      inspect.signature(self._builder(name)).bind(*args, **kwargs)
+    except TypeError as e:
+      knobs = list(inspect.signature(self._builder(name)).parameters)[len(args):]
+      raise ValueError(f"Bad arguments {sorted(kwargs)} for {self.kind} {name!r}: {e}. It "
+                       f"takes {knobs}.") from None
+
+  def build(self, name: str, *args, **kwargs) -> Any:
+    self.check(name, *args, **kwargs)
+    return self._builders[name](*args, **kwargs)
+
+
+DRAFTERS = Registry("drafter")  # builder(target: Model, **knobs) -> drafter
+STOP_POLICIES = Registry("stop policy")  # builder(**knobs) -> policy
+ACCEPTANCE = Registry("acceptance rule")  # builder(**knobs) -> verify.Acceptance
+
+AR = "ar"  # the drafter name of plain autoregressive decoding (no drafter)
+
+
+def check_combination(*, takes_stop_policy: bool | None, has_stop: bool, rule: str | None,
+                      temperatures) -> None:
+  """Raises ValueError for combinations that cannot run.
+
+  Args:
+    takes_stop_policy: None for AR decoding (no drafter), else whether the drafter drafts
+      from a distribution a stop policy can read.
+    has_stop: whether a stop policy was given.
+    rule: the acceptance rule's name, or None (greedy at temperature 0, else speculative).
+    temperatures: every temperature the method will run at.
+  """
+  temperatures = tuple(temperatures)
+  if takes_stop_policy is None:
+    if has_stop:
+      raise ValueError("A stop policy needs a drafter (AR decoding drafts nothing).")
+    if rule is not None:
+      raise ValueError("AR decoding (no drafter) verifies nothing: it takes no acceptance "
+                       "rule.")
+    return
+  if has_stop and not takes_stop_policy:
+    raise ValueError("This drafter proposes without a distribution: stop policies do not "
+                     "apply to it (they apply to model drafters).")
+  if rule == "greedy" and any(t > 0 for t in temperatures):
+    raise ValueError("acceptance='greedy' needs temperature=0; use 'speculative' (or None) "
+                     "to sample.")
+  if rule == "fuzzy" and any(t == 0 for t in temperatures):
+    raise ValueError("acceptance='fuzzy' compares sampling distributions: it needs "
+                     "temperature > 0.")
