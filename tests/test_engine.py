@@ -28,9 +28,12 @@ DRAFTERS = {
     "self": lambda: DraftModel.from_model(TARGET, num_draft=4),
     "truncated": lambda: DraftModel.truncated(TARGET, 1, num_draft=3),
     "other": lambda: DraftModel.from_model(OTHER, num_draft=3),
+    # Top-k branching of the layer-truncated self-drafter: a training-free tree.
+    "tree": lambda: DraftModel.truncated(TARGET, 1, tree=TREE),
 }
+TREE = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 0, 0, 0)]
 CASES = [("prompt_lookup", None), ("self", "fixed"), ("truncated", "confidence"),
-         ("truncated", "svip"), ("other", "fixed")]
+         ("truncated", "svip"), ("other", "fixed"), ("tree", None), ("tree", "svip")]
 
 
 def gen(model, prompts, **kw):
@@ -58,6 +61,20 @@ def test_greedy_speculative_equals_ar(drafter, stop):
                              np.asarray(batch.lengths))
   if drafter == "self" and stop == "fixed":  # the target drafting itself accepts everything
     assert (batch.tau > 4.0).all()
+  if drafter == "tree" and stop is None:  # some steps accept a branch other than the first
+    assert (np.asarray(batch.stats.gained) > 1).any()
+
+
+def test_tree_of_the_target_itself_accepts_its_deepest_path():
+  """The target drafting a tree for itself: its top-ranked path is always right, so every
+  step gains depth + 1 tokens (the tree's 4 levels + the bonus)."""
+  d = DraftModel.from_model(TARGET, tree=TREE)
+  out = gen(TARGET, PROMPTS, max_new_tokens=20, eos=None, drafter=d)
+  assert out.token_lists() == ar(PROMPTS, n=20)
+  gained = np.asarray(out.stats.gained)
+  assert (gained[:, :4] == 5).all()
+  # One catch-up forward plus one per expanded level (3: the last level is not expanded).
+  np.testing.assert_array_equal(out.stats.draft_calls, 4 * np.asarray(out.stats.target_calls))
 
 
 def test_sequences_accept_different_lengths_in_one_batch():
