@@ -41,13 +41,14 @@ setup(
     python_requires=">=3.11",
     packages=[
         "specjax", "specjax.models", "specjax.drafters", "specjax.stopping",
-        "specjax.training", "specjax.evaluation", "specjax.kernels",
+        "specjax.training", "specjax.evaluation", "specjax.kernels", "specjax.configs",
     ],
     package_dir={
         "specjax": "specjax",
         "specjax.training": "train",
         "specjax.evaluation": "eval",
         "specjax.kernels": "kernels",
+        "specjax.configs": "configs",
     },
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

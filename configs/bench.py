@@ -5,14 +5,7 @@ the layer-truncated self-drafter, with transformers' AR and assisted generation 
 lookup) as peers on the same weights and prompts. About 10 minutes on a 2-core CPU.
 """
 
-import importlib.util
-import os
-
-# Config files are loaded by path, not as a package: load the shared pieces the same way.
-_spec = importlib.util.spec_from_file_location(
-    "specjax_configs_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from specjax.configs import common
 
 
 def get_config(arg: str | None = None):
@@ -26,6 +19,8 @@ def get_config(arg: str | None = None):
       common.method("prompt_lookup_k10", drafter="prompt_lookup", num_draft=10),
       common.method("self_draft_svip", drafter="self_draft", num_draft=3, layers=layers,
                     stop="svip"),
+      common.method("self_draft_tree", drafter="self_draft", layers=layers,
+                    tree=[(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]),
   ]
   c.datasets = ("mt_bench", "humaneval")
   c.num_prompts = 3

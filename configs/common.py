@@ -1,4 +1,5 @@
-"""Shared config pieces: the sweep defaults every config starts from and `method()`."""
+"""Shared config pieces: the sweep defaults every config starts from, `method()`, and the
+argument parser of `get_config(arg)` ("key=value,key=value")."""
 
 from __future__ import annotations
 
@@ -7,36 +8,49 @@ from typing import Any
 import ml_collections
 
 
-def method(name: str, drafter: str = "ar", *, num_draft: int = 4, layers: Any = None,
-           stop: str | None = None, stop_kwargs: dict | None = None,
-           acceptance: str | None = None, acceptance_kwargs: dict | None = None,
-           checkpoint: str | None = None) -> ml_collections.ConfigDict:
+def method(name: str, drafter: str = "ar", *, stop: str | None = None,
+           stop_kwargs: dict | None = None, acceptance: str | None = None,
+           acceptance_kwargs: dict | None = None, **drafter_kwargs: Any
+           ) -> ml_collections.ConfigDict:
   """One decoding method of a sweep.
 
   Args:
     name: the row label (unique within a sweep; results are keyed by it).
-    drafter: "ar" (the baseline), "prompt_lookup", "self_draft" (the target's first
-      `layers` layers) or "draft_model" (the model at `checkpoint`, sharing the vocab).
-    num_draft: draft tokens per step (the tree budget); ignored by "ar".
-    layers: layers kept by "self_draft" (an int or a FieldReference to one).
-    stop: stop policy of model drafters ("fixed", "confidence", "svip"); None = fixed.
+    drafter: "ar" (the baseline) or a name in `specjax.registry.DRAFTERS`: "prompt_lookup",
+      "self_draft" (the target's first `layers` layers, a chain of `num_draft` or a `tree`
+      of choice paths), "draft_model" (the model at `checkpoint`, sharing the vocab).
+    stop: a name in `registry.STOP_POLICIES` ("fixed", "confidence", "svip"); None = fixed.
     stop_kwargs: the policy's knobs, e.g. {"threshold": 0.4}.
     acceptance: "greedy", "speculative", or the LOSSY "typical" / "fuzzy"; None picks
       greedy at temperature 0 and speculative when sampling.
     acceptance_kwargs: the rule's knobs, e.g. {"threshold": 0.3} for fuzzy.
-    checkpoint: the draft model of "draft_model": a preset, a HF folder or a .gguf file.
+    **drafter_kwargs: the drafter's knobs (num_draft, layers, tree, checkpoint, ...); values
+      may be FieldReferences.
   """
   return ml_collections.ConfigDict({
-      "name": name, "drafter": drafter, "num_draft": num_draft, "layers": layers,
+      "name": name, "drafter": drafter, "drafter_kwargs": dict(drafter_kwargs),
       "stop": stop, "stop_kwargs": dict(stop_kwargs or {}), "acceptance": acceptance,
-      "acceptance_kwargs": dict(acceptance_kwargs or {}), "checkpoint": checkpoint,
+      "acceptance_kwargs": dict(acceptance_kwargs or {}),
   })
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """`get_config` arguments "a=1,b=x" over typed defaults; an unknown key is an error."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in defaults:
+      raise ValueError(f"Bad config argument {item!r}; expected key=value with a key in "
+                       f"{sorted(defaults)}.")
+    kind = type(defaults[key])
+    out[key] = value if defaults[key] is None or kind is str else kind(value)
+  return out
 
 
 def base() -> ml_collections.ConfigDict:
   """Every field a sweep reads, with defaults; configs override what they need."""
   c = ml_collections.ConfigDict()
-  c.target = "smollm2-135m"  # a preset, a HF folder, a .gguf file, or "random:tiny" (tests)
+  c.target = "smollm2-135m"  # a preset, a HF folder or a .gguf file
   c.dtype = "float32"
   c.methods = [method("ar")]  # exactly one method with drafter "ar": the baseline
   c.datasets = ("mt_bench",)  # built-in names (mt_bench, humaneval, gsm8k) or .json/.jsonl

@@ -1,18 +1,12 @@
-"""Demo sweep on SmolLM2-135M: AR, prompt lookup and a layer-truncated self-draft on
+"""Demo sweep on SmolLM2-135M: AR, prompt lookup and a layer-truncated self-draft (chain
+and tree) on
 2 MT-Bench questions (both turns) + 2 HumanEval prompts, greedy, 64 new tokens
 (about 4 minutes on a 2-core CPU, most of it compiling).
 
 Try another self-draft depth with --config.self_draft_layers=N.
 """
 
-import importlib.util
-import os
-
-# Config files are loaded by path, not as a package: load the shared pieces the same way.
-_spec = importlib.util.spec_from_file_location(
-    "specjax_configs_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from specjax.configs import common
 
 
 def get_config(arg: str | None = None):
@@ -24,6 +18,9 @@ def get_config(arg: str | None = None):
       common.method("prompt_lookup", drafter="prompt_lookup", num_draft=4),
       common.method("self_draft", drafter="self_draft", num_draft=3, stop="svip",
                     layers=c.get_ref("self_draft_layers")),
+      # The same self-drafter branching into a small top-k tree (training-free).
+      common.method("self_draft_tree", drafter="self_draft", layers=c.get_ref("self_draft_layers"),
+                    tree=[(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]),
   ]
   c.datasets = ("mt_bench", "humaneval")
   c.num_prompts = 2

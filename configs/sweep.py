@@ -4,14 +4,7 @@ budgets, stop policies, a lossy acceptance rule, and the transformers peers.
 Hours on a CPU; on an accelerator drop the peers (--config.peers="()").
 """
 
-import importlib.util
-import os
-
-# Config files are loaded by path, not as a package: load the shared pieces the same way.
-_spec = importlib.util.spec_from_file_location(
-    "specjax_configs_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from specjax.configs import common
 
 BUDGETS = (2, 4, 8)
 

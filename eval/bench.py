@@ -23,6 +23,8 @@ import jax.numpy as jnp
 
 from specjax import decode, models
 
+from . import peers
+
 
 def _median_time(fn, runs: int) -> float:
   jax.block_until_ready(fn())  # compile + warm-up
@@ -59,10 +61,8 @@ def ar_ms(model: models.Model, prompt: list[int], new_tokens: int, runs: int) ->
 def hf_ms(path: str, prompt: list[int], new_tokens: int, runs: int) -> float:
   """ms per generated token of transformers' greedy generate (prefill amortised out)."""
   import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
 
-  d, f = os.path.split(path)
-  hf = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+  hf = peers.load(path).model
   ids = torch.tensor([prompt])
 
   def run(n):

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import importlib.util
 import json
 import os
 import random
 from typing import Any, Callable, Iterator
+
+from specjax import assets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,13 +47,7 @@ HUMANEVAL_TEMPLATE = "Complete the following Python function:\n```python\n{promp
 def _package_file(name: str) -> str:
   """Path of the data file of built-in set `name`; FileNotFoundError says how to install it."""
   package, rel, install = _SOURCES[name]
-  spec = importlib.util.find_spec(package)  # locates the package without importing it
-  locations = spec.submodule_search_locations if spec else None
-  path = os.path.join(locations[0], rel) if locations else None
-  if path is None or not os.path.isfile(path):
-    raise FileNotFoundError(
-        f"prompt set {name!r} needs {rel!r} from package {package!r}; install it with: {install}")
-  return path
+  return assets.package_file(package, rel, install, f"prompt set {name!r}")
 
 
 def _read_jsonl(path: str) -> Iterator[dict[str, Any]]:

@@ -146,9 +146,10 @@ def _plot_accepted(rows: Iterable[Mapping[str, Any]], path: str) -> None:
 
 
 def _family(row: Mapping[str, Any]) -> str:
-  """A method up to its tree budget: drafter, layers, stop policy, acceptance, checkpoint."""
-  parts = [row["drafter"], row.get("layers") and f"L{row['layers']}", row.get("stop"),
-           row.get("acceptance"), row.get("checkpoint") and os.path.basename(row["checkpoint"])]
+  """A method up to its draft budget: drafter, its other knobs, stop policy, acceptance."""
+  knobs = sorted((k, v) for k, v in (row.get("drafter_kwargs") or {}).items() if k != "num_draft")
+  parts = [row["drafter"], *(f"{k}={os.path.basename(str(v))}" for k, v in knobs),
+           row.get("stop"), row.get("acceptance")]
   return "/".join(str(p) for p in parts if p)
 
 

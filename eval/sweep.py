@@ -23,21 +23,11 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import jax
 import tqdm
 
-from specjax import decode, models, stopping
+from specjax import decode, models, registry, stopping
 from specjax import verify as verify_lib
-from specjax.drafters import DraftModel, PromptLookup
-from specjax.models import Model, ModelConfig
+from specjax.models import Model
 
 from . import metrics, peers as peers_lib, prompts as prompts_lib, report
-
-DRAFTERS = ("ar", "prompt_lookup", "self_draft", "draft_model")
-RANDOM_PREFIX = "random:"
-# Random-weight targets for tests: "random:<name>" builds one with no checkpoint.
-RANDOM_MODELS = {
-    "tiny": ModelConfig(arch="llama", vocab_size=256, hidden_size=32, intermediate_size=64,
-                        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                        tie_embeddings=True, max_position_embeddings=2048),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,14 +35,12 @@ class Method:
   """One decoding method; see `configs/common.py:method` for the fields."""
 
   name: str
-  drafter: str = "ar"
-  num_draft: int = 4
-  layers: int | None = None
+  drafter: str = registry.AR
+  drafter_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   stop: str | None = None
   stop_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   acceptance: str | None = None
   acceptance_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  checkpoint: str | None = None
 
   @property
   def lossy(self) -> bool:
@@ -67,6 +55,14 @@ class Method:
 
   def stop_policy(self) -> Any:
     return None if self.stop is None else stopping.get(self.stop, **self.stop_kwargs)
+
+  def build_drafter(self, target: Model) -> Any:
+    """The drafter (None for AR), built through the registry; errors before compiling."""
+    if self.drafter == registry.AR:
+      return None
+    drafter = registry.DRAFTERS.build(self.drafter, target, **self.drafter_kwargs)
+    drafter.validate(target.config)
+    return drafter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +84,7 @@ class Plan:
 
   @property
   def baseline(self) -> Method:
-    return next(m for m in self.methods if m.drafter == "ar")
+    return next(m for m in self.methods if m.drafter == registry.AR)
 
 
 # ------------------------------------------------------------------------------------------
@@ -96,17 +92,13 @@ class Plan:
 
 
 def _check_model_ref(ref: str, what: str) -> None:
-  """A preset, a random model, or an existing HF folder / .gguf file."""
-  if ref.startswith(RANDOM_PREFIX):
-    if ref[len(RANDOM_PREFIX):] not in RANDOM_MODELS:
-      raise ValueError(f"Unknown random {what} {ref!r}; choose from "
-                       f"{[RANDOM_PREFIX + n for n in RANDOM_MODELS]}.")
-  elif ref in models.PRESETS:
+  """A preset or an existing HF folder / .gguf file."""
+  if ref in models.PRESETS:
     models.preset_path(ref)  # FileNotFoundError with the install command
   elif not os.path.exists(ref):
     kind = FileNotFoundError if os.sep in ref or ref.endswith(".gguf") else ValueError
-    raise kind(f"{what} {ref!r} is neither a preset {sorted(models.PRESETS)}, a random "
-               f"model {[RANDOM_PREFIX + n for n in RANDOM_MODELS]} nor an existing path.")
+    raise kind(f"{what} {ref!r} is neither a preset {sorted(models.PRESETS)} nor an existing "
+               "path.")
 
 
 def _check_dataset(name: str) -> None:
@@ -124,33 +116,26 @@ def _method(spec: Mapping[str, Any], temperatures: Sequence[float]) -> Method:
   if unknown or "name" not in spec:
     raise ValueError(f"Method {dict(spec)} has unknown fields {unknown} or no name; "
                      f"fields: {sorted(fields)}.")
-  m = Method(**spec)
-  where = f"Method {m.name!r}"
-  if m.drafter not in DRAFTERS:
-    raise ValueError(f"{where}: unknown drafter {m.drafter!r}; choose from {DRAFTERS}.")
-  if m.drafter == "ar" and (m.stop or m.acceptance):
-    raise ValueError(f"{where}: AR decoding takes no stop policy or acceptance rule.")
-  if m.drafter != "ar" and m.num_draft < 1:
-    raise ValueError(f"{where}: num_draft must be >= 1; got {m.num_draft}.")
-  if m.stop is not None and m.drafter not in ("self_draft", "draft_model"):
-    raise ValueError(f"{where}: stop policies apply to model drafters only, not "
-                     f"{m.drafter!r}.")
+  m = Method(**{k: dict(v) if k.endswith("_kwargs") else v for k, v in spec.items()})
   try:
-    m.stop_policy()
-    rule = m.rule()
-  except TypeError as e:  # a knob the policy or rule does not have
-    raise ValueError(f"{where}: bad stop_kwargs or acceptance_kwargs: {e}") from e
-  if rule is not None and rule.name == "greedy" and any(t > 0 for t in temperatures):
-    raise ValueError(f"{where}: acceptance 'greedy' needs temperature 0; leave it None "
-                     "to pick greedy / speculative by temperature.")
-  if rule is not None and rule.name == "fuzzy" and 0 in temperatures:
-    raise ValueError(f"{where}: acceptance 'fuzzy' needs temperatures > 0.")
-  if m.drafter == "self_draft" and (not isinstance(m.layers, int) or m.layers < 1):
-    raise ValueError(f"{where}: self_draft needs layers >= 1; got {m.layers!r}.")
-  if m.drafter == "draft_model":
-    if not m.checkpoint:
-      raise ValueError(f"{where}: draft_model needs a checkpoint (preset or path).")
-    _check_model_ref(m.checkpoint, f"{where}: draft checkpoint")
+    if m.drafter == registry.AR:
+      if m.drafter_kwargs:
+        raise ValueError(f"AR decoding takes no drafter_kwargs; got {dict(m.drafter_kwargs)}.")
+      takes_stop = None
+    else:
+      registry.DRAFTERS.check(m.drafter, None, **m.drafter_kwargs)
+      takes_stop = registry.DRAFTERS.meta(m.drafter)["takes_stop_policy"]
+    if m.stop is not None:
+      registry.STOP_POLICIES.check(m.stop, **m.stop_kwargs)
+    if m.acceptance is not None:
+      registry.ACCEPTANCE.check(m.acceptance, **m.acceptance_kwargs)
+      m.rule()
+    registry.check_combination(takes_stop_policy=takes_stop, has_stop=m.stop is not None,
+                               rule=m.acceptance, temperatures=temperatures)
+    if "checkpoint" in m.drafter_kwargs:  # a draft model: check the file exists
+      _check_model_ref(m.drafter_kwargs["checkpoint"], "Draft checkpoint")
+  except (ValueError, FileNotFoundError) as e:
+    raise type(e)(f"Method {m.name!r}: {e}") from None
   return m
 
 
@@ -177,9 +162,9 @@ def plan(config: Any) -> Plan:
   names = [m.name for m in methods] + list(c["peers"])
   if len(set(names)) != len(names):
     raise ValueError(f"Method and peer names must be unique; got {names}.")
-  if sum(m.drafter == "ar" for m in methods) != 1:
-    raise ValueError("A sweep needs exactly one method with drafter 'ar': the baseline "
-                     "of speedup and equal_to_ar.")
+  if sum(m.drafter == registry.AR for m in methods) != 1:
+    raise ValueError(f"A sweep needs exactly one method with drafter {registry.AR!r}: the "
+                     "baseline of speedup and equal_to_ar.")
   _check_model_ref(c["target"], "Target")
   for d in c["datasets"]:
     _check_dataset(d)
@@ -187,8 +172,6 @@ def plan(config: Any) -> Plan:
   if bad_peers:
     raise ValueError(f"Unknown peers {bad_peers}; choose from {sorted(peers_lib.PEERS)}.")
   if c["peers"]:
-    if c["target"].startswith(RANDOM_PREFIX):
-      raise ValueError("Peers load the target's checkpoint; a random target has none.")
     peers_lib.check_available()
   return Plan(target=c["target"], dtype=c["dtype"], methods=methods,
               datasets=tuple(c["datasets"]), num_prompts=c["num_prompts"],
@@ -201,59 +184,9 @@ def plan(config: Any) -> Plan:
 # Models and drafters.
 
 
-@dataclasses.dataclass(frozen=True)
-class ByteTokenizer:
-  """TEST-ONLY stand-in for targets without a tokenizer (random models): token ids are
-  the UTF-8 bytes of the text mod the vocabulary, the chat template a plain transcript."""
-
-  vocab_size: int
-  eos_ids: tuple[int, ...] = ()
-
-  def apply_chat_template(self, messages: Sequence[Mapping[str, str]],
-                          add_generation_prompt: bool = True) -> str:
-    text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
-    return text + ("<|assistant|>\n" if add_generation_prompt else "")
-
-  def encode(self, text: str) -> list[int]:
-    return [b % self.vocab_size for b in text.encode("utf-8")]
-
-  def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-    return self.encode(self.apply_chat_template(messages))
-
-  def decode(self, ids: Sequence[int]) -> str:
-    return bytes(i % 256 for i in ids).decode("utf-8", errors="replace")
-
-
-def load_model(ref: str, dtype: str) -> Model:
-  """A preset / path via `specjax.models.load`, or a "random:<name>" model (tests).
-  Models without a tokenizer get the test-only `ByteTokenizer`."""
-  if ref.startswith(RANDOM_PREFIX):
-    cfg = RANDOM_MODELS[ref[len(RANDOM_PREFIX):]]
-    params = models.init_params(cfg, jax.random.key(0), models.parse_dtype(dtype))
-    return Model(cfg, params, ByteTokenizer(cfg.vocab_size), name=ref)
-  model = models.load(ref, dtype)
-  if model.tokenizer is None:
-    model = dataclasses.replace(model, tokenizer=ByteTokenizer(model.config.vocab_size))
-  return model
-
-
 def _checkpoint_path(ref: str) -> str:
   """The file or folder behind a preset or path (what the peers load)."""
   return models.preset_path(ref) if ref in models.PRESETS else ref
-
-
-def build_drafter(method: Method, target: Model, dtype: str) -> Any:
-  """The drafter of a method (None for AR); errors (layer count, vocab) before compiling."""
-  if method.drafter == "ar":
-    return None
-  if method.drafter == "prompt_lookup":
-    drafter = PromptLookup(num_draft=method.num_draft)
-  elif method.drafter == "self_draft":
-    drafter = DraftModel.truncated(target, method.layers, method.num_draft)
-  else:
-    drafter = DraftModel.from_model(load_model(method.checkpoint, dtype), method.num_draft)
-  drafter.validate(target.config)
-  return drafter
 
 
 # ------------------------------------------------------------------------------------------
@@ -324,16 +257,16 @@ def make_row(plan: Plan, spec: Mapping[str, Any], cell: Mapping[str, Any], promp
   }
 
 
-def _spec(method: Method) -> dict[str, Any]:
+def _spec(method: Method, drafter: Any) -> dict[str, Any]:
   return {"method": method.name, "drafter": method.drafter,
-          "num_draft": 0 if method.drafter == "ar" else method.num_draft,
-          "layers": method.layers, "stop": method.stop, "acceptance": method.acceptance,
-          "checkpoint": method.checkpoint, "lossy": method.lossy}
+          "drafter_kwargs": dict(method.drafter_kwargs),
+          "num_draft": 0 if drafter is None else drafter.num_nodes, "stop": method.stop,
+          "acceptance": method.acceptance, "lossy": method.lossy}
 
 
 def _peer_spec(name: str) -> dict[str, Any]:
-  return {"method": name, "drafter": name, "num_draft": peers_lib.PEERS[name] or 0,
-          "layers": None, "stop": None, "acceptance": None, "checkpoint": None,
+  return {"method": name, "drafter": name, "drafter_kwargs": {},
+          "num_draft": peers_lib.PEERS[name] or 0, "stop": None, "acceptance": None,
           "lossy": False}
 
 
@@ -378,20 +311,24 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
   _check_resumable(stored, plan, workdir)
   done = {report.row_key(r): r for r in stored}
   prompt_sets = [prompts_lib.load(d, limit=plan.num_prompts) for d in plan.datasets]
-  specs = [_spec(m) for m in plan.methods] + [_peer_spec(n) for n in plan.peers]
-  keys = [(s["method"], p.dataset, _turn_id(p, t), temp, seed)
+  names = [m.name for m in plan.methods] + list(plan.peers)
+  keys = [(name, p.dataset, _turn_id(p, t), temp, seed)
           for p, temp, seed in _cells(plan, prompt_sets) for t in range(len(p.turns))
-          for s in specs]
+          for name in names]
   todo = [k for k in keys if k not in done]
   if not todo:
     return []
-  target = load_model(plan.target, plan.dtype)
+  target = models.load(plan.target, plan.dtype)
+  if target.tokenizer is None:
+    raise ValueError(f"Target {plan.target!r} has no tokenizer: sweeps render chat prompts.")
   tok = target.tokenizer
   timer = Timer(plan.warmup)
   base = plan.baseline
-  jobs = [(_spec(m), functools.partial(_measure_method, plan, timer, target, m,
-                                       build_drafter(m, target, plan.dtype)))
-          for m in [base] + [m for m in plan.methods if m is not base]]
+  jobs = []
+  for m in [base] + [m for m in plan.methods if m is not base]:
+    drafter = m.build_drafter(target)
+    jobs.append((_spec(m, drafter),
+                 functools.partial(_measure_method, plan, timer, target, m, drafter)))
   if plan.peers:
     hf = peers_lib.load(_checkpoint_path(plan.target))
     jobs += [(_peer_spec(n), functools.partial(_measure_peer, plan, timer, hf, n,

