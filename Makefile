@@ -35,4 +35,4 @@ lint: install
 	$(BIN)/python -m compileall -q specjax train eval kernels configs tests
 
 clean:
-	rm -rf $(VENV) workdir build *.egg-info
+	rm -rf $(VENV) workdir build *.egg-info .jax_cache

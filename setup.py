@@ -6,12 +6,12 @@ INSTALL_REQUIRES = [
     "jax==0.10.2",
     "jaxlib==0.10.2",
     "flax==0.12.8",
-    "optax==0.2.8",
-    "orbax-checkpoint==0.12.8",
     "ml-collections==1.1.0",
     "datasets==5.2.0",
-    "tensorflow-datasets==4.9.10",
     "gguf==0.19.0",
+    # Tokenizers and chat templates: transformers builds them (its GGUF converter is
+    # semi-private: keep the pin), on tokenizers + jinja2; no torch at run time.
+    "transformers==5.23.0",
     "tokenizers==0.23.3",
     "safetensors==0.8.0",
     "numpy==2.4.6",
@@ -21,13 +21,12 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
 ]
 EXTRAS = {
-    # The parity reference (PyTorch CPU + transformers) and the test tools.
+    # The parity reference (PyTorch CPU under transformers) and the test tools.
     "dev": [
         "pytest==9.2.0",
         "pytest-xdist==3.8.0",
         "hypothesis==6.170.15",
         "torch==2.13.0",
-        "transformers==5.23.0",
         "accelerate==1.15.0",
     ],
     "tpu": ["jax[tpu]==0.10.2"],

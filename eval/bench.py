@@ -7,12 +7,18 @@ In one process, after warm-up, medians of several runs:
   hf         transformers' greedy `generate` on the same weights (PyTorch CPU)
   verify     one target forward of T tokens against a cache, relative to T = 1: what
              verifying a draft tree of T-1 nodes costs on this device
-Writes bench.json and prints a table.
+  forward vs matmul   that forward (cache donated, as in the loop) beside the same run's
+             matmul-only floor for the same B*T rows, at 300 and 1,400 tokens of context
+             and at batch 16
+  batched    greedy AR `generate` tokens/s at batch 1, 8, 16, 32, and its step time over
+             the matmul-only floor at M = batch
+Writes bench.json and prints the tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -21,7 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from specjax import decode, models
+from specjax import decode, models, runtime
 
 from . import peers
 
@@ -34,20 +40,6 @@ def _median_time(fn, runs: int) -> float:
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t)
   return statistics.median(times)
-
-
-def floor_ms(model: models.Model, runs: int) -> float:
-  """ms for the weight-streaming matmuls of one decode step, nothing else."""
-  mats = [w for w in jax.tree.leaves(model.params) if w.ndim == 2]
-  if model.config.tie_embeddings:  # the LM head reads the embedding as [H, V]
-    mats = [w.T if w.shape[0] == model.config.vocab_size else w for w in mats]
-
-  @jax.jit
-  def step(x_1xH, mats):
-    return [jnp.ones((1, w.shape[0]), w.dtype) @ w + x_1xH.sum() for w in mats]
-
-  x = jnp.ones((1, model.config.hidden_size), model.dtype)
-  return 1e3 * _median_time(lambda: step(x, mats), runs)
 
 
 def ar_ms(model: models.Model, prompt: list[int], new_tokens: int, runs: int) -> float:
@@ -74,19 +66,55 @@ def hf_ms(path: str, prompt: list[int], new_tokens: int, runs: int) -> float:
   return 1e3 * (long_s - short_s) / (new_tokens - 8)
 
 
-def verify_cost(model: models.Model, sizes, runs: int, context: int = 256) -> dict:
-  """Median ms of one cached forward of T tokens, for each T."""
-  cfg, params = model.config, model.params
+def matmul_ms(model: models.Model, rows: int, runs: int) -> float:
+  """ms for XLA's matmuls streaming every weight once for `rows` token rows (the floor of a
+  forward of that many tokens: no attention, cache, norms or sampling)."""
+  mats = [w for w in jax.tree.leaves(model.params) if w.ndim == 2]
+  if model.config.tie_embeddings:  # the LM head reads the embedding as [H, V]
+    mats = [w.T if w.shape[0] == model.config.vocab_size else w for w in mats]
 
   @jax.jit
-  def fwd(params, tokens, cache):
-    t = tokens.shape[1]
-    pos = cache.lengths[:, None] + jnp.arange(t)
-    return models.forward(cfg, params, tokens, pos, cache.attention_mask(num_new=t), cache).logits
+  def step(x, mats):
+    return [jnp.ones((rows, w.shape[0]), w.dtype) @ w + x.sum() for w in mats]
 
-  cache = model.init_cache(1, context + max(sizes)).advance(jnp.asarray([context]))
-  return {t: 1e3 * _median_time(lambda t=t: fwd(params, jnp.ones((1, t), jnp.int32), cache),
-                                runs) for t in sizes}
+  x = jnp.ones((1,), model.dtype)
+  return 1e3 * _median_time(lambda: step(x, mats), runs)
+
+
+def forward_ms(model: models.Model, batch: int, t: int, context: int, runs: int) -> float:
+  """ms of one jitted cached forward of t tokens per sequence after `context` committed
+  tokens, the cache donated as inside the decode loop."""
+  cfg, params = model.config, model.params
+
+  @functools.partial(jax.jit, donate_argnums=2)
+  def fwd(params, tokens, cache):
+    pos = cache.lengths[:, None] + jnp.arange(t)
+    out = models.forward(cfg, params, tokens, pos, cache.attention_mask(num_new=t), cache)
+    return out.logits[:, -1, :8], out.cache
+
+  state = {"cache": model.init_cache(batch, context + 64).advance(
+      jnp.full((batch,), context, jnp.int32))}
+  tokens = jnp.ones((batch, t), jnp.int32)
+
+  def call():
+    out, state["cache"] = fwd(params, tokens, state["cache"])
+    return out
+  return 1e3 * _median_time(call, runs)
+
+
+def verify_cost(model: models.Model, sizes, runs: int, context: int = 256) -> dict:
+  """Median ms of one cached forward of T tokens, for each T."""
+  return {t: forward_ms(model, 1, t, context, runs) for t in sizes}
+
+
+def batched_tokens_per_s(model: models.Model, prompt: list[int], batch: int,
+                         new_tokens: int, runs: int) -> tuple[float, float]:
+  """(tokens/s, ms per step) of greedy AR `generate` on `batch` copies of a prompt."""
+  run = lambda n: decode.generate(model, [prompt] * batch, max_new_tokens=n, eos=None)
+  long_s = _median_time(lambda: run(new_tokens), runs)
+  short_s = _median_time(lambda: run(8), runs)
+  step_ms = 1e3 * (long_s - short_s) / (new_tokens - 8)
+  return batch * new_tokens / long_s, step_ms
 
 
 def main(argv=None):
@@ -97,10 +125,11 @@ def main(argv=None):
   ap.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
   ap.add_argument("--out", default="workdir/bench")
   args = ap.parse_args(argv)
+  runtime.enable_compilation_cache()
   model = models.load(args.model)
   prompt = model.tokenizer.encode_chat([{"role": "user", "content": "Tell me about the sea."}])
   res = {"model": args.model, "device": str(jax.devices()[0]),
-         "floor_ms": floor_ms(model, args.runs * 4)}
+         "floor_ms": matmul_ms(model, 1, args.runs * 4)}
   print(f"floor: {res['floor_ms']:.1f} ms/step", flush=True)
   res["specjax_ms"] = ar_ms(model, prompt, args.new_tokens, args.runs)
   print(f"specjax AR: {res['specjax_ms']:.1f} ms/token", flush=True)
@@ -111,6 +140,24 @@ def main(argv=None):
   sizes = (1, 2, 4, 8, 16, 32, 64)
   res["verify_ms"] = verify_cost(model, sizes, args.runs * 2)
   base = res["verify_ms"][1]
+  res["forward_vs_matmul"] = []
+  print("\n| batch | context | T | forward ms | matmul ms | ratio |\n|---|---|---|---|---|---|")
+  for b, context, t in [(1, 300, 1), (1, 300, 4), (1, 300, 8), (1, 1400, 1), (1, 1400, 4),
+                        (1, 1400, 8), (16, 30, 1), (16, 300, 1)]:
+    f_ms = forward_ms(model, b, t, context, args.runs * 2)
+    m_ms = matmul_ms(model, b * t, args.runs * 2)
+    res["forward_vs_matmul"].append({"batch": b, "context": context, "t": t,
+                                     "forward_ms": f_ms, "matmul_ms": m_ms})
+    print(f"| {b} | {context} | {t} | {f_ms:.1f} | {m_ms:.1f} | {f_ms / m_ms:.2f} |", flush=True)
+  res["batched"] = []
+  print("\n| batch | tokens/s | step ms | matmul ms (M=batch) | step / matmul |\n"
+        "|---|---|---|---|---|")
+  for b in (1, 8, 16, 32):
+    tps, step_ms = batched_tokens_per_s(model, prompt, b, args.new_tokens, max(2, args.runs // 2))
+    m_ms = matmul_ms(model, b, args.runs * 2)
+    res["batched"].append({"batch": b, "tokens_per_s": tps, "step_ms": step_ms,
+                           "matmul_ms": m_ms})
+    print(f"| {b} | {tps:.1f} | {step_ms:.1f} | {m_ms:.1f} | {step_ms / m_ms:.2f} |", flush=True)
   print("| step | ms | tokens/s | x floor |\n|---|---|---|---|")
   for k in ("floor_ms", "specjax_ms", "hf_ms"):
     if k in res:

@@ -11,6 +11,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from specjax import runtime
+
 from . import report, sweep
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -25,6 +27,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   start = time.perf_counter()
+  runtime.enable_compilation_cache()
   plan = sweep.plan(_CONFIG.value)
   new_rows = sweep.run(plan, _WORKDIR.value)
   summary = report.write(_WORKDIR.value)

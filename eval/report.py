@@ -182,7 +182,8 @@ def _plot_budget(curves: Mapping[str, Mapping[int, float]], path: str) -> None:
 def write(workdir: str) -> list[dict[str, Any]]:
   """Regenerates summary.csv, summary.md and the plots from results.jsonl; returns the
   summary. tau_vs_budget.png appears only when some drafter ran with several budgets."""
-  rows = read_rows(os.path.join(workdir, RESULTS))
+  # Prompts the sweep could not run (e.g. longer than the context) keep a row saying why.
+  rows = [r for r in read_rows(os.path.join(workdir, RESULTS)) if not r.get("skipped")]
   summary = metrics.summarize(rows)
   _write_csv(summary, os.path.join(workdir, "summary.csv"))
   with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:

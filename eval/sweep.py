@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -291,6 +292,15 @@ def _key(cell: Mapping[str, Any], method: str) -> tuple:
   return report.row_key({"method": method, **cell})
 
 
+def _too_long(prompt_tokens: int, max_new_tokens: int, room: int, cfg) -> str | None:
+  """Why a prompt cannot run on the target (None if it can)."""
+  need = prompt_tokens + max_new_tokens + room
+  if need > cfg.max_position_embeddings:
+    return (f"{prompt_tokens} prompt tokens + max_new_tokens={max_new_tokens} + {room} draft "
+            f"tokens exceed the target's context of {cfg.max_position_embeddings} positions")
+  return None
+
+
 def _check_resumable(rows: Sequence[Mapping[str, Any]], plan: Plan, workdir: str) -> None:
   for r in rows:
     if (r["target"], r["max_new_tokens"]) != (plan.target, plan.max_new_tokens):
@@ -333,17 +343,38 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
     hf = peers_lib.load(_checkpoint_path(plan.target))
     jobs += [(_peer_spec(n), functools.partial(_measure_peer, plan, timer, hf, n,
                                                eos_ids=tok.eos_ids)) for n in plan.peers]
+  room = max([0] + [spec["num_draft"] for spec, _ in jobs])  # tree nodes past the budget
+  long = [f"{p.dataset}/{p.id}" for p in itertools.chain(*prompt_sets)
+          if _too_long(len(tok.encode_chat([{"role": "user", "content": p.turns[0]}])),
+                       plan.max_new_tokens, room, target.config)]
+  if long:
+    print(f"{len(long)} prompts do not fit the target's context with max_new_tokens="
+          f"{plan.max_new_tokens}; they are skipped with a recorded reason: {long[:10]}")
   new_rows = []
   with open(path, "a", encoding="utf-8") as f, tqdm.tqdm(
           total=len(keys), initial=len(keys) - len(todo), unit="row", desc="sweep",
           disable=not plan.progress) as bar:
     for p, temperature, seed in _cells(plan, prompt_sets):
       messages: list[dict[str, str]] = []
+      skipped = False
       for t, turn in enumerate(p.turns):  # AR, then every method and peer, per turn
         cell = {"dataset": p.dataset, "prompt_id": _turn_id(p, t),
                 "temperature": temperature, "seed": seed}
         messages.append({"role": "user", "content": turn})
         ids = tok.encode_chat(messages)
+        reason = _too_long(len(ids), plan.max_new_tokens, room, target.config)
+        if reason or skipped:  # recorded, so a resumed sweep does not try it again
+          reason = reason or "an earlier turn of this prompt was skipped"
+          bar.write(f"skipping {p.dataset}/{cell['prompt_id']}: {reason}")
+          for spec, _ in jobs:
+            if _key(cell, spec["method"]) not in done:
+              row = {**spec, **cell, "target": plan.target, "skipped": reason,
+                     "max_new_tokens": plan.max_new_tokens, "prompt_tokens": len(ids)}
+              report.append_row(f, row)
+              done[report.row_key(row)] = row
+              bar.update(1)
+          skipped = True
+          continue
         for spec, measure in jobs:
           if _key(cell, spec["method"]) in done:
             continue

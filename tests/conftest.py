@@ -4,6 +4,13 @@
 import pytest
 
 
+def pytest_configure(config):
+  """Compiled programs persist across test runs (in the checkout's .jax_cache)."""
+  del config
+  from specjax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.enable_compilation_cache()
+
+
 @pytest.fixture(scope="session")
 def smollm2():
   """The default preset as a specjax Model (with its tokenizer); ~10 s."""

@@ -124,10 +124,14 @@ def test_lossy_rules_are_labelled_and_never_default():
   from specjax import verify
   assert verify.get("greedy").lossless and verify.get("speculative").lossless
   assert not verify.get("typical").lossless and not verify.get("fuzzy").lossless
-  assert "LOSSY" in verify.__doc__
-  import inspect
-  default = inspect.signature(decode.generate).parameters["acceptance"].default
-  assert default is None  # resolves to greedy / speculative
+  # Without an explicit rule, a drafter at temperature 0 gives exactly AR's tokens, and the
+  # lossy typical rule with a lenient threshold does not.
+  d = DraftModel.from_model(OTHER, num_draft=4)
+  default = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None, drafter=d)
+  assert default.token_lists() == ar(PROMPTS)
+  lenient = verify.get("typical", eps=0.0, delta=0.0)  # accepts every draft token
+  lossy = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None, drafter=d, acceptance=lenient)
+  assert lossy.token_lists() != ar(PROMPTS)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -148,6 +152,19 @@ def test_bad_input_errors(kwargs, match):
 
 
 def test_bad_prompts():
+  with pytest.raises(ValueError, match="got no prompts"):
+    decode.generate(TARGET, [], max_new_tokens=4)
+  with pytest.raises(ValueError, match="Prompt 0 holds float64 values, not integer token ids"):
+    decode.generate(TARGET, [[1.5, 2.7]], max_new_tokens=4)
+  with pytest.raises(ValueError, match="temperature must be a finite number"):
+    decode.generate(TARGET, [[1, 2]], max_new_tokens=4, temperature=float("nan"))
+  with pytest.raises(ValueError, match="num_draft >= 1"):
+    decode.generate(TARGET, [[1, 2]], max_new_tokens=4, drafter=PromptLookup(num_draft=0))
+  with pytest.raises(ValueError, match="at least 1 token"):
+    DraftModel.from_model(OTHER, num_draft=0)
+  with pytest.raises(ValueError, match="node 1 has parent 1"):
+    from specjax.tree import check_parents_first
+    check_parents_first([-1, 1])
   with pytest.raises(ValueError, match="Prompt 1 is empty"):
     decode.generate(TARGET, [[1], []], max_new_tokens=4)
   with pytest.raises(ValueError, match="outside"):

@@ -301,3 +301,23 @@ def test_peers_on_a_hf_folder(prompt_file, tmp_path):
   assert all(r["tau"] == 1.0 and r["equal_to_ar"] for r in peers if r["method"] == "hf_ar")
   summary = report.write(str(tmp_path / "work"))
   assert {s["method"] for s in summary} == {"ar", "prompt_lookup", "hf_ar", "hf_prompt_lookup"}
+
+
+def test_prompts_longer_than_the_context_are_skipped_with_a_reason(tmp_path):
+  short = doubles.write_tiny_llama(str(tmp_path / "short"), max_position_embeddings=128)
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text(json.dumps({"id": "long", "turns": ["x" * 200, "y"]}) + "\n"
+                     + json.dumps({"id": "ok", "prompt": "hi"}) + "\n")
+  c = get_config("tiny", f"target={short},prompts={prompts}")
+  c.num_prompts = 2
+  workdir = str(tmp_path / "work")
+  rows = sweep.run(sweep.plan(c), workdir)
+  assert {(r["method"], r["prompt_id"]) for r in rows} == {("ar", "ok"), ("prompt_lookup", "ok")}
+  skipped = [r for r in report.read_rows(os.path.join(workdir, report.RESULTS))
+             if r.get("skipped")]
+  assert {(r["method"], r["prompt_id"]) for r in skipped} == {
+      (m, t) for m in ("ar", "prompt_lookup") for t in ("long/t1", "long/t2")}
+  assert all("context of 128 positions" in r["skipped"] or "earlier turn" in r["skipped"]
+             for r in skipped)
+  assert sweep.run(sweep.plan(c), workdir) == []  # resuming does not try them again
+  assert [s["rows"] for s in report.write(workdir)] == [1, 1]

@@ -293,3 +293,11 @@ def test_qwen_per_layer_sliding_window_rejected(qwen):
     models.from_hf_config(cfg)
   cfg = getattr(transformers, qwen)(use_sliding_window=False, **kw).to_dict()
   assert models.from_hf_config(cfg).sliding_window is None
+
+
+@pytest.mark.parametrize("content", [b"GGUF\x03\x00\x00\x00garbage", b"not a gguf file at all"])
+def test_corrupt_gguf_names_the_file(tmp_path, content):
+  path = tmp_path / "broken.gguf"
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match="broken.gguf is not a readable GGUF file"):
+    models.load(str(path))

@@ -210,13 +210,21 @@ def gguf_hf_tensors(reader, hf: Mapping[str, Any]):
     yield name, w
 
 
+def open_gguf(path: str):
+  """A `gguf.GGUFReader` on `path`; a file that is not valid GGUF gives a ValueError naming it
+  (the gguf library's own message, e.g. a bogus version number, does not)."""
+  import gguf  # pylint: disable=g-import-not-at-top
+  try:
+    return gguf.GGUFReader(path)
+  except (ValueError, KeyError, IndexError, OSError) as e:
+    raise ValueError(f"{path} is not a readable GGUF file (corrupt or truncated?): {e}") from e
+
+
 def load_gguf(path: str, dtype=jnp.float32):
   """Reads a GGUF file: (ModelConfig, params, the GGUFReader for the tokenizer)."""
-  import gguf  # pylint: disable=g-import-not-at-top
-
   if not os.path.exists(path):
     raise FileNotFoundError(f"GGUF file not found: {path}")
-  reader = gguf.GGUFReader(path)
+  reader = open_gguf(path)
   hf = gguf_hf_config(reader)
   cfg = from_hf_config(hf)
   return cfg, params_from_hf(cfg, gguf_hf_tensors(reader, hf), dtype), reader

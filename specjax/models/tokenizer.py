@@ -127,8 +127,8 @@ class Tokenizer:
       path = os.fspath(path_or_reader)
       if not os.path.isfile(path):
         raise FileNotFoundError(f"No GGUF file at {path!r}.")
-      import gguf  # pylint: disable=g-import-not-at-top
-      reader = gguf.GGUFReader(path)
+      from specjax.models.loading import open_gguf  # pylint: disable=g-import-not-at-top
+      reader = open_gguf(path)
     else:
       reader = path_or_reader
       path = str(getattr(getattr(reader, "data", None), "filename", None) or "<GGUFReader>")

@@ -1,0 +1,20 @@
+"""Process-wide JAX settings the CLIs, the demo and the tests share."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+# Inside the checkout, so `make clean` removes it; SPECJAX_COMPILE_CACHE overrides it.
+DEFAULT_COMPILE_CACHE = ".jax_cache"
+
+
+def enable_compilation_cache(path: str | None = None) -> str:
+  """Turns on JAX's persistent compilation cache: a second run of the same programs (a
+  rerun of the demo, a resumed sweep) loads them instead of compiling. Returns the folder."""
+  path = os.path.abspath(path or os.environ.get("SPECJAX_COMPILE_CACHE", DEFAULT_COMPILE_CACHE))
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path
