@@ -43,7 +43,10 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       raise ValueError(f"Bad config argument {item!r}; expected key=value with a key in "
                        f"{sorted(defaults)}.")
     kind = type(defaults[key])
-    out[key] = value if defaults[key] is None or kind is str else kind(value)
+    if kind is bool:
+      out[key] = value.lower() in ("1", "true", "yes")
+    else:
+      out[key] = value if defaults[key] is None or kind is str else kind(value)
   return out
 
 

@@ -42,12 +42,20 @@ def _median_time(fn, runs: int) -> float:
   return statistics.median(times)
 
 
-def ar_ms(model: models.Model, prompt: list[int], new_tokens: int, runs: int) -> float:
-  """ms per generated token of specjax greedy AR decoding (prefill amortised out)."""
-  run = lambda n: decode.generate(model, [prompt], max_new_tokens=n, eos=None)
+def _step_ms(run, new_tokens: int, runs: int) -> tuple[float, float]:
+  """(ms per decode step with the prefill amortised out, seconds of the whole run), from
+  `run(n)` generating n tokens: the difference of a long and an 8-token run."""
   long_s = _median_time(lambda: run(new_tokens), runs)
   short_s = _median_time(lambda: run(8), runs)
-  return 1e3 * (long_s - short_s) / (new_tokens - 8)
+  return 1e3 * (long_s - short_s) / (new_tokens - 8), long_s
+
+
+def decode_ms(model: models.Model, prompt: list[int], batch: int, new_tokens: int,
+              runs: int) -> tuple[float, float]:
+  """(ms per step, tokens/s) of greedy AR `generate` on `batch` copies of a prompt."""
+  run = lambda n: decode.generate(model, [prompt] * batch, max_new_tokens=n, eos=None)
+  step_ms, long_s = _step_ms(run, new_tokens, runs)
+  return step_ms, batch * new_tokens / long_s
 
 
 def hf_ms(path: str, prompt: list[int], new_tokens: int, runs: int) -> float:
@@ -61,9 +69,7 @@ def hf_ms(path: str, prompt: list[int], new_tokens: int, runs: int) -> float:
     with torch.no_grad():
       return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-  long_s = _median_time(lambda: run(new_tokens), runs)
-  short_s = _median_time(lambda: run(8), runs)
-  return 1e3 * (long_s - short_s) / (new_tokens - 8)
+  return _step_ms(run, new_tokens, runs)[0]
 
 
 def matmul_ms(model: models.Model, rows: int, runs: int) -> float:
@@ -107,16 +113,6 @@ def verify_cost(model: models.Model, sizes, runs: int, context: int = 256) -> di
   return {t: forward_ms(model, 1, t, context, runs) for t in sizes}
 
 
-def batched_tokens_per_s(model: models.Model, prompt: list[int], batch: int,
-                         new_tokens: int, runs: int) -> tuple[float, float]:
-  """(tokens/s, ms per step) of greedy AR `generate` on `batch` copies of a prompt."""
-  run = lambda n: decode.generate(model, [prompt] * batch, max_new_tokens=n, eos=None)
-  long_s = _median_time(lambda: run(new_tokens), runs)
-  short_s = _median_time(lambda: run(8), runs)
-  step_ms = 1e3 * (long_s - short_s) / (new_tokens - 8)
-  return batch * new_tokens / long_s, step_ms
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--model", default=models.DEFAULT)
@@ -131,7 +127,7 @@ def main(argv=None):
   res = {"model": args.model, "device": str(jax.devices()[0]),
          "floor_ms": matmul_ms(model, 1, args.runs * 4)}
   print(f"floor: {res['floor_ms']:.1f} ms/step", flush=True)
-  res["specjax_ms"] = ar_ms(model, prompt, args.new_tokens, args.runs)
+  res["specjax_ms"] = decode_ms(model, prompt, 1, args.new_tokens, args.runs)[0]
   print(f"specjax AR: {res['specjax_ms']:.1f} ms/token", flush=True)
   if not args.no_hf:
     path = models.preset_path(args.model) if args.model in models.PRESETS else args.model
@@ -153,7 +149,7 @@ def main(argv=None):
   print("\n| batch | tokens/s | step ms | matmul ms (M=batch) | step / matmul |\n"
         "|---|---|---|---|---|")
   for b in (1, 8, 16, 32):
-    tps, step_ms = batched_tokens_per_s(model, prompt, b, args.new_tokens, max(2, args.runs // 2))
+    step_ms, tps = decode_ms(model, prompt, b, args.new_tokens, max(2, args.runs // 2))
     m_ms = matmul_ms(model, b, args.runs * 2)
     res["batched"].append({"batch": b, "tokens_per_s": tps, "step_ms": step_ms,
                            "matmul_ms": m_ms})

@@ -126,11 +126,8 @@ def _method(spec: Mapping[str, Any], temperatures: Sequence[float]) -> Method:
     else:
       registry.DRAFTERS.check(m.drafter, None, **m.drafter_kwargs)
       takes_stop = registry.DRAFTERS.meta(m.drafter)["takes_stop_policy"]
-    if m.stop is not None:
-      registry.STOP_POLICIES.check(m.stop, **m.stop_kwargs)
-    if m.acceptance is not None:
-      registry.ACCEPTANCE.check(m.acceptance, **m.acceptance_kwargs)
-      m.rule()
+    m.stop_policy()  # built through the registry: unknown names and knobs fail here
+    m.rule()
     registry.check_combination(takes_stop_policy=takes_stop, has_stop=m.stop is not None,
                                rule=m.acceptance, temperatures=temperatures)
     if "checkpoint" in m.drafter_kwargs:  # a draft model: check the file exists
@@ -292,15 +289,6 @@ def _key(cell: Mapping[str, Any], method: str) -> tuple:
   return report.row_key({"method": method, **cell})
 
 
-def _too_long(prompt_tokens: int, max_new_tokens: int, room: int, cfg) -> str | None:
-  """Why a prompt cannot run on the target (None if it can)."""
-  need = prompt_tokens + max_new_tokens + room
-  if need > cfg.max_position_embeddings:
-    return (f"{prompt_tokens} prompt tokens + max_new_tokens={max_new_tokens} + {room} draft "
-            f"tokens exceed the target's context of {cfg.max_position_embeddings} positions")
-  return None
-
-
 def _check_resumable(rows: Sequence[Mapping[str, Any]], plan: Plan, workdir: str) -> None:
   for r in rows:
     if (r["target"], r["max_new_tokens"]) != (plan.target, plan.max_new_tokens):
@@ -345,8 +333,9 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
                                                eos_ids=tok.eos_ids)) for n in plan.peers]
   room = max([0] + [spec["num_draft"] for spec, _ in jobs])  # tree nodes past the budget
   long = [f"{p.dataset}/{p.id}" for p in itertools.chain(*prompt_sets)
-          if _too_long(len(tok.encode_chat([{"role": "user", "content": p.turns[0]}])),
-                       plan.max_new_tokens, room, target.config)]
+          if decode.context_overflow(
+              len(tok.encode_chat([{"role": "user", "content": p.turns[0]}])),
+              plan.max_new_tokens, room, target.config)]
   if long:
     print(f"{len(long)} prompts do not fit the target's context with max_new_tokens="
           f"{plan.max_new_tokens}; they are skipped with a recorded reason: {long[:10]}")
@@ -362,7 +351,7 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
                 "temperature": temperature, "seed": seed}
         messages.append({"role": "user", "content": turn})
         ids = tok.encode_chat(messages)
-        reason = _too_long(len(ids), plan.max_new_tokens, room, target.config)
+        reason = decode.context_overflow(len(ids), plan.max_new_tokens, room, target.config)
         if reason or skipped:  # recorded, so a resumed sweep does not try it again
           reason = reason or "an earlier turn of this prompt was skipped"
           bar.write(f"skipping {p.dataset}/{cell['prompt_id']}: {reason}")

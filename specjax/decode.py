@@ -90,8 +90,7 @@ def _generate(cfg: ModelConfig, params, drafter, stop, prompt_BxP, prompt_len_B,
   b, p = prompt_BxP.shape
   n = 0 if drafter is None else drafter.num_nodes
   feats = () if drafter is None else tuple(drafter.features)
-  cache = KVCache.create(cfg.num_layers, b, max_len, cfg.num_kv_heads, cfg.head_dim,
-                         param_dtype(params))
+  cache = KVCache.for_config(cfg, b, max_len, param_dtype(params))
   prompt_features = tuple(jnp.zeros((b, 0, cfg.hidden_size), param_dtype(params)) for _ in feats)
   if p > 1:  # prefill everything but the last prompt token (the first root)
     positions = jnp.broadcast_to(jnp.arange(p - 1), (b, p - 1))
@@ -135,8 +134,8 @@ def _generate(cfg: ModelConfig, params, drafter, stop, prompt_BxP, prompt_len_B,
       return cache, features, verdict._replace(path=jnp.zeros((b, n), jnp.int32))
 
     if n:
-      cache, features, verdict = jax.lax.cond(tree.valid.any(), verify_tree, verify_root_only,
-                                              tree)
+      cache, features, verdict = jax.lax.cond(tree.valid.any(), verify_tree,
+                                              verify_root_only, tree)
     else:
       cache, features, verdict = verify_tree(tree)
     verdict = verdict._replace(accepted_drafts=jnp.where(live, verdict.accepted_drafts, 0))
@@ -209,6 +208,16 @@ def _eos_ids(model: Model, eos) -> tuple[int, ...]:
   return (int(eos),) if isinstance(eos, (int, np.integer)) else tuple(int(e) for e in eos)
 
 
+def context_overflow(prompt_tokens: int, max_new_tokens: int, num_nodes: int,
+                     cfg: ModelConfig) -> str | None:
+  """Why a prompt cannot be decoded within the model's positions (None if it can)."""
+  if prompt_tokens + max_new_tokens + num_nodes > cfg.max_position_embeddings:
+    return (f"{prompt_tokens} prompt tokens + max_new_tokens={max_new_tokens} + {num_nodes} "
+            f"draft tokens exceed the model's context of {cfg.max_position_embeddings} "
+            "positions")
+  return None
+
+
 def cache_size(prompt_width: int, max_new_tokens: int, num_nodes: int) -> int:
   """Slots the loop needs: prompt, budget, and room for one overshooting step + a tree."""
   return prompt_width + max_new_tokens + 2 * (num_nodes + 1)
@@ -263,10 +272,9 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
   if max_len is not None and need > max_len:
     raise ValueError(f"Prompt of {max(lens)} tokens + max_new_tokens={max_new_tokens} + tree "
                      f"room {2 * (n + 1)} needs {need} cache slots; max_len is {max_len}.")
-  limit = model.config.max_position_embeddings
-  if max(lens) + max_new_tokens + n > limit:
-    raise ValueError(f"Prompt of {max(lens)} tokens + max_new_tokens={max_new_tokens} exceeds "
-                     f"the model's context of {limit} positions.")
+  overflow = context_overflow(max(lens), max_new_tokens, n, model.config)
+  if overflow:
+    raise ValueError(f"Prompt too long: {overflow}.")
   prompt_BxP = np.zeros((len(tokens), width), np.int32)
   for i, t in enumerate(tokens):
     prompt_BxP[i, :len(t)] = t

@@ -83,7 +83,7 @@ class DraftTree:
     anc_BxNxN = self.ancestor_mask()
     tokens = jnp.concatenate([root_B[:, None], self.tokens], axis=1)
     depth = jnp.concatenate([jnp.zeros((b, 1), jnp.int32),
-                             jnp.sum(anc_BxNxN, -1, dtype=jnp.int32)], axis=1)
+                             jnp.sum(anc_BxNxN, -1, dtype=jnp.int32)], axis=1)  # root: 0
     mask = jnp.zeros((b, n + 1, n + 1), bool).at[:, :, 0].set(True)
     mask = mask.at[:, 1:, 1:].set(anc_BxNxN)
     return tokens, root_position_B[:, None] + depth, mask
@@ -149,10 +149,6 @@ class StaticTree:
   @property
   def num_nodes(self) -> int:
     return len(self.parents)
-
-  @property
-  def is_chain(self) -> bool:
-    return self.parents == tuple(range(-1, self.num_nodes - 1))
 
   @property
   def node_depth(self) -> tuple[int, ...]:

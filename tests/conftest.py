@@ -25,8 +25,8 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def hf_smollm2():
-  """The same GGUF file as a transformers float32 torch model (the parity reference); ~30 s."""
-  import torch  # noqa: F401  the dev extra; a missing parity reference must fail, not skip
+  """The same GGUF file as a transformers float32 torch model (the parity reference); ~30 s.
+  Without torch, `peers.load` raises (the test fails, it does not skip)."""
   from specjax import models  # pylint: disable=g-import-not-at-top
   from specjax.evaluation import peers  # pylint: disable=g-import-not-at-top
 

@@ -3,7 +3,6 @@ tokenizer and a ChatML template, so that every loader and the sweep run on real 
 
 from __future__ import annotations
 
-import json
 import os
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -14,11 +13,12 @@ SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 def write_byte_tokenizer(path: str) -> int:
   """A byte-level BPE without merges (256 byte tokens + 3 specials) with a ChatML template
   and <|im_end|> as EOS, saved by transformers. Returns the vocabulary size."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
   from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
 
   alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-  backend = Tokenizer(models.BPE({ch: i for i, ch in enumerate(alphabet)}, []))
+  backend = tokenizers.Tokenizer(models.BPE({ch: i for i, ch in enumerate(alphabet)}, []))
   backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   backend.decoder = decoders.ByteLevel()
   hf = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=CHATML,
@@ -44,8 +44,3 @@ def write_tiny_llama(path: str, *, seed: int = 0, layers: int = 2, tokenizer: bo
       "max_position_embeddings": 2048, "tie_word_embeddings": True, **overrides})
   transformers.LlamaForCausalLM(cfg).save_pretrained(path)
   return path
-
-
-def read_config(path: str) -> dict:
-  with open(os.path.join(path, "config.json")) as f:
-    return json.load(f)

@@ -35,7 +35,7 @@ _CATCH_UP = 2  # committed tokens the draft may lag behind after a verification
 @flax.struct.dataclass
 class DraftState:
   cache: KVCache
-  levels: jax.Array  # int32[B]: tree levels forwarded by the last propose (their K/V is cached)
+  levels: jax.Array  # int32[]: tree levels the last propose forwarded (their K/V is cached)
 
 
 @flax.struct.dataclass
@@ -70,29 +70,25 @@ class DraftModel:
     if self.tree.max_rank >= self.config.vocab_size:
       raise ValueError(f"Tree rank {self.tree.max_rank} exceeds the vocabulary.")
 
-  def _cache(self, batch: int, max_len: int) -> KVCache:
-    c = self.config
-    return KVCache.create(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim,
-                          param_dtype(self.params))
-
   def init(self, ctx, max_len: int, prompt_width: int, features) -> DraftState:
     b = ctx.history.shape[0]
     # Room for the tree's padded levels past the committed context.
-    cache = self._cache(b, max_len + self.tree.depth * self.tree.width)
+    cache = KVCache.for_config(self.config, b, max_len + self.tree.depth * self.tree.width,
+                               param_dtype(self.params))
     if prompt_width > 1:
       t = prompt_width - 1
       positions = jnp.broadcast_to(jnp.arange(t), (b, t))
       cache = forward(self.config, self.params, ctx.history[:, :t], positions,
                       cache.attention_mask(num_new=t), cache).cache
-    return DraftState(cache.advance(ctx.length - 1), jnp.zeros((b,), jnp.int32))
+    return DraftState(cache.advance(ctx.length - 1), jnp.zeros((), jnp.int32))
 
   def _catch_up(self, cache: KVCache, ctx):
     """Forwards the committed tokens the cache lacks; returns the root's logits/hidden."""
-    b = ctx.history.shape[0]
     lag_B = ctx.length - cache.lengths  # 1 or 2 for live sequences
     idx = jnp.minimum(cache.lengths[:, None] + jnp.arange(_CATCH_UP), ctx.history.shape[1] - 1)
     tokens = jnp.take_along_axis(ctx.history, idx, 1)
-    out = forward(self.config, self.params, tokens, cache.lengths[:, None] + jnp.arange(_CATCH_UP),
+    positions = cache.lengths[:, None] + jnp.arange(_CATCH_UP)
+    out = forward(self.config, self.params, tokens, positions,
                   cache.attention_mask(num_new=_CATCH_UP), cache)
     last = jnp.clip(lag_B - 1, 0, _CATCH_UP - 1)[:, None, None]
     pick = lambda x: jnp.take_along_axis(x, last, 1)  # [B, 1, ...]
@@ -102,12 +98,12 @@ class DraftModel:
     tree = self.tree
     depth, w = tree.depth, tree.width
     b, v = ctx.history.shape[0], self.config.vocab_size
-    parent_DxW, rank_DxW, real_DxW = (jnp.asarray(a) for a in tree.padded())
+    parent_DxW, rank_DxW, real_DxW = tree.padded()
     # Ancestor-or-self mask of the padded level layout (padding slots see only themselves).
-    parents_pad = np.full(depth * w, -1, np.int32)
-    for d in range(1, depth):
-      parents_pad[d * w:(d + 1) * w] = (d - 1) * w + np.asarray(tree.padded()[0][d])
-    anc_NxN = ancestor_mask(jnp.asarray(parents_pad))
+    level_start = (np.arange(depth)[:, None] - 1) * w
+    parents_N = np.where(level_start < 0, -1, level_start + parent_DxW).reshape(-1)
+    anc_NxN = ancestor_mask(jnp.asarray(parents_N))
+    parent_DxW, rank_DxW, real_DxW = (jnp.asarray(a) for a in (parent_DxW, rank_DxW, real_DxW))
     logits_Bx1xV, hidden_Bx1xH, cache = self._catch_up(state.cache, ctx)
     base_B = cache.lengths  # the root is committed; the tree goes at base + padded slot
     pos_B = ctx.length - 1  # the root's position
@@ -116,14 +112,14 @@ class DraftModel:
       """Level d's tokens and validity from the K parents' logits (K = 1 at the root)."""
       stop_BxK, pstate = stop.stop(pstate, d, jax.nn.softmax(logits_BxKxV, -1), hidden_BxKxH)
       expand_BxK = expand_BxK & ~stop_BxK
-      q_BxKxV = sampling_lib.probs(logits_BxKxV, sampling)
       par_W = parent_DxW[d]
-      if sampling.greedy:  # top-ranked tokens of the raw logits
+      if sampling.greedy:  # top-ranked tokens of the raw logits; no distribution kept
+        q_BxKxV = None
         top_BxKxR = jax.lax.top_k(logits_BxKxV, tree.max_rank + 1)[1]
         tok_BxW = top_BxKxR[:, par_W, rank_DxW[d]]
       else:  # i.i.d. samples from the warped distribution (SpecInfer's rule verifies them)
-        q_BxWxV = q_BxKxV[:, par_W]
-        tok_BxW = jax.random.categorical(key, jnp.log(q_BxWxV), axis=-1)
+        q_BxKxV = sampling_lib.probs(logits_BxKxV, sampling)
+        tok_BxW = jax.random.categorical(key, jnp.log(q_BxKxV[:, par_W]), axis=-1)
       valid_BxW = expand_BxK[:, par_W] & real_DxW[d]
       pstate = stopping.gather(pstate, jnp.broadcast_to(par_W, (b, w)))
       return tok_BxW.astype(jnp.int32), valid_BxW, q_BxKxV, pstate
@@ -149,8 +145,9 @@ class DraftModel:
       slots = (d - 1) * w + jnp.arange(w)
       visible_BxWxN = jnp.broadcast_to(anc_NxN[slots], (b, w, depth * w))
       mask = cache.attention_mask(visible_BxWxN)
-      out = forward(self.config, self.params, tokens_BxDxW[:, d - 1],
-                    jnp.broadcast_to(pos_B[:, None] + d, (b, w)), mask, cache.replace(lengths=base_B + (d - 1) * w))
+      positions_BxW = jnp.broadcast_to(pos_B[:, None] + d, (b, w))
+      out = forward(self.config, self.params, tokens_BxDxW[:, d - 1], positions_BxW, mask,
+                    cache.replace(lengths=base_B + (d - 1) * w))
       cache = out.cache.replace(lengths=base_B)
       live_BxW = valid_BxDxW[:, d - 1]
       calls = calls + live_BxW.any(-1)
@@ -166,10 +163,11 @@ class DraftModel:
     idx = jnp.asarray(tree.padded_index)
     parents = jnp.asarray(tree.parents, jnp.int32)
     dist = jnp.where(parents < 0, 0, 1 + idx[jnp.maximum(parents, 0)])
-    draft = DraftTree(tokens_BxDxW.reshape(b, -1)[:, idx], jnp.broadcast_to(parents, (b, tree.num_nodes)),
-                      valid_BxDxW.reshape(b, -1)[:, idx], probs,
-                      jnp.broadcast_to(dist, (b, tree.num_nodes)), sampled=not sampling.greedy)
-    return draft, DraftState(cache, jnp.broadcast_to(d - 1, (b,))), calls
+    per_row = lambda x: jnp.broadcast_to(x, (b, tree.num_nodes))
+    draft = DraftTree(tokens_BxDxW.reshape(b, -1)[:, idx], per_row(parents),
+                      valid_BxDxW.reshape(b, -1)[:, idx], probs, per_row(dist),
+                      sampled=not sampling.greedy)
+    return draft, DraftState(cache, jnp.asarray(d - 1, jnp.int32)), calls
 
   def commit(self, state: DraftState, ctx, verdict, features) -> DraftState:
     """Keeps the accepted nodes whose K/V the drafter computed (levels it forwarded)."""

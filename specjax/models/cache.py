@@ -23,10 +23,16 @@ import jax.numpy as jnp
 def write(cache_BxKxSxD: jax.Array, new_BxKxTxD: jax.Array, start_B: jax.Array) -> jax.Array:
   """Writes each sequence's T new entries at its own offset, slots [start, start + T).
 
-  The caller guarantees start + T <= S (dynamic_update_slice would otherwise shift the
-  write back over committed slots)."""
-  upd = lambda c, x, s: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), s, axis=1)
-  return jax.vmap(upd)(cache_BxKxSxD, new_BxKxTxD, start_B)
+  One scatter of B*T rows, declared sorted and unique, that drops writes past the last
+  slot: inside the jitted loop XLA updates the cache in place. On this CPU (SmolLM2, AR
+  decode) it beat both a masked select over every slot (which rewrites the whole cache:
+  ~1.5x slower at batch 16) and a vmapped dynamic_update_slice (~1.3x slower at batch 1).
+  """
+  b, _, t, _ = new_BxKxTxD.shape
+  slots_BxT = start_B[:, None] + jnp.arange(t)
+  return cache_BxKxSxD.at[jnp.arange(b)[:, None], :, slots_BxT].set(
+      new_BxKxTxD.transpose(0, 2, 1, 3).astype(cache_BxKxSxD.dtype), mode="drop",
+      indices_are_sorted=True, unique_indices=True)
 
 
 @flax.struct.dataclass
@@ -42,6 +48,11 @@ class KVCache:
     return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
                v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
                lengths=jnp.zeros((batch,), jnp.int32))
+
+  @classmethod
+  def for_config(cls, cfg, batch: int, max_len: int, dtype) -> "KVCache":
+    """An empty cache shaped for a `ModelConfig`."""
+    return cls.create(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
 
   @property
   def max_len(self) -> int:

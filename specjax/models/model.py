@@ -153,5 +153,4 @@ class Model:
                                name=f"{self.name}[:{num_layers}]")
 
   def init_cache(self, batch: int, max_len: int) -> KVCache:
-    c = self.config
-    return KVCache.create(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, self.dtype)
+    return KVCache.for_config(self.config, batch, max_len, self.dtype)
