@@ -92,8 +92,9 @@ def divergence(p_BxV, q_BxV, kind: str) -> jax.Array:
 
 
 def _walk(tree: DraftTree, accept, carry):
-  """Walks the nodes in order. `accept(i, cur_B, carry) -> (bool[B], carry)` decides node i
-  when it is tried (its parent is the current node); returns (cur_B, path, count, carry)."""
+  """Walks the nodes in order. `accept(i, cur_B, tried_B, carry) -> (bool[B], carry)`
+  decides node i where `tried_B` (its parent is the current node; the result only counts
+  there); returns (cur_B, path, count, carry)."""
   b, n = tree.tokens.shape
   rows = jnp.arange(b)
 
