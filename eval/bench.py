@@ -7,7 +7,7 @@ In one process, after warm-up, medians of several runs:
   hf         transformers' greedy `generate` on the same weights (PyTorch CPU)
   verify     one target forward of T tokens against a cache, relative to T = 1: what
              verifying a draft tree of T-1 nodes costs on this device
-  forward vs matmul   that forward (cache donated, as in the loop) beside the same run's
+  forward vs matmul   that forward (in a jitted loop, as in decoding) beside the same run's
              matmul-only floor for the same B*T rows, at 300 and 1,400 tokens of context
              and at batch 16
   batched    greedy AR `generate` tokens/s at batch 1, 8, 16, 32, and its step time over
@@ -87,25 +87,28 @@ def matmul_ms(model: models.Model, rows: int, runs: int) -> float:
   return 1e3 * _median_time(lambda: step(x, mats), runs)
 
 
-def forward_ms(model: models.Model, batch: int, t: int, context: int, runs: int) -> float:
-  """ms of one jitted cached forward of t tokens per sequence after `context` committed
-  tokens, the cache donated as inside the decode loop."""
+def forward_ms(model: models.Model, batch: int, t: int, context: int, runs: int,
+               reps: int = 8) -> float:
+  """ms of one cached forward of t tokens per sequence after `context` committed tokens, as
+  the decode loop runs it: `reps` forwards inside one jitted fori_loop carrying the cache
+  (separate jitted calls, even with the cache donated, add a copy of the cache per call)."""
   cfg, params = model.config, model.params
 
-  @functools.partial(jax.jit, donate_argnums=2)
+  @jax.jit
   def fwd(params, tokens, cache):
     pos = cache.lengths[:, None] + jnp.arange(t)
-    out = models.forward(cfg, params, tokens, pos, cache.attention_mask(num_new=t), cache)
-    return out.logits[:, -1, :8], out.cache
+    mask = cache.attention_mask(num_new=t)
 
-  state = {"cache": model.init_cache(batch, context + 64).advance(
-      jnp.full((batch,), context, jnp.int32))}
+    def body(_, carry):
+      cache, acc = carry
+      out = models.forward(cfg, params, tokens, pos, mask, cache)
+      return out.cache, acc + out.logits[:, -1, 0].sum()
+
+    return jax.lax.fori_loop(0, reps, body, (cache, jnp.float32(0)))[1]
+
+  cache = model.init_cache(batch, context + 64).advance(jnp.full((batch,), context, jnp.int32))
   tokens = jnp.ones((batch, t), jnp.int32)
-
-  def call():
-    out, state["cache"] = fwd(params, tokens, state["cache"])
-    return out
-  return 1e3 * _median_time(call, runs)
+  return 1e3 * _median_time(lambda: fwd(params, tokens, cache), runs) / reps
 
 
 def verify_cost(model: models.Model, sizes, runs: int, context: int = 256) -> dict:
