@@ -27,6 +27,6 @@ def get_config(arg: str | None = None):
   c.temperatures = (0.0,)
   c.max_new_tokens = 128
   c.warmup = 1
-  c.pad_to = 256
+  c.cache_bucket = 512
   c.peers = ("hf_ar", "hf_prompt_lookup")
   return c

@@ -62,7 +62,7 @@ def base() -> ml_collections.ConfigDict:
   c.seeds = (0,)
   c.max_new_tokens = 64
   c.warmup = 0  # untimed runs per compiled shape beyond the compiling call
-  c.pad_to = 64  # prompt widths round up to this, so prompts share compiled shapes
+  c.cache_bucket = 512  # cache sizes round up to this: one compiled program per bucket
   c.peers = ()  # "hf_ar", "hf_prompt_lookup": transformers on the same weights
   c.progress = True  # tqdm progress bar
   return c

@@ -16,6 +16,6 @@ def get_config(arg: str | None = None):
   c.datasets = (a.prompts,)
   c.num_prompts = 2
   c.max_new_tokens = 8
-  c.pad_to = 1024  # one compiled shape per method: cheap on a tiny model, compiles are not
+  c.cache_bucket = 1024  # one compiled program per method: cheap on a tiny model, compiles are not
   c.progress = False
   return c

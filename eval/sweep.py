@@ -6,8 +6,8 @@ each as it finishes, so a restarted sweep resumes where it stopped.
 
 Protocol (Spec-Bench): batch size 1; for each prompt the AR baseline runs first, then every
 method and peer, in one process, so drift cancels; the first call of each compiled shape
-(plus `warmup` more) is not timed; prompt widths round up to `pad_to` so prompts share
-shapes. Prompts are rendered with the target's chat template; a later turn of a multi-turn
+(plus `warmup` more) is not timed; cache sizes round up to `cache_bucket` so prompts of
+different lengths share one compiled program (the prompt's width is not a static shape). Prompts are rendered with the target's chat template; a later turn of a multi-turn
 prompt (MT-Bench) follows the AR answer to the earlier turns at the same temperature and
 seed, and every turn is its own row ("81/t1", "81/t2").
 """
@@ -79,7 +79,7 @@ class Plan:
   seeds: tuple[int, ...]
   max_new_tokens: int
   warmup: int
-  pad_to: int
+  cache_bucket: int
   peers: tuple[str, ...]
   progress: bool
 
@@ -151,7 +151,7 @@ def plan(config: Any) -> Plan:
   if not temperatures or min(temperatures) < 0:
     raise ValueError(f"temperatures must be a non-empty list of values >= 0; got "
                      f"{temperatures}.")
-  for field in ("max_new_tokens", "num_prompts", "pad_to"):
+  for field in ("max_new_tokens", "num_prompts", "cache_bucket"):
     if c[field] < 1:
       raise ValueError(f"{field} must be >= 1; got {c[field]}.")
   if c["warmup"] < 0 or not c["seeds"] or not c["datasets"]:
@@ -174,7 +174,8 @@ def plan(config: Any) -> Plan:
   return Plan(target=c["target"], dtype=c["dtype"], methods=methods,
               datasets=tuple(c["datasets"]), num_prompts=c["num_prompts"],
               temperatures=temperatures, seeds=tuple(int(s) for s in c["seeds"]),
-              max_new_tokens=c["max_new_tokens"], warmup=c["warmup"], pad_to=c["pad_to"],
+              max_new_tokens=c["max_new_tokens"], warmup=c["warmup"],
+              cache_bucket=c["cache_bucket"],
               peers=tuple(c["peers"]), progress=bool(c["progress"]))
 
 
@@ -208,8 +209,10 @@ class Timer:
     return out, time.perf_counter() - start
 
 
-def _padded(width: int, pad_to: int) -> int:
-  return -(-width // pad_to) * pad_to
+def _cache_slots(plan: Plan, prompt_tokens: int, drafter: Any) -> int:
+  need = decode.cache_size(prompt_tokens, plan.max_new_tokens,
+                           0 if drafter is None else drafter.num_nodes)
+  return -(-need // plan.cache_bucket) * plan.cache_bucket
 
 
 def _measure_method(plan: Plan, timer: Timer, target: Model, method: Method, drafter: Any,
@@ -217,8 +220,8 @@ def _measure_method(plan: Plan, timer: Timer, target: Model, method: Method, dra
   call = functools.partial(
       decode.generate, target, [ids], max_new_tokens=plan.max_new_tokens,
       temperature=temperature, seed=seed, drafter=drafter, stop=method.stop_policy(),
-      acceptance=method.rule(), pad_to=plan.pad_to)
-  out, seconds = timer(call, (method.name, _padded(len(ids), plan.pad_to), temperature))
+      acceptance=method.rule(), max_len=_cache_slots(plan, len(ids), drafter))
+  out, seconds = timer(call, (method.name, _cache_slots(plan, len(ids), drafter), temperature))
   num_nodes = 0 if drafter is None else drafter.num_nodes
   return {"tokens": out.token_lists()[0], "target_calls": int(out.stats.target_calls[0]),
           "draft_calls": int(out.stats.draft_calls[0]), "seconds": seconds,

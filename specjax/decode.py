@@ -33,7 +33,7 @@ from specjax import verify as verify_lib
 from specjax.drafters.base import Context
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
-from specjax.models.model import Model, check_features, forward, param_dtype
+from specjax.models.model import Model, check_features, forward, param_dtype, prefill
 from specjax.sampling import Sampling
 from specjax.tree import DraftTree
 
@@ -83,28 +83,24 @@ def _write(buf_BxL, rows_BxW, start_B):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "cfg", "sampling", "rule", "max_new_tokens", "eos", "max_len"))
-def _generate(cfg: ModelConfig, params, drafter, stop, prompt_BxP, prompt_len_B, key, *,
+    "cfg", "sampling", "rule", "max_new_tokens", "eos"))
+def _generate(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_len_B, key, *,
               sampling: Sampling, rule: verify_lib.Acceptance, max_new_tokens: int,
-              eos: tuple[int, ...], max_len: int) -> Output:
-  b, p = prompt_BxP.shape
+              eos: tuple[int, ...]) -> Output:
+  """The whole decode, one program per cache size L (= the history's width)."""
+  b, max_len = history_BxL.shape
   n = 0 if drafter is None else drafter.num_nodes
   feats = () if drafter is None else tuple(drafter.features)
-  cache = KVCache.for_config(cfg, b, max_len, param_dtype(params))
-  prompt_features = tuple(jnp.zeros((b, 0, cfg.hidden_size), param_dtype(params)) for _ in feats)
-  if p > 1:  # prefill everything but the last prompt token (the first root)
-    positions = jnp.broadcast_to(jnp.arange(p - 1), (b, p - 1))
-    out = forward(cfg, params, prompt_BxP[:, :-1], positions,
-                  cache.attention_mask(num_new=p - 1), cache, feats)
-    cache, prompt_features = out.cache, out.features
-  cache = cache.advance(prompt_len_B - 1)
-  history = jnp.zeros((b, max_len), jnp.int32).at[:, :p].set(prompt_BxP)
-  ctx = Context(history, prompt_len_B)
+  # Prefill everything but the last prompt token (the first root).
+  cache, prompt_features = prefill(cfg, params,
+                                   KVCache.for_config(cfg, b, max_len, param_dtype(params)),
+                                   history_BxL, prompt_len_B - 1, feats)
+  ctx = Context(history_BxL, prompt_len_B)
   zeros = jnp.zeros((b,), jnp.int32)
   state = _State(
-      cache=cache, history=history, length=prompt_len_B, new=zeros,
+      cache=cache, history=history_BxL, length=prompt_len_B, new=zeros,
       done=jnp.zeros((b,), bool),
-      drafter=() if drafter is None else drafter.init(ctx, max_len, p, prompt_features),
+      drafter=() if drafter is None else drafter.init(ctx, max_len, prompt_features),
       stats=Stats(jnp.zeros((b, max_new_tokens), jnp.int32), zeros, zeros),
       step=jnp.zeros((), jnp.int32))
   rows = jnp.arange(b)
@@ -122,8 +118,7 @@ def _generate(cfg: ModelConfig, params, drafter, stop, prompt_BxP, prompt_len_B,
 
     def verify_tree(tree):
       tokens, positions, tree_mask = tree.verify_inputs(root_B, st.length - 1)
-      out = forward(cfg, params, tokens, positions, st.cache.attention_mask(tree_mask),
-                    st.cache, feats)
+      out = forward(cfg, params, tokens, positions, tree_mask, st.cache, feats)
       verdict = verify_lib.verify(rule, tree, out.logits, sampling, verify_key)
       return out.cache, out.features, verdict
 
@@ -218,16 +213,20 @@ def context_overflow(prompt_tokens: int, max_new_tokens: int, num_nodes: int,
   return None
 
 
-def cache_size(prompt_width: int, max_new_tokens: int, num_nodes: int) -> int:
+def cache_size(prompt_tokens: int, max_new_tokens: int, num_nodes: int) -> int:
   """Slots the loop needs: prompt, budget, and room for one overshooting step + a tree."""
-  return prompt_width + max_new_tokens + 2 * (num_nodes + 1)
+  return prompt_tokens + max_new_tokens + 2 * (num_nodes + 1)
+
+
+# Default cache sizes round up to this: prompts of similar lengths share a compiled program.
+CACHE_BUCKET = 256
 
 
 def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, eos: Any = "default",
              drafter: Any = None, stop: Any = None, acceptance: Any = None,
-             max_len: int | None = None, pad_to: int = 1) -> Output:
+             max_len: int | None = None) -> Output:
   """Decodes a batch of prompts (ragged token lists, or strings via the model's tokenizer).
 
   Args:
@@ -244,8 +243,10 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
     acceptance: "greedy" (default at temperature 0), "speculative" (default when
       sampling), or the LOSSY "typical" / "fuzzy" (name or `verify.Acceptance`). Which
       combinations run is decided in one place: `registry.check_combination`.
-    max_len: optional cache size limit; an error names the shortfall.
-    pad_to: round the prompt width up to a multiple of this (fewer recompiles in sweeps).
+    max_len: cache slots per sequence (a static shape: calls with one max_len share one
+      compiled program whatever their prompt lengths). Default: what the prompts and the
+      budget need, rounded up to a multiple of `CACHE_BUCKET`. Too small is an error that
+      names the shortfall.
 
   Returns:
     Output(tokens [B, max_new_tokens], lengths [B], stats).
@@ -266,19 +267,19 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
   stop = stopping.get(stop)
   tokens = _encode_prompts(model, prompts)
   lens = [len(t) for t in tokens]
-  width = -(-max(lens) // pad_to) * pad_to
   n = 0 if drafter is None else drafter.num_nodes
-  need = cache_size(width, max_new_tokens, n)
-  if max_len is not None and need > max_len:
+  need = cache_size(max(lens), max_new_tokens, n)
+  if max_len is None:
+    max_len = -(-need // CACHE_BUCKET) * CACHE_BUCKET
+  elif need > max_len:
     raise ValueError(f"Prompt of {max(lens)} tokens + max_new_tokens={max_new_tokens} + tree "
                      f"room {2 * (n + 1)} needs {need} cache slots; max_len is {max_len}.")
   overflow = context_overflow(max(lens), max_new_tokens, n, model.config)
   if overflow:
     raise ValueError(f"Prompt too long: {overflow}.")
-  prompt_BxP = np.zeros((len(tokens), width), np.int32)
+  history_BxL = np.zeros((len(tokens), max_len), np.int32)
   for i, t in enumerate(tokens):
-    prompt_BxP[i, :len(t)] = t
-  return _generate(model.config, model.params, drafter, stop, jnp.asarray(prompt_BxP),
+    history_BxL[i, :len(t)] = t
+  return _generate(model.config, model.params, drafter, stop, jnp.asarray(history_BxL),
                    jnp.asarray(lens, jnp.int32), jax.random.key(seed), sampling=sampling,
-                   rule=rule, max_new_tokens=max_new_tokens, eos=_eos_ids(model, eos),
-                   max_len=max_len or need)
+                   rule=rule, max_new_tokens=max_new_tokens, eos=_eos_ids(model, eos))

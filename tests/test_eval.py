@@ -160,7 +160,7 @@ def test_second_turn_follows_the_ar_answer(swept):
   turn2 = tok.encode_chat([{"role": "user", "content": "hi there"},
                            {"role": "assistant", "content": tok.decode(answer)},
                            {"role": "user", "content": "and again"}])
-  out = decode.generate(target, [turn2], max_new_tokens=MAX_NEW, pad_to=1024)
+  out = decode.generate(target, [turn2], max_new_tokens=MAX_NEW)
   assert out.token_lists()[0] == ar["chat/t2"]
 
 

@@ -33,7 +33,7 @@ class Recorder:
   def validate(self, target_config):
     self.lookup.validate(target_config)
 
-  def init(self, ctx, max_len, prompt_width, features):
+  def init(self, ctx, max_len, features):
     def record(length_B, *feats):  # prompt tokens 0 .. length - 2 (the last is the root)
       for b, n in enumerate(np.asarray(length_B).tolist()):
         for pos in range(n - 1):

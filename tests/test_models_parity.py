@@ -152,8 +152,7 @@ def cached_model(request):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_new"))
 def _step(cfg, params, tokens_BxT, positions_BxT, cache, num_new):
-  return forward(cfg, params, tokens_BxT, positions_BxT, cache.attention_mask(num_new=num_new),
-                 cache)
+  return forward(cfg, params, tokens_BxT, positions_BxT, models.causal(num_new), cache)
 
 
 def _incremental_logits(model, tokens_BxT, lengths_B, chunk):

@@ -18,7 +18,7 @@ QUESTIONS = [
 def setup(smollm2):
   prompts = [smollm2.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
   assert len({len(p) for p in prompts}) > 1  # ragged
-  gen = lambda ps, **kw: decode.generate(smollm2, ps, max_new_tokens=40, pad_to=64, **kw)
+  gen = lambda ps, **kw: decode.generate(smollm2, ps, max_new_tokens=40, **kw)
   return prompts, gen, gen(prompts).token_lists()
 
 

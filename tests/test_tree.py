@@ -54,6 +54,9 @@ def test_cache_commit_gathers_the_accepted_path():
   np.testing.assert_array_equal(out.lengths, [5, 6])
   np.testing.assert_array_equal(out.k[0][0, 0, :5, 0], [0, 1, 2, 4, 6])
   np.testing.assert_array_equal(out.k[0][1, 0, :6, 0], [0, 1, 2, 3, 4, 5])
-  mask = out.attention_mask(num_new=2)
-  np.testing.assert_array_equal(mask[0, 0, :8], [1, 1, 1, 1, 1, 1, 0, 0])
-  np.testing.assert_array_equal(mask[0, 1, :8], [1, 1, 1, 1, 1, 1, 1, 0])
+  # The committed slots, plus the written-but-uncommitted ones a query is told it sees.
+  np.testing.assert_array_equal(out.prefix_mask(1)[0, 0, :8], [1, 1, 1, 1, 1, 0, 0, 0])
+  pending = jnp.asarray([[[False, True], [True, False]]] * 2)  # [B, T=2, N=2]
+  mask = out.prefix_mask(2, pending)
+  np.testing.assert_array_equal(mask[0, 0, :8], [1, 1, 1, 1, 1, 0, 1, 0])
+  np.testing.assert_array_equal(mask[1, 1, :8], [1, 1, 1, 1, 1, 1, 1, 0])

@@ -9,13 +9,14 @@ implements
                                                   layer inputs i >= 0, or models.FINAL
   takes_stop_policy: bool                         whether it drafts from a distribution
   validate(target_config) -> None                 clear errors before anything compiles
-  init(ctx, max_len, prompt_width, features) -> state
+  init(ctx, max_len, features) -> state
   propose(state, ctx, stop, sampling, key) -> (DraftTree, state, draft_calls[B])
   commit(state, ctx, verdict, features) -> state
 
-`ctx` is the committed token history. `init` runs after the target's prefill and gets the
-target's `features` for the prompt (each [B, prompt_width - 1, H]: every prompt token but
-the last, which is the first root). `commit` sees the context *before* the step's tokens
+`ctx` is the committed token history ([B, max_len]: the cache size, a static shape).
+`init` runs after the target's prefill and gets the target's `features` for the prompt
+(each [B, max_len, H], valid at positions < ctx.length - 1: every prompt token but the
+last, which is the first root). `commit` sees the context *before* the step's tokens
 were appended, the verdict (accepted path + next token) and the target's features for
 [root, node_0, ..., node_{N-1}] (each [B, 1 + N, H]): the root's and accepted nodes' are
 the features of committed tokens, which feature-level drafters (EAGLE, Medusa) consume.
@@ -46,7 +47,7 @@ class Drafter(Protocol):
   def validate(self, target_config) -> None:
     ...
 
-  def init(self, ctx: Context, max_len: int, prompt_width: int, features: tuple) -> Any:
+  def init(self, ctx: Context, max_len: int, features: tuple) -> Any:
     ...
 
   def propose(self, state, ctx: Context, stop, sampling, key) -> tuple[DraftTree, Any, jax.Array]:

@@ -26,7 +26,7 @@ from specjax import registry, stopping
 from specjax import sampling as sampling_lib
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
-from specjax.models.model import Model, forward, param_dtype
+from specjax.models.model import Model, causal, forward, param_dtype, prefill
 from specjax.tree import DraftTree, StaticTree, ancestor_mask
 
 _CATCH_UP = 2  # committed tokens the draft may lag behind after a verification
@@ -70,17 +70,13 @@ class DraftModel:
     if self.tree.max_rank >= self.config.vocab_size:
       raise ValueError(f"Tree rank {self.tree.max_rank} exceeds the vocabulary.")
 
-  def init(self, ctx, max_len: int, prompt_width: int, features) -> DraftState:
+  def init(self, ctx, max_len: int, features) -> DraftState:
     b = ctx.history.shape[0]
     # Room for the tree's padded levels past the committed context.
     cache = KVCache.for_config(self.config, b, max_len + self.tree.depth * self.tree.width,
                                param_dtype(self.params))
-    if prompt_width > 1:
-      t = prompt_width - 1
-      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-      cache = forward(self.config, self.params, ctx.history[:, :t], positions,
-                      cache.attention_mask(num_new=t), cache).cache
-    return DraftState(cache.advance(ctx.length - 1), jnp.zeros((), jnp.int32))
+    cache, _ = prefill(self.config, self.params, cache, ctx.history, ctx.length - 1)
+    return DraftState(cache, jnp.zeros((), jnp.int32))
 
   def _catch_up(self, cache: KVCache, ctx):
     """Forwards the committed tokens the cache lacks; returns the root's logits/hidden."""
@@ -88,8 +84,7 @@ class DraftModel:
     idx = jnp.minimum(cache.lengths[:, None] + jnp.arange(_CATCH_UP), ctx.history.shape[1] - 1)
     tokens = jnp.take_along_axis(ctx.history, idx, 1)
     positions = cache.lengths[:, None] + jnp.arange(_CATCH_UP)
-    out = forward(self.config, self.params, tokens, positions,
-                  cache.attention_mask(num_new=_CATCH_UP), cache)
+    out = forward(self.config, self.params, tokens, positions, causal(_CATCH_UP), cache)
     last = jnp.clip(lag_B - 1, 0, _CATCH_UP - 1)[:, None, None]
     pick = lambda x: jnp.take_along_axis(x, last, 1)  # [B, 1, ...]
     return pick(out.logits), pick(out.hidden), out.cache.advance(jnp.maximum(lag_B, 0))
@@ -141,13 +136,15 @@ class DraftModel:
     def body(loop):
       d, cache, tokens_BxDxW, valid_BxDxW, probs, calls, pstate, key = loop
       key, sub = jax.random.split(key)
-      # Forward level d - 1 at slots base + (d-1)*w: it sees the context and its ancestors.
+      # Forward level d - 1 at slots base + (d-1)*w: it sees the context, its ancestors in
+      # the levels above (written, not committed) and itself.
       slots = (d - 1) * w + jnp.arange(w)
-      visible_BxWxN = jnp.broadcast_to(anc_NxN[slots], (b, w, depth * w))
-      mask = cache.attention_mask(visible_BxWxN)
+      above_WxN = anc_NxN[slots] & (jnp.arange(depth * w) < (d - 1) * w)
+      prefix = cache.prefix_mask(w, jnp.broadcast_to(above_WxN, (b, w, depth * w)))
       positions_BxW = jnp.broadcast_to(pos_B[:, None] + d, (b, w))
-      out = forward(self.config, self.params, tokens_BxDxW[:, d - 1], positions_BxW, mask,
-                    cache.replace(lengths=base_B + (d - 1) * w))
+      out = forward(self.config, self.params, tokens_BxDxW[:, d - 1], positions_BxW,
+                    jnp.eye(w, dtype=bool)[None], cache.replace(lengths=base_B + (d - 1) * w),
+                    prefix_BxTxS=prefix)
       cache = out.cache.replace(lengths=base_B)
       live_BxW = valid_BxDxW[:, d - 1]
       calls = calls + live_BxW.any(-1)

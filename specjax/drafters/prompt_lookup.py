@@ -34,7 +34,7 @@ class PromptLookup:
       raise ValueError(f"Need 1 <= min_ngram <= max_ngram; got {self.min_ngram}, "
                        f"{self.max_ngram}.")
 
-  def init(self, ctx, max_len, prompt_width, features):
+  def init(self, ctx, max_len, features):
     return ()
 
   def propose(self, state, ctx, stop, sampling, key):

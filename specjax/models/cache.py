@@ -58,25 +58,21 @@ class KVCache:
   def max_len(self) -> int:
     return self.k[0].shape[2]
 
-  def attention_mask(self, visible_BxTxN: jax.Array | None = None,
-                     num_new: int | None = None) -> jax.Array:
-    """bool[B, T, S]: what each of T queries may attend to.
-
-    Every committed slot, plus slot `lengths + n` when `visible_BxTxN[b, t, n]` (N slots
-    past the committed ones, e.g. a tree's ancestor mask). None means T = N = `num_new`
-    new tokens written at `[lengths, lengths + T)` seeing each other causally (a chain).
+  def prefix_mask(self, t: int, pending_BxTxN: jax.Array | None = None) -> jax.Array:
+    """bool[B, T, S]: the cache slots each of T new tokens sees: every committed slot, plus
+    slot `lengths + n` when `pending_BxTxN[b, t, n]` (entries written past the committed
+    ones by earlier forwards that are not committed yet, e.g. a draft tree's upper levels).
     """
-    if visible_BxTxN is None:
-      visible_BxTxN = jnp.tril(jnp.ones((num_new, num_new), bool))[None]
-    t, n = visible_BxTxN.shape[-2:]
-    b = self.lengths.shape[0]
     rel_BxS = jnp.arange(self.max_len)[None, :] - self.lengths[:, None]  # index past lengths
-    committed_BxS = rel_BxS < 0
-    in_new_BxS = (rel_BxS >= 0) & (rel_BxS < n)
-    new_BxTxS = jnp.take_along_axis(
-        jnp.broadcast_to(visible_BxTxN, (b, t, n)),
-        jnp.broadcast_to(jnp.clip(rel_BxS, 0, n - 1)[:, None, :], (b, t, self.max_len)), axis=2)
-    return committed_BxS[:, None, :] | (in_new_BxS[:, None, :] & new_BxTxS)
+    committed_BxTxS = jnp.broadcast_to((rel_BxS < 0)[:, None, :], (rel_BxS.shape[0], t,
+                                                                     self.max_len))
+    if pending_BxTxN is None:
+      return committed_BxTxS
+    n = pending_BxTxN.shape[-1]
+    pending_BxTxS = jnp.take_along_axis(
+        jnp.broadcast_to(pending_BxTxN, (rel_BxS.shape[0], t, n)),
+        jnp.broadcast_to(jnp.clip(rel_BxS, 0, n - 1)[:, None, :], committed_BxTxS.shape), axis=2)
+    return committed_BxTxS | (((rel_BxS >= 0) & (rel_BxS < n))[:, None, :] & pending_BxTxS)
 
   def advance(self, n_B: jax.Array) -> "KVCache":
     """Marks the next n[b] written entries of each sequence as committed."""

@@ -57,6 +57,40 @@ class RMSNorm(nn.Module):
     return scale * x32.astype(self.dtype)
 
 
+def in_window(cfg: ModelConfig, positions_BxT, visible_BxTxT, prefix_BxTxS):
+  """The masks cut to a sliding window, when the config has one (committed cache slot
+  index == position)."""
+  if cfg.sliding_window is None:
+    return visible_BxTxT, prefix_BxTxS
+  near = lambda key_pos: positions_BxT[..., None] - key_pos < cfg.sliding_window
+  visible_BxTxT = visible_BxTxT & near(positions_BxT[:, None, :])
+  if prefix_BxTxS is not None:
+    prefix_BxTxS = prefix_BxTxS & near(jnp.arange(prefix_BxTxS.shape[-1]))
+  return visible_BxTxT, prefix_BxTxS
+
+
+def attend(q_BxTxHxD, k_BxKxTxD, v_BxKxTxD, visible_BxTxT, prefix_BxTxS, kv, start_B):
+  """Attention of the new tokens over the cache prefix and themselves, then the write of
+  their keys/values into the cache (kv = (k, v) of one layer, or None). Returns (o, kv).
+
+  The write must come after attention's read of the cache for XLA to update the cache in
+  place; nothing orders them otherwise (XLA's CPU backend dropped an optimization barrier
+  and copied every layer's cache twice a step). So the written values take a zero that
+  depends on attention's output, per sequence and kv head (no cross-device dependency when
+  batch or heads are sharded).
+  """
+  if kv is None:
+    return attention_reference(q_BxTxHxD, k_BxKxTxD, v_BxKxTxD, visible_BxTxT), None
+  o_BxTxHxD = attention_reference(q_BxTxHxD, k_BxKxTxD, v_BxKxTxD, visible_BxTxT, kv[0], kv[1],
+                                  prefix_BxTxS)
+  b, t, h, d = o_BxTxHxD.shape
+  kvh = k_BxKxTxD.shape[1]
+  zero_BxKx1x1 = (o_BxTxHxD.reshape(b, t, kvh, h // kvh, d)[:, 0, :, 0, :1, None] * 0).astype(
+      k_BxKxTxD.dtype)
+  return o_BxTxHxD, (cache_lib.write(kv[0], k_BxKxTxD + zero_BxKx1x1, start_B),
+                     cache_lib.write(kv[1], v_BxKxTxD + zero_BxKx1x1, start_B))
+
+
 def run_layers(num_layers: int, x, cache: KVCache | None, feature_layers, layer):
   """Runs `layer(i, x, kv_i) -> (x, kv_i)` for every layer (kv_i None without a cache),
   collecting the inputs of `feature_layers`. Returns (x, layer inputs, updated cache)."""
@@ -77,7 +111,7 @@ class Attention(nn.Module):
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x_BxTxH, cos, sin, mask_BxTxS, kv, start_B):
+  def __call__(self, x_BxTxH, cos, sin, visible_BxTxT, prefix_BxTxS, kv, start_B):
     cfg, b, t = self.cfg, x_BxTxH.shape[0], x_BxTxH.shape[1]
     dense = lambda n, name, bias: nn.Dense(n, use_bias=bias, dtype=self.dtype,
                                            param_dtype=self.dtype, name=name)
@@ -93,12 +127,8 @@ class Attention(nn.Module):
     q_BxTxHxD = apply_rope(q_BxTxHxD, cos, sin)
     k_BxKxTxD = apply_rope(k_BxTxKxD, cos, sin).transpose(0, 2, 1, 3)
     v_BxKxTxD = v_BxTxKxD.transpose(0, 2, 1, 3)
-    if kv is not None:
-      kv = (cache_lib.write(kv[0], k_BxKxTxD, start_B), cache_lib.write(kv[1], v_BxKxTxD, start_B))
-      k_BxKxSxD, v_BxKxSxD = kv
-    else:
-      k_BxKxSxD, v_BxKxSxD = k_BxKxTxD, v_BxKxTxD
-    o_BxTxHxD = attention_reference(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS)
+    o_BxTxHxD, kv = attend(q_BxTxHxD, k_BxKxTxD, v_BxKxTxD, visible_BxTxT, prefix_BxTxS, kv,
+                           start_B)
     out = dense(cfg.hidden_size, "o_proj", False)(o_BxTxHxD.reshape(b, t, -1))
     return out, kv
 
@@ -121,10 +151,10 @@ class Block(nn.Module):
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, kv, start_B):
+  def __call__(self, x, cos, sin, visible, prefix, kv, start_B):
     h, kv = Attention(self.cfg, self.dtype, name="self_attn")(
         RMSNorm(self.cfg.norm_eps, self.dtype, name="input_layernorm")(x),
-        cos, sin, mask, kv, start_B)
+        cos, sin, visible, prefix, kv, start_B)
     x = x + h
     x = x + MLP(self.cfg, self.dtype, name="mlp")(
         RMSNorm(self.cfg.norm_eps, self.dtype, name="post_attention_layernorm")(x))
@@ -138,8 +168,8 @@ class Llama(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens_BxT, positions_BxT, mask_BxTxS, cache: KVCache | None,
-               feature_layers: tuple[int, ...] = ()):
+  def __call__(self, tokens_BxT, positions_BxT, visible_BxTxT, cache: KVCache | None,
+               prefix_BxTxS=None, feature_layers: tuple[int, ...] = ()):
     cfg = self.cfg
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
                      param_dtype=self.dtype, name="embed_tokens")
@@ -147,12 +177,10 @@ class Llama(nn.Module):
     ang_BxTxD2 = positions_BxT[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(cfg))
     ang_BxTxD = jnp.concatenate([ang_BxTxD2, ang_BxTxD2], axis=-1)
     cos, sin = jnp.cos(ang_BxTxD).astype(self.dtype), jnp.sin(ang_BxTxD).astype(self.dtype)
-    if cfg.sliding_window is not None:  # slot index == position for committed context
-      slot_S = jnp.arange(mask_BxTxS.shape[-1])
-      mask_BxTxS = mask_BxTxS & (positions_BxT[..., None] - slot_S < cfg.sliding_window)
+    visible_BxTxT, prefix_BxTxS = in_window(cfg, positions_BxT, visible_BxTxT, prefix_BxTxS)
     start_B = None if cache is None else cache.lengths
     block = lambda i, x, kv: Block(cfg, self.dtype, name=f"layers_{i}")(
-        x, cos, sin, mask_BxTxS, kv, start_B)
+        x, cos, sin, visible_BxTxT, prefix_BxTxS, kv, start_B)
     x, layer_hidden, new_cache = run_layers(cfg.num_layers, x, cache, feature_layers, block)
     hidden_BxTxH = RMSNorm(cfg.norm_eps, self.dtype, name="norm")(x)
     if cfg.tie_embeddings:

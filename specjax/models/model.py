@@ -1,8 +1,9 @@
 """Model: a config, its params pytree and a tokenizer, plus the one pure forward.
 
-`forward(cfg, params, tokens, positions, mask, cache)` is the only way any part of specjax
-runs a network: full causal passes (no cache), prefill, one-token decode steps and the
-verification of a whole draft tree (explicit positions + ancestor mask) all go through it.
+`forward(cfg, params, tokens, positions, visible, cache)` is the only way any part of
+specjax runs a network: full causal passes (no cache), prefill, one-token decode steps and
+the verification of a whole draft tree (explicit positions + ancestor mask) all go through
+it.
 
 Heads that share the target's weights reach them through `embed` and `lm_head` (and a
 self-drafter through `Model.truncated`), never by picking parameter names themselves.
@@ -64,21 +65,70 @@ def check_features(cfg: ModelConfig, features) -> tuple[int, ...]:
   return features
 
 
+def causal(t: int) -> jax.Array:
+  """bool[1, T, T]: T new tokens in a chain, each seeing itself and those before it."""
+  return jnp.tril(jnp.ones((t, t), bool))[None]
+
+
 def forward(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array, positions_BxT: jax.Array,
-            mask_BxTxS: jax.Array, cache: KVCache | None = None,
-            features: tuple[int, ...] = ()) -> Forward:
+            visible_BxTxT: jax.Array, cache: KVCache | None = None,
+            features: tuple[int, ...] = (), prefix_BxTxS: jax.Array | None = None) -> Forward:
   """Runs the network on T new tokens per sequence.
 
-  With a cache, the new keys/values are written at `cache.lengths + t` and
-  `mask_BxTxS` ranges over all cache slots (see `KVCache.attention_mask`); the returned
-  cache has the same `lengths` (commit or advance afterwards). Without one, S == T.
-  `features` names hidden states to return (layer inputs, or FINAL), in that order.
+  New token t sees new token t' when `visible_BxTxT[b, t, t']` (`causal(T)` for a chain, an
+  ancestor mask for a tree). With a cache it also sees the committed slots
+  `[0, cache.lengths)` (or the slots `prefix_BxTxS` marks, see `KVCache.prefix_mask`),
+  and its key/value is written at slot `cache.lengths + t`; the returned cache has the same
+  `lengths` (commit or advance afterwards). `features` names hidden states to return
+  (layer inputs, or FINAL), in that order.
   """
   layers = tuple(sorted({f for f in features if f != FINAL}))
+  if cache is not None and prefix_BxTxS is None:
+    prefix_BxTxS = cache.prefix_mask(tokens_BxT.shape[1])
   logits, hidden, layer_inputs, cache = module(cfg, param_dtype(params)).apply(
-      {"params": params}, tokens_BxT, positions_BxT, mask_BxTxS, cache, layers)
+      {"params": params}, tokens_BxT, positions_BxT, visible_BxTxT, cache, prefix_BxTxS, layers)
   picked = tuple(hidden if f == FINAL else layer_inputs[layers.index(f)] for f in features)
   return Forward(logits, hidden, picked, cache)
+
+
+# Prompt tokens per prefill forward: prompts of any length share one compiled program.
+PREFILL_CHUNK = 64
+
+
+def prefill(cfg: ModelConfig, params: Any, cache: KVCache, tokens_BxL: jax.Array,
+            n_B: jax.Array, features: tuple[int, ...] = (),
+            chunk: int = PREFILL_CHUNK) -> tuple[KVCache, tuple]:
+  """Forwards the first n[b] tokens of each row into an empty cache, `chunk` tokens a
+  forward (at most the cache size), in a loop that runs as many chunks as the longest row
+  needs.
+
+  Only the cache size and `chunk` are static, so one compiled program serves every prompt
+  length. Returns the cache (lengths = n) and the requested features, each [B, L, H] and
+  valid at positions < n[b].
+  """
+  b, l = tokens_BxL.shape
+  chunk = min(chunk, cache.max_len)
+  width = -(-l // chunk) * chunk
+  tokens_BxW = jnp.pad(tokens_BxL, ((0, 0), (0, width - l)))
+  dtype = param_dtype(params)
+  feats = tuple(jnp.zeros((b, width, cfg.hidden_size), dtype) for _ in features)
+
+  def body(i, carry):
+    cache, feats = carry
+    start = i * chunk
+    tokens = jax.lax.dynamic_slice_in_dim(tokens_BxW, start, chunk, axis=1)
+    # Padding past the longest row may run past the context: clamp its positions.
+    positions = jnp.broadcast_to(jnp.minimum(start + jnp.arange(chunk), cfg.max_position_embeddings - 1),
+                                 (b, chunk))
+    out = forward(cfg, params, tokens, positions, causal(chunk),
+                  cache.replace(lengths=jnp.full((b,), start, jnp.int32)), features)
+    feats = tuple(jax.lax.dynamic_update_slice_in_dim(f, new, start, axis=1)
+                  for f, new in zip(feats, out.features))
+    return out.cache, feats
+
+  num_chunks = -(-jnp.max(n_B) // chunk)
+  cache, feats = jax.lax.fori_loop(0, num_chunks, body, (cache, feats))
+  return cache.replace(lengths=n_B.astype(jnp.int32)), tuple(f[:, :l] for f in feats)
 
 
 def embed(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array) -> jax.Array:
@@ -100,7 +150,7 @@ def lm_head(cfg: ModelConfig, params: Any, hidden_BxTxH: jax.Array) -> jax.Array
 def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> Any:
   """Random params (for tests and drafters trained from scratch)."""
   tokens = jnp.zeros((1, 1), jnp.int32)
-  return module(cfg, dtype).init(rng, tokens, tokens, jnp.ones((1, 1, 1), bool), None)["params"]
+  return module(cfg, dtype).init(rng, tokens, tokens, causal(1), None)["params"]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "features"))
@@ -108,8 +158,7 @@ def causal_forward(cfg, params, tokens_BxT, features=()) -> Forward:
   """A full causal forward without cache (every position, every requested feature)."""
   b, t = tokens_BxT.shape
   positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-  mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-  return forward(cfg, params, tokens_BxT, positions, mask, features=features)
+  return forward(cfg, params, tokens_BxT, positions, causal(t), features=features)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -132,10 +181,10 @@ class Model:
       raise ValueError(f"tokens must be [batch, time]; got shape {tokens_BxT.shape}.")
     return causal_forward(self.config, self.params, tokens_BxT).logits
 
-  def forward(self, params, tokens_BxT, positions_BxT, mask_BxTxS, cache=None,
-              features=()) -> Forward:
-    return forward(self.config, params, tokens_BxT, positions_BxT, mask_BxTxS, cache,
-                   features)
+  def forward(self, params, tokens_BxT, positions_BxT, visible_BxTxT, cache=None,
+              features=(), prefix_BxTxS=None) -> Forward:
+    return forward(self.config, params, tokens_BxT, positions_BxT, visible_BxTxT, cache,
+                   features, prefix_BxTxS)
 
   def embed(self, tokens_BxT) -> jax.Array:
     return embed(self.config, self.params, tokens_BxT)
