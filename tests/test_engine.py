@@ -86,6 +86,29 @@ def test_sequences_accept_different_lengths_in_one_batch():
   assert (acc.sum(1) >= 24).all()
 
 
+def naive_greedy(model, prompt, n):
+  """Greedy decoding by full causal forwards, no cache: the reference for the loop."""
+  seq = list(prompt)
+  for _ in range(n):
+    seq.append(int(np.argmax(np.asarray(model.logits([seq]))[0, -1])))
+  return seq[len(prompt):]
+
+
+def test_chunked_prefill_of_any_prompt_length_in_one_program():
+  """Prompts across several 64-token prefill chunks, ragged, decode as a cache-free loop
+  does; one cache size compiles once for every prompt length."""
+  rng = np.random.default_rng(0)
+  long, short = rng.integers(0, 64, 150).tolist(), [3, 1, 4]
+  want = [naive_greedy(TARGET, p, 6) for p in (long, short)]
+  compiled = decode._generate._cache_size()  # pylint: disable=protected-access
+  kw = dict(max_new_tokens=6, eos=None, max_len=200)
+  assert gen(TARGET, [long, short], **kw).token_lists() == want
+  assert gen(TARGET, [short, long], **kw).token_lists() == want[::-1]
+  assert gen(TARGET, [long[:70], short[:2]], **kw).token_lists() == [
+      naive_greedy(TARGET, long[:70], 6), naive_greedy(TARGET, short[:2], 6)]
+  assert decode._generate._cache_size() == compiled + 1  # pylint: disable=protected-access
+
+
 def test_eos_stops_each_sequence_on_its_own():
   free = ar(PROMPTS, n=24)
   eos = free[0][5]  # a token that sequence 0 emits at step 6
