@@ -7,8 +7,9 @@ each as it finishes, so a restarted sweep resumes where it stopped.
 Protocol (Spec-Bench): batch size 1; for each prompt the AR baseline runs first, then every
 method and peer, in one process, so drift cancels; the first call of each compiled shape
 (plus `warmup` more) is not timed; cache sizes round up to `cache_bucket` so prompts of
-different lengths share one compiled program (the prompt's width is not a static shape). Prompts are rendered with the target's chat template; a later turn of a multi-turn
-prompt (MT-Bench) follows the AR answer to the earlier turns at the same temperature and
+different lengths share one compiled program (the prompt's width is not a static shape).
+Prompts are rendered with the target's chat template; a later turn of a multi-turn prompt
+(MT-Bench) follows the AR answer to the earlier turns at the same temperature and
 seed, and every turn is its own row ("81/t1", "81/t2").
 """
 

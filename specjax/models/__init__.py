@@ -13,7 +13,7 @@ from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig, from_hf_config
 from specjax.models.loading import load_gguf, load_hf_dir, params_from_hf
 from specjax.models.model import (FINAL, Forward, Model, causal, causal_forward, embed, forward,
-                                  init_params, lm_head, param_dtype, parse_dtype)
+                                  init_params, lm_head, param_dtype, parse_dtype, prefill)
 
 # preset -> (package that ships the file, file inside it, pip command that installs it)
 PRESETS = {
@@ -56,6 +56,6 @@ def load(name_or_path: str = DEFAULT, dtype: str = "float32") -> Model:
 
 
 __all__ = ["DEFAULT", "FINAL", "PRESETS", "Forward", "KVCache", "Model", "ModelConfig",
-           "causal", "causal_forward", "embed", "forward", "from_hf_config", "init_params", "lm_head",
-           "load", "load_gguf", "load_hf_dir", "param_dtype", "params_from_hf", "parse_dtype",
-           "preset_path"]
+           "causal", "causal_forward", "embed", "forward", "from_hf_config", "init_params",
+           "lm_head", "load", "load_gguf", "load_hf_dir", "param_dtype", "params_from_hf",
+           "parse_dtype", "prefill", "preset_path"]

@@ -118,8 +118,8 @@ def prefill(cfg: ModelConfig, params: Any, cache: KVCache, tokens_BxL: jax.Array
     start = i * chunk
     tokens = jax.lax.dynamic_slice_in_dim(tokens_BxW, start, chunk, axis=1)
     # Padding past the longest row may run past the context: clamp its positions.
-    positions = jnp.broadcast_to(jnp.minimum(start + jnp.arange(chunk), cfg.max_position_embeddings - 1),
-                                 (b, chunk))
+    positions_T = jnp.minimum(start + jnp.arange(chunk), cfg.max_position_embeddings - 1)
+    positions = jnp.broadcast_to(positions_T, (b, chunk))
     out = forward(cfg, params, tokens, positions, causal(chunk),
                   cache.replace(lengths=jnp.full((b,), start, jnp.int32)), features)
     feats = tuple(jax.lax.dynamic_update_slice_in_dim(f, new, start, axis=1)
