@@ -18,7 +18,6 @@ Writes bench.json and prints the tables.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics

@@ -210,20 +210,16 @@ class Timer:
     return out, time.perf_counter() - start
 
 
-def _cache_slots(plan: Plan, prompt_tokens: int, drafter: Any) -> int:
-  need = decode.cache_size(prompt_tokens, plan.max_new_tokens,
-                           0 if drafter is None else drafter.num_nodes)
-  return -(-need // plan.cache_bucket) * plan.cache_bucket
-
-
 def _measure_method(plan: Plan, timer: Timer, target: Model, method: Method, drafter: Any,
                     ids: list[int], temperature: float, seed: int) -> dict[str, Any]:
+  num_nodes = 0 if drafter is None else drafter.num_nodes
+  max_len = decode.bucketed_cache_size(len(ids), plan.max_new_tokens, num_nodes,
+                                       plan.cache_bucket)
   call = functools.partial(
       decode.generate, target, [ids], max_new_tokens=plan.max_new_tokens,
       temperature=temperature, seed=seed, drafter=drafter, stop=method.stop_policy(),
-      acceptance=method.rule(), max_len=_cache_slots(plan, len(ids), drafter))
-  out, seconds = timer(call, (method.name, _cache_slots(plan, len(ids), drafter), temperature))
-  num_nodes = 0 if drafter is None else drafter.num_nodes
+      acceptance=method.rule(), max_len=max_len)
+  out, seconds = timer(call, (method.name, max_len, temperature))
   return {"tokens": out.token_lists()[0], "target_calls": int(out.stats.target_calls[0]),
           "draft_calls": int(out.stats.draft_calls[0]), "seconds": seconds,
           "accepted_hist": metrics.accepted_histogram(

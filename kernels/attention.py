@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_MASKED = -1e30  # finite, so a row with nothing visible gives zeros, not NaN
+_MASKED = -1e30  # finite, so a row with nothing visible gives no NaN
 
 
 def attention_reference(q_BxTxHxD: jax.Array, k_BxKxTxD: jax.Array, v_BxKxTxD: jax.Array,

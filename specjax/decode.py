@@ -222,6 +222,12 @@ def cache_size(prompt_tokens: int, max_new_tokens: int, num_nodes: int) -> int:
 CACHE_BUCKET = 256
 
 
+def bucketed_cache_size(prompt_tokens: int, max_new_tokens: int, num_nodes: int,
+                        bucket: int = CACHE_BUCKET) -> int:
+  """`cache_size` rounded up to a multiple of `bucket` (the compiled program's size)."""
+  return -(-cache_size(prompt_tokens, max_new_tokens, num_nodes) // bucket) * bucket
+
+
 def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, eos: Any = "default",
@@ -270,7 +276,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
   n = 0 if drafter is None else drafter.num_nodes
   need = cache_size(max(lens), max_new_tokens, n)
   if max_len is None:
-    max_len = -(-need // CACHE_BUCKET) * CACHE_BUCKET
+    max_len = bucketed_cache_size(max(lens), max_new_tokens, n)
   elif need > max_len:
     raise ValueError(f"Prompt of {max(lens)} tokens + max_new_tokens={max_new_tokens} + tree "
                      f"room {2 * (n + 1)} needs {need} cache slots; max_len is {max_len}.")
