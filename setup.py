@@ -7,6 +7,9 @@ INSTALL_REQUIRES = [
     "jaxlib==0.10.2",
     "flax==0.12.8",
     "ml-collections==1.1.0",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "tensorflow-datasets==4.9.10",
     "datasets==5.2.0",
     "gguf==0.19.0",
     # Tokenizers and chat templates: transformers builds them (its GGUF converter is
@@ -53,5 +56,7 @@ setup(
     extras_require=EXTRAS,
     entry_points={"console_scripts": [
         "specjax-eval=specjax.evaluation.cli:run",
+        "specjax-train=specjax.training.cli:run",
+        "specjax-distill=specjax.training.distill:cli",
     ]},
 )

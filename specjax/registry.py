@@ -66,6 +66,7 @@ class Registry:
 DRAFTERS = Registry("drafter")  # builder(target: Model, **knobs) -> drafter
 STOP_POLICIES = Registry("stop policy")  # builder(**knobs) -> policy
 ACCEPTANCE = Registry("acceptance rule")  # builder(**knobs) -> verify.Acceptance
+HEADS = Registry("draft head")  # builder(target_config, **knobs) -> drafters.TrainableHead
 
 AR = "ar"  # the drafter name of plain autoregressive decoding (no drafter)
 

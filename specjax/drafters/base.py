@@ -55,3 +55,43 @@ class Drafter(Protocol):
 
   def commit(self, state, ctx: Context, verdict, features: tuple) -> Any:
     ...
+
+
+@flax.struct.dataclass
+class TargetBatch:
+  """What a trainable head learns from: a batch of sequences and the frozen target's
+  outputs on it (under stop_gradient; the very `forward` decoding uses)."""
+
+  tokens: jax.Array  # int32[B, T]
+  mask: jax.Array  # float32[B, T]: 1 where a token is a training target (the response)
+  features: tuple  # the head's declared target features, each [B, T, H]
+  logits: jax.Array  # float32[B, T, V]: the target's next-token logits
+  shared: Any  # the target params heads share (`models.shared_params`: embedding, LM head)
+
+
+class TrainableHead(Protocol):
+  """A draft head `specjax-train` trains against a frozen target (registry.HEADS).
+
+    features                        target features its loss and drafter read
+    init(key) -> params             a fresh params pytree
+    loss(params, batch, key) -> (loss, metrics)   metrics: dict of scalars ("top1/k", ...)
+    accept(params, batch, depth) -> (bool[B, T, depth], float32[B, T])   greedy chain
+        acceptance, teacher-forced on the data: [b, t, k] when draft k of a chain drafted
+        from position t matches the target's argmax (and is a response token), and which
+        rows count; the offline "simulated tau" is 1 + the mean accepted prefix
+    drafter(params, shared, **decode_knobs) -> Drafter
+  """
+
+  features: tuple[int, ...]
+
+  def init(self, key) -> Any:
+    ...
+
+  def loss(self, params, batch: TargetBatch, key) -> tuple[jax.Array, dict[str, jax.Array]]:
+    ...
+
+  def accept(self, params, batch: TargetBatch, depth: int) -> tuple[jax.Array, jax.Array]:
+    ...
+
+  def drafter(self, params, shared, **knobs) -> Drafter:
+    ...

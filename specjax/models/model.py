@@ -136,6 +136,13 @@ def embed(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array) -> jax.Array:
   return jnp.take(params[_EMBEDDING[cfg.arch]]["embedding"], tokens_BxT, axis=0)
 
 
+def shared_params(cfg: ModelConfig, params: Any) -> dict[str, Any]:
+  """The target params `embed` and `lm_head` read: what heads share with it, frozen (the
+  same buffers, no copy)."""
+  keys = [_EMBEDDING[cfg.arch]] + ([] if cfg.tie_embeddings else ["lm_head"])
+  return {k: params[k] for k in keys}
+
+
 def lm_head(cfg: ModelConfig, params: Any, hidden_BxTxH: jax.Array) -> jax.Array:
   """float32[B, T, V]: the target's LM head applied to final-normed hidden states."""
   if cfg.tie_embeddings:

@@ -1,0 +1,24 @@
+"""Medusa-1 heads against SmolLM2-135M, on its self-distilled answers to the training mix.
+
+  specjax-train --config configs/medusa.py --workdir workdir/medusa
+  specjax-train --config configs/medusa.py:tiny --workdir /tmp/medusa_tiny   # ~1 minute
+
+Four residual-block heads sharing the target's frozen LM head; soft CE against the target,
+head k weighted 0.8^k.
+"""
+
+from specjax.configs import train_common
+
+
+def get_config(arg: str | None = None):
+  c = train_common.base()
+  c.head = "medusa"
+  c.head_kwargs.num_heads = 4
+  c.head_kwargs.decay = 0.8
+  c.decode.depth = 3
+  c.optim.lr = 1e-3
+  if arg == "tiny":
+    c = train_common.tiny(c)
+  elif arg:
+    raise ValueError(f"Unknown argument {arg!r}: use nothing or 'tiny'.")
+  return c

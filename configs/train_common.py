@@ -1,0 +1,52 @@
+"""Shared pieces of training configs: every field `specjax-train` reads, with defaults."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.target = "smollm2-135m"  # a preset, a HF folder, a .gguf file, or "tiny-random"
+  c.dtype = "float32"
+  c.head = "eagle"  # a name in specjax.registry.HEADS
+  c.head_kwargs = ml_collections.ConfigDict()  # the head's knobs (noise, num_heads, ...)
+  c.decode = ml_collections.ConfigDict()  # drafter knobs saved with the head (depth, top_k)
+  c.data = ml_collections.ConfigDict({
+      "source": "assets/distill/smollm2-135m",  # see specjax.training.data
+      "seq_len": 512,
+      "eval_rows": 32,
+  })
+  c.batch_size = 4
+  c.grad_accum = 1  # micro-steps per optimizer step
+  c.steps = 1000  # optimizer steps
+  c.optim = ml_collections.ConfigDict({
+      "lr": 3e-4, "warmup_steps": 50, "end_lr": 0.1, "b1": 0.9, "b2": 0.95,
+      "weight_decay": 0.0, "clip": 0.5,
+  })
+  c.seed = 0
+  c.sim_depth = 5  # draft depth of the simulated tau
+  c.log_every = 10
+  c.eval_every = 100
+  c.checkpoint_every = 50
+  c.keep_checkpoints = 3
+  c.progress = True
+  return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A run of about a minute on the random tiny target (smoke tests)."""
+  c.target = "tiny-random"
+  c.data.source = "random:96:48"
+  c.data.seq_len = 48
+  c.data.eval_rows = 8
+  c.batch_size = 8
+  c.steps = 40
+  c.optim.lr = 3e-3
+  c.optim.warmup_steps = 5
+  c.log_every = 5
+  c.eval_every = 20
+  c.checkpoint_every = 10
+  c.sim_depth = 3
+  c.progress = False
+  return c

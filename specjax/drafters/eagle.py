@@ -1,0 +1,262 @@
+"""EAGLE-1/2: feature-level drafting with one decoder layer over the target's own features.
+
+Pair t of a sequence is (f_t, x_{t+1}): the target's final normed hidden state at
+position t (the `FINAL` feature, what its LM head reads) and the token after it. The head
+
+  h_t = fc(concat(embed(x_{t+1}), f_t))         2H -> H with bias; embedding = target's
+  g_t = decoder_layer(h_t)                      Llama layer without its input norm,
+                                                causal over pairs, RoPE at position t
+  p(x_{t+2}) = softmax(lm_head(g_t))            the target's frozen LM head
+
+predicts f_{t+1} (g_t) and through it the token after next. Drafting feeds a drafted
+token back with the head's own predicted feature; training regresses g_t on f_{t+1}
+(SmoothL1) plus 0.1 x soft cross-entropy against the target's distribution, with uniform
+noise on the input features (EAGLE-1's recipe, DESIGN.md section 4).
+
+Decoding keeps the head's own KV cache over the pairs of the committed context, built
+from the target's *real* features (prefilled from the prompt's, then the features the
+verification forward returns for the accepted tokens); draft-time entries made from
+predicted features are dropped after each verification. A step: catch up on the pending
+pairs (1 + accepted drafts), which gives the root's distribution, then expand a static
+tree (`static_tree.draft`, a chain when top_k = 1); EAGLE-2's dynamic tree reuses the
+same weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from specjax import registry
+from specjax.drafters import static_tree
+from specjax.drafters.base import TargetBatch
+from specjax.models import llama
+from specjax.models.cache import KVCache
+from specjax.models.config import ModelConfig
+from specjax.models.model import FINAL, causal, embed, lm_head, param_dtype
+from specjax.tree import StaticTree
+
+
+class EagleNet(nn.Module):
+  """fc + one decoder layer (no input norm), named as eagle-llm names its weights."""
+
+  cfg: ModelConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, emb_BxTxH, feat_BxTxH, positions_BxT, visible_BxTxT, kv=None,
+               start_B=None, prefix_BxTxS=None):
+    cfg = self.cfg
+    x = nn.Dense(cfg.hidden_size, use_bias=True, dtype=self.dtype, param_dtype=self.dtype,
+                 name="fc")(jnp.concatenate([emb_BxTxH, feat_BxTxH], -1).astype(self.dtype))
+    cos, sin = llama.rope_cos_sin(cfg, positions_BxT, self.dtype)
+    h, kv = llama.Attention(cfg, self.dtype, name="self_attn")(
+        x, cos, sin, visible_BxTxT, prefix_BxTxS, kv, start_B)
+    x = x + h
+    x = x + llama.MLP(cfg, self.dtype, name="mlp")(
+        llama.RMSNorm(cfg.norm_eps, self.dtype, name="post_attention_layernorm")(x))
+    return x, kv
+
+
+def net(cfg: ModelConfig, params, shared, feat_BxTxH, next_BxT, positions_BxT, visible_BxTxT,
+        cache: KVCache | None = None, prefix_BxTxS=None):
+  """The head on T pairs (f, next token); with a 1-layer `cache` its K/V are written at
+  `cache.lengths` as `models.forward` does. Returns (predicted features [B,T,H], cache)."""
+  emb = embed(cfg, shared, next_BxT)
+  kv = None if cache is None else (cache.k[0], cache.v[0])
+  start = None if cache is None else cache.lengths
+  if cache is not None and prefix_BxTxS is None:
+    prefix_BxTxS = cache.prefix_mask(next_BxT.shape[1])
+  g, kv = EagleNet(cfg, param_dtype(params)).apply({"params": params}, emb, feat_BxTxH,
+                                                   positions_BxT, visible_BxTxT, kv, start,
+                                                   prefix_BxTxS)
+  return g, None if cache is None else cache.replace(k=(kv[0],), v=(kv[1],))
+
+
+def _smooth_l1(x, y):
+  d = jnp.abs(x - y)
+  return jnp.where(d < 1.0, 0.5 * d * d, d - 0.5)
+
+
+def _soft_ce(target_logits, logits):
+  return -jnp.sum(jax.nn.softmax(target_logits, -1) * jax.nn.log_softmax(logits, -1), -1)
+
+
+@flax.struct.dataclass
+class EagleHead:
+  """EAGLE-1 as a trainable head (see `base.TrainableHead`)."""
+
+  config: ModelConfig = flax.struct.field(pytree_node=False)
+  noise: float = flax.struct.field(pytree_node=False, default=0.2)
+  ce_weight: float = flax.struct.field(pytree_node=False, default=0.1)
+  features = (FINAL,)
+
+  def init(self, key, dtype=jnp.float32):
+    z = jnp.zeros((1, 1), jnp.int32)
+    h = jnp.zeros((1, 1, self.config.hidden_size), dtype)
+    return EagleNet(self.config, dtype).init(key, h, h, z, causal(1))["params"]
+
+  def loss(self, params, batch: TargetBatch, key):
+    cfg = self.config
+    f = batch.features[0]
+    b, t = batch.tokens.shape
+    f_in = f[:, :-1] + self.noise * jax.random.uniform(key, f[:, :-1].shape, f.dtype, -0.5, 0.5)
+    positions = jnp.broadcast_to(jnp.arange(t - 1), (b, t - 1))
+    g, _ = net(cfg, params, batch.shared, f_in, batch.tokens[:, 1:], positions, causal(t - 1))
+    logits = lm_head(cfg, batch.shared, g)
+    target = batch.logits[:, 1:]
+    # Pair t drafts token t + 2: it counts where that token is a training target.
+    w = jnp.pad(batch.mask[:, 2:], ((0, 0), (0, 1)))
+    denom = jnp.maximum(w.sum(), 1.0)
+    reg = jnp.sum(w * _smooth_l1(g, f[:, 1:]).mean(-1)) / denom
+    ce = jnp.sum(w * _soft_ce(target, logits)) / denom
+    top1 = jnp.sum(w * (logits.argmax(-1) == target.argmax(-1))) / denom
+    return reg + self.ce_weight * ce, {"reg": reg, "ce": ce, "top1/1": top1}
+
+  def accept(self, params, batch: TargetBatch, depth: int):
+    """Unrolls `depth` draft steps from every position at once, each step feeding back the
+    head's own predicted feature: step j of the chain from pair t is pair t + j - 1 and
+    sees the real pairs <= t and its own chain's earlier steps (the cache decoding has)."""
+    cfg = self.config
+    f = batch.features[0]
+    b, t = batch.tokens.shape
+    n = t - 1  # pairs
+    rows = jnp.arange(n)
+    cache = KVCache.create(1, b, depth * n, cfg.num_kv_heads, cfg.head_dim, f.dtype)
+    target_top = batch.logits.argmax(-1)
+    feat = f[:, :-1]
+    matches = []
+    for j in range(1, depth + 1):
+      src = jnp.minimum(rows + j, t - 1)
+      positions = jnp.broadcast_to(rows + j - 1, (b, n))
+      if j == 1:
+        g, cache = net(cfg, params, batch.shared, feat, batch.tokens[:, 1:], positions,
+                       causal(n), cache)
+        slot = jnp.arange(depth * n)  # row t sees the real pairs <= t ...
+        real = (slot[None, :] < n) & (slot[None, :] <= rows[:, None])
+      else:
+        own = (slot[None, :] % n == rows[:, None]) & (slot[None, :] >= n) & (
+            slot[None, :] < (j - 1) * n)  # ... and its chain's steps 2..j-1
+        prefix = jnp.broadcast_to(real | own, (b, n, depth * n))
+        g, cache = net(cfg, params, batch.shared, feat, batch.tokens[:, src], positions,
+                       jnp.eye(n, dtype=bool)[None], cache.replace(
+                           lengths=jnp.full((b,), (j - 1) * n, jnp.int32)), prefix)
+      draft_top = lm_head(cfg, batch.shared, g).argmax(-1)
+      ok = (draft_top == target_top[:, src]) & (rows + j + 1 < t)
+      ok &= jnp.take(batch.mask, jnp.minimum(rows + j + 1, t - 1), axis=1) > 0
+      matches.append(ok)
+      feat = g
+    acc = jnp.pad(jnp.stack(matches, -1), ((0, 0), (0, 1), (0, 0)))
+    return acc, jnp.pad(batch.mask[:, 2:], ((0, 0), (0, 2)))
+
+  def drafter(self, params, shared, *, top_k: int = 1, depth: int = 4,
+              tree: Sequence[Sequence[int]] | None = None) -> "Eagle":
+    """A drafter with these weights: a chain of `depth` tokens (top_k = 1), the full
+    top_k-ary tree of `depth` levels, or the tree of choice paths `tree`."""
+    if tree is None:
+      paths, level = [], [()]
+      for _ in range(depth):
+        level = [p + (r,) for p in level for r in range(top_k)]
+        paths += level
+      tree = paths
+    return Eagle(params, shared, self.config, StaticTree.from_choices(tree))
+
+
+@flax.struct.dataclass
+class EagleState:
+  cache: KVCache  # the head's cache over committed pairs (real features only)
+  pending_BxCxH: jax.Array  # features of the pairs [cache.lengths, ctx.length - 1)
+
+
+@flax.struct.dataclass
+class Eagle:
+  """The EAGLE drafter (see the module docstring)."""
+
+  params: Any
+  shared: Any
+  config: ModelConfig = flax.struct.field(pytree_node=False)
+  tree: StaticTree = flax.struct.field(pytree_node=False, default=StaticTree.chain(4))
+  takes_stop_policy = True
+  features = (FINAL,)
+
+  @property
+  def num_nodes(self) -> int:
+    return self.tree.num_nodes
+
+  def validate(self, target_config: ModelConfig) -> None:
+    for field in ("hidden_size", "vocab_size"):
+      mine, theirs = getattr(self.config, field), getattr(target_config, field)
+      if mine != theirs:
+        raise ValueError(f"This EAGLE head was made for a target with {field}={mine}; the "
+                         f"target has {theirs}.")
+
+  def _pending(self) -> int:
+    return self.tree.depth + 1  # the root + every draft accepted
+
+  def init(self, ctx, max_len: int, features) -> EagleState:
+    cfg, (f,) = self.config, features
+    b = ctx.history.shape[0]
+    cache = KVCache.create(1, b, max_len + self._pending() + self.tree.depth * self.tree.width,
+                           cfg.num_kv_heads, cfg.head_dim, param_dtype(self.params))
+    # Pairs 0 .. P-3 into the cache; pair P-2 (the root's) is pending.
+    n_B = jnp.maximum(ctx.length - 2, 0)
+    nxt = jnp.pad(ctx.history[:, 1:], ((0, 0), (0, 1)))
+    chunk = min(64, max_len)
+    width = -(-max_len // chunk) * chunk
+    nxt, f_pad = jnp.pad(nxt, ((0, 0), (0, width - max_len))), jnp.pad(
+        f, ((0, 0), (0, width - max_len), (0, 0)))
+
+    def body(i, cache):
+      s = i * chunk
+      positions = jnp.broadcast_to(s + jnp.arange(chunk), (b, chunk))
+      _, cache = net(cfg, self.params, self.shared,
+                     jax.lax.dynamic_slice_in_dim(f_pad, s, chunk, 1),
+                     jax.lax.dynamic_slice_in_dim(nxt, s, chunk, 1), positions, causal(chunk),
+                     cache.replace(lengths=jnp.full((b,), s, jnp.int32)))
+      return cache
+
+    cache = jax.lax.fori_loop(0, -(-jnp.max(n_B) // chunk), body, cache).replace(lengths=n_B)
+    last = jnp.take_along_axis(f, jnp.maximum(ctx.length - 2, 0)[:, None, None], 1)
+    pending = jnp.zeros((b, self._pending(), cfg.hidden_size), f.dtype).at[:, :1].set(last)
+    return EagleState(cache, pending)
+
+  def propose(self, state: EagleState, ctx, stop, sampling, key):
+    cfg, c = self.config, self._pending()
+    cache = state.cache
+    m_B = cache.lengths
+    lag_B = ctx.length - 1 - m_B  # pending pairs: 1 + accepted drafts (0 = nothing known)
+    idx = jnp.minimum(m_B[:, None] + 1 + jnp.arange(c), ctx.history.shape[1] - 1)
+    g, cache = net(cfg, self.params, self.shared, state.pending_BxCxH,
+                   jnp.take_along_axis(ctx.history, idx, 1), m_B[:, None] + jnp.arange(c),
+                   causal(c), cache)
+    last = jnp.clip(lag_B - 1, 0, c - 1)[:, None, None]
+    g_root = jnp.take_along_axis(g, last, 1)
+    cache = cache.advance(jnp.maximum(lag_B, 0))
+
+    def step(tokens_BxW, parent_g, positions_BxW, cache, prefix):
+      w = tokens_BxW.shape[1]
+      g, cache = net(cfg, self.params, self.shared, parent_g, tokens_BxW, positions_BxW - 1,
+                     jnp.eye(w, dtype=bool)[None], cache, prefix)
+      return lm_head(cfg, self.shared, g), g, cache
+
+    tree, cache, _, calls = static_tree.draft(
+        self.tree, step, lm_head(cfg, self.shared, g_root), g_root, cache, ctx.length - 1,
+        stop, sampling, key, valid_B=lag_B > 0)
+    return tree, EagleState(cache, state.pending_BxCxH), calls
+
+  def commit(self, state: EagleState, ctx, verdict, features) -> EagleState:
+    """The new pending pairs: the root's and the accepted nodes' real target features."""
+    (f,) = features
+    idx = jnp.concatenate([jnp.zeros((f.shape[0], 1), jnp.int32),
+                           1 + verdict.path[:, :self._pending() - 1]], 1)
+    return EagleState(state.cache, jnp.take_along_axis(f, idx[..., None], 1))
+
+
+@registry.HEADS.register("eagle")
+def _head(target_cfg: ModelConfig, *, noise: float = 0.2, ce_weight: float = 0.1) -> EagleHead:
+  """EAGLE-1: fc + one decoder layer on the target's final features (EAGLE-2 decodes it)."""
+  return EagleHead(target_cfg, noise, ce_weight)

@@ -1,0 +1,160 @@
+"""Medusa-1: K heads on the target's last hidden state, each guessing one token further.
+
+Head k (0-based) reads f_t, the target's final normed hidden state at position t, through
+a residual block and the target's frozen LM head (shared by default: SmolLM2's 49k x 576
+head would be most of a small head's size):
+
+  p_k(x_{t+k+2}) = softmax(lm_head(f_t + SiLU(W_k f_t + b_k)))      W_k zero-initialised
+
+so a fresh head starts as the target's own next-token guess. In the decode loop the root
+(the last committed token, x_{t+1}) is already chosen by the target from f_t, so the heads
+fill the tree below it: a node at depth d takes the rank-r token of head d - 1 (a static
+tree from a Medusa choice list; a chain takes rank 0 everywhere). One draft call per step,
+independent of the tree's size. Tokens are picked deterministically (top-k), so lossless
+sampling verifies them with q one-hot (SpecInfer's rule).
+
+Training: soft cross-entropy of head k against the target's distribution at t + k + 1,
+weighted 0.8^k (the self-distillation form of Medusa's loss).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from specjax import registry
+from specjax.drafters.base import TargetBatch
+from specjax.models.config import ModelConfig
+from specjax.models.model import FINAL, lm_head
+from specjax.tree import DraftTree, StaticTree
+
+
+def heads(params, f_BxH: jax.Array) -> jax.Array:
+  """[..., K, H]: every head's residual block on features [..., H]."""
+  x = f_BxH[..., None, :].astype(params["w"].dtype)
+  return x + jax.nn.silu(jnp.einsum("...kh,kho->...ko", x, params["w"]) + params["b"])
+
+
+def _soft_ce(target_logits, logits):
+  return -jnp.sum(jax.nn.softmax(target_logits, -1) * jax.nn.log_softmax(logits, -1), -1)
+
+
+@flax.struct.dataclass
+class MedusaHead:
+  """Medusa-1 as a trainable head (see `base.TrainableHead`)."""
+
+  config: ModelConfig = flax.struct.field(pytree_node=False)
+  num_heads: int = flax.struct.field(pytree_node=False, default=4)
+  decay: float = flax.struct.field(pytree_node=False, default=0.8)
+  features = (FINAL,)
+
+  def init(self, key, dtype=jnp.float32):
+    del key  # zero-initialised: a fresh head is the target's own next-token guess
+    k, h = self.num_heads, self.config.hidden_size
+    return {"w": jnp.zeros((k, h, h), dtype), "b": jnp.zeros((k, h), dtype)}
+
+  def _logits(self, params, batch):
+    return lm_head(self.config, batch.shared, heads(params, batch.features[0]))  # [B,T,K,V]
+
+  def loss(self, params, batch: TargetBatch, key):
+    del key
+    t = batch.tokens.shape[1]
+    total, metrics = 0.0, {}
+    for k in range(self.num_heads):
+      # Head k at position i guesses token i + k + 2: the target's distribution at i + k + 1.
+      logits = lm_head(self.config, batch.shared,
+                       heads(params, batch.features[0][:, :t - k - 2])[..., k, :])
+      target = batch.logits[:, k + 1:t - 1]
+      w = batch.mask[:, k + 2:]
+      denom = jnp.maximum(w.sum(), 1.0)
+      ce = jnp.sum(w * _soft_ce(target, logits)) / denom
+      total += self.decay ** k * ce
+      metrics[f"ce/{k + 1}"] = ce
+      metrics[f"top1/{k + 1}"] = jnp.sum(w * (logits.argmax(-1) == target.argmax(-1))) / denom
+    return total, metrics
+
+  def accept(self, params, batch: TargetBatch, depth: int):
+    b, t = batch.tokens.shape
+    depth = min(depth, self.num_heads)
+    top = self._logits(params, batch)[..., :depth, :].argmax(-1)  # [B, T, depth]
+    i = jnp.arange(t)[:, None] + jnp.arange(depth)[None, :] + 1  # the guessed token - 1
+    target_top = jnp.take(batch.logits.argmax(-1), jnp.minimum(i, t - 1), axis=1)
+    ok = (top == target_top) & (i + 1 < t)
+    ok &= jnp.take(batch.mask, jnp.minimum(i + 1, t - 1), axis=1) > 0
+    return ok, jnp.pad(batch.mask[:, 2:], ((0, 0), (0, 2)))
+
+  def drafter(self, params, shared, *, depth: int | None = None,
+              tree: Sequence[Sequence[int]] | None = None) -> "Medusa":
+    """A chain of `depth` tokens (default: one per head) or the tree of choice paths."""
+    shape = (StaticTree.chain(depth or self.num_heads) if tree is None
+             else StaticTree.from_choices(tree))
+    return Medusa(params, shared, self.config, shape)
+
+
+@flax.struct.dataclass
+class MedusaState:
+  feature_BxH: jax.Array  # the target's feature at the token before the root
+  known_B: jax.Array  # bool[B]: False until one exists (a one-token prompt)
+
+
+@flax.struct.dataclass
+class Medusa:
+  """The Medusa drafter (see the module docstring)."""
+
+  params: Any
+  shared: Any
+  config: ModelConfig = flax.struct.field(pytree_node=False)
+  tree: StaticTree = flax.struct.field(pytree_node=False, default=StaticTree.chain(4))
+  takes_stop_policy = False
+  features = (FINAL,)
+
+  @property
+  def num_nodes(self) -> int:
+    return self.tree.num_nodes
+
+  def validate(self, target_config: ModelConfig) -> None:
+    for field in ("hidden_size", "vocab_size"):
+      mine, theirs = getattr(self.config, field), getattr(target_config, field)
+      if mine != theirs:
+        raise ValueError(f"This Medusa head was made for a target with {field}={mine}; the "
+                         f"target has {theirs}.")
+    num_heads = self.params["w"].shape[0]
+    if self.tree.depth > num_heads:
+      raise ValueError(f"A tree of depth {self.tree.depth} needs {self.tree.depth} Medusa "
+                       f"heads; this one has {num_heads}.")
+
+  def init(self, ctx, max_len: int, features) -> MedusaState:
+    (f,) = features
+    last = jnp.take_along_axis(f, jnp.maximum(ctx.length - 2, 0)[:, None, None], 1)[:, 0]
+    return MedusaState(last, ctx.length >= 2)
+
+  def propose(self, state: MedusaState, ctx, stop, sampling, key):
+    del ctx, stop, sampling, key
+    b = state.feature_BxH.shape[0]
+    depth_N = jnp.asarray(self.tree.node_depth) - 1
+    logits_BxKxV = lm_head(self.config, self.shared,
+                           heads(self.params, state.feature_BxH)[:, :self.tree.depth])
+    top_BxKxR = jax.lax.top_k(logits_BxKxV, self.tree.max_rank + 1)[1]
+    tokens = top_BxKxR[:, depth_N, jnp.asarray(self.tree.ranks)]
+    parents = jnp.broadcast_to(jnp.asarray(self.tree.parents, jnp.int32), tokens.shape)
+    valid = jnp.broadcast_to(state.known_B[:, None], tokens.shape)
+    return (DraftTree(tokens.astype(jnp.int32), parents, valid), state,
+            state.known_B.astype(jnp.int32))
+
+  def commit(self, state: MedusaState, ctx, verdict, features) -> MedusaState:
+    """The feature at the last accepted token (the root's if none was accepted)."""
+    (f,) = features
+    a_B = verdict.accepted_drafts
+    last = jnp.where(a_B > 0, 1 + jnp.take_along_axis(
+        verdict.path, jnp.maximum(a_B - 1, 0)[:, None], 1)[:, 0], 0)
+    return MedusaState(jnp.take_along_axis(f, last[:, None, None], 1)[:, 0],
+                       jnp.ones_like(state.known_B))
+
+
+@registry.HEADS.register("medusa")
+def _head(target_cfg: ModelConfig, *, num_heads: int = 4, decay: float = 0.8) -> MedusaHead:
+  """Medusa-1: residual-block heads sharing the target's LM head."""
+  return MedusaHead(target_cfg, num_heads, decay)

@@ -1,0 +1,44 @@
+"""`specjax-train --config configs/<head>.py[:arg] --workdir DIR [--config.key=value ...]`.
+
+Trains (or resumes, on the same DIR) the draft head a config file describes against its
+frozen target. DIR gets config.json, checkpoints/, metrics.jsonl, curves.png and, at the
+end, head/ (load it with `specjax.drafters.load_drafter` or a sweep's `checkpoint=`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from specjax import runtime
+
+from . import trainer
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config: a file with get_config(arg), e.g. configs/eagle.py.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder; rerunning on it resumes.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  runtime.enable_compilation_cache()
+  try:
+    last = trainer.train(_CONFIG.value, _WORKDIR.value)
+  except trainer.NonFiniteLoss as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(f"done; head in {_WORKDIR.value}/{trainer.HEAD_DIR}; last eval: {last}")
+
+
+def run() -> None:
+  """Console entry point (`specjax-train`)."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,164 @@
+"""Training data: token rows from Hugging Face `datasets`, tensorflow-datasets or a
+self-distillation folder, served as fixed-shape batches in an order that is a pure
+function of (seed, step), so a resumed run sees exactly the batches it would have.
+
+Sources (`config.data.source`):
+  path                  a .json/.jsonl/.parquet file, or a folder of them (e.g. the output
+                        of `specjax-distill`), read with `datasets`
+  hf:NAME[:SPLIT]       a hub dataset, only when a hub is reachable (clear error otherwise)
+  tfds:NAME[:SPLIT]     a tensorflow-datasets dataset already prepared in its data_dir
+  random:ROWS:LEN       deterministic random token rows (smoke runs on random targets)
+
+Rows need `input_ids` (token ids; `loss_mask` optional, 1 = train on that token) or a text
+field (`text`, `content`; tokenized with the target's tokenizer, every token trained on).
+Each row becomes one sequence of `seq_len` tokens (cut or padded; padding is masked out).
+The last `eval_rows` rows (after a seeded shuffle) are held out for evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+TEXT_FIELDS = ("text", "content")
+
+
+def _read(source: str):
+  """A `datasets.Dataset` (or a list of dicts for tfds/random) of raw rows."""
+  import datasets  # pylint: disable=g-import-not-at-top
+
+  if source.startswith("random:"):
+    try:
+      _, rows, length = source.split(":")
+      rows, length = int(rows), int(length)
+    except ValueError:
+      raise ValueError(f"Bad data source {source!r}: expected random:ROWS:LEN.") from None
+    return [{"random": True, "index": i, "length": length} for i in range(rows)]
+  if source.startswith("hf:"):
+    name, _, split = source[3:].partition(":")
+    try:
+      return datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # offline, unknown name or split: say which and why
+      raise ValueError(f"Could not load hub dataset {name!r} (split {split or 'train'!r}): "
+                       f"{type(e).__name__}: {e}. Without a hub, pass a local file or "
+                       "folder.") from e
+  if source.startswith("tfds:"):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    name, _, split = source[5:].partition(":")
+    try:
+      ds = tfds.load(name, split=split or "train", download=False)
+    except Exception as e:
+      raise ValueError(f"Could not load tensorflow-datasets {name!r}: {type(e).__name__}: "
+                       f"{e}. Prepare it in its data_dir first (no download here).") from e
+    return [{k: (v.decode() if isinstance(v, bytes) else v) for k, v in row.items()}
+            for row in tfds.as_numpy(ds)]
+  if os.path.isdir(source):
+    files = sorted(f for ext in ("jsonl", "json", "parquet")
+                   for f in glob.glob(os.path.join(source, f"*.{ext}")))
+    if not files:
+      raise FileNotFoundError(f"Data folder {source!r} has no .jsonl/.json/.parquet files.")
+  elif os.path.isfile(source):
+    files = [source]
+  else:
+    raise FileNotFoundError(f"Data source {source!r} is not a file, a folder, hf:NAME, "
+                            "tfds:NAME or random:ROWS:LEN.")
+  kind = "parquet" if files[0].endswith(".parquet") else "json"
+  return datasets.load_dataset(kind, data_files=files, split="train")
+
+
+def _tokens(row: dict[str, Any], i: int, source: str, encode: Callable | None, vocab: int,
+            seed: int) -> tuple[np.ndarray, np.ndarray]:
+  if row.get("random"):
+    rng = np.random.default_rng((seed, row["index"]))
+    ids = rng.integers(0, vocab, row["length"])
+    return ids, np.ones_like(ids)
+  if row.get("input_ids") is not None:
+    ids = np.asarray(row["input_ids"], np.int64)
+    mask = np.asarray(row["loss_mask"] if row.get("loss_mask") is not None
+                      else np.ones_like(ids))
+    if mask.shape != ids.shape:
+      raise ValueError(f"{source}: row {i} has {len(ids)} input_ids but {len(mask)} "
+                       "loss_mask entries.")
+  else:
+    text = next((row[k] for k in TEXT_FIELDS if row.get(k) is not None), None)
+    if text is None:
+      raise ValueError(f"{source}: row {i} has no 'input_ids' and none of the text fields "
+                       f"{TEXT_FIELDS}; its fields are {sorted(row)}.")
+    if encode is None:
+      raise ValueError(f"{source} holds text but the target has no tokenizer: give token ids.")
+    ids = np.asarray(encode(text), np.int64)
+    mask = np.ones_like(ids)
+  if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+    raise ValueError(f"{source}: row {i} has token ids outside the target's vocabulary "
+                     f"[0, {vocab}).")
+  return ids, mask
+
+
+@dataclasses.dataclass(eq=False)
+class Data:
+  """Tokenized rows as fixed-width arrays; batches by step."""
+
+  tokens: np.ndarray  # int32[N, T]
+  mask: np.ndarray  # float32[N, T]
+  eval_tokens: np.ndarray
+  eval_mask: np.ndarray
+  seed: int
+
+  @property
+  def train_tokens(self) -> int:
+    """Tokens trained on per epoch (mask sum)."""
+    return int(self.mask.sum())
+
+  def batch(self, step: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of micro-step `step`: epochs are seeded permutations, a pure function of
+    (seed, step)."""
+    n = len(self.tokens)
+    idx = [self._order(j // n)[j % n] for j in range(step * batch_size, (step + 1) * batch_size)]
+    return self.tokens[idx], self.mask[idx]
+
+  @functools.lru_cache(maxsize=4)
+  def _order(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng((self.seed, epoch)).permutation(len(self.tokens))
+
+  def eval_batches(self, batch_size: int):
+    for i in range(0, len(self.eval_tokens), batch_size):
+      yield self.eval_tokens[i:i + batch_size], self.eval_mask[i:i + batch_size]
+
+
+def load(source: str, *, seq_len: int, vocab: int, encode: Callable | None = None,
+         eval_rows: int = 16, seed: int = 0, min_trained: int = 2) -> Data:
+  """Reads, tokenizes and shapes a data source (see the module docstring).
+
+  Rows with fewer than `min_trained` trained tokens inside the first `seq_len` are
+  dropped; no rows left, or fewer than needed for the held-out split, is an error.
+  """
+  rows = _read(source)
+  if len(rows) == 0:
+    raise ValueError(f"Data source {source!r} is empty.")
+  toks, masks = [], []
+  for i in range(len(rows)):
+    ids, mask = _tokens(rows[i], i, source, encode, vocab, seed)
+    ids, mask = ids[:seq_len], mask[:seq_len]
+    if mask.sum() < min_trained:
+      continue
+    pad = seq_len - len(ids)
+    toks.append(np.pad(ids, (0, pad)).astype(np.int32))
+    masks.append(np.pad(mask, (0, pad)).astype(np.float32))
+  if len(toks) <= eval_rows:
+    raise ValueError(f"Data source {source!r} has {len(toks)} usable rows (with >= "
+                     f"{min_trained} trained tokens in the first {seq_len}); need more than "
+                     f"eval_rows={eval_rows}.")
+  order = np.random.default_rng(seed).permutation(len(toks))
+  toks, masks = np.stack(toks)[order], np.stack(masks)[order]
+  cut = len(toks) - eval_rows
+  return Data(toks[:cut], masks[:cut], toks[cut:], masks[cut:], seed)
+
+
+def describe(data: Data) -> str:
+  return (f"{len(data.tokens)} training rows ({data.train_tokens} trained tokens an epoch), "
+          f"{len(data.eval_tokens)} held out")

@@ -1,0 +1,72 @@
+"""Training metrics: one JSON line per log or eval row (fsynced), and a PNG of the curves."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+METRICS = "metrics.jsonl"
+PLOT = "curves.png"
+
+
+class Log:
+  """Appends rows to `workdir/metrics.jsonl`; `plot()` redraws `workdir/curves.png`.
+
+  A resumed run drops rows past its restored step first, so the file holds one curve."""
+
+  def __init__(self, workdir: str, resume_step: int | None = None):
+    self.path = os.path.join(workdir, METRICS)
+    self.png = os.path.join(workdir, PLOT)
+    if resume_step is not None and os.path.exists(self.path):
+      kept = [r for r in read(self.path) if r["step"] <= resume_step]
+      with open(self.path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+
+  def write(self, row: dict[str, Any]) -> None:
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(row) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+
+  def plot(self) -> None:
+    plot(read(self.path), self.png)
+
+
+def read(path: str) -> list[dict[str, Any]]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def summary(row: dict[str, Any]) -> str:
+  """One line: step, loss, per-position top-1 agreement and simulated tau."""
+  top1 = " ".join(f"{row[k]:.2f}" for k in sorted(row) if k.startswith("top1/"))
+  acc = " ".join(f"{row[k]:.2f}" for k in sorted(row) if k.startswith("sim_accept/"))
+  return (f"[{row['split']} step {row['step']}] loss {row['loss']:.4f}  top1 {top1}  "
+          f"sim_tau {row.get('sim_tau', float('nan')):.2f}  (P(first k accepted): {acc})")
+
+
+def plot(rows: list[dict[str, Any]], png: str) -> None:
+  """Train/eval loss, held-out top-1 per position, and simulated tau against step."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  train = [r for r in rows if r["split"] == "train"]
+  evals = [r for r in rows if r["split"] == "eval"]
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  for split, rs in (("train", train), ("eval", evals)):
+    if rs:
+      axes[0].plot([r["step"] for r in rs], [r["loss"] for r in rs], label=split)
+  axes[0].set(title="loss", xlabel="micro-step", yscale="log")
+  axes[0].legend()
+  for k in sorted({k for r in evals for k in r if k.startswith("top1/")}):
+    axes[1].plot([r["step"] for r in evals], [r.get(k) for r in evals], label=k)
+  axes[1].set(title="held-out top-1 agreement with the target", xlabel="micro-step")
+  if evals:
+    axes[1].legend()
+  axes[2].plot([r["step"] for r in evals], [r.get("sim_tau") for r in evals], marker="o")
+  axes[2].set(title="simulated tau (greedy chain)", xlabel="micro-step")
+  fig.tight_layout()
+  fig.savefig(png, dpi=90)
+  plt.close(fig)

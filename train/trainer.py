@@ -1,0 +1,223 @@
+"""Training a draft head against a frozen target: one jitted step, orbax checkpoints that
+resume exactly, held-out metrics with a simulated tau, and the exported head.
+
+Data flow of a step (`train_step`):
+
+  tokens, mask [B, T]  --target forward (stop_gradient)-->  features, logits
+  head.loss(params, TargetBatch, key)  --grad w.r.t. head params only-->  optax update
+
+Only the head's params reach the optimizer; the target's params are an argument of the
+step, never differentiated, and its outputs pass through `stop_gradient`. The batch of
+micro-step s is a pure function of (seed, s) and the step's key is fold_in(seed, s), so a
+run restored from the checkpoint at step s continues exactly as the uninterrupted run.
+A non-finite loss leaves the params unchanged and stops the run (the last checkpoint
+stays the last good one).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+
+from specjax import models, registry
+from specjax.drafters import io as head_io
+from specjax.drafters.base import TargetBatch
+from specjax.models.model import causal, forward
+
+from . import data as data_lib
+from . import metrics as metrics_lib
+
+CONFIG_FILE = "config.json"
+HEAD_DIR = "head"
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # micro-steps done
+  params: Any
+  opt_state: Any
+
+
+class NonFiniteLoss(RuntimeError):
+  pass
+
+
+def schedule(c: ml_collections.ConfigDict) -> optax.Schedule:
+  """Learning rate per optimizer step: linear warm-up, then cosine down to lr * end_lr."""
+  o = c.optim
+  return optax.warmup_cosine_decay_schedule(
+      0.0, o.lr, o.warmup_steps, max(c.steps, o.warmup_steps + 1), end_value=o.lr * o.end_lr)
+
+
+def optimizer(c: ml_collections.ConfigDict, params) -> optax.GradientTransformation:
+  """AdamW (decay on matrices only) under warm-up + cosine, global-norm clipping, and
+  gradient accumulation over `grad_accum` micro-steps."""
+  o = c.optim
+  decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
+  tx = optax.chain(optax.clip_by_global_norm(o.clip),
+                   optax.adamw(schedule(c), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                               mask=decay_mask))
+  return optax.MultiSteps(tx, every_k_schedule=c.grad_accum)
+
+
+def target_batch(target: models.Model, params, head, tokens, mask) -> TargetBatch:
+  """The frozen target's outputs on a batch (the very `forward` decoding uses)."""
+  b, t = tokens.shape
+  feats = tuple(head.features)
+  out = forward(target.config, params, tokens, jnp.broadcast_to(jnp.arange(t), (b, t)),
+                causal(t), features=feats)
+  out = jax.lax.stop_gradient(out)
+  return TargetBatch(tokens, mask, out.features, out.logits,
+                     models.shared_params(target.config, params))
+
+
+def make_steps(target: models.Model, head, tx, seed: int, sim_depth: int):
+  """(train_step, eval_step), jitted; the target's params are an argument."""
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def train_step(state: TrainState, target_params, tokens, mask):
+    batch = target_batch(target, target_params, head, tokens, mask)
+    key = jax.random.fold_in(jax.random.key(seed), state.step)
+    (loss, metrics), grads = jax.value_and_grad(
+        lambda p: head.loss(p, batch, key), has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    finite = jnp.isfinite(loss)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    params = keep(optax.apply_updates(state.params, updates), state.params)
+    opt_state = keep(opt_state, state.opt_state)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  @jax.jit
+  def eval_step(params, target_params, tokens, mask):
+    batch = target_batch(target, target_params, head, tokens, mask)
+    loss, metrics = head.loss(params, batch, jax.random.key(0))
+    acc, rows = head.accept(params, batch, sim_depth)
+    prefix = jnp.cumprod(acc, axis=-1)  # leading accepted drafts
+    return {**metrics, "loss": loss}, {"accepted": jnp.sum(rows * prefix.sum(-1)),
+                                       "rows": rows.sum(),
+                                       "per_depth": jnp.sum(rows[..., None] * prefix, (0, 1))}
+
+  return train_step, eval_step
+
+
+def evaluate(eval_step, params, target_params, data: data_lib.Data, batch_size: int
+             ) -> dict[str, float]:
+  """Held-out loss and metrics (row-weighted means) and the simulated tau."""
+  sums, n, acc, rows, per_depth = {}, 0, 0.0, 0.0, 0.0
+  for tokens, mask in data.eval_batches(batch_size):
+    m, a = eval_step(params, target_params, tokens, mask)
+    for k, v in m.items():
+      sums[k] = sums.get(k, 0.0) + float(v) * len(tokens)
+    n += len(tokens)
+    acc, rows = acc + float(a["accepted"]), rows + float(a["rows"])
+    per_depth = per_depth + np.asarray(a["per_depth"])
+  out = {k: v / n for k, v in sums.items()}
+  out["sim_tau"] = 1.0 + acc / max(rows, 1.0)
+  for k, v in enumerate(np.atleast_1d(per_depth)):
+    out[f"sim_accept/{k + 1}"] = float(v) / max(rows, 1.0)  # P(first k + 1 drafts accepted)
+  return out
+
+
+def _check_config(workdir: str, c: ml_collections.ConfigDict) -> None:
+  """Saves the config beside the checkpoints; a rerun must use the same one (except
+  `steps`, which may grow to continue a run)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  mine = json.loads(c.to_json())
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+    diff = sorted(k for k in set(saved) | set(mine)
+                  if k not in ("steps", "progress") and saved.get(k) != mine.get(k))
+    if diff:
+      raise ValueError(f"{workdir} holds a run with another config (keys {diff} differ); "
+                       "use a new workdir or the saved config.")
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(mine, f, indent=1)
+
+
+def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the head `c.head` against `c.target`; returns the last eval."""
+  os.makedirs(workdir, exist_ok=True)
+  registry.HEADS.check(c.head, None, **c.head_kwargs)
+  _check_config(workdir, c)
+  target = models.load(c.target, c.dtype)
+  head = registry.HEADS.build(c.head, target.config, **c.head_kwargs)
+  encode = None if target.tokenizer is None else target.tokenizer.encode
+  data = data_lib.load(c.data.source, seq_len=c.data.seq_len, vocab=target.config.vocab_size,
+                       encode=encode, eval_rows=c.data.eval_rows, seed=c.seed)
+  print(f"data: {data_lib.describe(data)}")
+  params = head.init(jax.random.key(c.seed), target.dtype)
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  tx = optimizer(c, params)
+  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  total = c.steps * c.grad_accum  # micro-steps
+  mngr = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints,
+                                           enable_async_checkpointing=False))
+  if mngr.latest_step() is not None:
+    try:
+      state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(state))
+    except Exception as e:  # corrupt or from another head: say where and why
+      raise ValueError(f"Could not restore the checkpoint at step {mngr.latest_step()} in "
+                       f"{workdir}: {type(e).__name__}: {e}") from e
+    print(f"resumed from micro-step {int(state.step)}")
+  train_step, eval_step = make_steps(target, head, tx, c.seed, c.sim_depth)
+  start_step = int(state.step)
+  log = metrics_lib.Log(workdir, start_step)
+  tokens_per_step = c.batch_size * c.data.seq_len
+  bar = tqdm.tqdm(total=total, initial=start_step, unit="step", desc=f"train {c.head}",
+                  disable=not c.progress, dynamic_ncols=True)
+  print(f"head {c.head}: {n_params / 1e6:.2f}M trainable params; target {target.name} "
+        f"frozen; {total} micro-steps of {c.batch_size} x {c.data.seq_len} tokens")
+  window, t0, last_eval = [], time.perf_counter(), None
+  step = start_step
+  while step < total:
+    tokens, mask = data.batch(step, c.batch_size)
+    state, m = train_step(state, target.params, tokens, mask)
+    m = {k: float(v) for k, v in m.items()}
+    if not np.isfinite(m["loss"]):
+      bar.close()
+      raise NonFiniteLoss(f"Loss became {m['loss']} at micro-step {step}; stopped. The last "
+                          f"good checkpoint is step {mngr.latest_step()} in {workdir}. Lower "
+                          "the learning rate or check the data.")
+    step += 1
+    window.append(m)
+    bar.update(1)
+    bar.set_postfix_str(f"loss {m['loss']:.3f}")
+    if step % c.log_every == 0 or step == total:
+      dt = time.perf_counter() - t0
+      row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+      row.update(step=step, split="train", lr=float(schedule(c)(step // c.grad_accum)),
+                 tokens_per_s=len(window) * tokens_per_step / dt)
+      log.write(row)
+      window, t0 = [], time.perf_counter()
+    if step % c.eval_every == 0 or step == total:
+      last_eval = {"step": step, "split": "eval",
+                   **evaluate(eval_step, state.params, target.params, data, c.batch_size)}
+      log.write(last_eval)
+      bar.write(metrics_lib.summary(last_eval))
+      log.plot()
+      t0 = time.perf_counter()
+    if step % c.checkpoint_every == 0 or step == total:
+      mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+      mngr.wait_until_finished()
+  bar.close()
+  head_io.save(os.path.join(workdir, HEAD_DIR), c.head, dict(c.head_kwargs), state.params,
+               target.config, dict(c.decode), target_name=target.name,
+               trained_tokens=int(total * c.batch_size * data.train_tokens / len(data.tokens)))
+  return last_eval or {}
+
