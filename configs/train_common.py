@@ -37,7 +37,7 @@ def base() -> ml_collections.ConfigDict:
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A run of about a minute on the random tiny target (smoke tests)."""
   c.target = "tiny-random"
-  c.data.source = "random:96:48"
+  c.data.source = "self:96:48"  # the tiny target's own continuations
   c.data.seq_len = 48
   c.data.eval_rows = 8
   c.batch_size = 8

@@ -7,7 +7,10 @@ Sources (`config.data.source`):
                         of `specjax-distill`), read with `datasets`
   hf:NAME[:SPLIT]       a hub dataset, only when a hub is reachable (clear error otherwise)
   tfds:NAME[:SPLIT]     a tensorflow-datasets dataset already prepared in its data_dir
-  random:ROWS:LEN       deterministic random token rows (smoke runs on random targets)
+  random:ROWS:LEN       deterministic random token rows
+  self:ROWS:LEN         the target's own sampled continuations of random 4-token prompts,
+                        generated at load time (self-distillation for tokenizer-free
+                        targets: smoke runs and tests on random targets)
 
 Rows need `input_ids` (token ids; `loss_mask` optional, 1 = train on that token) or a text
 field (`text`, `content`; tokenized with the target's tokenizer, every token trained on).
@@ -28,17 +31,25 @@ import numpy as np
 TEXT_FIELDS = ("text", "content")
 
 
-def _read(source: str):
-  """A `datasets.Dataset` (or a list of dicts for tfds/random) of raw rows."""
+def _read(source: str, target, seed: int):
+  """A `datasets.Dataset` (or a list of dicts for tfds/random/self) of raw rows."""
   import datasets  # pylint: disable=g-import-not-at-top
 
-  if source.startswith("random:"):
+  if source.startswith(("random:", "self:")):
     try:
-      _, rows, length = source.split(":")
+      kind, rows, length = source.split(":")
       rows, length = int(rows), int(length)
     except ValueError:
-      raise ValueError(f"Bad data source {source!r}: expected random:ROWS:LEN.") from None
-    return [{"random": True, "index": i, "length": length} for i in range(rows)]
+      raise ValueError(f"Bad data source {source!r}: expected {source.split(':')[0]}:ROWS:LEN."
+                       ) from None
+    if kind == "random":
+      return [{"random": True, "index": i, "length": length} for i in range(rows)]
+    from specjax import decode  # pylint: disable=g-import-not-at-top
+    prompts = np.random.default_rng(seed).integers(0, target.config.vocab_size, (rows, 4))
+    out = decode.generate(target, prompts.tolist(), max_new_tokens=length - 4,
+                          temperature=1.0, seed=seed, eos=None)
+    return [{"input_ids": p.tolist() + r, "loss_mask": [0] * 4 + [1] * len(r)}
+            for p, r in zip(prompts, out.token_lists())]
   if source.startswith("hf:"):
     name, _, split = source[3:].partition(":")
     try:
@@ -59,7 +70,8 @@ def _read(source: str):
             for row in tfds.as_numpy(ds)]
   if os.path.isdir(source):
     files = sorted(f for ext in ("jsonl", "json", "parquet")
-                   for f in glob.glob(os.path.join(source, f"*.{ext}")))
+                   for f in glob.glob(os.path.join(source, f"*.{ext}"))
+                   if os.path.basename(f) != "manifest.json")  # specjax-distill's settings
     if not files:
       raise FileNotFoundError(f"Data folder {source!r} has no .jsonl/.json/.parquet files.")
   elif os.path.isfile(source):
@@ -67,8 +79,13 @@ def _read(source: str):
   else:
     raise FileNotFoundError(f"Data source {source!r} is not a file, a folder, hf:NAME, "
                             "tfds:NAME or random:ROWS:LEN.")
+  if all(os.path.getsize(f) == 0 for f in files):
+    raise ValueError(f"Data source {source!r} is empty.")
   kind = "parquet" if files[0].endswith(".parquet") else "json"
-  return datasets.load_dataset(kind, data_files=files, split="train")
+  try:
+    return datasets.load_dataset(kind, data_files=files, split="train")
+  except Exception as e:  # malformed rows: name the source
+    raise ValueError(f"Could not read {source!r} with datasets: {type(e).__name__}: {e}") from e
 
 
 def _tokens(row: dict[str, Any], i: int, source: str, encode: Callable | None, vocab: int,
@@ -131,13 +148,13 @@ class Data:
 
 
 def load(source: str, *, seq_len: int, vocab: int, encode: Callable | None = None,
-         eval_rows: int = 16, seed: int = 0, min_trained: int = 2) -> Data:
+         eval_rows: int = 16, seed: int = 0, min_trained: int = 2, target=None) -> Data:
   """Reads, tokenizes and shapes a data source (see the module docstring).
 
   Rows with fewer than `min_trained` trained tokens inside the first `seq_len` are
   dropped; no rows left, or fewer than needed for the held-out split, is an error.
   """
-  rows = _read(source)
+  rows = _read(source, target, seed)
   if len(rows) == 0:
     raise ValueError(f"Data source {source!r} is empty.")
   toks, masks = [], []

@@ -41,6 +41,9 @@ from . import metrics as metrics_lib
 
 CONFIG_FILE = "config.json"
 HEAD_DIR = "head"
+# Config keys a resumed run may change: they do not alter the trajectory.
+RESUME_FREE = ("progress", "log_every", "eval_every", "checkpoint_every",
+               "keep_checkpoints")
 
 
 @flax.struct.dataclass
@@ -78,9 +81,8 @@ def target_batch(target: models.Model, params, head, tokens, mask) -> TargetBatc
   feats = tuple(head.features)
   out = forward(target.config, params, tokens, jnp.broadcast_to(jnp.arange(t), (b, t)),
                 causal(t), features=feats)
-  out = jax.lax.stop_gradient(out)
-  return TargetBatch(tokens, mask, out.features, out.logits,
-                     models.shared_params(target.config, params))
+  out, shared = jax.lax.stop_gradient((out, models.shared_params(target.config, params)))
+  return TargetBatch(tokens, mask, out.features, out.logits, shared)
 
 
 def make_steps(target: models.Model, head, tx, seed: int, sim_depth: int):
@@ -132,15 +134,15 @@ def evaluate(eval_step, params, target_params, data: data_lib.Data, batch_size: 
 
 
 def _check_config(workdir: str, c: ml_collections.ConfigDict) -> None:
-  """Saves the config beside the checkpoints; a rerun must use the same one (except
-  `steps`, which may grow to continue a run)."""
+  """Saves the config beside the checkpoints; a rerun must use the same one, except for
+  keys that do not change the trajectory (`RESUME_FREE`)."""
   path = os.path.join(workdir, CONFIG_FILE)
   mine = json.loads(c.to_json())
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       saved = json.load(f)
     diff = sorted(k for k in set(saved) | set(mine)
-                  if k not in ("steps", "progress") and saved.get(k) != mine.get(k))
+                  if k not in RESUME_FREE and saved.get(k) != mine.get(k))
     if diff:
       raise ValueError(f"{workdir} holds a run with another config (keys {diff} differ); "
                        "use a new workdir or the saved config.")
@@ -157,7 +159,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   head = registry.HEADS.build(c.head, target.config, **c.head_kwargs)
   encode = None if target.tokenizer is None else target.tokenizer.encode
   data = data_lib.load(c.data.source, seq_len=c.data.seq_len, vocab=target.config.vocab_size,
-                       encode=encode, eval_rows=c.data.eval_rows, seed=c.seed)
+                       encode=encode, eval_rows=c.data.eval_rows, seed=c.seed,
+                       target=target)
   print(f"data: {data_lib.describe(data)}")
   params = head.init(jax.random.key(c.seed), target.dtype)
   n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -185,6 +188,9 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         f"frozen; {total} micro-steps of {c.batch_size} x {c.data.seq_len} tokens")
   window, t0, last_eval = [], time.perf_counter(), None
   step = start_step
+  if step == 0:  # the fresh head's numbers: where the curves start
+    log.write({"step": 0, "split": "eval",
+               **evaluate(eval_step, state.params, target.params, data, c.batch_size)})
   while step < total:
     tokens, mask = data.batch(step, c.batch_size)
     state, m = train_step(state, target.params, tokens, mask)

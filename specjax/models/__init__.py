@@ -45,7 +45,11 @@ def load(name_or_path: str = DEFAULT, dtype: str = "float32") -> Model:
   jdtype = parse_dtype(dtype)
   if name_or_path in RANDOM:
     cfg = RANDOM[name_or_path]
-    return Model(cfg, init_params(cfg, jax.random.key(0), jdtype), None, name=name_or_path)
+    params = init_params(cfg, jax.random.key(0), jdtype)
+    # A larger embedding (tied: the LM head too) peaks the next-token distributions the
+    # way a trained LM's are, so heads have something to learn.
+    params["embed_tokens"]["embedding"] = params["embed_tokens"]["embedding"] * 3
+    return Model(cfg, params, None, name=name_or_path)
   if name_or_path in PRESETS:
     path = preset_path(name_or_path)
   elif os.path.exists(name_or_path):

@@ -1,0 +1,293 @@
+"""specjax-train and the trainable heads (EAGLE-1, Medusa-1) on the tiny random target.
+
+Loss falls; a SIGKILLed run resumes onto the uninterrupted curve; no gradient reaches the
+target; trained heads decode exactly as AR (greedy, ragged batch); the drafter's cached
+drafting matches a cache-free reference (no train/serve mismatch); 7B shapes check out
+without allocating; bad input fails early with a clear message.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from specjax import decode, models
+from specjax.configs import eagle as eagle_config
+from specjax.configs import medusa as medusa_config
+from specjax.drafters import EagleHead, MedusaHead, eagle, io, load_drafter
+from specjax.drafters.base import Context, TargetBatch
+from specjax.models import ModelConfig, causal, causal_forward, shared_params
+from specjax.sampling import Sampling
+from specjax.stopping import get as get_stop
+from specjax.training import data as data_lib
+from specjax.training import metrics, trainer
+
+CONFIGS = {"eagle": eagle_config, "medusa": medusa_config}
+BIN = os.path.join(os.path.dirname(sys.executable), "specjax-train")
+
+
+def tiny_config(kind, **overrides):
+  c = CONFIGS[kind].get_config("tiny")
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+@pytest.fixture(scope="module", params=["eagle", "medusa"])
+def trained(request, tmp_path_factory):
+  """(kind, workdir) of a finished tiny run."""
+  workdir = str(tmp_path_factory.mktemp(request.param))
+  trainer.train(tiny_config(request.param), workdir)
+  return request.param, workdir
+
+
+def test_loss_falls_and_outputs_written(trained):
+  kind, workdir = trained
+  rows = metrics.read(os.path.join(workdir, metrics.METRICS))
+  evals = [r for r in rows if r["split"] == "eval"]
+  assert evals[0]["step"] == 0 and evals[-1]["step"] == tiny_config(kind).steps
+  # Held-out loss (most of Medusa's is the target's own entropy) and top-1 agreement.
+  assert evals[-1]["loss"] < evals[0]["loss"] - 0.02, evals
+  assert evals[-1]["top1/1"] > evals[0]["top1/1"], evals
+  assert evals and all(1.0 <= r["sim_tau"] <= 1 + tiny_config(kind).sim_depth for r in evals)
+  assert os.path.getsize(os.path.join(workdir, metrics.PLOT)) > 1000
+  meta = io.read_meta(os.path.join(workdir, trainer.HEAD_DIR))
+  assert meta["kind"] == kind and meta["target"]["vocab_size"] == 512
+
+
+@pytest.mark.parametrize("decode_knobs", [{}, {"tree": [(0,), (1,), (0, 0), (1, 0)]}],
+                         ids=["chain", "tree"])
+def test_trained_head_greedy_equals_ar(trained, decode_knobs):
+  _, workdir = trained
+  target = models.load("tiny-random")
+  drafter = load_drafter(os.path.join(workdir, trainer.HEAD_DIR), target, **decode_knobs)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(0, 512, n).tolist() for n in (7, 70, 1, 23)]  # ragged, > a chunk
+  ar = decode.generate(target, prompts, max_new_tokens=24, eos=None)
+  spec = decode.generate(target, prompts, max_new_tokens=24, eos=None, drafter=drafter)
+  assert spec.token_lists() == ar.token_lists()
+  assert (np.asarray(spec.stats.target_calls) <= 24).all()
+
+
+def _kill_after_checkpoint(cmd, ckpt_dir, min_step):
+  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(
+        ckpt_dir) else []
+    if steps and max(steps) >= min_step:
+      break
+    if proc.poll() is not None:
+      raise AssertionError("the run ended before it could be killed")
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+
+
+def test_sigkill_resume_matches_uninterrupted(tmp_path):
+  cmd = [BIN, "--config", "configs/eagle.py:tiny", "--config.steps=30"]
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  subprocess.run(cmd + ["--workdir", straight], check=True, capture_output=True)
+  _kill_after_checkpoint(cmd + ["--workdir", killed], os.path.join(killed, "checkpoints"), 10)
+  assert not os.path.exists(os.path.join(killed, trainer.HEAD_DIR))  # it really was cut
+  subprocess.run(cmd + ["--workdir", killed], check=True, capture_output=True)
+  a = metrics.read(os.path.join(straight, metrics.METRICS))
+  b = metrics.read(os.path.join(killed, metrics.METRICS))
+  assert [r["step"] for r in a] == [r["step"] for r in b]
+  for ra, rb in zip(a, b):
+    np.testing.assert_allclose(ra["loss"], rb["loss"], rtol=1e-5)
+  t = models.load("tiny-random")
+  _, _, pa, _ = io.load(os.path.join(straight, trainer.HEAD_DIR), t.config)
+  _, _, pb, _ = io.load(os.path.join(killed, trainer.HEAD_DIR), t.config)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), pa, pb)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_no_gradient_reaches_target(kind):
+  c = tiny_config(kind)
+  target = models.load("tiny-random")
+  head = EagleHead(target.config) if kind == "eagle" else MedusaHead(target.config)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 16)), jnp.int32)
+  mask = jnp.ones((2, 16))
+  params = head.init(jax.random.key(0))
+
+  def loss_of_target(target_params):
+    batch = trainer.target_batch(target, target_params, head, tokens, mask)
+    return head.loss(params, batch, jax.random.key(1))[0]
+
+  grads = jax.grad(loss_of_target)(target.params)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+  # And the train step leaves the target's params bit for bit.
+  before = jax.tree.map(np.array, target.params)
+  start = jax.tree.map(np.array, params)  # the step donates its state
+  tx = trainer.optimizer(c, params)
+  step, _ = trainer.make_steps(target, head, tx, 0, 2)
+  state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  for _ in range(3):
+    state, _ = step(state, target.params, tokens, mask)
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, target.params))
+  assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(
+      jax.tree.map(lambda a, b: a - b, state.params, start)))
+
+
+def test_eagle_drafts_as_a_cache_free_reference():
+  """The greedy chain EAGLE proposes inside the loop (head cache, pending features) equals
+  a cache-free recomputation: all pairs [real ..., drafted ...] through the head at once."""
+  target = models.load("tiny-random")
+  cfg = target.config
+  head = EagleHead(cfg)
+  params = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(2), x.shape),
+                        head.init(jax.random.key(1)))
+  shared = shared_params(cfg, target.params)
+  drafter = head.drafter(params, shared, depth=4)
+  prompt = np.random.default_rng(1).integers(0, 512, 90).tolist()  # > one prefill chunk
+  max_len = 128
+  hist = jnp.zeros((1, max_len), jnp.int32).at[0, :len(prompt)].set(jnp.asarray(prompt))
+  ctx = Context(hist, jnp.asarray([len(prompt)], jnp.int32))
+  f = causal_forward(cfg, target.params, hist, features=(models.FINAL,)).features[0]
+  state = drafter.init(ctx, max_len, (f,))
+  tree, _, _ = drafter.propose(state, ctx, get_stop(None), Sampling(0.0), jax.random.key(0))
+  # Reference: pairs (f_i, x_{i+1}) for the prompt, then (g, drafted token) per step.
+  feats, nxt, drafted = f[:, :len(prompt) - 1], jnp.asarray([prompt[1:]]), []
+  for _ in range(4):
+    n = feats.shape[1]
+    g, _ = eagle.net(cfg, params, shared, feats, nxt, jnp.arange(n)[None], causal(n))
+    tok = int(models.lm_head(cfg, shared, g[:, -1:]).argmax(-1)[0, 0])
+    drafted.append(tok)
+    feats = jnp.concatenate([feats, g[:, -1:]], 1)
+    nxt = jnp.concatenate([nxt, jnp.asarray([[tok]])], 1)
+  assert np.asarray(tree.tokens)[0].tolist() == drafted
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_7b_head_shapes_without_allocating(kind):
+  cfg = ModelConfig("llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                    num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128)
+  head = EagleHead(cfg) if kind == "eagle" else MedusaHead(cfg, num_heads=5)
+  shapes = jax.eval_shape(lambda: head.init(jax.random.key(0), jnp.bfloat16))
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  if kind == "eagle":
+    assert shapes["fc"]["kernel"].shape == (8192, 4096)
+    assert shapes["mlp"]["gate_proj"]["kernel"].shape == (4096, 11008)
+    assert n == 8192 * 4096 + 4096 + 4 * 4096 * 4096 + 3 * 4096 * 11008 + 4096
+  else:
+    assert shapes["w"].shape == (5, 4096, 4096) and n == 5 * (4096 * 4096 + 4096)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(shapes))
+
+
+def test_head_for_another_target_is_refused(trained):
+  _, workdir = trained
+  other = models.Model(models.RANDOM["tiny-random"].replace(hidden_size=32, head_dim=8),
+                       None)
+  with pytest.raises(ValueError, match="hidden_size=64"):
+    io.load(os.path.join(workdir, trainer.HEAD_DIR), other.config)
+  with pytest.raises(ValueError, match="vocab_size=512"):
+    io.load(os.path.join(workdir, trainer.HEAD_DIR),
+            models.RANDOM["tiny-random"].replace(vocab_size=600))
+
+
+def test_missing_and_corrupt_head(tmp_path, trained):
+  _, workdir = trained
+  cfg = models.RANDOM["tiny-random"]
+  with pytest.raises(FileNotFoundError, match="No head folder"):
+    io.load(str(tmp_path / "nothing"), cfg)
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  for name in (io.META, io.PARAMS):
+    (bad / name).write_bytes(open(os.path.join(workdir, trainer.HEAD_DIR, name), "rb").read())
+  with open(bad / io.PARAMS, "r+b") as f:
+    f.truncate(100)
+  with pytest.raises(ValueError, match="Could not read"):
+    io.load(str(bad), cfg)
+
+
+def test_corrupt_checkpoint_is_reported(tmp_path):
+  workdir = str(tmp_path / "run")
+  trainer.train(tiny_config("eagle", steps=10), workdir)
+  ckpt = os.path.join(workdir, "checkpoints", "10")
+  for root, _, files in os.walk(ckpt):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  c = tiny_config("eagle", steps=10)
+  with pytest.raises(ValueError, match="Could not restore the checkpoint at step 10"):
+    trainer.train(c, workdir)
+
+
+def test_bad_data_is_reported_before_training(tmp_path):
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("")
+  with pytest.raises(ValueError, match="empty"):
+    data_lib.load(str(empty), seq_len=16, vocab=512)
+  wrong = tmp_path / "wrong.jsonl"
+  wrong.write_text("\n".join(json.dumps({"question": "hi"}) for _ in range(4)))
+  with pytest.raises(ValueError, match="no 'input_ids'"):
+    data_lib.load(str(wrong), seq_len=16, vocab=512)
+  big = tmp_path / "big.jsonl"
+  big.write_text("\n".join(json.dumps({"input_ids": [1, 2, 900]}) for _ in range(4)))
+  with pytest.raises(ValueError, match="outside the target's vocabulary"):
+    data_lib.load(str(big), seq_len=16, vocab=512)
+  with pytest.raises(FileNotFoundError, match="not a file"):
+    data_lib.load(str(tmp_path / "missing.jsonl"), seq_len=16, vocab=512)
+
+
+def test_config_key_typo_fails_before_loading(tmp_path):
+  out = subprocess.run([BIN, "--config", "configs/eagle.py:tiny", "--workdir",
+                        str(tmp_path / "w"), "--config.optim.lrr=1"],
+                       capture_output=True, text=True)
+  assert out.returncode != 0 and "lrr" in out.stderr
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  make_steps = trainer.make_steps
+
+  def poisoned(*args):
+    train_step, eval_step = make_steps(*args)
+
+    def step(state, *rest):
+      state, m = train_step(state, *rest)
+      return state, {**m, "loss": jnp.where(state.step > 15, jnp.nan, m["loss"])}
+    return step, eval_step
+
+  monkeypatch.setattr(trainer, "make_steps", poisoned)
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(trainer.NonFiniteLoss, match="last good checkpoint is step 10"):
+    trainer.train(tiny_config("eagle", steps=30), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10"]
+  assert not os.path.exists(os.path.join(workdir, trainer.HEAD_DIR))
+
+
+def test_data_order_is_a_function_of_step():
+  d = data_lib.load("random:20:8", seq_len=8, vocab=512, eval_rows=4, seed=3)
+  again = data_lib.load("random:20:8", seq_len=8, vocab=512, eval_rows=4, seed=3)
+  for step in (0, 3, 7):  # 16 training rows, batch 5: steps cross epochs
+    np.testing.assert_array_equal(d.batch(step, 5)[0], again.batch(step, 5)[0])
+  seen = np.concatenate([d.batch(s, 4)[0] for s in range(4)])  # one epoch: every row once
+  assert len({tuple(r) for r in seen}) == 16
+
+
+def test_medusa_accept_matches_its_drafter():
+  """Medusa's simulated chain acceptance reads the same heads the drafter proposes from."""
+  target = models.load("tiny-random")
+  head = MedusaHead(target.config, num_heads=3)
+  params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(5), x.shape),
+                        head.init(jax.random.key(0)))
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 512, (1, 12)), jnp.int32)
+  out = causal_forward(target.config, target.params, tokens, features=(models.FINAL,))
+  batch = TargetBatch(tokens, jnp.ones((1, 12)), out.features, out.logits,
+                      shared_params(target.config, target.params))
+  t = 4  # the chain drafted after position t (root = token t + 1)
+  drafter = head.drafter(params, batch.shared, depth=3)
+  state = drafter.init(Context(tokens, jnp.asarray([t + 2])), 12, out.features)
+  tree, _, _ = drafter.propose(state, None, None, None, None)
+  acc, _ = head.accept(params, batch, 3)
+  want = np.asarray(tree.tokens)[0] == np.asarray(out.logits.argmax(-1))[0, t + 1:t + 4]
+  np.testing.assert_array_equal(np.asarray(acc)[0, t], want)
