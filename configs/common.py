@@ -3,9 +3,14 @@ argument parser of `get_config(arg)` ("key=value,key=value")."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ml_collections
+
+# Trained heads committed with the repo (see the README: what they were trained on).
+HEADS = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "assets", "heads"))
+EAGLE_SMOLLM2 = os.path.join(HEADS, "eagle-smollm2-135m")
 
 
 def method(name: str, drafter: str = "ar", *, stop: str | None = None,

@@ -207,7 +207,8 @@ def build(seed: int = 0) -> list[dict[str, str]]:
   rows = [{"id": f"{s}/{i}", "source": s, "prompt": p}
           for s, ps in sources.items() for i, p in enumerate(ps)]
   rng.shuffle(rows)
-  return rows
+  seen = set()  # composed word problems can repeat: keep the first
+  return [r for r in rows if not (r["prompt"] in seen or seen.add(r["prompt"]))]
 
 
 def _spans(text: str, n: int) -> set[tuple[str, ...]]:
