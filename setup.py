@@ -24,7 +24,9 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
 ]
 EXTRAS = {
-    # The parity reference (PyTorch CPU under transformers) and the test tools.
+    # The parity reference (PyTorch CPU under transformers) and the test tools. The head
+    # references eagle-llm==1.2.1 and medusa-llm==0.1 pin conflicting old packages their
+    # model code does not import: `make install` adds them with --no-deps.
     "dev": [
         "pytest==9.2.0",
         "pytest-xdist==3.8.0",

@@ -158,7 +158,7 @@ def test_eagle_drafts_as_a_cache_free_reference():
   feats, nxt, drafted = f[:, :len(prompt) - 1], jnp.asarray([prompt[1:]]), []
   for _ in range(4):
     n = feats.shape[1]
-    g, _ = eagle.net(cfg, params, shared, feats, nxt, jnp.arange(n)[None], causal(n))
+    g, _ = eagle.net(cfg, cfg, params, shared, feats, nxt, jnp.arange(n)[None], causal(n))
     tok = int(models.lm_head(cfg, shared, g[:, -1:]).argmax(-1)[0, 0])
     drafted.append(tok)
     feats = jnp.concatenate([feats, g[:, -1:]], 1)

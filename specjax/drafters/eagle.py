@@ -62,16 +62,17 @@ class EagleNet(nn.Module):
     return x, kv
 
 
-def net(cfg: ModelConfig, params, shared, feat_BxTxH, next_BxT, positions_BxT, visible_BxTxT,
-        cache: KVCache | None = None, prefix_BxTxS=None):
-  """The head on T pairs (f, next token); with a 1-layer `cache` its K/V are written at
-  `cache.lengths` as `models.forward` does. Returns (predicted features [B,T,H], cache)."""
+def net(cfg: ModelConfig, layer: ModelConfig, params, shared, feat_BxTxH, next_BxT,
+        positions_BxT, visible_BxTxT, cache: KVCache | None = None, prefix_BxTxS=None):
+  """The head (decoder layer shaped by `layer`) on T pairs (f, next token) of the target
+  `cfg`; with a 1-layer `cache` its K/V are written at `cache.lengths` as
+  `models.forward` does. Returns (predicted features [B, T, H], cache)."""
   emb = embed(cfg, shared, next_BxT)
   kv = None if cache is None else (cache.k[0], cache.v[0])
   start = None if cache is None else cache.lengths
   if cache is not None and prefix_BxTxS is None:
     prefix_BxTxS = cache.prefix_mask(next_BxT.shape[1])
-  g, kv = EagleNet(cfg, param_dtype(params)).apply({"params": params}, emb, feat_BxTxH,
+  g, kv = EagleNet(layer, param_dtype(params)).apply({"params": params}, emb, feat_BxTxH,
                                                    positions_BxT, visible_BxTxT, kv, start,
                                                    prefix_BxTxS)
   return g, None if cache is None else cache.replace(k=(kv[0],), v=(kv[1],))
@@ -90,15 +91,25 @@ def _soft_ce(target_logits, logits):
 class EagleHead:
   """EAGLE-1 as a trainable head (see `base.TrainableHead`)."""
 
-  config: ModelConfig = flax.struct.field(pytree_node=False)
+  config: ModelConfig = flax.struct.field(pytree_node=False)  # the target's
   noise: float = flax.struct.field(pytree_node=False, default=0.2)
   ce_weight: float = flax.struct.field(pytree_node=False, default=0.1)
+  # The decoder layer's shape (heads, MLP width, RoPE); None = the target's. Heads made
+  # elsewhere bring their own (eagle-llm's RoPE base is always 10000).
+  layer: ModelConfig | None = flax.struct.field(pytree_node=False, default=None)
   features = (FINAL,)
+
+  @property
+  def layer_config(self) -> ModelConfig:
+    return self.layer or self.config
+
+  def net(self, params, shared, *args):
+    return net(self.config, self.layer_config, params, shared, *args)
 
   def init(self, key, dtype=jnp.float32):
     z = jnp.zeros((1, 1), jnp.int32)
     h = jnp.zeros((1, 1, self.config.hidden_size), dtype)
-    return EagleNet(self.config, dtype).init(key, h, h, z, causal(1))["params"]
+    return EagleNet(self.layer_config, dtype).init(key, h, h, z, causal(1))["params"]
 
   def loss(self, params, batch: TargetBatch, key):
     cfg = self.config
@@ -106,7 +117,7 @@ class EagleHead:
     b, t = batch.tokens.shape
     f_in = f[:, :-1] + self.noise * jax.random.uniform(key, f[:, :-1].shape, f.dtype, -0.5, 0.5)
     positions = jnp.broadcast_to(jnp.arange(t - 1), (b, t - 1))
-    g, _ = net(cfg, params, batch.shared, f_in, batch.tokens[:, 1:], positions, causal(t - 1))
+    g, _ = self.net(params, batch.shared, f_in, batch.tokens[:, 1:], positions, causal(t - 1))
     logits = lm_head(cfg, batch.shared, g)
     target = batch.logits[:, 1:]
     # Pair t drafts token t + 2: it counts where that token is a training target.
@@ -126,7 +137,8 @@ class EagleHead:
     b, t = batch.tokens.shape
     n = t - 1  # pairs
     rows = jnp.arange(n)
-    cache = KVCache.create(1, b, depth * n, cfg.num_kv_heads, cfg.head_dim, f.dtype)
+    layer = self.layer_config
+    cache = KVCache.create(1, b, depth * n, layer.num_kv_heads, layer.head_dim, f.dtype)
     target_top = batch.logits.argmax(-1)
     feat = f[:, :-1]
     matches = []
@@ -134,17 +146,17 @@ class EagleHead:
       src = jnp.minimum(rows + j, t - 1)
       positions = jnp.broadcast_to(rows + j - 1, (b, n))
       if j == 1:
-        g, cache = net(cfg, params, batch.shared, feat, batch.tokens[:, 1:], positions,
-                       causal(n), cache)
+        g, cache = self.net(params, batch.shared, feat, batch.tokens[:, 1:], positions,
+                            causal(n), cache)
         slot = jnp.arange(depth * n)  # row t sees the real pairs <= t ...
         real = (slot[None, :] < n) & (slot[None, :] <= rows[:, None])
       else:
         own = (slot[None, :] % n == rows[:, None]) & (slot[None, :] >= n) & (
             slot[None, :] < (j - 1) * n)  # ... and its chain's steps 2..j-1
         prefix = jnp.broadcast_to(real | own, (b, n, depth * n))
-        g, cache = net(cfg, params, batch.shared, feat, batch.tokens[:, src], positions,
-                       jnp.eye(n, dtype=bool)[None], cache.replace(
-                           lengths=jnp.full((b,), (j - 1) * n, jnp.int32)), prefix)
+        g, cache = self.net(params, batch.shared, feat, batch.tokens[:, src], positions,
+                            jnp.eye(n, dtype=bool)[None], cache.replace(
+                                lengths=jnp.full((b,), (j - 1) * n, jnp.int32)), prefix)
       draft_top = lm_head(cfg, batch.shared, g).argmax(-1)
       ok = (draft_top == target_top[:, src]) & (rows + j + 1 < t)
       ok &= jnp.take(batch.mask, jnp.minimum(rows + j + 1, t - 1), axis=1) > 0
@@ -163,7 +175,7 @@ class EagleHead:
         level = [p + (r,) for p in level for r in range(top_k)]
         paths += level
       tree = paths
-    return Eagle(params, shared, self.config, StaticTree.from_choices(tree))
+    return Eagle(params, shared, self.config, StaticTree.from_choices(tree), self.layer)
 
 
 @flax.struct.dataclass
@@ -180,12 +192,16 @@ class Eagle:
   shared: Any
   config: ModelConfig = flax.struct.field(pytree_node=False)
   tree: StaticTree = flax.struct.field(pytree_node=False, default=StaticTree.chain(4))
+  layer: ModelConfig | None = flax.struct.field(pytree_node=False, default=None)
   takes_stop_policy = True
   features = (FINAL,)
 
   @property
   def num_nodes(self) -> int:
     return self.tree.num_nodes
+
+  def _net(self, *args):
+    return net(self.config, self.layer or self.config, self.params, self.shared, *args)
 
   def validate(self, target_config: ModelConfig) -> None:
     for field in ("hidden_size", "vocab_size"):
@@ -200,8 +216,9 @@ class Eagle:
   def init(self, ctx, max_len: int, features) -> EagleState:
     cfg, (f,) = self.config, features
     b = ctx.history.shape[0]
+    layer = self.layer or cfg
     cache = KVCache.create(1, b, max_len + self._pending() + self.tree.depth * self.tree.width,
-                           cfg.num_kv_heads, cfg.head_dim, param_dtype(self.params))
+                           layer.num_kv_heads, layer.head_dim, param_dtype(self.params))
     # Pairs 0 .. P-3 into the cache; pair P-2 (the root's) is pending.
     n_B = jnp.maximum(ctx.length - 2, 0)
     nxt = jnp.pad(ctx.history[:, 1:], ((0, 0), (0, 1)))
@@ -213,10 +230,9 @@ class Eagle:
     def body(i, cache):
       s = i * chunk
       positions = jnp.broadcast_to(s + jnp.arange(chunk), (b, chunk))
-      _, cache = net(cfg, self.params, self.shared,
-                     jax.lax.dynamic_slice_in_dim(f_pad, s, chunk, 1),
-                     jax.lax.dynamic_slice_in_dim(nxt, s, chunk, 1), positions, causal(chunk),
-                     cache.replace(lengths=jnp.full((b,), s, jnp.int32)))
+      _, cache = self._net(jax.lax.dynamic_slice_in_dim(f_pad, s, chunk, 1),
+                           jax.lax.dynamic_slice_in_dim(nxt, s, chunk, 1), positions,
+                           causal(chunk), cache.replace(lengths=jnp.full((b,), s, jnp.int32)))
       return cache
 
     cache = jax.lax.fori_loop(0, -(-jnp.max(n_B) // chunk), body, cache).replace(lengths=n_B)
@@ -230,17 +246,16 @@ class Eagle:
     m_B = cache.lengths
     lag_B = ctx.length - 1 - m_B  # pending pairs: 1 + accepted drafts (0 = nothing known)
     idx = jnp.minimum(m_B[:, None] + 1 + jnp.arange(c), ctx.history.shape[1] - 1)
-    g, cache = net(cfg, self.params, self.shared, state.pending_BxCxH,
-                   jnp.take_along_axis(ctx.history, idx, 1), m_B[:, None] + jnp.arange(c),
-                   causal(c), cache)
+    g, cache = self._net(state.pending_BxCxH, jnp.take_along_axis(ctx.history, idx, 1),
+                         m_B[:, None] + jnp.arange(c), causal(c), cache)
     last = jnp.clip(lag_B - 1, 0, c - 1)[:, None, None]
     g_root = jnp.take_along_axis(g, last, 1)
     cache = cache.advance(jnp.maximum(lag_B, 0))
 
     def step(tokens_BxW, parent_g, positions_BxW, cache, prefix):
       w = tokens_BxW.shape[1]
-      g, cache = net(cfg, self.params, self.shared, parent_g, tokens_BxW, positions_BxW - 1,
-                     jnp.eye(w, dtype=bool)[None], cache, prefix)
+      g, cache = self._net(parent_g, tokens_BxW, positions_BxW - 1,
+                           jnp.eye(w, dtype=bool)[None], cache, prefix)
       return lm_head(cfg, self.shared, g), g, cache
 
     tree, cache, _, calls = static_tree.draft(

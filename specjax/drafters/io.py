@@ -1,4 +1,11 @@
-"""Trained heads on disk: `save` writes specjax's layout, `load` reads it back.
+"""Trained heads on disk: `save` writes specjax's layout; `load` reads any head folder and
+detects its layout, the way `specjax.models.load` does for targets:
+
+  specjax      head.json + params.safetensors (below)
+  eagle-llm    config.json (the draft layer's Llama config) + pytorch_model.bin or
+               model.safetensors with fc.* and layers.0.* (SafeAILab's EAGLE-1/2 heads)
+  medusa-llm   config.json with medusa_num_heads + medusa_lm_head.pt or .safetensors
+               ("{k}.0.linear.*" residual blocks, "{k}.1.weight" per-head LM heads)
 
 specjax's layout is a folder with
 
@@ -48,12 +55,10 @@ def save(path: str, kind: str, head_kwargs: dict, params: Any, target_cfg: Model
 
 
 def read_meta(path: str) -> dict[str, Any]:
-  """The head folder's metadata; clear errors for a missing or foreign folder."""
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"No head folder at {path!r}.")
+  """A specjax head folder's metadata; clear errors for a missing or corrupt file."""
   meta_path = os.path.join(path, META)
   if not os.path.exists(meta_path):
-    raise FileNotFoundError(f"{path!r} is not a head folder: it has no {META}.")
+    raise FileNotFoundError(f"{path!r} is not a specjax head folder: it has no {META}.")
   try:
     with open(meta_path, encoding="utf-8") as f:
       meta = json.load(f)
@@ -64,29 +69,120 @@ def read_meta(path: str) -> dict[str, Any]:
   return meta
 
 
-def load(path: str, target_cfg: ModelConfig, dtype=jnp.float32):
-  """(kind, head, params, meta) of a head folder, checked against the target's config."""
-  meta = read_meta(path)
-  for field in ("hidden_size", "vocab_size"):
-    if meta["target"][field] != getattr(target_cfg, field):
-      raise ValueError(f"The head in {path!r} was trained for a target with {field}="
-                       f"{meta['target'][field]}; this target has "
-                       f"{getattr(target_cfg, field)}.")
-  head = registry.HEADS.build(meta["kind"], target_cfg, **meta["head_kwargs"])
+def layout(path: str) -> str:
+  """"specjax", "eagle-llm" or "medusa-llm": which layout the folder at `path` holds."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"No head folder at {path!r}.")
+  if os.path.exists(os.path.join(path, META)):
+    return "specjax"
+  cfg_path = os.path.join(path, "config.json")
+  if os.path.exists(cfg_path):
+    with open(cfg_path, encoding="utf-8") as f:
+      hf = json.load(f)
+    if "medusa_num_heads" in hf:
+      return "medusa-llm"
+    if any(os.path.exists(os.path.join(path, n)) for n in _EAGLE_FILES):
+      return "eagle-llm"
+  raise FileNotFoundError(f"{path!r} is not a head folder: no {META} (specjax), no "
+                          f"config.json + {' or '.join(_EAGLE_FILES)} (eagle-llm), no "
+                          "config.json with medusa_num_heads (medusa-llm).")
+
+
+_EAGLE_FILES = ("pytorch_model.bin", "model.safetensors")
+_MEDUSA_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
+
+
+def _state_dict(path: str, names) -> dict[str, np.ndarray]:
+  """A PyTorch state dict from the first of `names` in `path`, as numpy arrays."""
+  file = next(os.path.join(path, n) for n in names if os.path.exists(os.path.join(path, n)))
   try:
-    flat = safetensors.numpy.load_file(os.path.join(path, PARAMS))
-  except Exception as e:  # missing or truncated file
-    raise ValueError(f"Could not read {os.path.join(path, PARAMS)}: {type(e).__name__}: "
-                     f"{e}") from e
-  params = flax.traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v, dtype)
-                                              for k, v in flat.items()})
+    if file.endswith(".safetensors"):
+      return safetensors.numpy.load_file(file)
+    import torch  # pylint: disable=g-import-not-at-top  (only .bin/.pt heads need it)
+    return {k: v.float().numpy() for k, v in torch.load(file, map_location="cpu",
+                                                       weights_only=True).items()}
+  except ImportError as e:
+    raise ImportError(f"Reading {file} needs PyTorch (pip install torch).") from e
+  except Exception as e:
+    raise ValueError(f"Could not read {file}: {type(e).__name__}: {e}") from e
+
+
+def _check_target(path, hidden, vocab, target_cfg: ModelConfig) -> None:
+  for field, mine in (("hidden_size", hidden), ("vocab_size", vocab)):
+    if mine != getattr(target_cfg, field):
+      raise ValueError(f"The head in {path!r} was trained for a target with {field}={mine}; "
+                       f"this target has {getattr(target_cfg, field)}.")
+
+
+def _from_eagle_llm(path: str, target_cfg: ModelConfig):
+  """EagleHead + params from eagle-llm's layout (Linear weights are [out, in])."""
+  from specjax.drafters.eagle import EagleHead  # pylint: disable=g-import-not-at-top
+  from specjax.models.config import from_hf_config  # pylint: disable=g-import-not-at-top
+
+  with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+    hf = json.load(f)
+  _check_target(path, hf["hidden_size"], hf["vocab_size"], target_cfg)
+  if hf.get("num_hidden_layers", 1) != 1 or hf.get("rope_scaling"):
+    raise ValueError(f"{path!r}: only one-layer EAGLE heads without RoPE scaling load.")
+  # eagle-llm's draft layer always rotates with base 10000, whatever config.json says.
+  layer = from_hf_config({**hf, "model_type": "llama"}).replace(rope_theta=10000.0)
+  sd = _state_dict(path, _EAGLE_FILES)
+  dense = lambda name: {"kernel": sd[f"{name}.weight"].T}
+  params = {"fc": {**dense("fc"), "bias": sd.get("fc.bias", np.zeros(hf["hidden_size"]))},
+            "self_attn": {p: dense(f"layers.0.self_attn.{p}")
+                          for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
+            "mlp": {p: dense(f"layers.0.mlp.{p}") for p in ("gate_proj", "up_proj", "down_proj")},
+            "post_attention_layernorm": {"scale": sd["layers.0.post_attention_layernorm.weight"]}}
+  return "eagle", EagleHead(target_cfg, layer=layer), params
+
+
+def _from_medusa_llm(path: str, target_cfg: ModelConfig):
+  """MedusaHead (own LM heads) + params from medusa-llm's layout."""
+  from specjax.drafters.medusa import MedusaHead  # pylint: disable=g-import-not-at-top
+
+  with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+    hf = json.load(f)
+  k = hf["medusa_num_heads"]
+  if hf.get("medusa_num_layers", 1) != 1:
+    raise ValueError(f"{path!r}: only Medusa heads with one residual block load "
+                     f"(medusa_num_layers={hf['medusa_num_layers']}).")
+  sd = _state_dict(path, _MEDUSA_FILES)
+  lm = np.stack([sd[f"{i}.1.weight"] for i in range(k)])  # [K, V, H]
+  _check_target(path, lm.shape[2], lm.shape[1], target_cfg)
+  params = {"w": np.stack([sd[f"{i}.0.linear.weight"].T for i in range(k)]),
+            "b": np.stack([sd[f"{i}.0.linear.bias"] for i in range(k)]), "lm_head": lm}
+  return "medusa", MedusaHead(target_cfg, num_heads=k, own_lm_head=True), params
+
+
+def load(path: str, target_cfg: ModelConfig, dtype=jnp.float32):
+  """(kind, head, params, meta) of a head folder in any layout, checked against the
+  target's config (hidden size, vocabulary) and the head's expected shapes."""
+  kind = layout(path)
+  if kind == "specjax":
+    meta = read_meta(path)
+    _check_target(path, meta["target"]["hidden_size"], meta["target"]["vocab_size"],
+                  target_cfg)
+    kind = meta["kind"]
+    head = registry.HEADS.build(kind, target_cfg, **meta["head_kwargs"])
+    try:
+      flat = safetensors.numpy.load_file(os.path.join(path, PARAMS))
+    except Exception as e:  # missing or truncated file
+      raise ValueError(f"Could not read {os.path.join(path, PARAMS)}: {type(e).__name__}: "
+                       f"{e}") from e
+    params = flax.traverse_util.unflatten_dict({tuple(k.split("/")): v
+                                                for k, v in flat.items()})
+  else:
+    meta = {"format": kind, "decode": {}}
+    kind, head, params = (_from_eagle_llm if kind == "eagle-llm" else _from_medusa_llm)(
+        path, target_cfg)
+  params = jax.tree.map(lambda v: jnp.asarray(v, dtype), params)
   want = jax.eval_shape(lambda: head.init(jax.random.key(0), dtype))
   got = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   if jax.tree.structure(want) != jax.tree.structure(got) or jax.tree.leaves(want) != \
       jax.tree.leaves(got):
-    raise ValueError(f"{path!r} holds params that do not fit a {meta['kind']} head for this "
+    raise ValueError(f"{path!r} holds params that do not fit a {kind} head for this "
                      "target (names or shapes differ).")
-  return meta["kind"], head, params, meta
+  return kind, head, params, meta
 
 
 def load_drafter(path: str, target, kind: str | None = None, **decode):

@@ -38,6 +38,14 @@ def heads(params, f_BxH: jax.Array) -> jax.Array:
   return x + jax.nn.silu(jnp.einsum("...kh,kho->...ko", x, params["w"]) + params["b"])
 
 
+def head_logits(cfg: ModelConfig, params, shared, x_xKxH: jax.Array) -> jax.Array:
+  """float32[..., K, V]: each head's own LM head (medusa-llm's layout, params["lm_head"]
+  [K, V, H]) when it has one, else the target's shared one."""
+  if "lm_head" in params:
+    return jnp.einsum("...kh,kvh->...kv", x_xKxH, params["lm_head"]).astype(jnp.float32)
+  return lm_head(cfg, shared, x_xKxH)
+
+
 def _soft_ce(target_logits, logits):
   return -jnp.sum(jax.nn.softmax(target_logits, -1) * jax.nn.log_softmax(logits, -1), -1)
 
@@ -49,15 +57,21 @@ class MedusaHead:
   config: ModelConfig = flax.struct.field(pytree_node=False)
   num_heads: int = flax.struct.field(pytree_node=False, default=4)
   decay: float = flax.struct.field(pytree_node=False, default=0.8)
+  # Each head with its own LM head instead of sharing the target's: heads loaded from
+  # medusa-llm's layout (specjax trains shared-head Medusa; `init` leaves these zero).
+  own_lm_head: bool = flax.struct.field(pytree_node=False, default=False)
   features = (FINAL,)
 
   def init(self, key, dtype=jnp.float32):
     del key  # zero-initialised: a fresh head is the target's own next-token guess
     k, h = self.num_heads, self.config.hidden_size
-    return {"w": jnp.zeros((k, h, h), dtype), "b": jnp.zeros((k, h), dtype)}
+    params = {"w": jnp.zeros((k, h, h), dtype), "b": jnp.zeros((k, h), dtype)}
+    if self.own_lm_head:
+      params["lm_head"] = jnp.zeros((k, self.config.vocab_size, h), dtype)
+    return params
 
   def _logits(self, params, batch):
-    return lm_head(self.config, batch.shared, heads(params, batch.features[0]))  # [B,T,K,V]
+    return head_logits(self.config, params, batch.shared, heads(params, batch.features[0]))
 
   def loss(self, params, batch: TargetBatch, key):
     del key
@@ -65,8 +79,8 @@ class MedusaHead:
     total, metrics = 0.0, {}
     for k in range(self.num_heads):
       # Head k at position i guesses token i + k + 2: the target's distribution at i + k + 1.
-      logits = lm_head(self.config, batch.shared,
-                       heads(params, batch.features[0][:, :t - k - 2])[..., k, :])
+      logits = head_logits(self.config, params, batch.shared,
+                           heads(params, batch.features[0][:, :t - k - 2]))[..., k, :]
       target = batch.logits[:, k + 1:t - 1]
       w = batch.mask[:, k + 2:]
       denom = jnp.maximum(w.sum(), 1.0)
@@ -135,8 +149,8 @@ class Medusa:
     del ctx, stop, sampling, key
     b = state.feature_BxH.shape[0]
     depth_N = jnp.asarray(self.tree.node_depth) - 1
-    logits_BxKxV = lm_head(self.config, self.shared,
-                           heads(self.params, state.feature_BxH)[:, :self.tree.depth])
+    logits_BxKxV = head_logits(self.config, self.params, self.shared,
+                               heads(self.params, state.feature_BxH))[:, :self.tree.depth]
     top_BxKxR = jax.lax.top_k(logits_BxKxV, self.tree.max_rank + 1)[1]
     tokens = top_BxKxR[:, depth_N, jnp.asarray(self.tree.ranks)]
     parents = jnp.broadcast_to(jnp.asarray(self.tree.parents, jnp.int32), tokens.shape)
