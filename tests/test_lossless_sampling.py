@@ -58,6 +58,8 @@ DRAFTERS = {
     # Trainable heads with random weights: EAGLE samples its chain, Medusa picks top-k.
     "eagle_chain": lambda: EagleHead(TARGET.config).drafter(
         *head_params(EagleHead(TARGET.config)), depth=3),
+    "eagle2_dynamic": lambda: EagleHead(TARGET.config).drafter(
+        *head_params(EagleHead(TARGET.config)), top_k=2, depth=3, num_nodes=5),
     "medusa_tree": lambda: MedusaHead(TARGET.config, num_heads=2).drafter(
         *head_params(MedusaHead(TARGET.config, num_heads=2)), tree=[(0,), (1,), (0, 0)]),
 }

@@ -40,12 +40,21 @@ def tiny_config(kind, **overrides):
   return c
 
 
+_RUNS = {}
+
+
+def run_dir(kind, tmp_path_factory):
+  """The workdir of a finished tiny run of `kind` (trained once per test session)."""
+  if kind not in _RUNS:
+    _RUNS[kind] = str(tmp_path_factory.mktemp(kind))
+    trainer.train(tiny_config(kind), _RUNS[kind])
+  return _RUNS[kind]
+
+
 @pytest.fixture(scope="module", params=["eagle", "medusa"])
 def trained(request, tmp_path_factory):
   """(kind, workdir) of a finished tiny run."""
-  workdir = str(tmp_path_factory.mktemp(request.param))
-  trainer.train(tiny_config(request.param), workdir)
-  return request.param, workdir
+  return request.param, run_dir(request.param, tmp_path_factory)
 
 
 def test_loss_falls_and_outputs_written(trained):
@@ -62,10 +71,16 @@ def test_loss_falls_and_outputs_written(trained):
   assert meta["kind"] == kind and meta["target"]["vocab_size"] == 512
 
 
-@pytest.mark.parametrize("decode_knobs", [{}, {"tree": [(0,), (1,), (0, 0), (1, 0)]}],
-                         ids=["chain", "tree"])
-def test_trained_head_greedy_equals_ar(trained, decode_knobs):
-  _, workdir = trained
+TREE = [(0,), (1,), (0, 0), (1, 0)]
+
+
+@pytest.mark.parametrize("kind,decode_knobs", [
+    ("eagle", {}), ("eagle", {"tree": TREE}), ("eagle", {"top_k": 3, "depth": 3, "num_nodes": 7}),
+    ("medusa", {}), ("medusa", {"tree": TREE})],
+                         ids=["eagle_chain", "eagle_tree", "eagle2_dynamic", "medusa_chain",
+                              "medusa_tree"])
+def test_trained_head_greedy_equals_ar(kind, decode_knobs, tmp_path_factory):
+  workdir = run_dir(kind, tmp_path_factory)
   target = models.load("tiny-random")
   drafter = load_drafter(os.path.join(workdir, trainer.HEAD_DIR), target, **decode_knobs)
   rng = np.random.default_rng(0)

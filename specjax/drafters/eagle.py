@@ -18,8 +18,8 @@ from the target's *real* features (prefilled from the prompt's, then the feature
 verification forward returns for the accepted tokens); draft-time entries made from
 predicted features are dropped after each verification. A step: catch up on the pending
 pairs (1 + accepted drafts), which gives the root's distribution, then expand a static
-tree (`static_tree.draft`, a chain when top_k = 1); EAGLE-2's dynamic tree reuses the
-same weights.
+tree (`static_tree.draft`, a chain when top_k = 1) or EAGLE-2's dynamic tree
+(`dynamic_tree.draft`, same weights).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from specjax import registry
-from specjax.drafters import static_tree
+from specjax.drafters import dynamic_tree, static_tree
 from specjax.drafters.base import TargetBatch
 from specjax.models import llama
 from specjax.models.cache import KVCache
@@ -166,9 +166,19 @@ class EagleHead:
     return acc, jnp.pad(batch.mask[:, 2:], ((0, 0), (0, 2)))
 
   def drafter(self, params, shared, *, top_k: int = 1, depth: int = 4,
-              tree: Sequence[Sequence[int]] | None = None) -> "Eagle":
+              tree: Sequence[Sequence[int]] | None = None,
+              num_nodes: int | None = None) -> "Eagle":
     """A drafter with these weights: a chain of `depth` tokens (top_k = 1), the full
-    top_k-ary tree of `depth` levels, or the tree of choice paths `tree`."""
+    top_k-ary tree of `depth` levels, the tree of choice paths `tree`, or, with
+    `num_nodes`, EAGLE-2's dynamic tree (the best num_nodes of top_k-wide expansions
+    `depth` levels deep)."""
+    if num_nodes is not None:
+      if not 1 <= num_nodes <= dynamic_tree.num_candidates(top_k, depth):
+        raise ValueError(f"num_nodes={num_nodes} must be in [1, "
+                         f"{dynamic_tree.num_candidates(top_k, depth)}] for top_k={top_k}, "
+                         f"depth={depth}.")
+      return Eagle(params, shared, self.config, StaticTree.chain(depth), self.layer,
+                   (top_k, depth, num_nodes))
     if tree is None:
       paths, level = [], [()]
       for _ in range(depth):
@@ -193,12 +203,20 @@ class Eagle:
   config: ModelConfig = flax.struct.field(pytree_node=False)
   tree: StaticTree = flax.struct.field(pytree_node=False, default=StaticTree.chain(4))
   layer: ModelConfig | None = flax.struct.field(pytree_node=False, default=None)
+  # (top_k, depth, num_nodes) of an EAGLE-2 dynamic tree; None = draft the static `tree`.
+  dynamic: tuple[int, int, int] | None = flax.struct.field(pytree_node=False, default=None)
   takes_stop_policy = True
   features = (FINAL,)
 
   @property
   def num_nodes(self) -> int:
-    return self.tree.num_nodes
+    return self.dynamic[2] if self.dynamic else self.tree.num_nodes
+
+  def _draft_room(self) -> int:
+    """Cache slots the draft levels take past the committed context."""
+    if self.dynamic:
+      return (self.dynamic[1] - 1) * self.dynamic[0]
+    return self.tree.depth * self.tree.width
 
   def _net(self, *args):
     return net(self.config, self.layer or self.config, self.params, self.shared, *args)
@@ -211,13 +229,14 @@ class Eagle:
                          f"target has {theirs}.")
 
   def _pending(self) -> int:
-    return self.tree.depth + 1  # the root + every draft accepted
+    depth = self.dynamic[1] if self.dynamic else self.tree.depth
+    return depth + 1  # the root + every draft accepted
 
   def init(self, ctx, max_len: int, features) -> EagleState:
     cfg, (f,) = self.config, features
     b = ctx.history.shape[0]
     layer = self.layer or cfg
-    cache = KVCache.create(1, b, max_len + self._pending() + self.tree.depth * self.tree.width,
+    cache = KVCache.create(1, b, max_len + self._pending() + self._draft_room(),
                            layer.num_kv_heads, layer.head_dim, param_dtype(self.params))
     # Pairs 0 .. P-3 into the cache; pair P-2 (the root's) is pending.
     n_B = jnp.maximum(ctx.length - 2, 0)
@@ -258,16 +277,24 @@ class Eagle:
                            jnp.eye(w, dtype=bool)[None], cache, prefix)
       return lm_head(cfg, self.shared, g), g, cache
 
-    tree, cache, _, calls = static_tree.draft(
-        self.tree, step, lm_head(cfg, self.shared, g_root), g_root, cache, ctx.length - 1,
-        stop, sampling, key, valid_B=lag_B > 0)
+    logits_root = lm_head(cfg, self.shared, g_root)
+    if self.dynamic:
+      k, depth, n = self.dynamic
+      tree, cache, calls = dynamic_tree.draft(step, logits_root, g_root, cache, ctx.length - 1,
+                                              top_k=k, depth=depth, num_nodes=n, stop=stop,
+                                              valid_B=lag_B > 0)
+    else:
+      tree, cache, _, calls = static_tree.draft(self.tree, step, logits_root, g_root, cache,
+                                                ctx.length - 1, stop, sampling, key,
+                                                valid_B=lag_B > 0)
     return tree, EagleState(cache, state.pending_BxCxH), calls
 
   def commit(self, state: EagleState, ctx, verdict, features) -> EagleState:
     """The new pending pairs: the root's and the accepted nodes' real target features."""
     (f,) = features
-    idx = jnp.concatenate([jnp.zeros((f.shape[0], 1), jnp.int32),
-                           1 + verdict.path[:, :self._pending() - 1]], 1)
+    path = verdict.path[:, :self._pending() - 1]
+    path = jnp.pad(path, ((0, 0), (0, self._pending() - 1 - path.shape[1])))  # tiny trees
+    idx = jnp.concatenate([jnp.zeros((f.shape[0], 1), jnp.int32), 1 + path], 1)
     return EagleState(state.cache, jnp.take_along_axis(f, idx[..., None], 1))
 
 

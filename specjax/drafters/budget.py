@@ -1,0 +1,53 @@
+"""Draft budgets from costs measured on the device at hand, not hard-coded.
+
+EAGLE-2's reference times the target at a few tree sizes and keeps the cheapest per token.
+Here the inputs are `make bench`'s verify-cost table (ms of one target forward of T
+tokens against a cache, `bench.json["verify_ms"]`), the draft network's ms per forward,
+and a head's simulated acceptance (`sim_accept/k` from training: P(the first k drafts of
+a greedy chain are accepted)):
+
+  chain depth d:  tokens per step = 1 + sum_{k<=d} P(first k accepted)
+                  ms per step     = verify(1 + d) + d * draft_ms
+  pick the d with the most tokens per ms.
+
+A dynamic tree then spends the verify budget that is nearly free: the most nodes N with
+verify(1 + N) within `slack` of the chosen chain's verify(1 + d) (on this CPU T = 4 and
+T = 8 cost about the same; on a TPU or GPU 60 nodes cost about one token).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+def _verify_ms(table: Mapping, t: int) -> float:
+  """ms of verifying T tokens, interpolated linearly in the measured table."""
+  ts = sorted(int(k) for k in table)
+  ms = [float(table[k] if k in table else table[str(k)]) for k in ts]
+  if t > ts[-1]:
+    raise ValueError(f"The verify-cost table stops at T={ts[-1]}; T={t} was asked for.")
+  return float(np.interp(t, ts, ms))
+
+
+def chain_depth(verify_ms: Mapping, draft_ms: float, accept: Sequence[float]
+                ) -> tuple[int, float]:
+  """(best chain depth, its predicted speedup over AR) for per-depth acceptance `accept`
+  (accept[k - 1] = P(first k drafts accepted))."""
+  ar = 1.0 / _verify_ms(verify_ms, 1)
+  best = (0, 1.0)
+  for d in range(1, len(accept) + 1):
+    tokens = 1.0 + float(np.sum(accept[:d]))
+    rate = tokens / (_verify_ms(verify_ms, 1 + d) + d * draft_ms)
+    if rate / ar > best[1]:
+      best = (d, rate / ar)
+  return best
+
+
+def tree_nodes(verify_ms: Mapping, depth: int, slack: float = 0.1) -> int:
+  """The most tree nodes N (>= depth) whose verification costs at most (1 + slack) x that
+  of a chain of `depth`."""
+  limit = (1 + slack) * _verify_ms(verify_ms, 1 + depth)
+  top = max(int(k) for k in verify_ms) - 1
+  return max([depth] + [n for n in range(depth, top + 1) if _verify_ms(verify_ms, 1 + n) <= limit])
