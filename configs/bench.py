@@ -1,8 +1,9 @@
-"""The README's speculative-decoding benchmark on SmolLM2-135M (issue [2 of 3]).
+"""The README's speculative-decoding benchmark on SmolLM2-135M.
 
-Greedy, batch 1, MT-Bench (both turns) + HumanEval, 128 new tokens: AR, prompt lookup and
-the layer-truncated self-drafter, with transformers' AR and assisted generation (prompt
-lookup) as peers on the same weights and prompts. About 10 minutes on a 2-core CPU.
+Batch 1, MT-Bench (both turns) + HumanEval, 128 new tokens, greedy and sampled (T=1):
+AR, prompt lookup, the layer-truncated self-drafter, and the committed EAGLE head as a
+chain and as an EAGLE-2 dynamic tree; transformers' AR and assisted generation (prompt
+lookup) as peers on the same weights and prompts. About 40 minutes on a 2-core CPU.
 """
 
 from specjax.configs import common
@@ -21,10 +22,13 @@ def get_config(arg: str | None = None):
                     stop="svip"),
       common.method("self_draft_tree", drafter="self_draft", layers=layers,
                     tree=[(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]),
+      common.method("eagle_chain", drafter="eagle", checkpoint=common.EAGLE_SMOLLM2, depth=3),
+      common.method("eagle2_tree", drafter="eagle", checkpoint=common.EAGLE_SMOLLM2, depth=4,
+                    top_k=3, num_nodes=7),
   ]
   c.datasets = ("mt_bench", "humaneval")
   c.num_prompts = 3
-  c.temperatures = (0.0,)
+  c.temperatures = (0.0, 1.0)
   c.max_new_tokens = 128
   c.warmup = 1
   c.cache_bucket = 512

@@ -1,9 +1,8 @@
-"""Demo sweep on SmolLM2-135M: AR, prompt lookup and a layer-truncated self-draft (chain
-and tree) on
-2 MT-Bench questions (both turns) + 2 HumanEval prompts, greedy, 64 new tokens
-(about 4 minutes on a 2-core CPU, most of it compiling).
+"""The demo: SmolLM2-135M with the committed EAGLE head (`assets/heads`), beside AR and
+prompt lookup, on 2 MT-Bench questions (both turns) + 2 HumanEval prompts, greedy, 64 new
+tokens. Prints tau, tokens/s and speedup over AR, and writes the plots.
 
-Try another self-draft depth with --config.self_draft_layers=N.
+Try another draft depth with --config.eagle_depth=N.
 """
 
 from specjax.configs import common
@@ -12,15 +11,15 @@ from specjax.configs import common
 def get_config(arg: str | None = None):
   del arg
   c = common.base()
-  c.self_draft_layers = 24  # of SmolLM2-135M's 30: fewer layers accept almost nothing
+  c.eagle_depth = 3
   c.methods = [
       common.method("ar"),
       common.method("prompt_lookup", drafter="prompt_lookup", num_draft=4),
-      common.method("self_draft", drafter="self_draft", num_draft=3, stop="svip",
-                    layers=c.get_ref("self_draft_layers")),
-      # The same self-drafter branching into a small top-k tree (training-free).
-      common.method("self_draft_tree", drafter="self_draft", layers=c.get_ref("self_draft_layers"),
-                    tree=[(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]),
+      common.method("eagle_chain", drafter="eagle", checkpoint=common.EAGLE_SMOLLM2,
+                    depth=c.get_ref("eagle_depth"), top_k=1),
+      # EAGLE-2: the same head growing a dynamic tree (the best 7 of top-3 expansions).
+      common.method("eagle2_tree", drafter="eagle", checkpoint=common.EAGLE_SMOLLM2,
+                    depth=4, top_k=3, num_nodes=7),
   ]
   c.datasets = ("mt_bench", "humaneval")
   c.num_prompts = 2

@@ -14,7 +14,8 @@ def base() -> ml_collections.ConfigDict:
   c.decode = ml_collections.ConfigDict()  # drafter knobs saved with the head (depth, top_k)
   c.data = ml_collections.ConfigDict({
       "source": "assets/distill/smollm2-135m",  # see specjax.training.data
-      "seq_len": 512,
+      "seq_len": 512,  # rows are cut to this
+      "bucket": 128,  # batch widths round up to this (rows of similar length batch together)
       "eval_rows": 32,
   })
   c.batch_size = 4
@@ -39,6 +40,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.target = "tiny-random"
   c.data.source = "self:96:48"  # the tiny target's own continuations
   c.data.seq_len = 48
+  c.data.bucket = 16
   c.data.eval_rows = 8
   c.batch_size = 8
   c.steps = 40

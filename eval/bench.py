@@ -12,6 +12,10 @@ In one process, after warm-up, medians of several runs:
              independent), at 300 and 1,400 tokens of context and at batch 16
   batched    greedy AR `generate` tokens/s at batch 1, 8, 16, 32, and its step time over
              the matmul-only floor at M = batch
+  draft      one EAGLE head forward (1 token against a cache, + the LM head): the draft_ms
+             `drafters.budget` weighs against the verify costs
+  train      tokens/s of the EAGLE train step (frozen target forward + head loss + update)
+             beside the target's matmul-only forward at the same rows
 Writes bench.json and prints the tables.
 """
 
@@ -122,6 +126,46 @@ def forward_ms(model: models.Model, batch: int, t: int, context: int, runs: int,
   return 1e3 * _median_time(lambda: fwd(params, tokens, cache), runs) / reps
 
 
+def draft_ms(model: models.Model, runs: int, context: int = 256) -> float:
+  """ms of one EAGLE draft forward: 1 token through the head against its cache + LM head."""
+  from specjax.drafters import EagleHead  # pylint: disable=g-import-not-at-top
+  cfg = model.config
+  head = EagleHead(cfg)
+  params = head.init(jax.random.key(0))
+  shared = models.shared_params(cfg, model.params)
+  cache = models.KVCache.create(1, 1, context + 8, cfg.num_kv_heads, cfg.head_dim).advance(
+      jnp.full((1,), context, jnp.int32))
+
+  @jax.jit
+  def step(params, feat, tokens, cache):
+    g, cache = head.net(params, shared, feat, tokens, cache.lengths[:, None],
+                        models.causal(1), cache)
+    return models.lm_head(cfg, shared, g), cache
+
+  feat, tokens = jnp.ones((1, 1, cfg.hidden_size)), jnp.ones((1, 1), jnp.int32)
+  return 1e3 * _median_time(lambda: step(params, feat, tokens, cache), runs)
+
+
+def train_tokens_per_s(model: models.Model, batch: int, seq: int, runs: int) -> float:
+  """Tokens/s of the EAGLE train step on random tokens (after compiling)."""
+  from specjax.configs import eagle as eagle_config  # pylint: disable=g-import-not-at-top
+  from specjax.drafters import EagleHead  # pylint: disable=g-import-not-at-top
+  from specjax.training import trainer  # pylint: disable=g-import-not-at-top
+  c = eagle_config.get_config()
+  head = EagleHead(model.config)
+  params = head.init(jax.random.key(0))
+  tx = trainer.optimizer(c, params)
+  step, _ = trainer.make_steps(model, head, tx, 0, 1)
+  tokens = jax.random.randint(jax.random.key(1), (batch, seq), 0, model.config.vocab_size)
+  mask = jnp.ones((batch, seq))
+  state = [trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))]
+
+  def run():
+    state[0], m = step(state[0], model.params, tokens, mask)
+    return m["loss"]
+  return batch * seq / _median_time(run, runs)
+
+
 def verify_cost(model: models.Model, sizes, runs: int, context: int = 256) -> dict:
   """Median ms of one cached forward of T tokens, for each T."""
   return {t: forward_ms(model, 1, t, context, runs) for t in sizes}
@@ -150,6 +194,14 @@ def main(argv=None):
   sizes = (1, 2, 4, 8, 16, 32, 64)
   res["verify_ms"] = verify_cost(model, sizes, args.runs * 2)
   base = res["verify_ms"][1]
+  res["draft_ms"] = draft_ms(model, args.runs * 4)
+  print(f"EAGLE draft forward: {res['draft_ms']:.1f} ms (target T=1: {base:.1f} ms)",
+        flush=True)
+  rows = 4 * 512
+  res["train_tokens_per_s"] = train_tokens_per_s(model, 4, 512, max(2, args.runs // 2))
+  res["matmul_tokens_per_s"] = rows / (1e-3 * matmul_ms(model, rows, 3, chain=True))
+  print(f"EAGLE train step: {res['train_tokens_per_s']:.0f} tokens/s; the target's "
+        f"matmuls alone at M={rows}: {res['matmul_tokens_per_s']:.0f} tokens/s", flush=True)
   res["forward_vs_matmul"] = []
   print("\n| batch | context | T | forward ms | matmul ms (chained) | ratio | matmul ms "
         "(independent) | ratio |\n|---|---|---|---|---|---|---|---|")

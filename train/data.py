@@ -118,37 +118,64 @@ def _tokens(row: dict[str, Any], i: int, source: str, encode: Callable | None, v
 
 @dataclasses.dataclass(eq=False)
 class Data:
-  """Tokenized rows as fixed-width arrays; batches by step."""
+  """Tokenized rows as fixed-width arrays; batches by step.
+
+  Each epoch is a seeded permutation cut into batches of rows of similar length (sorted
+  within groups of `GROUP` batches, then the batches shuffled), each batch cut to the
+  longest row rounded up to `bucket` tokens: a few compiled widths, and far less padding
+  than every row at `seq_len` (distilled rows are ~55% of 512 tokens on average).
+  """
 
   tokens: np.ndarray  # int32[N, T]
   mask: np.ndarray  # float32[N, T]
+  lengths: np.ndarray  # int32[N]: tokens before the padding
   eval_tokens: np.ndarray
   eval_mask: np.ndarray
+  eval_lengths: np.ndarray
   seed: int
+  bucket: int = 128
+
+  GROUP = 16
 
   @property
   def train_tokens(self) -> int:
     """Tokens trained on per epoch (mask sum)."""
     return int(self.mask.sum())
 
+  def batches_per_epoch(self, batch_size: int) -> int:
+    return max(1, len(self.tokens) // batch_size)
+
   def batch(self, step: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of micro-step `step`: epochs are seeded permutations, a pure function of
-    (seed, step)."""
-    n = len(self.tokens)
-    idx = [self._order(j // n)[j % n] for j in range(step * batch_size, (step + 1) * batch_size)]
-    return self.tokens[idx], self.mask[idx]
+    """The rows of micro-step `step`, a pure function of (seed, step)."""
+    epoch, i = divmod(step, self.batches_per_epoch(batch_size))
+    idx = self._epoch(epoch, batch_size)[i]
+    return self._cut(self.tokens[idx], self.mask[idx], self.lengths[idx])
+
+  def _cut(self, tokens, mask, lengths):
+    width = min(tokens.shape[1], -(-int(lengths.max()) // self.bucket) * self.bucket)
+    return tokens[:, :width], mask[:, :width]
 
   @functools.lru_cache(maxsize=4)
-  def _order(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng((self.seed, epoch)).permutation(len(self.tokens))
+  def _epoch(self, epoch: int, batch_size: int) -> list[np.ndarray]:
+    rng = np.random.default_rng((self.seed, epoch))
+    perm = rng.permutation(len(self.tokens))
+    batches = []
+    group = batch_size * self.GROUP
+    for g in range(0, self.batches_per_epoch(batch_size) * batch_size, group):
+      rows = perm[g:min(g + group, self.batches_per_epoch(batch_size) * batch_size)]
+      rows = rows[np.argsort(self.lengths[rows], kind="stable")]
+      batches += [rows[j:j + batch_size] for j in range(0, len(rows), batch_size)]
+    return [batches[j] for j in rng.permutation(len(batches))]
 
   def eval_batches(self, batch_size: int):
     for i in range(0, len(self.eval_tokens), batch_size):
-      yield self.eval_tokens[i:i + batch_size], self.eval_mask[i:i + batch_size]
+      rows = slice(i, i + batch_size)
+      yield self._cut(self.eval_tokens[rows], self.eval_mask[rows], self.eval_lengths[rows])
 
 
 def load(source: str, *, seq_len: int, vocab: int, encode: Callable | None = None,
-         eval_rows: int = 16, seed: int = 0, min_trained: int = 2, target=None) -> Data:
+         eval_rows: int = 16, seed: int = 0, min_trained: int = 2, target=None,
+         bucket: int = 128) -> Data:
   """Reads, tokenizes and shapes a data source (see the module docstring).
 
   Rows with fewer than `min_trained` trained tokens inside the first `seq_len` are
@@ -157,13 +184,14 @@ def load(source: str, *, seq_len: int, vocab: int, encode: Callable | None = Non
   rows = _read(source, target, seed)
   if len(rows) == 0:
     raise ValueError(f"Data source {source!r} is empty.")
-  toks, masks = [], []
+  toks, masks, lens = [], [], []
   for i in range(len(rows)):
     ids, mask = _tokens(rows[i], i, source, encode, vocab, seed)
     ids, mask = ids[:seq_len], mask[:seq_len]
     if mask.sum() < min_trained:
       continue
     pad = seq_len - len(ids)
+    lens.append(len(ids))
     toks.append(np.pad(ids, (0, pad)).astype(np.int32))
     masks.append(np.pad(mask, (0, pad)).astype(np.float32))
   if len(toks) <= eval_rows:
@@ -171,9 +199,10 @@ def load(source: str, *, seq_len: int, vocab: int, encode: Callable | None = Non
                      f"{min_trained} trained tokens in the first {seq_len}); need more than "
                      f"eval_rows={eval_rows}.")
   order = np.random.default_rng(seed).permutation(len(toks))
-  toks, masks = np.stack(toks)[order], np.stack(masks)[order]
+  toks, masks, lens = np.stack(toks)[order], np.stack(masks)[order], np.asarray(lens)[order]
   cut = len(toks) - eval_rows
-  return Data(toks[:cut], masks[:cut], toks[cut:], masks[cut:], seed)
+  return Data(toks[:cut], masks[:cut], lens[:cut], toks[cut:], masks[cut:], lens[cut:], seed,
+              min(bucket, seq_len))
 
 
 def describe(data: Data) -> str:

@@ -160,7 +160,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   encode = None if target.tokenizer is None else target.tokenizer.encode
   data = data_lib.load(c.data.source, seq_len=c.data.seq_len, vocab=target.config.vocab_size,
                        encode=encode, eval_rows=c.data.eval_rows, seed=c.seed,
-                       target=target)
+                       target=target, bucket=c.data.bucket)
   print(f"data: {data_lib.describe(data)}")
   params = head.init(jax.random.key(c.seed), target.dtype)
   n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -181,18 +181,18 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   train_step, eval_step = make_steps(target, head, tx, c.seed, c.sim_depth)
   start_step = int(state.step)
   log = metrics_lib.Log(workdir, start_step)
-  tokens_per_step = c.batch_size * c.data.seq_len
   bar = tqdm.tqdm(total=total, initial=start_step, unit="step", desc=f"train {c.head}",
                   disable=not c.progress, dynamic_ncols=True)
   print(f"head {c.head}: {n_params / 1e6:.2f}M trainable params; target {target.name} "
-        f"frozen; {total} micro-steps of {c.batch_size} x {c.data.seq_len} tokens")
-  window, t0, last_eval = [], time.perf_counter(), None
+        f"frozen; {total} micro-steps of {c.batch_size} rows x <= {c.data.seq_len} tokens")
+  window, window_tokens, t0, last_eval = [], 0, time.perf_counter(), None
   step = start_step
   if step == 0:  # the fresh head's numbers: where the curves start
     log.write({"step": 0, "split": "eval",
                **evaluate(eval_step, state.params, target.params, data, c.batch_size)})
   while step < total:
     tokens, mask = data.batch(step, c.batch_size)
+    window_tokens += tokens.size
     state, m = train_step(state, target.params, tokens, mask)
     m = {k: float(v) for k, v in m.items()}
     if not np.isfinite(m["loss"]):
@@ -208,9 +208,9 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       dt = time.perf_counter() - t0
       row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
       row.update(step=step, split="train", lr=float(schedule(c)(step // c.grad_accum)),
-                 tokens_per_s=len(window) * tokens_per_step / dt)
+                 tokens_per_s=window_tokens / dt)
       log.write(row)
-      window, t0 = [], time.perf_counter()
+      window, window_tokens, t0 = [], 0, time.perf_counter()
     if step % c.eval_every == 0 or step == total:
       last_eval = {"step": step, "split": "eval",
                    **evaluate(eval_step, state.params, target.params, data, c.batch_size)}
