@@ -18,6 +18,10 @@ def base() -> ml_collections.ConfigDict:
       "bucket": 128,  # batch widths round up to this (rows of similar length batch together)
       "eval_rows": 32,
   })
+  # A folder: run the target over the data once, store its features there, train from
+  # them (offline; for large targets or many heads). Empty: features online, every step.
+  c.offline_features = ""
+  c.offline_dtype = "float32"  # or "float16": half the disk
   c.batch_size = 4
   c.grad_accum = 1  # micro-steps per optimizer step
   c.steps = 1000  # optimizer steps

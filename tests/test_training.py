@@ -306,3 +306,29 @@ def test_medusa_accept_matches_its_drafter():
   acc, _ = head.accept(params, batch, 3)
   want = np.asarray(tree.tokens)[0] == np.asarray(out.logits.argmax(-1))[0, t + 1:t + 4]
   np.testing.assert_array_equal(np.asarray(acc)[0, t], want)
+
+
+def test_offline_features_train_like_online(tmp_path):
+  """Features stored once (and a build killed half-way and finished) give the online
+  run's losses."""
+  c = tiny_config("eagle", steps=10)
+  online = trainer.train(c, str(tmp_path / "online"))
+  target = models.load("tiny-random")
+  d = data_lib.load(c.data.source, seq_len=c.data.seq_len, vocab=512,
+                    eval_rows=c.data.eval_rows, seed=c.seed, target=target,
+                    bucket=c.data.bucket)
+  folder = str(tmp_path / "feats")
+  from specjax.training import features  # pylint: disable=g-import-not-at-top
+  features.build(target, d, (models.FINAL,), folder, batch_size=8, progress=False)
+  with open(os.path.join(folder, features.PROGRESS)) as f:  # as if killed after 16 rows
+    info = json.load(f)
+  with open(os.path.join(folder, features.PROGRESS), "w") as f:
+    json.dump({**info, "done": 16}, f)
+  c.offline_features = folder
+  offline = trainer.train(c, str(tmp_path / "offline"))
+  a = metrics.read(str(tmp_path / "online" / metrics.METRICS))
+  b = metrics.read(str(tmp_path / "offline" / metrics.METRICS))
+  assert len(a) == len(b)
+  for ra, rb in zip(a, b):
+    np.testing.assert_allclose(ra["loss"], rb["loss"], rtol=1e-4)
+  assert offline["sim_tau"] == pytest.approx(online["sim_tau"], abs=1e-3)

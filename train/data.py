@@ -145,15 +145,19 @@ class Data:
   def batches_per_epoch(self, batch_size: int) -> int:
     return max(1, len(self.tokens) // batch_size)
 
-  def batch(self, step: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of micro-step `step`, a pure function of (seed, step)."""
+  def batch_rows(self, step: int, batch_size: int) -> tuple[np.ndarray, int]:
+    """(row indices, width) of micro-step `step`, a pure function of (seed, step)."""
     epoch, i = divmod(step, self.batches_per_epoch(batch_size))
     idx = self._epoch(epoch, batch_size)[i]
-    return self._cut(self.tokens[idx], self.mask[idx], self.lengths[idx])
+    return idx, self._width(self.lengths[idx])
 
-  def _cut(self, tokens, mask, lengths):
-    width = min(tokens.shape[1], -(-int(lengths.max()) // self.bucket) * self.bucket)
-    return tokens[:, :width], mask[:, :width]
+  def batch(self, step: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, mask) of micro-step `step`."""
+    idx, width = self.batch_rows(step, batch_size)
+    return self.tokens[idx, :width], self.mask[idx, :width]
+
+  def _width(self, lengths) -> int:
+    return min(self.tokens.shape[1], -(-int(lengths.max()) // self.bucket) * self.bucket)
 
   @functools.lru_cache(maxsize=4)
   def _epoch(self, epoch: int, batch_size: int) -> list[np.ndarray]:
@@ -168,9 +172,12 @@ class Data:
     return [batches[j] for j in rng.permutation(len(batches))]
 
   def eval_batches(self, batch_size: int):
+    """(tokens, mask, row indices counted after the training rows, width) per batch."""
     for i in range(0, len(self.eval_tokens), batch_size):
-      rows = slice(i, i + batch_size)
-      yield self._cut(self.eval_tokens[rows], self.eval_mask[rows], self.eval_lengths[rows])
+      idx = np.arange(i, min(i + batch_size, len(self.eval_tokens)))
+      width = self._width(self.eval_lengths[idx])
+      yield (self.eval_tokens[idx, :width], self.eval_mask[idx, :width],
+             len(self.tokens) + idx, width)
 
 
 def load(source: str, *, seq_len: int, vocab: int, encode: Callable | None = None,

@@ -37,6 +37,7 @@ from specjax.drafters.base import TargetBatch
 from specjax.models.model import causal, forward
 
 from . import data as data_lib
+from . import features as features_lib
 from . import metrics as metrics_lib
 
 CONFIG_FILE = "config.json"
@@ -75,13 +76,20 @@ def optimizer(c: ml_collections.ConfigDict, params) -> optax.GradientTransformat
   return optax.MultiSteps(tx, every_k_schedule=c.grad_accum)
 
 
-def target_batch(target: models.Model, params, head, tokens, mask) -> TargetBatch:
-  """The frozen target's outputs on a batch (the very `forward` decoding uses)."""
+def target_batch(target: models.Model, params, head, tokens, mask, stored=None
+                 ) -> TargetBatch:
+  """The frozen target's outputs on a batch: the very `forward` decoding uses (online), or
+  the features of a `features.Store` (offline; logits from the final features)."""
   b, t = tokens.shape
-  feats = tuple(head.features)
+  shared = jax.lax.stop_gradient(models.shared_params(target.config, params))
+  if stored is not None:
+    names = features_lib.stored_features(head.features)
+    feats = tuple(stored[names.index(f)] for f in head.features)
+    logits = models.lm_head(target.config, shared, stored[0])
+    return TargetBatch(tokens, mask, feats, logits, shared)
   out = forward(target.config, params, tokens, jnp.broadcast_to(jnp.arange(t), (b, t)),
-                causal(t), features=feats)
-  out, shared = jax.lax.stop_gradient((out, models.shared_params(target.config, params)))
+                causal(t), features=tuple(head.features))
+  out = jax.lax.stop_gradient(out)
   return TargetBatch(tokens, mask, out.features, out.logits, shared)
 
 
@@ -89,8 +97,8 @@ def make_steps(target: models.Model, head, tx, seed: int, sim_depth: int):
   """(train_step, eval_step), jitted; the target's params are an argument."""
 
   @functools.partial(jax.jit, donate_argnums=(0,))
-  def train_step(state: TrainState, target_params, tokens, mask):
-    batch = target_batch(target, target_params, head, tokens, mask)
+  def train_step(state: TrainState, target_params, tokens, mask, stored=None):
+    batch = target_batch(target, target_params, head, tokens, mask, stored)
     key = jax.random.fold_in(jax.random.key(seed), state.step)
     (loss, metrics), grads = jax.value_and_grad(
         lambda p: head.loss(p, batch, key), has_aux=True)(state.params)
@@ -103,8 +111,8 @@ def make_steps(target: models.Model, head, tx, seed: int, sim_depth: int):
     return TrainState(state.step + 1, params, opt_state), metrics
 
   @jax.jit
-  def eval_step(params, target_params, tokens, mask):
-    batch = target_batch(target, target_params, head, tokens, mask)
+  def eval_step(params, target_params, tokens, mask, stored=None):
+    batch = target_batch(target, target_params, head, tokens, mask, stored)
     loss, metrics = head.loss(params, batch, jax.random.key(0))
     acc, rows = head.accept(params, batch, sim_depth)
     prefix = jnp.cumprod(acc, axis=-1)  # leading accepted drafts
@@ -115,12 +123,13 @@ def make_steps(target: models.Model, head, tx, seed: int, sim_depth: int):
   return train_step, eval_step
 
 
-def evaluate(eval_step, params, target_params, data: data_lib.Data, batch_size: int
-             ) -> dict[str, float]:
+def evaluate(eval_step, params, target_params, data: data_lib.Data, batch_size: int,
+             store=None) -> dict[str, float]:
   """Held-out loss and metrics (row-weighted means) and the simulated tau."""
   sums, n, acc, rows, per_depth = {}, 0, 0.0, 0.0, 0.0
-  for tokens, mask in data.eval_batches(batch_size):
-    m, a = eval_step(params, target_params, tokens, mask)
+  for tokens, mask, idx, width in data.eval_batches(batch_size):
+    stored = None if store is None else store.get(idx, width)
+    m, a = eval_step(params, target_params, tokens, mask, stored)
     for k, v in m.items():
       sums[k] = sums.get(k, 0.0) + float(v) * len(tokens)
     n += len(tokens)
@@ -187,13 +196,19 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         f"frozen; {total} micro-steps of {c.batch_size} rows x <= {c.data.seq_len} tokens")
   window, window_tokens, t0, last_eval = [], 0, time.perf_counter(), None
   step = start_step
+  store = None
+  if c.offline_features:
+    store = features_lib.build(target, data, head.features, c.offline_features,
+                               dtype=c.offline_dtype, progress=c.progress)
+  run_eval = lambda: evaluate(eval_step, state.params, target.params, data, c.batch_size, store)
   if step == 0:  # the fresh head's numbers: where the curves start
-    log.write({"step": 0, "split": "eval",
-               **evaluate(eval_step, state.params, target.params, data, c.batch_size)})
+    log.write({"step": 0, "split": "eval", **run_eval()})
   while step < total:
-    tokens, mask = data.batch(step, c.batch_size)
+    idx, width = data.batch_rows(step, c.batch_size)
+    tokens, mask = data.tokens[idx, :width], data.mask[idx, :width]
     window_tokens += tokens.size
-    state, m = train_step(state, target.params, tokens, mask)
+    stored = None if store is None else store.get(idx, width)
+    state, m = train_step(state, target.params, tokens, mask, stored)
     m = {k: float(v) for k, v in m.items()}
     if not np.isfinite(m["loss"]):
       bar.close()
@@ -212,8 +227,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       log.write(row)
       window, window_tokens, t0 = [], 0, time.perf_counter()
     if step % c.eval_every == 0 or step == total:
-      last_eval = {"step": step, "split": "eval",
-                   **evaluate(eval_step, state.params, target.params, data, c.batch_size)}
+      last_eval = {"step": step, "split": "eval", **run_eval()}
       log.write(last_eval)
       bar.write(metrics_lib.summary(last_eval))
       log.plot()
