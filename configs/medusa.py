@@ -4,7 +4,8 @@
   specjax-train --config configs/medusa.py:tiny --workdir /tmp/medusa_tiny   # ~1 minute
 
 Four residual-block heads sharing the target's frozen LM head; soft CE against the target,
-head k weighted 0.8^k.
+head k weighted 0.8^k. Medusa-2 (the target fine-tuned jointly through LoRA; decoding then
+uses the merged target, lossless relative to it only): --config.head_kwargs.lora_rank=8.
 """
 
 from specjax.configs import train_common
@@ -15,6 +16,10 @@ def get_config(arg: str | None = None):
   c.head = "medusa"
   c.head_kwargs.num_heads = 4
   c.head_kwargs.decay = 0.8
+  c.head_kwargs.lora_rank = 0  # > 0: Medusa-2
+  c.head_kwargs.lora_alpha = 16.0
+  c.head_kwargs.lm_weight = 1.0
+  c.head_kwargs.head_weight = 0.2
   c.decode.depth = 3
   c.optim.lr = 1e-3
   if arg == "tiny":

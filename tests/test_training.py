@@ -332,3 +332,33 @@ def test_offline_features_train_like_online(tmp_path):
   for ra, rb in zip(a, b):
     np.testing.assert_allclose(ra["loss"], rb["loss"], rtol=1e-4)
   assert offline["sim_tau"] == pytest.approx(online["sim_tau"], abs=1e-3)
+
+
+def test_medusa2_lora_trains_jointly_and_decodes_with_merged_target(tmp_path):
+  c = tiny_config("medusa", steps=20)
+  c.head_kwargs.lora_rank = 4
+  c.head_kwargs.lora_alpha = 4.0
+  c.optim.lr = 1e-3
+  workdir = str(tmp_path / "m2")
+  trainer.train(c, workdir)
+  rows = metrics.read(os.path.join(workdir, metrics.METRICS))
+  evals = [r for r in rows if r["split"] == "eval"]
+  assert evals[-1]["loss"] < evals[0]["loss"]
+  # The adapted target stays close to the original (self-distillation).
+  assert evals[-1]["lm_distill"] < 1.05 * evals[0]["lm_distill"]
+  target = models.load("tiny-random")
+  path = os.path.join(workdir, trainer.HEAD_DIR)
+  _, _, params, _ = io.load(path, target.config)
+  assert float(jnp.abs(params["lora"]["layers_0"]["self_attn"]["q_proj"]["b"]).max()) > 0
+  with pytest.raises(ValueError, match="merged_target"):
+    load_drafter(path, target)
+  merged = io.merged_target(path, target)
+  assert "+lora:" in merged.name
+  prompts = [[1, 2, 3, 4, 5], list(range(30, 60))]
+  ar = decode.generate(merged, prompts, max_new_tokens=16, eos=None)
+  spec = decode.generate(merged, prompts, max_new_tokens=16, eos=None,
+                         drafter=load_drafter(path, merged))
+  assert spec.token_lists() == ar.token_lists()  # lossless relative to the merged target
+  moved = merged.params["layers_0"]["self_attn"]["q_proj"]["kernel"] - target.params[
+      "layers_0"]["self_attn"]["q_proj"]["kernel"]
+  assert float(jnp.abs(moved).max()) > 0  # ... which is another model than the base

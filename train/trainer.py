@@ -81,16 +81,17 @@ def target_batch(target: models.Model, params, head, tokens, mask, stored=None
   """The frozen target's outputs on a batch: the very `forward` decoding uses (online), or
   the features of a `features.Store` (offline; logits from the final features)."""
   b, t = tokens.shape
-  shared = jax.lax.stop_gradient(models.shared_params(target.config, params))
+  params = jax.lax.stop_gradient(params)
+  shared = models.shared_params(target.config, params)
   if stored is not None:
     names = features_lib.stored_features(head.features)
     feats = tuple(stored[names.index(f)] for f in head.features)
     logits = models.lm_head(target.config, shared, stored[0])
-    return TargetBatch(tokens, mask, feats, logits, shared)
+    return TargetBatch(tokens, mask, feats, logits, shared, params)
   out = forward(target.config, params, tokens, jnp.broadcast_to(jnp.arange(t), (b, t)),
                 causal(t), features=tuple(head.features))
   out = jax.lax.stop_gradient(out)
-  return TargetBatch(tokens, mask, out.features, out.logits, shared)
+  return TargetBatch(tokens, mask, out.features, out.logits, shared, params)
 
 
 def make_steps(target: models.Model, head, tx, seed: int, sim_depth: int):

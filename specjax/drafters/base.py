@@ -67,6 +67,8 @@ class TargetBatch:
   features: tuple  # the head's declared target features, each [B, T, H]
   logits: jax.Array  # float32[B, T, V]: the target's next-token logits
   shared: Any  # the target params heads share (`models.shared_params`: embedding, LM head)
+  # All the target's params (frozen): for heads that fine-tune the target (Medusa-2's LoRA).
+  target_params: Any = None
 
 
 class TrainableHead(Protocol):

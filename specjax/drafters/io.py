@@ -185,6 +185,23 @@ def load(path: str, target_cfg: ModelConfig, dtype=jnp.float32):
   return kind, head, params, meta
 
 
+LORA_MARK = "+lora:"
+
+
+def merged_target(path: str, target):
+  """The target a Medusa-2 head decodes with: `target` with the head's LoRA folded in.
+  Speculative decoding with that head is lossless relative to this model, NOT to
+  `target`; its name says so."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  _, head, params, _ = load(path, target.config, target.dtype)
+  if "lora" not in params:
+    raise ValueError(f"The head in {path!r} has no LoRA adapters: decode with the target "
+                     "itself.")
+  return dataclasses.replace(target, params=head.merged(target.params, params),
+                             name=f"{target.name}{LORA_MARK}{os.path.abspath(path)}")
+
+
 def load_drafter(path: str, target, kind: str | None = None, **decode):
   """A drafter from a head folder for `target` (a `Model`); `decode` overrides the
   decoding knobs saved with the head (depth, top_k, tree)."""
@@ -193,6 +210,10 @@ def load_drafter(path: str, target, kind: str | None = None, **decode):
   got, head, params, meta = load(path, target.config, target.dtype)
   if kind is not None and got != kind:
     raise ValueError(f"{path!r} holds a {got} head, not {kind}.")
+  if "lora" in params and not target.name.endswith(LORA_MARK + os.path.abspath(path)):
+    raise ValueError(f"{path!r} is a Medusa-2 head trained with a LoRA-tuned target: decode "
+                     "with `io.merged_target(path, target)` as the target (lossless relative "
+                     "to that merged model, not to the original).")
   return head.drafter(params, shared_params(target.config, target.params),
                       **{**meta.get("decode", {}), **decode})
 

@@ -15,6 +15,13 @@ sampling verifies them with q one-hot (SpecInfer's rule).
 
 Training: soft cross-entropy of head k against the target's distribution at t + k + 1,
 weighted 0.8^k (the self-distillation form of Medusa's loss).
+
+Medusa-2 (`lora_rank > 0`): the target is fine-tuned jointly through LoRA adapters on its
+attention projections (`models.lora`). The adapted target reads the same tokens; its loss
+is the soft cross-entropy against the original target (self-distillation, weight
+`lm_weight`), the heads read its features (weight `head_weight` = 0.2 x 0.8^k). Decoding
+uses the LoRA-merged target (`io.merged_target`): LOSSLESS RELATIVE TO THAT MODEL, not
+the original one.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import jax.numpy as jnp
 from specjax import registry
 from specjax.drafters.base import TargetBatch
 from specjax.models.config import ModelConfig
-from specjax.models.model import FINAL, lm_head
+from specjax.models import lora
+from specjax.models.model import FINAL, causal, forward, lm_head
 from specjax.tree import DraftTree, StaticTree
 
 
@@ -60,27 +68,47 @@ class MedusaHead:
   # Each head with its own LM head instead of sharing the target's: heads loaded from
   # medusa-llm's layout (specjax trains shared-head Medusa; `init` leaves these zero).
   own_lm_head: bool = flax.struct.field(pytree_node=False, default=False)
+  # Medusa-2: LoRA rank of the jointly fine-tuned target (0 = Medusa-1, target frozen).
+  lora_rank: int = flax.struct.field(pytree_node=False, default=0)
+  lora_alpha: float = flax.struct.field(pytree_node=False, default=16.0)
+  lm_weight: float = flax.struct.field(pytree_node=False, default=1.0)
+  head_weight: float = flax.struct.field(pytree_node=False, default=0.2)
   features = (FINAL,)
 
   def init(self, key, dtype=jnp.float32):
-    del key  # zero-initialised: a fresh head is the target's own next-token guess
     k, h = self.num_heads, self.config.hidden_size
+    # Zero-initialised heads: a fresh head is the target's own next-token guess.
     params = {"w": jnp.zeros((k, h, h), dtype), "b": jnp.zeros((k, h), dtype)}
     if self.own_lm_head:
       params["lm_head"] = jnp.zeros((k, self.config.vocab_size, h), dtype)
+    if self.lora_rank:
+      params["lora"] = lora.init(self.config, key, self.lora_rank, dtype)
     return params
 
-  def _logits(self, params, batch):
-    return head_logits(self.config, params, batch.shared, heads(params, batch.features[0]))
+  def merged(self, target_params, params):
+    """The target's params the heads decode with (LoRA folded in for Medusa-2)."""
+    if "lora" not in params:
+      return target_params
+    return lora.merge(target_params, params["lora"], self.lora_alpha)
+
+  def _student(self, params, batch: TargetBatch):
+    """(features, logits) of the target the heads serve: the frozen one, or its LoRA."""
+    if not self.lora_rank:
+      return batch.features[0], batch.logits
+    b, t = batch.tokens.shape
+    out = forward(self.config, self.merged(batch.target_params, params), batch.tokens,
+                  jnp.broadcast_to(jnp.arange(t), (b, t)), causal(t), features=(FINAL,))
+    return out.features[0], out.logits
 
   def loss(self, params, batch: TargetBatch, key):
     del key
     t = batch.tokens.shape[1]
+    f, student_logits = self._student(params, batch)
     total, metrics = 0.0, {}
     for k in range(self.num_heads):
       # Head k at position i guesses token i + k + 2: the target's distribution at i + k + 1.
       logits = head_logits(self.config, params, batch.shared,
-                           heads(params, batch.features[0][:, :t - k - 2]))[..., k, :]
+                           heads(params, f[:, :t - k - 2]))[..., k, :]
       target = batch.logits[:, k + 1:t - 1]
       w = batch.mask[:, k + 2:]
       denom = jnp.maximum(w.sum(), 1.0)
@@ -88,14 +116,21 @@ class MedusaHead:
       total += self.decay ** k * ce
       metrics[f"ce/{k + 1}"] = ce
       metrics[f"top1/{k + 1}"] = jnp.sum(w * (logits.argmax(-1) == target.argmax(-1))) / denom
+    if self.lora_rank:  # Medusa-2: heads weighted by head_weight, plus the LM distillation
+      w = jnp.pad(batch.mask[:, 1:], ((0, 0), (0, 1)))
+      lm = jnp.sum(w * _soft_ce(batch.logits, student_logits)) / jnp.maximum(w.sum(), 1.0)
+      total = self.head_weight * total + self.lm_weight * lm
+      metrics["lm_distill"] = lm
     return total, metrics
 
   def accept(self, params, batch: TargetBatch, depth: int):
     b, t = batch.tokens.shape
     depth = min(depth, self.num_heads)
-    top = self._logits(params, batch)[..., :depth, :].argmax(-1)  # [B, T, depth]
+    f, student_logits = self._student(params, batch)
+    top = head_logits(self.config, params, batch.shared, heads(params, f))[
+        ..., :depth, :].argmax(-1)  # [B, T, depth]
     i = jnp.arange(t)[:, None] + jnp.arange(depth)[None, :] + 1  # the guessed token - 1
-    target_top = jnp.take(batch.logits.argmax(-1), jnp.minimum(i, t - 1), axis=1)
+    target_top = jnp.take(student_logits.argmax(-1), jnp.minimum(i, t - 1), axis=1)
     ok = (top == target_top) & (i + 1 < t)
     ok &= jnp.take(batch.mask, jnp.minimum(i + 1, t - 1), axis=1) > 0
     return ok, jnp.pad(batch.mask[:, 2:], ((0, 0), (0, 2)))
@@ -105,7 +140,8 @@ class MedusaHead:
     """A chain of `depth` tokens (default: one per head) or the tree of choice paths."""
     shape = (StaticTree.chain(depth or self.num_heads) if tree is None
              else StaticTree.from_choices(tree))
-    return Medusa(params, shared, self.config, shape)
+    heads_only = {k: v for k, v in params.items() if k != "lora"}
+    return Medusa(heads_only, shared, self.config, shape)
 
 
 @flax.struct.dataclass
@@ -169,6 +205,10 @@ class Medusa:
 
 
 @registry.HEADS.register("medusa")
-def _head(target_cfg: ModelConfig, *, num_heads: int = 4, decay: float = 0.8) -> MedusaHead:
-  """Medusa-1: residual-block heads sharing the target's LM head."""
-  return MedusaHead(target_cfg, num_heads, decay)
+def _head(target_cfg: ModelConfig, *, num_heads: int = 4, decay: float = 0.8,
+          lora_rank: int = 0, lora_alpha: float = 16.0, lm_weight: float = 1.0,
+          head_weight: float = 0.2) -> MedusaHead:
+  """Medusa-1 (residual-block heads sharing the target's LM head), or Medusa-2 with
+  lora_rank > 0 (the target fine-tuned jointly through LoRA)."""
+  return MedusaHead(target_cfg, num_heads, decay, False, lora_rank, lora_alpha, lm_weight,
+                    head_weight)
