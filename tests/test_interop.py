@@ -122,7 +122,7 @@ def test_medusa_llm_head_same_draft_logits(target, medusa_llm_head):
 def test_foreign_head_for_another_target_is_refused(eagle_llm_head, medusa_llm_head):
   other = models.RANDOM["tiny-random"]  # hidden 64, vocab 512
   for path, _ in (eagle_llm_head, medusa_llm_head):
-    with pytest.raises(ValueError, match="was trained for a target with hidden_size"):
+    with pytest.raises(ValueError, match="was made for a target with hidden_size"):
       io.load(path, other)
 
 

@@ -39,6 +39,15 @@ class Context:
   length: jax.Array  # int32[B]: tokens in history; the last one is the tree's root
 
 
+def check_target(what: str, hidden_size: int, vocab_size: int, target_config) -> None:
+  """Raises unless a head made for (hidden_size, vocab_size) fits the target's config."""
+  for field, mine in (("hidden_size", hidden_size), ("vocab_size", vocab_size)):
+    theirs = getattr(target_config, field)
+    if mine != theirs:
+      raise ValueError(f"{what} was made for a target with {field}={mine}; this target has "
+                       f"{theirs}.")
+
+
 class Drafter(Protocol):
   num_nodes: int
   features: tuple[int, ...]

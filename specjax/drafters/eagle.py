@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from specjax import registry
 from specjax.drafters import dynamic_tree, static_tree
-from specjax.drafters.base import TargetBatch
+from specjax.drafters.base import TargetBatch, check_target
 from specjax.models import llama
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
@@ -222,11 +222,8 @@ class Eagle:
     return net(self.config, self.layer or self.config, self.params, self.shared, *args)
 
   def validate(self, target_config: ModelConfig) -> None:
-    for field in ("hidden_size", "vocab_size"):
-      mine, theirs = getattr(self.config, field), getattr(target_config, field)
-      if mine != theirs:
-        raise ValueError(f"This EAGLE head was made for a target with {field}={mine}; the "
-                         f"target has {theirs}.")
+    check_target("This EAGLE head", self.config.hidden_size, self.config.vocab_size,
+                 target_config)
 
   def _pending(self) -> int:
     depth = self.dynamic[1] if self.dynamic else self.tree.depth

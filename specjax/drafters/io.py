@@ -31,6 +31,7 @@ import numpy as np
 import safetensors.numpy
 
 from specjax import registry
+from specjax.drafters.base import check_target
 from specjax.models.config import ModelConfig
 
 FORMAT = "specjax-head"
@@ -107,13 +108,6 @@ def _state_dict(path: str, names) -> dict[str, np.ndarray]:
     raise ValueError(f"Could not read {file}: {type(e).__name__}: {e}") from e
 
 
-def _check_target(path, hidden, vocab, target_cfg: ModelConfig) -> None:
-  for field, mine in (("hidden_size", hidden), ("vocab_size", vocab)):
-    if mine != getattr(target_cfg, field):
-      raise ValueError(f"The head in {path!r} was trained for a target with {field}={mine}; "
-                       f"this target has {getattr(target_cfg, field)}.")
-
-
 def _from_eagle_llm(path: str, target_cfg: ModelConfig):
   """EagleHead + params from eagle-llm's layout (Linear weights are [out, in])."""
   from specjax.drafters.eagle import EagleHead  # pylint: disable=g-import-not-at-top
@@ -121,7 +115,7 @@ def _from_eagle_llm(path: str, target_cfg: ModelConfig):
 
   with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
     hf = json.load(f)
-  _check_target(path, hf["hidden_size"], hf["vocab_size"], target_cfg)
+  check_target(f"The head in {path!r}", hf["hidden_size"], hf["vocab_size"], target_cfg)
   if hf.get("num_hidden_layers", 1) != 1 or hf.get("rope_scaling"):
     raise ValueError(f"{path!r}: only one-layer EAGLE heads without RoPE scaling load.")
   # eagle-llm's draft layer always rotates with base 10000, whatever config.json says.
@@ -148,7 +142,7 @@ def _from_medusa_llm(path: str, target_cfg: ModelConfig):
                      f"(medusa_num_layers={hf['medusa_num_layers']}).")
   sd = _state_dict(path, _MEDUSA_FILES)
   lm = np.stack([sd[f"{i}.1.weight"] for i in range(k)])  # [K, V, H]
-  _check_target(path, lm.shape[2], lm.shape[1], target_cfg)
+  check_target(f"The head in {path!r}", lm.shape[2], lm.shape[1], target_cfg)
   params = {"w": np.stack([sd[f"{i}.0.linear.weight"].T for i in range(k)]),
             "b": np.stack([sd[f"{i}.0.linear.bias"] for i in range(k)]), "lm_head": lm}
   return "medusa", MedusaHead(target_cfg, num_heads=k, own_lm_head=True), params
@@ -160,8 +154,8 @@ def load(path: str, target_cfg: ModelConfig, dtype=jnp.float32):
   kind = layout(path)
   if kind == "specjax":
     meta = read_meta(path)
-    _check_target(path, meta["target"]["hidden_size"], meta["target"]["vocab_size"],
-                  target_cfg)
+    check_target(f"The head in {path!r}", meta["target"]["hidden_size"],
+                 meta["target"]["vocab_size"], target_cfg)
     kind = meta["kind"]
     head = registry.HEADS.build(kind, target_cfg, **meta["head_kwargs"])
     try:

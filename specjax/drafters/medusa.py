@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from specjax import registry
-from specjax.drafters.base import TargetBatch
+from specjax.drafters.base import TargetBatch, check_target
 from specjax.models.config import ModelConfig
 from specjax.models import lora
 from specjax.models.model import FINAL, causal, forward, lm_head
@@ -166,11 +166,8 @@ class Medusa:
     return self.tree.num_nodes
 
   def validate(self, target_config: ModelConfig) -> None:
-    for field in ("hidden_size", "vocab_size"):
-      mine, theirs = getattr(self.config, field), getattr(target_config, field)
-      if mine != theirs:
-        raise ValueError(f"This Medusa head was made for a target with {field}={mine}; the "
-                         f"target has {theirs}.")
+    check_target("This Medusa head", self.config.hidden_size, self.config.vocab_size,
+                 target_config)
     num_heads = self.params["w"].shape[0]
     if self.tree.depth > num_heads:
       raise ValueError(f"A tree of depth {self.tree.depth} needs {self.tree.depth} Medusa "
