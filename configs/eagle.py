@@ -20,11 +20,11 @@ def get_config(arg: str | None = None):
   c.decode.depth = 3
   c.decode.top_k = 1
   c.batch_size = 8
-  c.steps = 180
+  c.steps = 110
   c.optim.lr = 5e-4
   c.optim.warmup_steps = 15
-  c.data.eval_rows = 24
-  c.eval_every = 45
+  c.data.eval_rows = 16
+  c.eval_every = 55
   c.checkpoint_every = 20
   if arg == "tiny":
     c = train_common.tiny(c)
