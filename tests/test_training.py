@@ -369,3 +369,27 @@ def test_unreachable_hub_and_unprepared_tfds_are_clear_errors():
     data_lib.load("hf:no/such_set", seq_len=8, vocab=512)
   with pytest.raises(ValueError, match="Could not load tensorflow-datasets 'mnist'.*Prepare it"):
     data_lib.load("tfds:mnist", seq_len=8, vocab=512)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_simulated_tau_predicts_measured_tau(kind, tmp_path_factory):
+  """On rows that are the target's own greedy output, the simulated tau (the head's
+  teacher-forced acceptance walked like a decode) equals what `generate` measures: no
+  train/serve mismatch (features, positions, cache)."""
+  target = models.load("tiny-random")
+  _, head, params, _ = io.load(os.path.join(run_dir(kind, tmp_path_factory),
+                                            trainer.HEAD_DIR), target.config)
+  prompts = np.random.default_rng(5).integers(0, 512, (8, 20)).tolist()
+  ar = decode.generate(target, prompts, max_new_tokens=40, eos=None)
+  tokens = jnp.asarray([p + r for p, r in zip(prompts, ar.token_lists())])
+  mask = jnp.asarray([[0] * 20 + [1] * 40] * 8, jnp.float32)
+  batch = trainer.target_batch(target, target.params, head, tokens, mask)
+  acc, rows = head.accept(params, batch, 3)
+  accepted = np.asarray(jnp.cumprod(acc, -1).sum(-1))
+  done = np.sum([trainer.walk(accepted[b], np.asarray(rows[b])) for b in range(8)], 0)
+  simulated = done[0] / done[1]
+  drafter = head.drafter(params, batch.shared, depth=3)
+  out = decode.generate(target, prompts, max_new_tokens=40, eos=None, drafter=drafter)
+  measured = float(np.sum(out.lengths) / np.sum(out.stats.target_calls))
+  assert simulated > 1.05  # the head accepts something: the comparison means something
+  assert abs(simulated - measured) < 0.03 * measured, (simulated, measured)  # budget ends

@@ -117,27 +117,43 @@ def make_steps(target: models.Model, head, tx, seed: int, sim_depth: int):
     loss, metrics = head.loss(params, batch, jax.random.key(0))
     acc, rows = head.accept(params, batch, sim_depth)
     prefix = jnp.cumprod(acc, axis=-1)  # leading accepted drafts
-    return {**metrics, "loss": loss}, {"accepted": jnp.sum(rows * prefix.sum(-1)),
-                                       "rows": rows.sum(),
+    return {**metrics, "loss": loss}, {"accepted_BxT": prefix.sum(-1), "rows_BxT": rows,
                                        "per_depth": jnp.sum(rows[..., None] * prefix, (0, 1))}
 
   return train_step, eval_step
 
 
+def walk(accepted_T: np.ndarray, rows_T: np.ndarray) -> tuple[int, int]:
+  """(tokens, steps) of greedy decoding over one held-out row: start where the response
+  starts, gain the accepted drafts + 1 per step, jump past them. Averaging the accepted
+  length over every position instead would overweight runs of easy tokens, which a real
+  decode crosses in few steps."""
+  t = int(np.argmax(rows_T > 0)) if rows_T.any() else len(rows_T)
+  tokens = steps = 0
+  while t < len(rows_T) and rows_T[t] > 0:
+    gained = int(accepted_T[t]) + 1
+    tokens, steps, t = tokens + gained, steps + 1, t + gained
+  return tokens, steps
+
+
 def evaluate(eval_step, params, target_params, data: data_lib.Data, batch_size: int,
              store=None) -> dict[str, float]:
-  """Held-out loss and metrics (row-weighted means) and the simulated tau."""
-  sums, n, acc, rows, per_depth = {}, 0, 0.0, 0.0, 0.0
+  """Held-out loss and metrics (row-weighted means) and the simulated tau (a greedy
+  decode walked over the held-out rows with the head's teacher-forced acceptance)."""
+  sums, n, tokens_steps, rows, per_depth = {}, 0, np.zeros(2), 0.0, 0.0
   for tokens, mask, idx, width in data.eval_batches(batch_size):
     stored = None if store is None else store.get(idx, width)
     m, a = eval_step(params, target_params, tokens, mask, stored)
     for k, v in m.items():
       sums[k] = sums.get(k, 0.0) + float(v) * len(tokens)
     n += len(tokens)
-    acc, rows = acc + float(a["accepted"]), rows + float(a["rows"])
+    accepted, row_w = np.asarray(a["accepted_BxT"]), np.asarray(a["rows_BxT"])
+    for b in range(len(tokens)):
+      tokens_steps += walk(accepted[b], row_w[b])
+    rows += float(row_w.sum())
     per_depth = per_depth + np.asarray(a["per_depth"])
   out = {k: v / n for k, v in sums.items()}
-  out["sim_tau"] = 1.0 + acc / max(rows, 1.0)
+  out["sim_tau"] = float(tokens_steps[0] / max(tokens_steps[1], 1))
   for k, v in enumerate(np.atleast_1d(per_depth)):
     out[f"sim_accept/{k + 1}"] = float(v) / max(rows, 1.0)  # P(first k + 1 drafts accepted)
   return out
