@@ -17,6 +17,7 @@ def get_config(arg: str | None = None):
   c.head = "eagle"
   c.head_kwargs.noise = 0.2  # uniform feature noise, U(-0.1, 0.1)
   c.head_kwargs.ce_weight = 0.1
+  c.head_kwargs.init_identity = False  # the committed head started from a random init
   c.decode.depth = 3
   c.decode.top_k = 1
   c.batch_size = 8

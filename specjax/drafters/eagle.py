@@ -97,6 +97,9 @@ class EagleHead:
   # The decoder layer's shape (heads, MLP width, RoPE); None = the target's. Heads made
   # elsewhere bring their own (eagle-llm's RoPE base is always 10000).
   layer: ModelConfig | None = flax.struct.field(pytree_node=False, default=None)
+  # Start from the identity (the head's first guess is the target's own next-token
+  # distribution at the right scale) instead of a random fc whose logits start ~10x off.
+  init_identity: bool = flax.struct.field(pytree_node=False, default=False)
   features = (FINAL,)
 
   @property
@@ -109,7 +112,14 @@ class EagleHead:
   def init(self, key, dtype=jnp.float32):
     z = jnp.zeros((1, 1), jnp.int32)
     h = jnp.zeros((1, 1, self.config.hidden_size), dtype)
-    return EagleNet(self.layer_config, dtype).init(key, h, h, z, causal(1))["params"]
+    params = EagleNet(self.layer_config, dtype).init(key, h, h, z, causal(1))["params"]
+    if self.init_identity:  # start as g = f: fc passes the feature, the layer adds nothing
+      hs = self.config.hidden_size
+      params["fc"]["kernel"] = 0.01 * params["fc"]["kernel"] + jnp.concatenate(
+          [jnp.zeros((hs, hs), dtype), jnp.eye(hs, dtype=dtype)])
+      params["self_attn"]["o_proj"]["kernel"] *= 0
+      params["mlp"]["down_proj"]["kernel"] *= 0
+    return params
 
   def loss(self, params, batch: TargetBatch, key):
     cfg = self.config
@@ -296,6 +306,7 @@ class Eagle:
 
 
 @registry.HEADS.register("eagle")
-def _head(target_cfg: ModelConfig, *, noise: float = 0.2, ce_weight: float = 0.1) -> EagleHead:
+def _head(target_cfg: ModelConfig, *, noise: float = 0.2, ce_weight: float = 0.1,
+          init_identity: bool = False) -> EagleHead:
   """EAGLE-1: fc + one decoder layer on the target's final features (EAGLE-2 decodes it)."""
-  return EagleHead(target_cfg, noise, ce_weight)
+  return EagleHead(target_cfg, noise, ce_weight, init_identity=init_identity)
