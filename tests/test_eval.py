@@ -198,7 +198,7 @@ def _method(**kw):
 
 
 @pytest.mark.parametrize("method,error,match", [
-    ({"drafter": "medusa"}, ValueError, "Unknown drafter 'medusa'"),
+    ({"drafter": "no_such_drafter"}, ValueError, "Unknown drafter 'no_such_drafter'"),
     ({"drafter": "draft_model"}, ValueError, "missing a required argument: 'checkpoint'"),
     ({"drafter": "draft_model", "drafter_kwargs": {"checkpoint": "/nope/draft.gguf"}},
      FileNotFoundError, "/nope/draft.gguf"),
