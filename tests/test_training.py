@@ -314,9 +314,7 @@ def test_offline_features_train_like_online(tmp_path):
   c = tiny_config("eagle", steps=10)
   online = trainer.train(c, str(tmp_path / "online"))
   target = models.load("tiny-random")
-  d = data_lib.load(c.data.source, seq_len=c.data.seq_len, vocab=512,
-                    eval_rows=c.data.eval_rows, seed=c.seed, target=target,
-                    bucket=c.data.bucket)
+  d = trainer.load_data(c, target)
   folder = str(tmp_path / "feats")
   from specjax.training import features  # pylint: disable=g-import-not-at-top
   features.build(target, d, (models.FINAL,), folder, batch_size=8, progress=False)

@@ -20,7 +20,6 @@ import numpy as np
 from specjax import decode, models, runtime
 from specjax.drafters import io, load_drafter
 
-from . import data as data_lib
 from . import trainer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished specjax-train workdir.")
@@ -33,10 +32,7 @@ def measure(workdir: str, max_new_tokens: int = 96) -> dict[str, float]:
   with open(os.path.join(workdir, trainer.CONFIG_FILE), encoding="utf-8") as f:
     c = ml_collections.ConfigDict(json.load(f))
   target = models.load(c.target, c.dtype)
-  encode = None if target.tokenizer is None else target.tokenizer.encode
-  d = data_lib.load(c.data.source, seq_len=c.data.seq_len, vocab=target.config.vocab_size,
-                    encode=encode, eval_rows=c.data.eval_rows, seed=c.seed, target=target,
-                    bucket=c.data.bucket)
+  d = trainer.load_data(c, target)
   prompts = []
   for tokens, mask in zip(d.eval_tokens, d.eval_mask):
     n = int(np.argmax(mask > 0))  # the response starts at the first trained token

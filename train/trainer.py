@@ -159,6 +159,14 @@ def evaluate(eval_step, params, target_params, data: data_lib.Data, batch_size: 
   return out
 
 
+def load_data(c: ml_collections.ConfigDict, target: models.Model) -> data_lib.Data:
+  """The run's data, split and shaped as `c` says (the same rows on every call)."""
+  encode = None if target.tokenizer is None else target.tokenizer.encode
+  return data_lib.load(c.data.source, seq_len=c.data.seq_len, vocab=target.config.vocab_size,
+                       encode=encode, eval_rows=c.data.eval_rows, seed=c.seed, target=target,
+                       bucket=c.data.bucket)
+
+
 def _check_config(workdir: str, c: ml_collections.ConfigDict) -> None:
   """Saves the config beside the checkpoints; a rerun must use the same one, except for
   keys that do not change the trajectory (`RESUME_FREE`)."""
@@ -183,10 +191,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   _check_config(workdir, c)
   target = models.load(c.target, c.dtype)
   head = registry.HEADS.build(c.head, target.config, **c.head_kwargs)
-  encode = None if target.tokenizer is None else target.tokenizer.encode
-  data = data_lib.load(c.data.source, seq_len=c.data.seq_len, vocab=target.config.vocab_size,
-                       encode=encode, eval_rows=c.data.eval_rows, seed=c.seed,
-                       target=target, bucket=c.data.bucket)
+  data = load_data(c, target)
   print(f"data: {data_lib.describe(data)}")
   params = head.init(jax.random.key(c.seed), target.dtype)
   n_params = sum(x.size for x in jax.tree.leaves(params))

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 
 from specjax.tree import DraftTree
 
@@ -37,6 +38,11 @@ from specjax.tree import DraftTree
 class Context:
   history: jax.Array  # int32[B, L]: prompt + generated tokens, left-aligned
   length: jax.Array  # int32[B]: tokens in history; the last one is the tree's root
+
+
+def soft_ce(target_logits, logits):
+  """Cross-entropy of `logits` against the distribution of `target_logits` (last axis)."""
+  return -jnp.sum(jax.nn.softmax(target_logits, -1) * jax.nn.log_softmax(logits, -1), -1)
 
 
 def check_target(what: str, hidden_size: int, vocab_size: int, target_config) -> None:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from specjax import registry
 from specjax.drafters import dynamic_tree, static_tree
-from specjax.drafters.base import TargetBatch, check_target
+from specjax.drafters.base import TargetBatch, check_target, soft_ce
 from specjax.models import llama
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
@@ -83,10 +83,6 @@ def _smooth_l1(x, y):
   return jnp.where(d < 1.0, 0.5 * d * d, d - 0.5)
 
 
-def _soft_ce(target_logits, logits):
-  return -jnp.sum(jax.nn.softmax(target_logits, -1) * jax.nn.log_softmax(logits, -1), -1)
-
-
 @flax.struct.dataclass
 class EagleHead:
   """EAGLE-1 as a trainable head (see `base.TrainableHead`)."""
@@ -134,7 +130,7 @@ class EagleHead:
     w = jnp.pad(batch.mask[:, 2:], ((0, 0), (0, 1)))
     denom = jnp.maximum(w.sum(), 1.0)
     reg = jnp.sum(w * _smooth_l1(g, f[:, 1:]).mean(-1)) / denom
-    ce = jnp.sum(w * _soft_ce(target, logits)) / denom
+    ce = jnp.sum(w * soft_ce(target, logits)) / denom
     top1 = jnp.sum(w * (logits.argmax(-1) == target.argmax(-1))) / denom
     return reg + self.ce_weight * ce, {"reg": reg, "ce": ce, "top1/1": top1}
 

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from specjax import registry
-from specjax.drafters.base import TargetBatch, check_target
+from specjax.drafters.base import TargetBatch, check_target, soft_ce
 from specjax.models.config import ModelConfig
 from specjax.models import lora
 from specjax.models.model import FINAL, causal, forward, lm_head
@@ -52,10 +52,6 @@ def head_logits(cfg: ModelConfig, params, shared, x_xKxH: jax.Array) -> jax.Arra
   if "lm_head" in params:
     return jnp.einsum("...kh,kvh->...kv", x_xKxH, params["lm_head"]).astype(jnp.float32)
   return lm_head(cfg, shared, x_xKxH)
-
-
-def _soft_ce(target_logits, logits):
-  return -jnp.sum(jax.nn.softmax(target_logits, -1) * jax.nn.log_softmax(logits, -1), -1)
 
 
 @flax.struct.dataclass
@@ -112,13 +108,13 @@ class MedusaHead:
       target = batch.logits[:, k + 1:t - 1]
       w = batch.mask[:, k + 2:]
       denom = jnp.maximum(w.sum(), 1.0)
-      ce = jnp.sum(w * _soft_ce(target, logits)) / denom
+      ce = jnp.sum(w * soft_ce(target, logits)) / denom
       total += self.decay ** k * ce
       metrics[f"ce/{k + 1}"] = ce
       metrics[f"top1/{k + 1}"] = jnp.sum(w * (logits.argmax(-1) == target.argmax(-1))) / denom
     if self.lora_rank:  # Medusa-2: heads weighted by head_weight, plus the LM distillation
       w = jnp.pad(batch.mask[:, 1:], ((0, 0), (0, 1)))
-      lm = jnp.sum(w * _soft_ce(batch.logits, student_logits)) / jnp.maximum(w.sum(), 1.0)
+      lm = jnp.sum(w * soft_ce(batch.logits, student_logits)) / jnp.maximum(w.sum(), 1.0)
       total = self.head_weight * total + self.lm_weight * lm
       metrics["lm_distill"] = lm
     return total, metrics
