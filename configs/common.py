@@ -23,7 +23,10 @@ def method(name: str, drafter: str = "ar", *, stop: str | None = None,
     name: the row label (unique within a sweep; results are keyed by it).
     drafter: "ar" (the baseline) or a name in `specjax.registry.DRAFTERS`: "prompt_lookup",
       "self_draft" (the target's first `layers` layers, a chain of `num_draft` or a `tree`
-      of choice paths), "draft_model" (the model at `checkpoint`, sharing the vocab).
+      of choice paths), "draft_model" (the model at `checkpoint`, sharing the vocab),
+      "eagle" / "medusa" (a trained head folder at `checkpoint`; `depth`, `top_k`,
+      `num_nodes`, `tree`, or `budget=COSTS_JSON` to size the draft from the device's
+      measured costs and the head's simulated acceptance).
     stop: a name in `registry.STOP_POLICIES` ("fixed", "confidence", "svip"); None = fixed.
     stop_kwargs: the policy's knobs, e.g. {"threshold": 0.4}.
     acceptance: "greedy", "speculative", or the LOSSY "typical" / "fuzzy"; None picks
@@ -59,6 +62,9 @@ def base() -> ml_collections.ConfigDict:
   """Every field a sweep reads, with defaults; configs override what they need."""
   c = ml_collections.ConfigDict()
   c.target = "smollm2-135m"  # a preset, a HF folder or a .gguf file
+  # A Medusa-2 head folder: every method decodes the target with its LoRA merged in
+  # (lossless relative to that merged model, not to `target`; rows say so).
+  c.target_lora = ""
   c.dtype = "float32"
   c.methods = [method("ar")]  # exactly one method with drafter "ar": the baseline
   c.datasets = ("mt_bench",)  # built-in names (mt_bench, humaneval, gsm8k) or .json/.jsonl

@@ -16,7 +16,8 @@ In one process, after warm-up, medians of several runs:
              `drafters.budget` weighs against the verify costs
   train      tokens/s of the EAGLE train step (frozen target forward + head loss + update)
              beside the target's matmul-only forward at the same rows
-Writes bench.json and prints the tables.
+Writes bench.json and costs.json (the verify and draft costs `drafters.budget` sizes drafts
+from; `--costs-only` measures just those) and prints the tables.
 """
 
 from __future__ import annotations
@@ -171,6 +172,14 @@ def verify_cost(model: models.Model, sizes, runs: int, context: int = 256) -> di
   return {t: forward_ms(model, 1, t, context, runs) for t in sizes}
 
 
+def write_costs(res: dict, out: str) -> None:
+  """costs.json: what `drafters.budget` sizes drafts from (a sweep's `budget=` knob)."""
+  os.makedirs(out, exist_ok=True)
+  costs = {k: res[k] for k in ("model", "device", "verify_ms", "draft_ms")}
+  with open(os.path.join(out, "costs.json"), "w", encoding="utf-8") as f:
+    json.dump(costs, f, indent=1)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--model", default=models.DEFAULT)
@@ -178,6 +187,8 @@ def main(argv=None):
   ap.add_argument("--runs", type=int, default=5)
   ap.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
   ap.add_argument("--out", default="workdir/bench")
+  ap.add_argument("--costs-only", action="store_true",
+                  help="measure only the verify and draft costs (costs.json, minutes)")
   args = ap.parse_args(argv)
   runtime.enable_compilation_cache()
   model = models.load(args.model)
@@ -185,9 +196,10 @@ def main(argv=None):
   res = {"model": args.model, "device": str(jax.devices()[0]),
          "floor_ms": matmul_ms(model, 1, args.runs * 4)}
   print(f"floor: {res['floor_ms']:.1f} ms/step", flush=True)
-  res["specjax_ms"] = decode_ms(model, prompt, 1, args.new_tokens, args.runs)[0]
-  print(f"specjax AR: {res['specjax_ms']:.1f} ms/token", flush=True)
-  if not args.no_hf:
+  if not args.costs_only:
+    res["specjax_ms"] = decode_ms(model, prompt, 1, args.new_tokens, args.runs)[0]
+    print(f"specjax AR: {res['specjax_ms']:.1f} ms/token", flush=True)
+  if not args.no_hf and not args.costs_only:
     path = models.preset_path(args.model) if args.model in models.PRESETS else args.model
     res["hf_ms"] = hf_ms(path, prompt, args.new_tokens, args.runs)
     print(f"transformers AR: {res['hf_ms']:.1f} ms/token", flush=True)
@@ -197,6 +209,9 @@ def main(argv=None):
   res["draft_ms"] = draft_ms(model, args.runs * 4)
   print(f"EAGLE draft forward: {res['draft_ms']:.1f} ms (target T=1: {base:.1f} ms)",
         flush=True)
+  write_costs(res, args.out)
+  if args.costs_only:
+    return
   rows = 4 * 512
   res["train_tokens_per_s"] = train_tokens_per_s(model, 4, 512, max(2, args.runs // 2))
   res["matmul_tokens_per_s"] = rows / (1e-3 * matmul_ms(model, rows, 3, chain=True))

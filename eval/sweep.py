@@ -26,6 +26,7 @@ import jax
 import tqdm
 
 from specjax import decode, models, registry, stopping
+from specjax.drafters import io as head_io
 from specjax import verify as verify_lib
 from specjax.models import Model
 
@@ -83,6 +84,14 @@ class Plan:
   cache_bucket: int
   peers: tuple[str, ...]
   progress: bool
+  target_lora: str = ""
+
+  @property
+  def target_name(self) -> str:
+    """What rows record: the target, marked when a Medusa-2 head's LoRA is merged in."""
+    if not self.target_lora:
+      return self.target
+    return f"{self.target}{head_io.LORA_MARK}{os.path.abspath(self.target_lora)}"
 
   @property
   def baseline(self) -> Method:
@@ -165,6 +174,12 @@ def plan(config: Any) -> Plan:
     raise ValueError(f"A sweep needs exactly one method with drafter {registry.AR!r}: the "
                      "baseline of speedup and equal_to_ar.")
   _check_model_ref(c["target"], "Target")
+  if c.get("target_lora"):
+    if not os.path.isdir(c["target_lora"]):
+      raise FileNotFoundError(f"target_lora {c['target_lora']!r} is not a head folder.")
+    if c["peers"]:
+      raise ValueError("Peers run the original target; a sweep with target_lora (the "
+                       "LoRA-merged target of a Medusa-2 head) cannot compare with them.")
   for d in c["datasets"]:
     _check_dataset(d)
   bad_peers = sorted(set(c["peers"]) - set(peers_lib.PEERS))
@@ -177,7 +192,8 @@ def plan(config: Any) -> Plan:
               temperatures=temperatures, seeds=tuple(int(s) for s in c["seeds"]),
               max_new_tokens=c["max_new_tokens"], warmup=c["warmup"],
               cache_bucket=c["cache_bucket"],
-              peers=tuple(c["peers"]), progress=bool(c["progress"]))
+              peers=tuple(c["peers"]), progress=bool(c["progress"]),
+              target_lora=c.get("target_lora", ""))
 
 
 # ------------------------------------------------------------------------------------------
@@ -242,7 +258,7 @@ def make_row(plan: Plan, spec: Mapping[str, Any], cell: Mapping[str, Any], promp
   new = len(measured["tokens"])
   greedy = cell["temperature"] == 0
   return {
-      **spec, **cell, "target": plan.target, "max_new_tokens": plan.max_new_tokens,
+      **spec, **cell, "target": plan.target_name, "max_new_tokens": plan.max_new_tokens,
       "prompt_tokens": prompt_tokens, "new_tokens": new, "target_calls": measured["target_calls"],
       "draft_calls": measured["draft_calls"],
       "tau": metrics.tau(new, measured["target_calls"]),
@@ -291,7 +307,7 @@ def _key(cell: Mapping[str, Any], method: str) -> tuple:
 
 def _check_resumable(rows: Sequence[Mapping[str, Any]], plan: Plan, workdir: str) -> None:
   for r in rows:
-    if (r["target"], r["max_new_tokens"]) != (plan.target, plan.max_new_tokens):
+    if (r["target"], r["max_new_tokens"]) != (plan.target_name, plan.max_new_tokens):
       raise ValueError(
           f"{workdir} holds results of target={r['target']!r}, max_new_tokens="
           f"{r['max_new_tokens']}, not of this sweep; use another --workdir.")
@@ -317,6 +333,8 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
   if not todo:
     return []
   target = models.load(plan.target, plan.dtype)
+  if plan.target_lora:  # Medusa-2: every method, AR included, decodes the merged model
+    target = head_io.merged_target(plan.target_lora, target)
   if target.tokenizer is None:
     raise ValueError(f"Target {plan.target!r} has no tokenizer: sweeps render chat prompts.")
   tok = target.tokenizer
@@ -357,7 +375,7 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
           bar.write(f"skipping {p.dataset}/{cell['prompt_id']}: {reason}")
           for spec, _ in jobs:
             if _key(cell, spec["method"]) not in done:
-              row = {**spec, **cell, "target": plan.target, "skipped": reason,
+              row = {**spec, **cell, "target": plan.target_name, "skipped": reason,
                      "max_new_tokens": plan.max_new_tokens, "prompt_tokens": len(ids)}
               report.append_row(f, row)
               done[report.row_key(row)] = row

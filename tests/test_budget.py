@@ -1,8 +1,12 @@
 """Draft budgets chosen from measured costs."""
 
+import json
+
+import jax
 import pytest
 
-from specjax.drafters import budget
+from specjax import models, registry
+from specjax.drafters import EagleHead, budget, io
 
 CPU = {1: 47.8, 2: 88.7, 4: 124.9, 8: 129.8, 16: 183.9, 32: 277.5, 64: 517.7}  # make bench
 ACCEL = {1: 10.0, 2: 10.1, 4: 10.2, 8: 10.4, 16: 10.6, 32: 10.9, 64: 11.2}  # nodes ~free
@@ -23,3 +27,47 @@ def test_tree_nodes_spend_the_nearly_free_budget():
   assert budget.tree_nodes(ACCEL, depth=4) == 63
   with pytest.raises(ValueError, match="stops at T=64"):
     budget.chain_depth(CPU, 1.0, [0.9] * 70)
+
+
+def _head_folder(path, sim_accept):
+
+  target = models.load("tiny-random")
+  params = EagleHead(target.config).init(jax.random.key(0))
+  extra = {"sim_accept": sim_accept} if sim_accept else {}
+  io.save(str(path), "eagle", {}, params, target.config, {"depth": 2, "top_k": 1}, **extra)
+  return target
+
+
+def test_sweep_knob_budget_sizes_the_draft_from_a_cost_file(tmp_path):
+
+  accept = [0.9, 0.8, 0.7, 0.3, 0.1]
+  target = _head_folder(tmp_path / "head", accept)
+  costs = tmp_path / "costs.json"
+  costs.write_text(json.dumps({"device": "cpu", "verify_ms": CPU, "draft_ms": 8.0}))
+  want, _ = budget.chain_depth(CPU, 8.0, accept)
+  chain = registry.DRAFTERS.build("eagle", target, checkpoint=str(tmp_path / "head"),
+                                  budget=str(costs))
+  assert 1 < want < len(accept) and chain.tree.num_nodes == want and chain.dynamic is None
+  tree = registry.DRAFTERS.build("eagle", target, checkpoint=str(tmp_path / "head"),
+                                 budget=str(costs), top_k=3)
+  assert tree.dynamic == (3, want, budget.tree_nodes(CPU, want))
+  with pytest.raises(ValueError, match="sets \\['depth'\\]"):
+    registry.DRAFTERS.build("eagle", target, checkpoint=str(tmp_path / "head"),
+                            budget=str(costs), depth=4)
+  with pytest.raises(FileNotFoundError, match="make bench"):
+    registry.DRAFTERS.build("eagle", target, checkpoint=str(tmp_path / "head"),
+                            budget=str(tmp_path / "none.json"))
+  costs.write_text(json.dumps({"verify_ms": CPU}))
+  with pytest.raises(ValueError, match="lacks \\['draft_ms'\\]"):
+    registry.DRAFTERS.build("eagle", target, checkpoint=str(tmp_path / "head"),
+                            budget=str(costs))
+
+
+def test_budget_needs_the_heads_simulated_acceptance(tmp_path):
+
+  target = _head_folder(tmp_path / "head", None)
+  costs = tmp_path / "costs.json"
+  costs.write_text(json.dumps({"verify_ms": CPU, "draft_ms": 8.0}))
+  with pytest.raises(ValueError, match="no simulated acceptance"):
+    registry.DRAFTERS.build("eagle", target, checkpoint=str(tmp_path / "head"),
+                            budget=str(costs))

@@ -321,3 +321,35 @@ def test_prompts_longer_than_the_context_are_skipped_with_a_reason(tmp_path):
              for r in skipped)
   assert sweep.run(sweep.plan(c), workdir) == []  # resuming does not try them again
   assert [s["rows"] for s in report.write(workdir)] == [1, 1]
+
+
+def test_medusa2_sweep_decodes_the_lora_merged_target(swept, prompt_file, tmp_path):
+  """target_lora: AR and the head both run the merged model; rows say so; peers refused."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from specjax import registry  # pylint: disable=g-import-not-at-top
+  from specjax.configs import common  # pylint: disable=g-import-not-at-top
+  from specjax.drafters import io  # pylint: disable=g-import-not-at-top
+
+  base = models.load(TINY_DIR[0])
+  head = registry.HEADS.build("medusa", base.config, num_heads=2, lora_rank=2)
+  params = head.init(jax.random.key(0))
+  leaves, tree = jax.tree.flatten(params)  # a LoRA that changes the model, heads that draft
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape)
+                                     for x, k in zip(leaves, keys)])
+  path = str(tmp_path / "medusa2")
+  io.save(path, "medusa", {"num_heads": 2, "lora_rank": 2}, params, base.config, {"depth": 2})
+  c = tiny_config(prompt_file, target_lora=path)
+  c.methods = [common.method("ar"), common.method("medusa2", "medusa", checkpoint=path)]
+  plan = sweep.plan(c)
+  assert plan.target_name.endswith("+lora:" + os.path.abspath(path))
+  rows = sweep.run(plan, str(tmp_path / "work"))
+  assert {r["target"] for r in rows} == {plan.target_name}
+  assert all(r["equal_to_ar"] for r in rows)  # lossless relative to the merged model
+  base_ar = {r["prompt_id"]: r["tokens"] for r in swept[1] if r["method"] == "ar"}
+  merged_ar = {r["prompt_id"]: r["tokens"] for r in rows if r["method"] == "ar"}
+  assert merged_ar.keys() == base_ar.keys() and merged_ar != base_ar
+  with pytest.raises(ValueError, match="Peers run the original target"):
+    sweep.plan(tiny_config(prompt_file, target_lora=path, peers=("hf_ar",)))
+  with pytest.raises(FileNotFoundError, match="not a head folder"):
+    sweep.plan(tiny_config(prompt_file, target_lora=str(tmp_path / "none")))

@@ -69,6 +69,9 @@ def test_loss_falls_and_outputs_written(trained):
   assert os.path.getsize(os.path.join(workdir, metrics.PLOT)) > 1000
   meta = io.read_meta(os.path.join(workdir, trainer.HEAD_DIR))
   assert meta["kind"] == kind and meta["target"]["vocab_size"] == 512
+  # The held-out acceptance travels with the head (what `budget=` sizes drafts from).
+  depth = min(tiny_config(kind).sim_depth, tiny_config(kind).head_kwargs.get("num_heads", 99))
+  assert meta["sim_accept"] == [evals[-1][f"sim_accept/{k}"] for k in range(1, depth + 1)]
 
 
 TREE = [(0,), (1,), (0, 0), (1, 0)]
@@ -391,3 +394,23 @@ def test_simulated_tau_predicts_measured_tau(kind, tmp_path_factory):
   measured = float(np.sum(out.lengths) / np.sum(out.stats.target_calls))
   assert simulated > 1.05  # the head accepts something: the comparison means something
   assert abs(simulated - measured) < 0.03 * measured, (simulated, measured)  # budget ends
+
+
+def test_eagle_identity_init_starts_as_g_equals_f():
+  """init_identity: the fresh head passes the feature through (fc = [0 | I] + 1% noise,
+  the layer's output projections zero), so its first predictions are on the target's
+  scale instead of random."""
+  target = models.load("tiny-random")
+  cfg = target.config
+  head = EagleHead(cfg, init_identity=True)
+  params = head.init(jax.random.key(0))
+  shared = models.shared_params(cfg, target.params)
+  f = jax.random.normal(jax.random.key(1), (2, 5, cfg.hidden_size))
+  tokens = jax.random.randint(jax.random.key(2), (2, 5), 0, cfg.vocab_size)
+  cache = models.KVCache.create(1, 2, 8, cfg.num_kv_heads, cfg.head_dim)
+  g, _ = head.net(params, shared, f, tokens, jnp.broadcast_to(jnp.arange(5), (2, 5)),
+                  models.causal(5), cache)
+  assert float(jnp.linalg.norm(g - f) / jnp.linalg.norm(f)) < 0.1
+  g0, _ = head.net(EagleHead(cfg).init(jax.random.key(0)), shared, f, tokens,
+                   jnp.broadcast_to(jnp.arange(5), (2, 5)), models.causal(5), cache)
+  assert float(jnp.linalg.norm(g0 - f) / jnp.linalg.norm(f)) > 0.5  # a random init is not

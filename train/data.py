@@ -149,14 +149,15 @@ class Data:
     """(row indices, width) of micro-step `step`, a pure function of (seed, step)."""
     epoch, i = divmod(step, self.batches_per_epoch(batch_size))
     idx = self._epoch(epoch, batch_size)[i]
-    return idx, self._width(self.lengths[idx])
+    return idx, self.width(self.lengths[idx])
 
   def batch(self, step: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, mask) of micro-step `step`."""
     idx, width = self.batch_rows(step, batch_size)
     return self.tokens[idx, :width], self.mask[idx, :width]
 
-  def _width(self, lengths) -> int:
+  def width(self, lengths) -> int:
+    """Batch width for rows of these lengths: the longest, rounded up to `bucket`."""
     return min(self.tokens.shape[1], -(-int(lengths.max()) // self.bucket) * self.bucket)
 
   @functools.lru_cache(maxsize=4)
@@ -175,7 +176,7 @@ class Data:
     """(tokens, mask, row indices counted after the training rows, width) per batch."""
     for i in range(0, len(self.eval_tokens), batch_size):
       idx = np.arange(i, min(i + batch_size, len(self.eval_tokens)))
-      width = self._width(self.eval_lengths[idx])
+      width = self.width(self.eval_lengths[idx])
       yield (self.eval_tokens[idx, :width], self.eval_mask[idx, :width],
              len(self.tokens) + idx, width)
 

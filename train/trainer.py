@@ -258,8 +258,15 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       mngr.save(step, args=ocp.args.StandardSave(state), force=True)
       mngr.wait_until_finished()
   bar.close()
+  last_eval = last_eval or {"step": step, "split": "eval", **run_eval()}
+  # The held-out P(first k drafts accepted) travels with the head: `budget.knobs` sizes
+  # the draft from it and the device's measured costs.
+  sim_accept = []  # sim_depth entries, or fewer for heads that draft fewer (Medusa)
+  while f"sim_accept/{len(sim_accept) + 1}" in last_eval:
+    sim_accept.append(last_eval[f"sim_accept/{len(sim_accept) + 1}"])
   head_io.save(os.path.join(workdir, HEAD_DIR), c.head, dict(c.head_kwargs), state.params,
                target.config, dict(c.decode), target_name=target.name,
-               trained_tokens=int(total * c.batch_size * data.train_tokens / len(data.tokens)))
-  return last_eval or {}
+               trained_tokens=int(total * c.batch_size * data.train_tokens / len(data.tokens)),
+               sim_accept=sim_accept)
+  return last_eval
 

@@ -51,3 +51,30 @@ def tree_nodes(verify_ms: Mapping, depth: int, slack: float = 0.1) -> int:
   limit = (1 + slack) * _verify_ms(verify_ms, 1 + depth)
   top = max(int(k) for k in verify_ms) - 1
   return max([depth] + [n for n in range(depth, top + 1) if _verify_ms(verify_ms, 1 + n) <= limit])
+
+
+def read_costs(path: str) -> dict:
+  """A cost file (`make bench`'s `costs.json`: the device, `verify_ms` by T, `draft_ms`)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No cost file at {path!r}: `make bench` writes one "
+                            "(workdir/bench/costs.json) for the device at hand.")
+  with open(path, encoding="utf-8") as f:
+    costs = json.load(f)
+  missing = {"verify_ms", "draft_ms"} - set(costs)
+  if missing:
+    raise ValueError(f"{path} lacks {sorted(missing)}: re-run `make bench`.")
+  return costs
+
+
+def knobs(costs: Mapping, accept: Sequence[float], top_k: int = 1) -> dict:
+  """Decode knobs for a head from measured costs and its simulated acceptance: the chain
+  depth with the most tokens per ms (at least 1: a drafter drafts), and for a tree
+  (top_k > 1) the nodes whose verification costs about what that chain's does."""
+  depth, _ = chain_depth(costs["verify_ms"], float(costs["draft_ms"]), accept)
+  depth = max(depth, 1)
+  if top_k == 1:
+    return {"depth": depth}
+  return {"depth": depth, "num_nodes": tree_nodes(costs["verify_ms"], depth)}

@@ -10,7 +10,8 @@ detects its layout, the way `specjax.models.load` does for targets:
 specjax's layout is a folder with
 
   head.json            {"format": "specjax-head", "kind", "head_kwargs", "decode",
-                        "target": {arch, hidden_size, vocab_size, num_layers, name}, ...}
+                        "target": {arch, hidden_size, vocab_size, num_layers, name},
+                        "sim_accept": held-out P(first k drafts accepted), ...}
   params.safetensors   the head's params, keys = "/"-joined pytree paths
 
 The target's shared weights (embedding, LM head) are never stored: the head reads them
@@ -31,6 +32,7 @@ import numpy as np
 import safetensors.numpy
 
 from specjax import registry
+from specjax.drafters import budget as budget_lib
 from specjax.drafters.base import check_target
 from specjax.models.config import ModelConfig
 
@@ -213,9 +215,23 @@ def load_drafter(path: str, target, kind: str | None = None, **decode):
 
 
 def _register(kind: str, takes_stop_policy: bool):
-  def build(target, *, checkpoint: str, **decode):
+  def build(target, *, checkpoint: str, budget: str | None = None, **decode):
+    if budget:  # the draft size from the device's measured costs, not a constant
+      meta = read_meta(checkpoint)
+      if not meta.get("sim_accept"):
+        raise ValueError(f"{checkpoint!r} has no simulated acceptance (sim_accept in {META}): "
+                         "it was not exported by specjax-train; give depth (and num_nodes) "
+                         "instead of budget.")
+      top_k = decode.get("top_k", meta["decode"].get("top_k", 1))
+      sized = budget_lib.knobs(budget_lib.read_costs(budget), meta["sim_accept"], top_k)
+      clash = sorted(set(sized) & set(decode))
+      if clash:
+        raise ValueError(f"budget={budget!r} sets {clash}; do not give them too.")
+      print(f"{kind} head {checkpoint}: draft size from {budget}: {sized}")
+      decode = {**decode, **sized}
     return load_drafter(checkpoint, target, kind, **decode)
-  build.__doc__ = f"A trained {kind} head from a folder (decode knobs: depth, top_k, tree)."
+  build.__doc__ = (f"A trained {kind} head from a folder (decode knobs: depth, top_k, tree, "
+                   "num_nodes; or budget=COSTS_JSON to size the draft from measured costs).")
   registry.DRAFTERS.register(kind, takes_stop_policy=takes_stop_policy)(build)
 
 
