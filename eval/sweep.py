@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import itertools
+import json
 import os
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -272,10 +274,43 @@ def make_row(plan: Plan, spec: Mapping[str, Any], cell: Mapping[str, Any], promp
 
 
 def _spec(method: Method, drafter: Any) -> dict[str, Any]:
-  return {"method": method.name, "drafter": method.drafter,
+  spec = {"method": method.name, "drafter": method.drafter,
           "drafter_kwargs": dict(method.drafter_kwargs),
           "num_draft": 0 if drafter is None else drafter.num_nodes, "stop": method.stop,
           "acceptance": method.acceptance, "lossy": method.lossy}
+  checkpoint = method.drafter_kwargs.get("checkpoint")
+  if checkpoint:  # a retrained head in the same folder is another method
+    spec["checkpoint_sha"] = _fingerprint(checkpoint)
+  return spec
+
+
+def _fingerprint(path: str) -> str:
+  """sha256 (12 hex digits) of a checkpoint file or of every file in its folder."""
+  h = hashlib.sha256()
+  files = ([path] if os.path.isfile(path) else
+           sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs))
+  for name in files:
+    h.update(os.path.relpath(name, path).encode())
+    with open(name, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+  return h.hexdigest()[:12]
+
+
+def _check_specs(stored: Sequence[Mapping[str, Any]], specs: Sequence[Mapping[str, Any]],
+                 workdir: str) -> None:
+  """Stored rows must come from the methods as configured now (same knobs, same weights)."""
+  by_name = {s["method"]: json.loads(json.dumps(s)) for s in specs}  # tuples as stored
+  for r in stored:
+    spec = by_name.get(r["method"])
+    if spec is None:
+      continue
+    diff = sorted(k for k in spec if r.get(k) != spec[k])
+    if diff:
+      raise ValueError(
+          f"{workdir} holds rows of method {r['method']!r} measured with other {diff} "
+          f"({ {k: r.get(k) for k in diff} } vs now { {k: spec[k] for k in diff} }); use "
+          "another --workdir or delete it.")
 
 
 def _peer_spec(name: str) -> dict[str, Any]:
@@ -318,6 +353,8 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
 
   Rows are keyed by (method, dataset, prompt_id, temperature, seed) and appended (and
   fsynced) as they finish; stored rows supply the AR tokens of the cells they cover.
+  Rows of a method whose knobs or head weights (`checkpoint_sha`) changed since are
+  refused, not mixed in.
   """
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, report.RESULTS)
@@ -330,8 +367,6 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
           for p, temp, seed in _cells(plan, prompt_sets) for t in range(len(p.turns))
           for name in names]
   todo = [k for k in keys if k not in done]
-  if not todo:
-    return []
   target = models.load(plan.target, plan.dtype)
   if plan.target_lora:  # Medusa-2: every method, AR included, decodes the merged model
     target = head_io.merged_target(plan.target_lora, target)
@@ -345,6 +380,9 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
     drafter = m.build_drafter(target)
     jobs.append((_spec(m, drafter),
                  functools.partial(_measure_method, plan, timer, target, m, drafter)))
+  _check_specs(stored, [spec for spec, _ in jobs], workdir)
+  if not todo:
+    return []
   if plan.peers:
     hf = peers_lib.load(_checkpoint_path(plan.target))
     jobs += [(_peer_spec(n), functools.partial(_measure_peer, plan, timer, hf, n,

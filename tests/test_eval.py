@@ -349,7 +349,25 @@ def test_medusa2_sweep_decodes_the_lora_merged_target(swept, prompt_file, tmp_pa
   base_ar = {r["prompt_id"]: r["tokens"] for r in swept[1] if r["method"] == "ar"}
   merged_ar = {r["prompt_id"]: r["tokens"] for r in rows if r["method"] == "ar"}
   assert merged_ar.keys() == base_ar.keys() and merged_ar != base_ar
+  # The same folder with retrained weights is another method: no resuming onto its rows.
+  io.save(path, "medusa", {"num_heads": 2, "lora_rank": 2},
+          jax.tree.map(lambda x: 0.5 * x, params), base.config, {"depth": 2})
+  with pytest.raises(ValueError, match="checkpoint_sha"):
+    sweep.run(sweep.plan(c), str(tmp_path / "work"))
   with pytest.raises(ValueError, match="Peers run the original target"):
     sweep.plan(tiny_config(prompt_file, target_lora=path, peers=("hf_ar",)))
   with pytest.raises(FileNotFoundError, match="not a head folder"):
     sweep.plan(tiny_config(prompt_file, target_lora=str(tmp_path / "none")))
+
+
+def test_rows_of_a_changed_method_are_refused(swept, prompt_file, tmp_path):
+  """A method whose knobs or head weights changed since its rows were stored would mix
+  two methods under one name: the sweep refuses to resume onto them."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "work")
+  shutil.copytree(swept[0], workdir)
+  c = tiny_config(prompt_file)
+  c.methods[1].drafter_kwargs.num_draft += 1
+  with pytest.raises(ValueError, match="rows of method 'prompt_lookup' measured with other "
+                                       "\\['drafter_kwargs', 'num_draft'\\]"):
+    sweep.run(sweep.plan(c), workdir)
