@@ -1,8 +1,9 @@
 """The README's speculative-decoding benchmark on SmolLM2-135M.
 
 Batch 1, MT-Bench (both turns) + HumanEval, 128 new tokens, greedy and sampled (T=1):
-AR, prompt lookup, the layer-truncated self-drafter, and the committed EAGLE head as a
-chain and as an EAGLE-2 dynamic tree; transformers' AR and assisted generation (prompt
+AR, prompt lookup, the layer-truncated self-drafter (SVIP), the committed EAGLE head as a
+chain and as an EAGLE-2 dynamic tree and the committed Medusa-1 heads, their draft sizes
+chosen from `costs` (`drafters.budget`); transformers' AR and assisted generation (prompt
 lookup) as peers on the same weights and prompts. About 40 minutes on a 2-core CPU.
 """
 
@@ -14,17 +15,20 @@ def get_config(arg: str | None = None):
   c = common.base()
   c.self_draft_layers = 24
   layers = c.get_ref("self_draft_layers")
+  c.costs = common.CPU_COSTS  # what the heads' draft sizes are chosen from
+  costs = c.get_ref("costs")
   c.methods = [
       common.method("ar"),
       common.method("prompt_lookup_k4", drafter="prompt_lookup", num_draft=4),
       common.method("prompt_lookup_k10", drafter="prompt_lookup", num_draft=10),
       common.method("self_draft_svip", drafter="self_draft", num_draft=3, layers=layers,
                     stop="svip"),
-      common.method("self_draft_tree", drafter="self_draft", layers=layers,
-                    tree=[(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]),
-      common.method("eagle_chain", drafter="eagle", checkpoint=common.EAGLE_SMOLLM2, depth=3),
-      common.method("eagle2_tree", drafter="eagle", checkpoint=common.EAGLE_SMOLLM2, depth=4,
-                    top_k=3, num_nodes=7),
+      common.method("eagle_chain", drafter="eagle", checkpoint=common.EAGLE_SMOLLM2,
+                    top_k=1, budget=costs),
+      common.method("eagle2_tree", drafter="eagle", checkpoint=common.EAGLE_SMOLLM2,
+                    top_k=3, budget=costs),
+      common.method("medusa_chain", drafter="medusa", checkpoint=common.MEDUSA_SMOLLM2,
+                    budget=costs),
   ]
   c.datasets = ("mt_bench", "humaneval")
   c.num_prompts = 3

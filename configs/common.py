@@ -11,6 +11,11 @@ import ml_collections
 # Trained heads committed with the repo (see the README: what they were trained on).
 HEADS = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "assets", "heads"))
 EAGLE_SMOLLM2 = os.path.join(HEADS, "eagle-smollm2-135m")
+MEDUSA_SMOLLM2 = os.path.join(HEADS, "medusa-smollm2-135m")
+# Verify and draft costs measured on this project's 2-core CPU (`python -m
+# specjax.evaluation.bench --costs-only`): what `budget=` sizes drafts from. On another
+# device, measure its own and pass --config.costs=workdir/bench/costs.json.
+CPU_COSTS = os.path.normpath(os.path.join(HEADS, "..", "costs", "cpu-2core.json"))
 
 
 def method(name: str, drafter: str = "ar", *, stop: str | None = None,

@@ -1,8 +1,12 @@
-"""The demo: SmolLM2-135M with the committed EAGLE head (`assets/heads`), beside AR and
-prompt lookup, on 2 MT-Bench questions (both turns) + 2 HumanEval prompts, greedy, 64 new
-tokens. Prints tau, tokens/s and speedup over AR, and writes the plots.
+"""The demo: SmolLM2-135M with the committed heads (`assets/heads`: EAGLE-1 and Medusa-1),
+beside AR and prompt lookup, on 2 MT-Bench questions (both turns) + 2 HumanEval prompts,
+greedy, 64 new tokens. Prints tau, tokens/s and speedup over AR, and writes the plots.
 
-Try another draft depth with --config.eagle_depth=N.
+The heads' draft sizes come from `costs` (this CPU's measured verify and draft costs) and
+each head's held-out acceptance (`drafters.budget`); on another device measure its own:
+  python -m specjax.evaluation.bench --costs-only --out workdir/bench
+  specjax-eval --config configs/demo.py --workdir workdir/demo \
+      --config.costs=workdir/bench/costs.json
 """
 
 from specjax.configs import common
@@ -11,15 +15,19 @@ from specjax.configs import common
 def get_config(arg: str | None = None):
   del arg
   c = common.base()
-  c.eagle_depth = 3
+  c.costs = common.CPU_COSTS
+  costs = c.get_ref("costs")
   c.methods = [
       common.method("ar"),
       common.method("prompt_lookup", drafter="prompt_lookup", num_draft=4),
       common.method("eagle_chain", drafter="eagle", checkpoint=common.EAGLE_SMOLLM2,
-                    depth=c.get_ref("eagle_depth"), top_k=1),
-      # EAGLE-2: the same head growing a dynamic tree (the best 7 of top-3 expansions).
+                    top_k=1, budget=costs),
+      # EAGLE-2: the same head growing a dynamic tree (the best num_nodes of top-3
+      # expansions, as many nodes as verify at about the chain's cost).
       common.method("eagle2_tree", drafter="eagle", checkpoint=common.EAGLE_SMOLLM2,
-                    depth=4, top_k=3, num_nodes=7),
+                    top_k=3, budget=costs),
+      common.method("medusa_chain", drafter="medusa", checkpoint=common.MEDUSA_SMOLLM2,
+                    budget=costs),
   ]
   c.datasets = ("mt_bench", "humaneval")
   c.num_prompts = 2

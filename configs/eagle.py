@@ -21,12 +21,12 @@ def get_config(arg: str | None = None):
   c.decode.depth = 3
   c.decode.top_k = 1
   c.batch_size = 8
-  c.steps = 400
+  c.steps = 240
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 20
   c.data.eval_rows = 16
-  c.eval_every = 100
-  c.checkpoint_every = 25
+  c.eval_every = 80
+  c.checkpoint_every = 20
   c.offline_features = "workdir/features/smollm2-135m"  # shared with configs/medusa.py
   if arg == "tiny":
     c = train_common.tiny(c)

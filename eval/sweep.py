@@ -28,6 +28,7 @@ import jax
 import tqdm
 
 from specjax import decode, models, registry, stopping
+from specjax.drafters import budget as budget_lib
 from specjax.drafters import io as head_io
 from specjax import verify as verify_lib
 from specjax.models import Model
@@ -144,6 +145,8 @@ def _method(spec: Mapping[str, Any], temperatures: Sequence[float]) -> Method:
                                rule=m.acceptance, temperatures=temperatures)
     if "checkpoint" in m.drafter_kwargs:  # a draft model: check the file exists
       _check_model_ref(m.drafter_kwargs["checkpoint"], "Draft checkpoint")
+    if m.drafter_kwargs.get("budget"):  # a cost file: exists and has what budgets need
+      budget_lib.read_costs(m.drafter_kwargs["budget"])
   except (ValueError, FileNotFoundError) as e:
     raise type(e)(f"Method {m.name!r}: {e}") from None
   return m
