@@ -16,20 +16,13 @@ def get_config(arg: str | None = None):
   c.self_draft_layers = 24
   layers = c.get_ref("self_draft_layers")
   c.costs = common.CPU_COSTS  # what the heads' draft sizes are chosen from
-  costs = c.get_ref("costs")
   c.methods = [
       common.method("ar"),
       common.method("prompt_lookup_k4", drafter="prompt_lookup", num_draft=4),
       common.method("prompt_lookup_k10", drafter="prompt_lookup", num_draft=10),
       common.method("self_draft_svip", drafter="self_draft", num_draft=3, layers=layers,
                     stop="svip"),
-      common.method("eagle_chain", drafter="eagle", checkpoint=common.EAGLE_SMOLLM2,
-                    top_k=1, budget=costs),
-      common.method("eagle2_tree", drafter="eagle", checkpoint=common.EAGLE_SMOLLM2,
-                    top_k=3, budget=costs),
-      common.method("medusa_chain", drafter="medusa", checkpoint=common.MEDUSA_SMOLLM2,
-                    budget=costs),
-  ]
+  ] + common.trained_heads(c.get_ref("costs"))
   c.datasets = ("mt_bench", "humaneval")
   c.num_prompts = 3
   c.temperatures = (0.0, 1.0)

@@ -47,6 +47,17 @@ def method(name: str, drafter: str = "ar", *, stop: str | None = None,
   })
 
 
+def trained_heads(costs) -> list[ml_collections.ConfigDict]:
+  """The committed SmolLM2 heads as sweep methods, draft sizes from the cost file `costs`:
+  EAGLE-1 as a chain and as an EAGLE-2 dynamic tree (top-3 expansions, as many nodes as
+  verify at about the chain's cost), and the Medusa-1 heads as a chain."""
+  return [
+      method("eagle_chain", drafter="eagle", checkpoint=EAGLE_SMOLLM2, top_k=1, budget=costs),
+      method("eagle2_tree", drafter="eagle", checkpoint=EAGLE_SMOLLM2, top_k=3, budget=costs),
+      method("medusa_chain", drafter="medusa", checkpoint=MEDUSA_SMOLLM2, budget=costs),
+  ]
+
+
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   """`get_config` arguments "a=1,b=x" over typed defaults; an unknown key is an error."""
   out = ml_collections.ConfigDict(defaults)

@@ -16,19 +16,10 @@ def get_config(arg: str | None = None):
   del arg
   c = common.base()
   c.costs = common.CPU_COSTS
-  costs = c.get_ref("costs")
   c.methods = [
       common.method("ar"),
       common.method("prompt_lookup", drafter="prompt_lookup", num_draft=4),
-      common.method("eagle_chain", drafter="eagle", checkpoint=common.EAGLE_SMOLLM2,
-                    top_k=1, budget=costs),
-      # EAGLE-2: the same head growing a dynamic tree (the best num_nodes of top-3
-      # expansions, as many nodes as verify at about the chain's cost).
-      common.method("eagle2_tree", drafter="eagle", checkpoint=common.EAGLE_SMOLLM2,
-                    top_k=3, budget=costs),
-      common.method("medusa_chain", drafter="medusa", checkpoint=common.MEDUSA_SMOLLM2,
-                    budget=costs),
-  ]
+  ] + common.trained_heads(c.get_ref("costs"))
   c.datasets = ("mt_bench", "humaneval")
   c.num_prompts = 2
   c.cache_bucket = 512  # one compiled program per method
