@@ -22,12 +22,12 @@ def get_config(arg: str | None = None):
   c.head_kwargs.head_weight = 0.2
   c.decode.depth = 3
   c.batch_size = 8
-  c.steps = 120
+  c.steps = 72
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 10
   c.data.eval_rows = 16  # the same held-out rows as configs/eagle.py
-  c.eval_every = 60
-  c.checkpoint_every = 20
+  c.eval_every = 36
+  c.checkpoint_every = 12
   c.offline_features = "workdir/features/smollm2-135m"  # shared with configs/eagle.py
   if arg == "tiny":
     c = train_common.tiny(c)

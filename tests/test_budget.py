@@ -71,3 +71,10 @@ def test_budget_needs_the_heads_simulated_acceptance(tmp_path):
   with pytest.raises(ValueError, match="no simulated acceptance"):
     registry.DRAFTERS.build("eagle", target, checkpoint=str(tmp_path / "head"),
                             budget=str(costs))
+
+
+def test_knobs_draft_at_least_one_and_say_when_ar_would_win():
+  sized, speedup = budget.knobs({"verify_ms": CPU, "draft_ms": 8.0}, [0.05, 0.01])
+  assert sized == {"depth": 1} and speedup < 1.0  # what a 1-draft chain is predicted to give
+  sized, speedup = budget.knobs({"verify_ms": ACCEL, "draft_ms": 0.2}, [0.9, 0.8, 0.7], 4)
+  assert sized == {"depth": 3, "num_nodes": 63} and speedup > 2.0

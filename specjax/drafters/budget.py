@@ -69,12 +69,17 @@ def read_costs(path: str) -> dict:
   return costs
 
 
-def knobs(costs: Mapping, accept: Sequence[float], top_k: int = 1) -> dict:
-  """Decode knobs for a head from measured costs and its simulated acceptance: the chain
-  depth with the most tokens per ms (at least 1: a drafter drafts), and for a tree
-  (top_k > 1) the nodes whose verification costs about what that chain's does."""
-  depth, _ = chain_depth(costs["verify_ms"], float(costs["draft_ms"]), accept)
-  depth = max(depth, 1)
+def knobs(costs: Mapping, accept: Sequence[float], top_k: int = 1) -> tuple[dict, float]:
+  """(decode knobs, the chain's predicted speedup over AR) for a head from measured costs
+  and its simulated acceptance: the chain depth with the most tokens per ms (at least 1: a
+  drafter drafts, even where the prediction says AR is faster), and for a tree (top_k > 1)
+  the nodes whose verification costs about what that chain's does."""
+  depth, speedup = chain_depth(costs["verify_ms"], float(costs["draft_ms"]), accept)
+  if depth == 0:
+    depth = 1
+    verify = costs["verify_ms"]
+    speedup = (1 + accept[0]) * _verify_ms(verify, 1) / (
+        _verify_ms(verify, 2) + float(costs["draft_ms"]))
   if top_k == 1:
-    return {"depth": depth}
-  return {"depth": depth, "num_nodes": tree_nodes(costs["verify_ms"], depth)}
+    return {"depth": depth}, speedup
+  return {"depth": depth, "num_nodes": tree_nodes(costs["verify_ms"], depth)}, speedup

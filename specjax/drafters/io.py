@@ -223,11 +223,13 @@ def _register(kind: str, takes_stop_policy: bool):
                          "it was not exported by specjax-train; give depth (and num_nodes) "
                          "instead of budget.")
       top_k = decode.get("top_k", meta["decode"].get("top_k", 1))
-      sized = budget_lib.knobs(budget_lib.read_costs(budget), meta["sim_accept"], top_k)
+      sized, speedup = budget_lib.knobs(budget_lib.read_costs(budget), meta["sim_accept"],
+                                        top_k)
       clash = sorted(set(sized) & set(decode))
       if clash:
         raise ValueError(f"budget={budget!r} sets {clash}; do not give them too.")
-      print(f"{kind} head {checkpoint}: draft size from {budget}: {sized}")
+      print(f"{kind} head {os.path.basename(checkpoint)}: {sized} from {budget} (a chain "
+            f"of that depth predicts {speedup:.2f}x AR)")
       decode = {**decode, **sized}
     return load_drafter(checkpoint, target, kind, **decode)
   build.__doc__ = (f"A trained {kind} head from a folder (decode knobs: depth, top_k, tree, "
