@@ -30,7 +30,6 @@ def test_tree_nodes_spend_the_nearly_free_budget():
 
 
 def _head_folder(path, sim_accept):
-
   target = models.load("tiny-random")
   params = EagleHead(target.config).init(jax.random.key(0))
   extra = {"sim_accept": sim_accept} if sim_accept else {}
@@ -39,7 +38,6 @@ def _head_folder(path, sim_accept):
 
 
 def test_sweep_knob_budget_sizes_the_draft_from_a_cost_file(tmp_path):
-
   accept = [0.9, 0.8, 0.7, 0.3, 0.1]
   target = _head_folder(tmp_path / "head", accept)
   costs = tmp_path / "costs.json"
@@ -64,7 +62,6 @@ def test_sweep_knob_budget_sizes_the_draft_from_a_cost_file(tmp_path):
 
 
 def test_budget_needs_the_heads_simulated_acceptance(tmp_path):
-
   target = _head_folder(tmp_path / "head", None)
   costs = tmp_path / "costs.json"
   costs.write_text(json.dumps({"verify_ms": CPU, "draft_ms": 8.0}))

@@ -17,6 +17,8 @@ T = 8 cost about the same; on a TPU or GPU 60 nodes cost about one token).
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -35,14 +37,19 @@ def chain_depth(verify_ms: Mapping, draft_ms: float, accept: Sequence[float]
                 ) -> tuple[int, float]:
   """(best chain depth, its predicted speedup over AR) for per-depth acceptance `accept`
   (accept[k - 1] = P(first k drafts accepted))."""
-  ar = 1.0 / _verify_ms(verify_ms, 1)
   best = (0, 1.0)
   for d in range(1, len(accept) + 1):
-    tokens = 1.0 + float(np.sum(accept[:d]))
-    rate = tokens / (_verify_ms(verify_ms, 1 + d) + d * draft_ms)
-    if rate / ar > best[1]:
-      best = (d, rate / ar)
+    speedup = _chain_speedup(verify_ms, draft_ms, accept, d)
+    if speedup > best[1]:
+      best = (d, speedup)
   return best
+
+
+def _chain_speedup(verify_ms: Mapping, draft_ms: float, accept: Sequence[float],
+                   d: int) -> float:
+  """Predicted tokens per ms of a depth-d chain over AR's."""
+  tokens = 1.0 + float(np.sum(accept[:d]))
+  return tokens * _verify_ms(verify_ms, 1) / (_verify_ms(verify_ms, 1 + d) + d * draft_ms)
 
 
 def tree_nodes(verify_ms: Mapping, depth: int, slack: float = 0.1) -> int:
@@ -55,9 +62,6 @@ def tree_nodes(verify_ms: Mapping, depth: int, slack: float = 0.1) -> int:
 
 def read_costs(path: str) -> dict:
   """A cost file (`make bench`'s `costs.json`: the device, `verify_ms` by T, `draft_ms`)."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-
   if not os.path.exists(path):
     raise FileNotFoundError(f"No cost file at {path!r}: `make bench` writes one "
                             "(workdir/bench/costs.json) for the device at hand.")
@@ -77,9 +81,7 @@ def knobs(costs: Mapping, accept: Sequence[float], top_k: int = 1) -> tuple[dict
   depth, speedup = chain_depth(costs["verify_ms"], float(costs["draft_ms"]), accept)
   if depth == 0:
     depth = 1
-    verify = costs["verify_ms"]
-    speedup = (1 + accept[0]) * _verify_ms(verify, 1) / (
-        _verify_ms(verify, 2) + float(costs["draft_ms"]))
+    speedup = _chain_speedup(costs["verify_ms"], float(costs["draft_ms"]), accept, 1)
   if top_k == 1:
     return {"depth": depth}, speedup
   return {"depth": depth, "num_nodes": tree_nodes(costs["verify_ms"], depth)}, speedup
