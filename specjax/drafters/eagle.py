@@ -78,6 +78,53 @@ def net(cfg: ModelConfig, layer: ModelConfig, params, shared, feat_BxTxH, next_B
   return g, None if cache is None else cache.replace(k=(kv[0],), v=(kv[1],))
 
 
+def unroll(head, params, shared, feat_BxNxH, tokens_BxT, depth: int):
+  """The head's predicted features [B, N, H] for draft steps 1..depth from every pair at
+  once (the training-time test of EAGLE-3; EAGLE-1's held-out acceptance). Pair t holds
+  (feat_t, x_{t+1}), N = T - 1. Step j of the chain from pair t is pair t + j - 1: it reads
+  token x_{t+j} and the head's own feature from step j - 1, and sees the real pairs <= t
+  and its own chain's earlier steps, as the head's cache does while decoding."""
+  b, t = tokens_BxT.shape
+  n = t - 1
+  rows = jnp.arange(n)
+  layer = head.layer_config
+  cache = KVCache.create(1, b, depth * n, layer.num_kv_heads, layer.head_dim, feat_BxNxH.dtype)
+  slot = jnp.arange(depth * n)
+  real = (slot[None, :] < n) & (slot[None, :] <= rows[:, None])
+  feat, out = feat_BxNxH, []
+  for j in range(1, depth + 1):
+    src = jnp.minimum(rows + j, t - 1)
+    positions = jnp.broadcast_to(rows + j - 1, (b, n))
+    if j == 1:
+      g, cache = head.net(params, shared, feat, tokens_BxT[:, 1:], positions, causal(n), cache)
+    else:
+      own = (slot[None, :] % n == rows[:, None]) & (slot[None, :] >= n) & (
+          slot[None, :] < (j - 1) * n)
+      prefix = jnp.broadcast_to(real | own, (b, n, depth * n))
+      g, cache = head.net(params, shared, feat, tokens_BxT[:, src], positions,
+                          jnp.eye(n, dtype=bool)[None],
+                          cache.replace(lengths=jnp.full((b,), (j - 1) * n, jnp.int32)), prefix)
+    out.append(g)
+    feat = g
+  return out
+
+
+def chain_accept(head, params, batch: TargetBatch, feat_BxNxH, depth: int):
+  """`TrainableHead.accept` for feature-level heads: draft k of the chain from position t
+  matches the target's argmax (and is a response token)."""
+  b, t = batch.tokens.shape
+  rows = jnp.arange(t - 1)
+  target_top = batch.logits.argmax(-1)
+  matches = []
+  for j, g in enumerate(unroll(head, params, batch.shared, feat_BxNxH, batch.tokens, depth), 1):
+    src = jnp.minimum(rows + j, t - 1)
+    ok = (head.logits(params, batch.shared, g).argmax(-1) == target_top[:, src])
+    ok &= (rows + j + 1 < t) & (jnp.take(batch.mask, jnp.minimum(rows + j + 1, t - 1), 1) > 0)
+    matches.append(ok)
+  acc = jnp.pad(jnp.stack(matches, -1), ((0, 0), (0, 1), (0, 0)))
+  return acc, jnp.pad(batch.mask[:, 2:], ((0, 0), (0, 2)))
+
+
 def _smooth_l1(x, y):
   d = jnp.abs(x - y)
   return jnp.where(d < 1.0, 0.5 * d * d, d - 0.5)
@@ -104,6 +151,17 @@ class EagleHead:
 
   def net(self, params, shared, *args):
     return net(self.config, self.layer_config, params, shared, *args)
+
+  def fuse(self, params, features):
+    """The per-position feature the head reads: the target's final state itself."""
+    return features[0]
+
+  def logits(self, params, shared, g_BxTxH):
+    return lm_head(self.config, shared, g_BxTxH)
+
+  def validate(self, target_config: ModelConfig) -> None:
+    check_target("This EAGLE head", self.config.hidden_size, self.config.vocab_size,
+                 target_config)
 
   def init(self, key, dtype=jnp.float32):
     z = jnp.zeros((1, 1), jnp.int32)
@@ -135,63 +193,12 @@ class EagleHead:
     return reg + self.ce_weight * ce, {"reg": reg, "ce": ce, "top1/1": top1}
 
   def accept(self, params, batch: TargetBatch, depth: int):
-    """Unrolls `depth` draft steps from every position at once, each step feeding back the
-    head's own predicted feature: step j of the chain from pair t is pair t + j - 1 and
-    sees the real pairs <= t and its own chain's earlier steps (the cache decoding has)."""
-    cfg = self.config
-    f = batch.features[0]
-    b, t = batch.tokens.shape
-    n = t - 1  # pairs
-    rows = jnp.arange(n)
-    layer = self.layer_config
-    cache = KVCache.create(1, b, depth * n, layer.num_kv_heads, layer.head_dim, f.dtype)
-    target_top = batch.logits.argmax(-1)
-    feat = f[:, :-1]
-    matches = []
-    for j in range(1, depth + 1):
-      src = jnp.minimum(rows + j, t - 1)
-      positions = jnp.broadcast_to(rows + j - 1, (b, n))
-      if j == 1:
-        g, cache = self.net(params, batch.shared, feat, batch.tokens[:, 1:], positions,
-                            causal(n), cache)
-        slot = jnp.arange(depth * n)  # row t sees the real pairs <= t ...
-        real = (slot[None, :] < n) & (slot[None, :] <= rows[:, None])
-      else:
-        own = (slot[None, :] % n == rows[:, None]) & (slot[None, :] >= n) & (
-            slot[None, :] < (j - 1) * n)  # ... and its chain's steps 2..j-1
-        prefix = jnp.broadcast_to(real | own, (b, n, depth * n))
-        g, cache = self.net(params, batch.shared, feat, batch.tokens[:, src], positions,
-                            jnp.eye(n, dtype=bool)[None], cache.replace(
-                                lengths=jnp.full((b,), (j - 1) * n, jnp.int32)), prefix)
-      draft_top = lm_head(cfg, batch.shared, g).argmax(-1)
-      ok = (draft_top == target_top[:, src]) & (rows + j + 1 < t)
-      ok &= jnp.take(batch.mask, jnp.minimum(rows + j + 1, t - 1), axis=1) > 0
-      matches.append(ok)
-      feat = g
-    acc = jnp.pad(jnp.stack(matches, -1), ((0, 0), (0, 1), (0, 0)))
-    return acc, jnp.pad(batch.mask[:, 2:], ((0, 0), (0, 2)))
+    """Greedy chain acceptance of `depth` draft steps from every position (`unroll`)."""
+    return chain_accept(self, params, batch, batch.features[0][:, :-1], depth)
 
-  def drafter(self, params, shared, *, top_k: int = 1, depth: int = 4,
-              tree: Sequence[Sequence[int]] | None = None,
-              num_nodes: int | None = None) -> "Eagle":
-    """A drafter with these weights: a chain of `depth` tokens (top_k = 1), the full
-    top_k-ary tree of `depth` levels, the tree of choice paths `tree`, or, with
-    `num_nodes`, EAGLE-2's dynamic tree (the best num_nodes of top_k-wide expansions
-    `depth` levels deep)."""
-    if num_nodes is not None:
-      if not 1 <= num_nodes <= dynamic_tree.num_candidates(top_k, depth):
-        raise ValueError(f"num_nodes={num_nodes} must be in [1, "
-                         f"{dynamic_tree.num_candidates(top_k, depth)}] for top_k={top_k}, "
-                         f"depth={depth}.")
-      return Eagle(params, shared, self.config, StaticTree.chain(depth), self.layer,
-                   (top_k, depth, num_nodes))
-    if tree is None:
-      paths, level = [], [()]
-      for _ in range(depth):
-        level = [p + (r,) for p in level for r in range(top_k)]
-        paths += level
-      tree = paths
-    return Eagle(params, shared, self.config, StaticTree.from_choices(tree), self.layer)
+  def drafter(self, params, shared, **knobs) -> "Eagle":
+    """A drafter with these weights (`drafter` below has the knobs)."""
+    return drafter(self, params, shared, **knobs)
 
 
 @flax.struct.dataclass
@@ -202,17 +209,21 @@ class EagleState:
 
 @flax.struct.dataclass
 class Eagle:
-  """The EAGLE drafter (see the module docstring)."""
+  """The EAGLE drafter (see the module docstring) for any feature-level head: the head
+  (`EagleHead`, `Eagle3Head`) says how target features fuse into the per-position
+  feature, how the decoder layer runs and how its output becomes logits."""
 
+  head: Any  # a pytree: EAGLE-3's vocabulary map travels with it
   params: Any
   shared: Any
-  config: ModelConfig = flax.struct.field(pytree_node=False)
   tree: StaticTree = flax.struct.field(pytree_node=False, default=StaticTree.chain(4))
-  layer: ModelConfig | None = flax.struct.field(pytree_node=False, default=None)
   # (top_k, depth, num_nodes) of an EAGLE-2 dynamic tree; None = draft the static `tree`.
   dynamic: tuple[int, int, int] | None = flax.struct.field(pytree_node=False, default=None)
   takes_stop_policy = True
-  features = (FINAL,)
+
+  @property
+  def features(self) -> tuple[int, ...]:
+    return tuple(self.head.features)
 
   @property
   def num_nodes(self) -> int:
@@ -225,20 +236,22 @@ class Eagle:
     return self.tree.depth * self.tree.width
 
   def _net(self, *args):
-    return net(self.config, self.layer or self.config, self.params, self.shared, *args)
+    return self.head.net(self.params, self.shared, *args)
+
+  def _logits(self, g_BxTxH):
+    return self.head.logits(self.params, self.shared, g_BxTxH)
 
   def validate(self, target_config: ModelConfig) -> None:
-    check_target("This EAGLE head", self.config.hidden_size, self.config.vocab_size,
-                 target_config)
+    self.head.validate(target_config)
 
   def _pending(self) -> int:
     depth = self.dynamic[1] if self.dynamic else self.tree.depth
     return depth + 1  # the root + every draft accepted
 
   def init(self, ctx, max_len: int, features) -> EagleState:
-    cfg, (f,) = self.config, features
+    f = self.head.fuse(self.params, features)
     b = ctx.history.shape[0]
-    layer = self.layer or cfg
+    layer = self.head.layer_config
     cache = KVCache.create(1, b, max_len + self._pending() + self._draft_room(),
                            layer.num_kv_heads, layer.head_dim, param_dtype(self.params))
     # Pairs 0 .. P-3 into the cache; pair P-2 (the root's) is pending.
@@ -259,11 +272,11 @@ class Eagle:
 
     cache = jax.lax.fori_loop(0, -(-jnp.max(n_B) // chunk), body, cache).replace(lengths=n_B)
     last = jnp.take_along_axis(f, jnp.maximum(ctx.length - 2, 0)[:, None, None], 1)
-    pending = jnp.zeros((b, self._pending(), cfg.hidden_size), f.dtype).at[:, :1].set(last)
+    pending = jnp.zeros((b, self._pending(), f.shape[-1]), f.dtype).at[:, :1].set(last)
     return EagleState(cache, pending)
 
   def propose(self, state: EagleState, ctx, stop, sampling, key):
-    cfg, c = self.config, self._pending()
+    c = self._pending()
     cache = state.cache
     m_B = cache.lengths
     lag_B = ctx.length - 1 - m_B  # pending pairs: 1 + accepted drafts (0 = nothing known)
@@ -278,9 +291,9 @@ class Eagle:
       w = tokens_BxW.shape[1]
       g, cache = self._net(parent_g, tokens_BxW, positions_BxW - 1,
                            jnp.eye(w, dtype=bool)[None], cache, prefix)
-      return lm_head(cfg, self.shared, g), g, cache
+      return self._logits(g), g, cache
 
-    logits_root = lm_head(cfg, self.shared, g_root)
+    logits_root = self._logits(g_root)
     if self.dynamic:
       k, depth, n = self.dynamic
       tree, cache, calls = dynamic_tree.draft(step, logits_root, g_root, cache, ctx.length - 1,
@@ -294,11 +307,32 @@ class Eagle:
 
   def commit(self, state: EagleState, ctx, verdict, features) -> EagleState:
     """The new pending pairs: the root's and the accepted nodes' real target features."""
-    (f,) = features
+    f = self.head.fuse(self.params, features)
     path = verdict.path[:, :self._pending() - 1]
     path = jnp.pad(path, ((0, 0), (0, self._pending() - 1 - path.shape[1])))  # tiny trees
     idx = jnp.concatenate([jnp.zeros((f.shape[0], 1), jnp.int32), 1 + path], 1)
     return EagleState(state.cache, jnp.take_along_axis(f, idx[..., None], 1))
+
+
+def drafter(head, params, shared, *, top_k: int = 1, depth: int = 4,
+            tree: Sequence[Sequence[int]] | None = None, num_nodes: int | None = None) -> "Eagle":
+  """An EAGLE drafter with a feature-level head's weights (EAGLE-1 or EAGLE-3): a chain of
+  `depth` tokens (top_k = 1), the full top_k-ary tree of `depth` levels, the tree of
+  choice paths `tree`, or, with `num_nodes`, EAGLE-2's dynamic tree (the best num_nodes
+  of top_k-wide expansions `depth` levels deep)."""
+  if num_nodes is not None:
+    if not 1 <= num_nodes <= dynamic_tree.num_candidates(top_k, depth):
+      raise ValueError(f"num_nodes={num_nodes} must be in [1, "
+                       f"{dynamic_tree.num_candidates(top_k, depth)}] for top_k={top_k}, "
+                       f"depth={depth}.")
+    return Eagle(head, params, shared, StaticTree.chain(depth), (top_k, depth, num_nodes))
+  if tree is None:
+    paths, level = [], [()]
+    for _ in range(depth):
+      level = [p + (r,) for p in level for r in range(top_k)]
+      paths += level
+    tree = paths
+  return Eagle(head, params, shared, StaticTree.from_choices(tree))
 
 
 @registry.HEADS.register("eagle")
