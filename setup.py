@@ -33,6 +33,12 @@ EXTRAS = {
         "hypothesis==6.170.15",
         "torch==2.13.0",
         "accelerate==1.15.0",
+        # What `speculators` (installed --no-deps by the Makefile: it pins older transformers
+        # and datasets than ours) needs to import its EAGLE-3 model: it imports openai and
+        # hs_connectors at its top level and logs with loguru.
+        "openai==3.57.0",
+        "hs-connectors==0.9.0",
+        "loguru==0.7.3",
     ],
     "tpu": ["jax[tpu]==0.10.2"],
     "gpu": ["jax[cuda12]==0.10.2"],

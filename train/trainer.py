@@ -194,6 +194,9 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   data = load_data(c, target)
   print(f"data: {data_lib.describe(data)}")
   params = head.init(jax.random.key(c.seed), target.dtype)
+  if hasattr(head, "fit"):  # heads shaped by the data (EAGLE-3's draft vocabulary)
+    head, params = head.fit(params, data.tokens, data.mask,
+                            models.shared_params(target.config, target.params))
   n_params = sum(x.size for x in jax.tree.leaves(params))
   tx = optimizer(c, params)
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
@@ -267,6 +270,6 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   head_io.save(os.path.join(workdir, HEAD_DIR), c.head, dict(c.head_kwargs), state.params,
                target.config, dict(c.decode), target_name=target.name,
                trained_tokens=int(total * c.batch_size * data.train_tokens / len(data.tokens)),
-               sim_accept=sim_accept)
+               sim_accept=sim_accept, buffers=getattr(head, "buffers", dict)())
   return last_eval
 

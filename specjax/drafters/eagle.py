@@ -62,20 +62,25 @@ class EagleNet(nn.Module):
     return x, kv
 
 
-def net(cfg: ModelConfig, layer: ModelConfig, params, shared, feat_BxTxH, next_BxT,
-        positions_BxT, visible_BxTxT, cache: KVCache | None = None, prefix_BxTxS=None):
-  """The head (decoder layer shaped by `layer`) on T pairs (f, next token) of the target
-  `cfg`; with a 1-layer `cache` its K/V are written at `cache.lengths` as
-  `models.forward` does. Returns (predicted features [B, T, H], cache)."""
-  emb = embed(cfg, shared, next_BxT)
+def run_layer(module: nn.Module, params, emb_BxTxH, feat_BxTxH, positions_BxT, visible_BxTxT,
+              cache: KVCache | None = None, prefix_BxTxS=None):
+  """A head's decoder layer `module` on T pairs; with a 1-layer `cache` its K/V are written
+  at `cache.lengths` as `models.forward` does. Returns (output features [B, T, H], cache)."""
   kv = None if cache is None else (cache.k[0], cache.v[0])
   start = None if cache is None else cache.lengths
   if cache is not None and prefix_BxTxS is None:
-    prefix_BxTxS = cache.prefix_mask(next_BxT.shape[1])
-  g, kv = EagleNet(layer, param_dtype(params)).apply({"params": params}, emb, feat_BxTxH,
-                                                   positions_BxT, visible_BxTxT, kv, start,
-                                                   prefix_BxTxS)
+    prefix_BxTxS = cache.prefix_mask(emb_BxTxH.shape[1])
+  g, kv = module.apply({"params": params}, emb_BxTxH, feat_BxTxH, positions_BxT, visible_BxTxT,
+                       kv, start, prefix_BxTxS)
   return g, None if cache is None else cache.replace(k=(kv[0],), v=(kv[1],))
+
+
+def net(cfg: ModelConfig, layer: ModelConfig, params, shared, feat_BxTxH, next_BxT,
+        positions_BxT, visible_BxTxT, cache: KVCache | None = None, prefix_BxTxS=None):
+  """The EAGLE-1 head (decoder layer shaped by `layer`) on T pairs (f, next token) of the
+  target `cfg` (see `run_layer`). Returns (predicted features [B, T, H], cache)."""
+  return run_layer(EagleNet(layer, param_dtype(params)), params, embed(cfg, shared, next_BxT),
+                   feat_BxTxH, positions_BxT, visible_BxTxT, cache, prefix_BxTxS)
 
 
 def unroll(head, params, shared, feat_BxNxH, tokens_BxT, depth: int):

@@ -1,7 +1,11 @@
 """Trained heads on disk: `save` writes specjax's layout; `load` reads any head folder and
 detects its layout, the way `specjax.models.load` does for targets:
 
-  specjax      head.json + params.safetensors (below)
+  specjax      head.json + params.safetensors [+ buffers.safetensors] (below)
+  speculators  config.json with speculators_model_type "eagle3" + model.safetensors
+               (vLLM's EAGLE-3 serving format; `export_speculators` writes it)
+  specforge    config.json with draft_vocab_size + model.safetensors or pytorch_model.bin
+               with midlayer.* (SafeAILab EAGLE-3 / SGLang SpecForge EAGLE-3 heads)
   eagle-llm    config.json (the draft layer's Llama config) + pytorch_model.bin or
                model.safetensors with fc.* and layers.0.* (SafeAILab's EAGLE-1/2 heads)
   medusa-llm   config.json with medusa_num_heads + medusa_lm_head.pt or .safetensors
@@ -13,6 +17,8 @@ specjax's layout is a folder with
                         "target": {arch, hidden_size, vocab_size, num_layers, name},
                         "sim_accept": held-out P(first k drafts accepted), ...}
   params.safetensors   the head's params, keys = "/"-joined pytree paths
+  buffers.safetensors  arrays the head derives from its data and does not train (EAGLE-3's
+                       draft-to-target id map); absent when it has none
 
 The target's shared weights (embedding, LM head) are never stored: the head reads them
 from the target it is loaded for, after checking that target has the same hidden size and
@@ -35,15 +41,20 @@ from specjax import registry
 from specjax.drafters import budget as budget_lib
 from specjax.drafters.base import check_target
 from specjax.models.config import ModelConfig
+from specjax.models.model import FINAL
 
 FORMAT = "specjax-head"
-META, PARAMS = "head.json", "params.safetensors"
+META, PARAMS, BUFFERS = "head.json", "params.safetensors", "buffers.safetensors"
 
 
 def save(path: str, kind: str, head_kwargs: dict, params: Any, target_cfg: ModelConfig,
-         decode: dict | None = None, **extra) -> None:
+         decode: dict | None = None, buffers: dict | None = None, **extra) -> None:
   """Writes a head folder (atomically per file)."""
   os.makedirs(path, exist_ok=True)
+  if buffers:
+    safetensors.numpy.save_file({k: np.asarray(v) for k, v in buffers.items()},
+                                os.path.join(path, BUFFERS + ".tmp"))
+    os.replace(os.path.join(path, BUFFERS + ".tmp"), os.path.join(path, BUFFERS))
   flat = {"/".join(k): np.asarray(v) for k, v in
           flax.traverse_util.flatten_dict(jax.device_get(params)).items()}
   meta = {"format": FORMAT, "kind": kind, "head_kwargs": head_kwargs, "decode": decode or {},
@@ -84,11 +95,17 @@ def layout(path: str) -> str:
       hf = json.load(f)
     if "medusa_num_heads" in hf:
       return "medusa-llm"
+    if hf.get("speculators_model_type") == "eagle3":
+      return "speculators"
+    if "draft_vocab_size" in hf and any(os.path.exists(os.path.join(path, n))
+                                        for n in _EAGLE_FILES):
+      return "specforge"
     if any(os.path.exists(os.path.join(path, n)) for n in _EAGLE_FILES):
       return "eagle-llm"
   raise FileNotFoundError(f"{path!r} is not a head folder: no {META} (specjax), no "
-                          f"config.json + {' or '.join(_EAGLE_FILES)} (eagle-llm), no "
-                          "config.json with medusa_num_heads (medusa-llm).")
+                          f"config.json + {' or '.join(_EAGLE_FILES)} (eagle-llm, or "
+                          "specforge with draft_vocab_size), no config.json with "
+                          "medusa_num_heads (medusa-llm) or speculators_model_type (speculators).")
 
 
 _EAGLE_FILES = ("pytorch_model.bin", "model.safetensors")
@@ -150,6 +167,143 @@ def _from_medusa_llm(path: str, target_cfg: ModelConfig):
   return "medusa", MedusaHead(target_cfg, num_heads=k, own_lm_head=True), params
 
 
+def _with_buffers(head, buffers: dict, path: str):
+  """`head` with its saved buffers (EAGLE-3's id map), checked against its shapes."""
+  ids = buffers.get("draft_ids")
+  if ids is None or ids.shape != (getattr(head, "draft_vocab", -1),) or ids.min() < 0 or \
+      ids.max() >= head.config.vocab_size:
+    raise ValueError(f"{os.path.join(path, BUFFERS)} does not hold a draft-to-target map of "
+                     f"{getattr(head, 'draft_vocab', '?')} ids for this head.")
+  return head.replace(draft_ids=jnp.asarray(ids, jnp.int32))
+
+
+def _eagle3(path: str, target_cfg: ModelConfig, sd: dict, layer_hf: dict, prefix: str,
+            aux) -> tuple[str, Any, Any]:
+  """Eagle3Head + params from a PyTorch EAGLE-3 state dict (speculators' names; the decoder
+  layer under `prefix`; Linear weights are [out, in]; d2t holds target id - draft id)."""
+  from specjax.drafters.eagle3 import Eagle3Head, default_aux_layers  # pylint: disable=g-import-not-at-top
+  from specjax.models.config import from_hf_config  # pylint: disable=g-import-not-at-top
+
+  layer = from_hf_config(layer_hf)
+  check_target(f"The head in {path!r}", layer.hidden_size, layer.vocab_size, target_cfg)
+  if layer_hf.get("num_hidden_layers", 1) != 1:
+    raise ValueError(f"{path!r}: only one-layer EAGLE-3 heads load.")
+  aux = tuple(aux) if aux else default_aux_layers(target_cfg.num_layers)
+  if any(not 0 <= a < target_cfg.num_layers for a in aux):
+    raise ValueError(f"{path!r} reads target layers {list(aux)}; this {target_cfg.num_layers}"
+                     "-layer target has layer inputs 0.."
+                     f"{target_cfg.num_layers - 1} (the final hidden state is not supported).")
+  try:
+    dense = lambda n: {"kernel": sd[f"{n}.weight"].T, **(
+        {"bias": sd[f"{n}.bias"]} if f"{n}.bias" in sd else {})}
+    norm = lambda n: {"scale": sd[f"{n}.weight"]}
+    attn = {p: dense(f"{prefix}self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    if layer.qk_norm:
+      attn.update(q_norm=norm(f"{prefix}self_attn.q_norm"), k_norm=norm(f"{prefix}self_attn.k_norm"))
+    params = {"fc": dense("fc"), "norm": norm("norm"), "lm_head": dense("lm_head"), "layer": {
+        "input_layernorm": norm(f"{prefix}input_layernorm"),
+        "hidden_norm": norm(f"{prefix}hidden_norm"), "self_attn": attn,
+        "mlp": {p: dense(f"{prefix}mlp.{p}") for p in ("gate_proj", "up_proj", "down_proj")},
+        "post_attention_layernorm": norm(f"{prefix}post_attention_layernorm")}}
+  except KeyError as e:
+    raise ValueError(f"{path!r} is missing EAGLE-3 weight {e}.") from None
+  vocab = params["lm_head"]["kernel"].shape[1]
+  head = Eagle3Head(target_cfg, aux, 0 if vocab == target_cfg.vocab_size else vocab,
+                    layer=layer)
+  if head.draft_vocab:
+    if "d2t" not in sd:
+      raise ValueError(f"{path!r}: a {vocab}-token draft vocabulary needs the d2t map.")
+    head = _with_buffers(head, {"draft_ids": np.arange(vocab) + sd["d2t"].astype(np.int64)},
+                         path)
+  return "eagle3", head, params
+
+
+def _from_speculators(path: str, target_cfg: ModelConfig):
+  """An EAGLE-3 head in the `speculators` format (what vLLM serves)."""
+  with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+    hf = json.load(f)
+  odd = [k for k in ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output")
+         if hf.get(k)]
+  if odd:
+    raise ValueError(f"{path!r} uses EAGLE-3 variants specjax does not implement: {odd}.")
+  return _eagle3(path, target_cfg, _state_dict(path, ("model.safetensors",)),
+                 hf["transformer_layer_config"], "layers.0.",
+                 hf.get("eagle_aux_hidden_state_layer_ids"))
+
+
+def _from_specforge(path: str, target_cfg: ModelConfig):
+  """An EAGLE-3 head as SafeAILab's EAGLE-3 and SGLang's SpecForge save it: a Llama
+  config.json with draft_vocab_size, the decoder layer as midlayer.*, d2t/t2d maps."""
+  with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+    hf = json.load(f)
+  sd = _state_dict(path, _EAGLE_FILES)
+  prefix = "midlayer." if any(k.startswith("midlayer.") for k in sd) else "layers.0."
+  aux = (hf.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+  return _eagle3(path, target_cfg, sd, {"model_type": "llama", **hf, "num_hidden_layers": 1},
+                 prefix, aux)
+
+
+def export_speculators(path: str, out: str, target_cfg: ModelConfig,
+                       verifier: str | None = None, speculative_tokens: int = 3) -> None:
+  """Writes the EAGLE-3 head at `path` (any layout) in the `speculators` format vLLM
+  serves: config.json + model.safetensors. `verifier` is the target's name or folder as
+  the server knows it (speculators reads the embedding and norms from it)."""
+  kind, head, params, _ = load(path, target_cfg)
+  if kind != "eagle3":
+    raise ValueError(f"{path!r} holds a {kind} head; only EAGLE-3 heads export to speculators.")
+  if FINAL in head.aux_layers:
+    raise ValueError(f"{path!r} reads the final normed state, which speculators cannot feed.")
+  layer = head.layer_config
+  p = jax.tree.map(np.asarray, params)
+  w = lambda d: np.ascontiguousarray(d["kernel"].T)
+  sd = {"fc.weight": w(p["fc"]), "norm.weight": p["norm"]["scale"],
+        "lm_head.weight": w(p["lm_head"])}
+  pre = "layers.0."
+  for name in ("input_layernorm", "hidden_norm", "post_attention_layernorm"):
+    sd[f"{pre}{name}.weight"] = p["layer"][name]["scale"]
+  for group, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                       ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+    for n in names:
+      sd[f"{pre}{group}.{n}.weight"] = w(p["layer"][group][n])
+      if "bias" in p["layer"][group][n]:
+        sd[f"{pre}{group}.{n}.bias"] = p["layer"][group][n]["bias"]
+  if layer.qk_norm:
+    for n in ("q_norm", "k_norm"):
+      sd[f"{pre}self_attn.{n}.weight"] = p["layer"]["self_attn"][n]["scale"]
+  if head.draft_vocab:
+    ids = np.asarray(head.draft_ids, np.int64)
+    sd["d2t"] = ids - np.arange(len(ids))
+    t2d = np.zeros(target_cfg.vocab_size, bool)
+    t2d[ids] = True
+    sd["t2d"] = t2d
+  layer_hf = {"model_type": layer.model_type or "llama", "vocab_size": layer.vocab_size,
+              "hidden_size": layer.hidden_size, "intermediate_size": layer.intermediate_size,
+              "num_hidden_layers": 1, "num_attention_heads": layer.num_heads,
+              "num_key_value_heads": layer.num_kv_heads, "head_dim": layer.head_dim,
+              "rms_norm_eps": layer.norm_eps, "hidden_act": "silu",
+              "max_position_embeddings": layer.max_position_embeddings,
+              "rope_parameters": {"rope_type": "default", "rope_theta": layer.rope_theta},
+              "attention_bias": layer.attention_bias, "tie_word_embeddings": False}
+  if layer.rope_scaling:
+    raise ValueError(f"{path!r}: exporting a head with RoPE scaling is not supported.")
+  config = {
+      "speculators_model_type": "eagle3", "architectures": ["Eagle3Speculator"],
+      "transformer_layer_config": layer_hf, "draft_vocab_size": head.vocab,
+      "norm_before_residual": False, "norm_before_fc": False, "fc_norm": False,
+      "norm_output": False, "embed_requires_grad": False, "target_hidden_size": None,
+      "eagle_aux_hidden_state_layer_ids": list(head.aux_layers), "tie_word_embeddings": False,
+      "speculators_config": {
+          "algorithm": "eagle3", "default_proposal_method": "greedy",
+          "proposal_methods": [{"proposal_type": "greedy",
+                                "speculative_tokens": speculative_tokens}],
+          "verifier": {"name_or_path": verifier, "architectures": ["LlamaForCausalLM"]}}}
+  os.makedirs(out, exist_ok=True)
+  safetensors.numpy.save_file(sd, os.path.join(out, "model.safetensors"),
+                              metadata={"format": "pt"})
+  with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(config, f, indent=1)
+
+
 def load(path: str, target_cfg: ModelConfig, dtype=jnp.float32):
   """(kind, head, params, meta) of a head folder in any layout, checked against the
   target's config (hidden size, vocabulary) and the head's expected shapes."""
@@ -167,10 +321,13 @@ def load(path: str, target_cfg: ModelConfig, dtype=jnp.float32):
                        f"{e}") from e
     params = flax.traverse_util.unflatten_dict({tuple(k.split("/")): v
                                                 for k, v in flat.items()})
+    if os.path.exists(os.path.join(path, BUFFERS)):
+      head = _with_buffers(head, safetensors.numpy.load_file(os.path.join(path, BUFFERS)), path)
   else:
     meta = {"format": kind, "decode": {}}
-    kind, head, params = (_from_eagle_llm if kind == "eagle-llm" else _from_medusa_llm)(
-        path, target_cfg)
+    kind, head, params = {"eagle-llm": _from_eagle_llm, "medusa-llm": _from_medusa_llm,
+                          "speculators": _from_speculators, "specforge": _from_specforge}[kind](
+                              path, target_cfg)
   params = jax.tree.map(lambda v: jnp.asarray(v, dtype), params)
   want = jax.eval_shape(lambda: head.init(jax.random.key(0), dtype))
   got = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
@@ -238,4 +395,5 @@ def _register(kind: str, takes_stop_policy: bool):
 
 
 _register("eagle", True)
+_register("eagle3", True)
 _register("medusa", False)

@@ -143,6 +143,13 @@ def shared_params(cfg: ModelConfig, params: Any) -> dict[str, Any]:
   return {k: params[k] for k in keys}
 
 
+def lm_head_rows(cfg: ModelConfig, params: Any, ids_N: jax.Array) -> jax.Array:
+  """[N, H]: the LM head's output rows for token ids (a reduced-vocabulary head's start)."""
+  if cfg.tie_embeddings:
+    return jnp.take(params[_EMBEDDING[cfg.arch]]["embedding"], ids_N, axis=0)
+  return jnp.take(params["lm_head"]["kernel"], ids_N, axis=1).T
+
+
 def lm_head(cfg: ModelConfig, params: Any, hidden_BxTxH: jax.Array) -> jax.Array:
   """float32[B, T, V]: the target's LM head applied to final-normed hidden states."""
   if cfg.tie_embeddings:

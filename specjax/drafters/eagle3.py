@@ -1,0 +1,219 @@
+"""EAGLE-3: multi-layer feature fusion, a reduced draft vocabulary, training-time test.
+
+Pair t of a sequence is (u_t, x_{t+1}) with u_t the fusion of the target's hidden states
+at position t from A depths (the inputs of layers 2, L//2 and L-3 by default):
+
+  u_t = fc(concat(f^a_t, f^b_t, f^c_t))                 A*H -> H, no bias
+  a_t = attention(concat(norm1(embed(x_{t+1})), norm2(u_t)))   2H -> heads, RoPE at t
+  g_t = u_t + a_t;  g_t = g_t + mlp(norm3(g_t))         one Llama layer, residual on u_t
+  p(x_{t+2}) = softmax(lm_head(norm(g_t)))              own LM head, draft vocabulary
+
+The next draft step feeds g_t back in place of u (the head never regresses a target
+feature: EAGLE-3 drops EAGLE-1's feature loss). The LM head covers the `draft_vocab` most
+frequent response tokens of the training data (`fit`); `draft_ids[d]` is the target id of
+draft id d, and draft logits map back to the target vocabulary with every other token at
+the lowest float, so the drafter never proposes a token outside the map and verification
+stays lossless (it only ever sees a draft distribution with zero mass there).
+
+Training-time test (`loss`): unroll `ttt_steps` draft steps from every position at once
+(`eagle.unroll`), each step feeding back the head's own g, and sum 0.8^(j-1) x soft
+cross-entropy of step j against the target's distribution over the draft vocabulary.
+Decoding reuses the EAGLE drafter (`eagle.Eagle`): a chain, a static tree or EAGLE-2's
+dynamic tree. Parameter names follow the `speculators` layout (`io` converts both ways).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specjax import registry
+from specjax.drafters import eagle
+from specjax.drafters.base import TargetBatch, check_target, soft_ce
+from specjax.models import llama
+from specjax.models.config import ModelConfig
+from specjax.models.model import FINAL, causal, check_features, embed, lm_head_rows, param_dtype
+
+
+class Eagle3Layer(nn.Module):
+  """The decoder layer whose attention reads concat(norm(embedding), norm(feature))."""
+
+  cfg: ModelConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, emb_BxTxH, feat_BxTxH, positions_BxT, visible_BxTxT, kv=None, start_B=None,
+               prefix_BxTxS=None):
+    cfg, dt = self.cfg, self.dtype
+    x = jnp.concatenate([llama.RMSNorm(cfg.norm_eps, dt, name="input_layernorm")(emb_BxTxH),
+                         llama.RMSNorm(cfg.norm_eps, dt, name="hidden_norm")(feat_BxTxH)], -1)
+    cos, sin = llama.rope_cos_sin(cfg, positions_BxT, dt)
+    a, kv = llama.Attention(cfg, dt, name="self_attn")(x, cos, sin, visible_BxTxT, prefix_BxTxS,
+                                                      kv, start_B)
+    g = feat_BxTxH + a
+    g = g + llama.MLP(cfg, dt, name="mlp")(
+        llama.RMSNorm(cfg.norm_eps, dt, name="post_attention_layernorm")(g))
+    return g, kv
+
+
+def default_aux_layers(num_layers: int) -> tuple[int, ...]:
+  """EAGLE-3's depths: the inputs of layers 2, L//2 and L-3."""
+  return (2, num_layers // 2, num_layers - 3)
+
+
+def _rms(x, scale, eps):
+  x32 = x.astype(jnp.float32)
+  return scale * (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)).astype(
+      scale.dtype)
+
+
+@flax.struct.dataclass
+class Eagle3Head:
+  """EAGLE-3 as a trainable head (see `base.TrainableHead`)."""
+
+  config: ModelConfig = flax.struct.field(pytree_node=False)  # the target's
+  aux_layers: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
+  draft_vocab: int = flax.struct.field(pytree_node=False, default=0)  # 0: the full vocabulary
+  ttt_steps: int = flax.struct.field(pytree_node=False, default=7)
+  decay: float = flax.struct.field(pytree_node=False, default=0.8)
+  noise: float = flax.struct.field(pytree_node=False, default=0.0)
+  layer: ModelConfig | None = flax.struct.field(pytree_node=False, default=None)
+  # int32[draft_vocab]: the target id of each draft id, ascending (set by `fit` or loading).
+  draft_ids: Any = None
+
+  @property
+  def features(self) -> tuple[int, ...]:
+    return self.aux_layers
+
+  @property
+  def layer_config(self) -> ModelConfig:
+    return self.layer or self.config
+
+  @property
+  def vocab(self) -> int:
+    """Rows of the head's own LM head."""
+    return self.draft_vocab or self.config.vocab_size
+
+  def init(self, key, dtype=jnp.float32):
+    h = self.config.hidden_size
+    k_layer, k_fc, k_lm = jax.random.split(key, 3)
+    z = jnp.zeros((1, 1, h), dtype)
+    layer = Eagle3Layer(self.layer_config, dtype).init(k_layer, z, z, jnp.zeros((1, 1), jnp.int32),
+                                                       causal(1))["params"]
+    fc = nn.initializers.lecun_normal()(k_fc, (len(self.aux_layers) * h, h), dtype)
+    lm = 0.02 * jax.random.normal(k_lm, (h, self.vocab), dtype)
+    return {"fc": {"kernel": fc}, "layer": layer, "norm": {"scale": jnp.ones((h,), dtype)},
+            "lm_head": {"kernel": lm}}
+
+  def fit(self, params, tokens, mask, shared):
+    """(head, params) ready to train on this data: the draft vocabulary is its
+    `draft_vocab` most frequent response tokens (ties to the lower id, topped up with the
+    lowest unused ids), and the LM head starts as the target's rows for them."""
+    v = self.config.vocab_size
+    if self.draft_vocab and self.draft_vocab < v:
+      counts = np.bincount(np.asarray(tokens)[np.asarray(mask) > 0], minlength=v)[:v]
+      ids = np.sort(np.lexsort((np.arange(v), -counts))[:self.draft_vocab]).astype(np.int32)
+      head = self.replace(draft_ids=jnp.asarray(ids))
+    else:
+      ids, head = np.arange(v, dtype=np.int32), self.replace(draft_ids=None)
+    rows = lm_head_rows(self.config, shared, jnp.asarray(ids))
+    params = {**params, "lm_head": {"kernel": rows.T.astype(param_dtype(params))}}
+    return head, params
+
+  def buffers(self) -> dict[str, np.ndarray]:
+    """The arrays saved beside the params (`io.save`): the vocabulary map."""
+    return {} if self.draft_ids is None else {"draft_ids": np.asarray(self.draft_ids)}
+
+  def validate(self, target_config: ModelConfig) -> None:
+    check_target("This EAGLE-3 head", self.config.hidden_size, self.config.vocab_size,
+                 target_config)
+    check_features(target_config, self.aux_layers)
+
+  def fuse(self, params, features):
+    """u = fc(concat of the target's features at the head's depths)."""
+    f = jnp.concatenate(features, -1)
+    return f.astype(params["fc"]["kernel"].dtype) @ params["fc"]["kernel"]
+
+  def net(self, params, shared, feat_BxTxH, next_BxT, positions_BxT, visible_BxTxT, cache=None,
+          prefix_BxTxS=None):
+    return eagle.run_layer(Eagle3Layer(self.layer_config, param_dtype(params)), params["layer"],
+                           embed(self.config, shared, next_BxT), feat_BxTxH, positions_BxT,
+                           visible_BxTxT, cache, prefix_BxTxS)
+
+  def draft_logits(self, params, g_BxTxH):
+    """float32[..., vocab]: logits over the draft vocabulary."""
+    if self.draft_vocab and self.draft_ids is None:
+      raise ValueError("This EAGLE-3 head has a reduced vocabulary but no map: `fit` it to "
+                       "data or load it from a head folder.")
+    x = _rms(g_BxTxH, params["norm"]["scale"], self.layer_config.norm_eps)
+    return (x @ params["lm_head"]["kernel"]).astype(jnp.float32)
+
+  def logits(self, params, shared, g_BxTxH):
+    """float32[..., V]: draft logits in target ids, the lowest float outside the map."""
+    d = self.draft_logits(params, g_BxTxH)
+    if self.draft_ids is None:
+      return d
+    full = jnp.full(d.shape[:-1] + (self.config.vocab_size,), jnp.finfo(jnp.float32).min)
+    return full.at[..., self.draft_ids].set(d)
+
+  def _inputs(self, params, batch: TargetBatch, key=None):
+    u = self.fuse(params, batch.features)[:, :-1]
+    if key is not None and self.noise:
+      u = u + self.noise * jax.random.uniform(key, u.shape, u.dtype, -0.5, 0.5)
+    return u
+
+  def loss(self, params, batch: TargetBatch, key):
+    b, t = batch.tokens.shape
+    rows = jnp.arange(t - 1)
+    target = batch.logits if self.draft_ids is None else batch.logits[..., self.draft_ids]
+    target_top = batch.logits.argmax(-1)
+    ids = jnp.arange(self.vocab) if self.draft_ids is None else self.draft_ids
+    gs = eagle.unroll(self, params, batch.shared, self._inputs(params, batch, key), batch.tokens,
+                      self.ttt_steps)
+    total, metrics = 0.0, {}
+    for j, g in enumerate(gs, 1):  # step j from pair t drafts token t + j + 1
+      src = jnp.minimum(rows + j, t - 1)
+      w = jnp.where(rows + j + 1 < t, jnp.take(batch.mask, jnp.minimum(rows + j + 1, t - 1), 1),
+                    0.0)
+      denom = jnp.maximum(w.sum(), 1.0)
+      logits = self.draft_logits(params, g)
+      ce = jnp.sum(w * soft_ce(target[:, src], logits)) / denom
+      total = total + self.decay ** (j - 1) * ce
+      metrics[f"ce/{j}"] = ce
+      metrics[f"top1/{j}"] = jnp.sum(w * (ids[logits.argmax(-1)] == target_top[:, src])) / denom
+    return total, metrics
+
+  def accept(self, params, batch: TargetBatch, depth: int):
+    return eagle.chain_accept(self, params, batch, self._inputs(params, batch), depth)
+
+  def drafter(self, params, shared, **knobs) -> eagle.Eagle:
+    """An EAGLE drafter with these weights (knobs: `eagle.drafter`)."""
+    return eagle.drafter(self, params, shared, **knobs)
+
+
+@registry.HEADS.register("eagle3")
+def _head(target_cfg: ModelConfig, *, aux_layers: Sequence[int] | None = None,
+          draft_vocab: int = 0, ttt_steps: int = 7, decay: float = 0.8,
+          noise: float = 0.0) -> Eagle3Head:
+  """EAGLE-3: fused features from `aux_layers` (layer inputs; models.FINAL = the final
+  normed state; default 2, L//2, L-3), a `draft_vocab`-token LM head (0 = the full
+  vocabulary), `ttt_steps` unrolled draft steps weighted decay^j in training."""
+  aux = tuple(int(a) for a in (aux_layers if aux_layers is not None
+                               else default_aux_layers(target_cfg.num_layers)))
+  if not aux or len(set(aux)) != len(aux) or any(
+      not (a == FINAL or 0 <= a < target_cfg.num_layers) for a in aux):
+    raise ValueError(f"EAGLE-3 aux_layers {list(aux)} must be distinct layer inputs in "
+                     f"[0, {target_cfg.num_layers}) (or {FINAL}, the final state) of this "
+                     f"{target_cfg.num_layers}-layer target; give aux_layers explicitly.")
+  if not 0 <= draft_vocab <= target_cfg.vocab_size:
+    raise ValueError(f"draft_vocab={draft_vocab} must be in [0, {target_cfg.vocab_size}] "
+                     "(0 = the target's full vocabulary).")
+  if ttt_steps < 1:
+    raise ValueError(f"ttt_steps={ttt_steps} must be >= 1.")
+  return Eagle3Head(target_cfg, aux, 0 if draft_vocab == target_cfg.vocab_size else draft_vocab,
+                    ttt_steps, decay, noise)
