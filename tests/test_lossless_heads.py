@@ -1,12 +1,15 @@
 """Speculative sampling with the trainable heads preserves the target distribution: EAGLE
-(sampled chain, EAGLE-2 dynamic tree) and Medusa (top-k tree), with random head weights,
-under the same exact-table test and biased control as the draft model's."""
+and EAGLE-3 with a reduced vocabulary (sampled chain, EAGLE-2 dynamic tree) and Medusa
+(top-k tree), with random head weights, under the same exact-table test and biased
+control as the draft model's."""
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from specjax.drafters import EagleHead, MedusaHead
-from specjax.models import shared_params
+from specjax.drafters import Eagle3Head, EagleHead, MedusaHead
+from specjax.models import FINAL, shared_params
 
 from test_lossless_sampling import SAMPLINGS, TARGET, check_generate_matches_target
 
@@ -15,9 +18,39 @@ DRAFTERS = {
         *head_params(EagleHead(TARGET.config)), depth=3),
     "eagle2_dynamic": lambda: EagleHead(TARGET.config).drafter(
         *head_params(EagleHead(TARGET.config)), top_k=2, depth=3, num_nodes=5),
+    # A reduced draft vocabulary: target tokens outside it are never drafted, and the
+    # residual distribution must still give them their probability.
+    "eagle3_chain_reduced_vocab": lambda: eagle3_head().drafter(*eagle3_params(), depth=3),
+    "eagle3_dynamic_reduced_vocab": lambda: eagle3_head().drafter(
+        *eagle3_params(), top_k=2, depth=3, num_nodes=5),
     "medusa_tree": lambda: MedusaHead(TARGET.config, num_heads=2).drafter(
         *head_params(MedusaHead(TARGET.config, num_heads=2)), tree=[(0,), (1,), (0, 0)]),
 }
+
+
+def eagle3_head():
+  """EAGLE-3 over the 1-layer target's layer-0 input and final state, drafting from all
+  but two of its tokens (the two least frequent in some data)."""
+  v = TARGET.config.vocab_size
+  head = Eagle3Head(TARGET.config, (0, FINAL), draft_vocab=v - 2)
+  tokens = np.tile(np.arange(v), 3)[None, :3 * v - 2]  # tokens v-2 and v-1 appear twice
+  head, _ = head.fit(head.init(jax.random.key(3)), tokens, np.ones_like(tokens, np.float32),
+                     shared_params(TARGET.config, TARGET.params))
+  assert np.asarray(head.draft_ids).tolist() == list(range(v - 2))
+  return head
+
+
+def eagle3_params():
+  """Random params, except that fc passes the final state through and the LM head is the
+  target's (rows of the draft vocabulary): drafts agree with the target often enough
+  for the test to mean something."""
+  head = eagle3_head()
+  params, shared = head_params(head)
+  hs = TARGET.config.hidden_size
+  params["fc"]["kernel"] = jnp.concatenate([jnp.zeros((hs, hs)), jnp.eye(hs)])
+  params["lm_head"]["kernel"] = head.fit(params, np.zeros((1, 1), np.int32), np.ones((1, 1)),
+                                         shared)[1]["lm_head"]["kernel"]
+  return params, shared
 
 
 def head_params(h):

@@ -1,4 +1,4 @@
-"""specjax-train and the trainable heads (EAGLE-1, Medusa-1) on the tiny random target.
+"""specjax-train and the trainable heads (EAGLE-1, EAGLE-3, Medusa-1) on the tiny random target.
 
 Loss falls; a SIGKILLed run resumes onto the uninterrupted curve; no gradient reaches the
 target; trained heads decode exactly as AR (greedy, ragged batch); the drafter's cached
@@ -20,8 +20,9 @@ import pytest
 
 from specjax import decode, models
 from specjax.configs import eagle as eagle_config
+from specjax.configs import eagle3 as eagle3_config
 from specjax.configs import medusa as medusa_config
-from specjax.drafters import EagleHead, MedusaHead, eagle, io, load_drafter
+from specjax.drafters import Eagle3Head, EagleHead, MedusaHead, eagle, io, load_drafter
 from specjax.drafters.base import Context, TargetBatch
 from specjax.models import ModelConfig, causal, causal_forward, shared_params
 from specjax.sampling import Sampling
@@ -29,7 +30,7 @@ from specjax.stopping import get as get_stop
 from specjax.training import data as data_lib
 from specjax.training import metrics, trainer
 
-CONFIGS = {"eagle": eagle_config, "medusa": medusa_config}
+CONFIGS = {"eagle": eagle_config, "eagle3": eagle3_config, "medusa": medusa_config}
 BIN = os.path.join(os.path.dirname(sys.executable), "specjax-train")
 
 
@@ -51,7 +52,17 @@ def run_dir(kind, tmp_path_factory):
   return _RUNS[kind]
 
 
-@pytest.fixture(scope="module", params=["eagle", "medusa"])
+def fitted_eagle3(target):
+  """The tiny config's EAGLE-3 head, its vocabulary fitted to random tokens."""
+  c = tiny_config("eagle3")
+  head = Eagle3Head(target.config, tuple(c.head_kwargs.aux_layers), c.head_kwargs.draft_vocab,
+                    c.head_kwargs.ttt_steps)
+  tokens = np.random.default_rng(9).integers(0, 512, (16, 32))
+  return head.fit(head.init(jax.random.key(0)), tokens, np.ones_like(tokens, np.float32),
+                  shared_params(target.config, target.params))
+
+
+@pytest.fixture(scope="module", params=["eagle", "eagle3", "medusa"])
 def trained(request, tmp_path_factory):
   """(kind, workdir) of a finished tiny run."""
   return request.param, run_dir(request.param, tmp_path_factory)
@@ -79,9 +90,10 @@ TREE = [(0,), (1,), (0, 0), (1, 0)]
 
 @pytest.mark.parametrize("kind,decode_knobs", [
     ("eagle", {}), ("eagle", {"tree": TREE}), ("eagle", {"top_k": 3, "depth": 3, "num_nodes": 7}),
+    ("eagle3", {}), ("eagle3", {"top_k": 3, "depth": 3, "num_nodes": 7}),
     ("medusa", {}), ("medusa", {"tree": TREE})],
-                         ids=["eagle_chain", "eagle_tree", "eagle2_dynamic", "medusa_chain",
-                              "medusa_tree"])
+                         ids=["eagle_chain", "eagle_tree", "eagle2_dynamic", "eagle3_chain",
+                              "eagle3_dynamic", "medusa_chain", "medusa_tree"])
 def test_trained_head_greedy_equals_ar(kind, decode_knobs, tmp_path_factory):
   workdir = run_dir(kind, tmp_path_factory)
   target = models.load("tiny-random")
@@ -109,8 +121,9 @@ def _kill_after_checkpoint(cmd, ckpt_dir, min_step):
   proc.wait()
 
 
-def test_sigkill_resume_matches_uninterrupted(tmp_path):
-  cmd = [BIN, "--config", "configs/eagle.py:tiny", "--config.steps=30"]
+@pytest.mark.parametrize("kind", ["eagle", "eagle3"])
+def test_sigkill_resume_matches_uninterrupted(kind, tmp_path):
+  cmd = [BIN, "--config", f"configs/{kind}.py:tiny", "--config.steps=30"]
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
   subprocess.run(cmd + ["--workdir", straight], check=True, capture_output=True)
   _kill_after_checkpoint(cmd + ["--workdir", killed], os.path.join(killed, "checkpoints"), 10)
@@ -122,19 +135,23 @@ def test_sigkill_resume_matches_uninterrupted(tmp_path):
   for ra, rb in zip(a, b):
     np.testing.assert_allclose(ra["loss"], rb["loss"], rtol=1e-5)
   t = models.load("tiny-random")
-  _, _, pa, _ = io.load(os.path.join(straight, trainer.HEAD_DIR), t.config)
-  _, _, pb, _ = io.load(os.path.join(killed, trainer.HEAD_DIR), t.config)
+  _, ha, pa, _ = io.load(os.path.join(straight, trainer.HEAD_DIR), t.config)
+  _, hb, pb, _ = io.load(os.path.join(killed, trainer.HEAD_DIR), t.config)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), pa, pb)
+  jax.tree.map(np.testing.assert_array_equal, ha, hb)  # EAGLE-3's vocabulary map
 
 
-@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+@pytest.mark.parametrize("kind", ["eagle", "eagle3", "medusa"])
 def test_no_gradient_reaches_target(kind):
   c = tiny_config(kind)
   target = models.load("tiny-random")
-  head = EagleHead(target.config) if kind == "eagle" else MedusaHead(target.config)
+  if kind == "eagle3":
+    head, params = fitted_eagle3(target)
+  else:
+    head = EagleHead(target.config) if kind == "eagle" else MedusaHead(target.config)
+    params = head.init(jax.random.key(0))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 16)), jnp.int32)
   mask = jnp.ones((2, 16))
-  params = head.init(jax.random.key(0))
 
   def loss_of_target(target_params):
     batch = trainer.target_batch(target, target_params, head, tokens, mask)
@@ -182,6 +199,44 @@ def test_eagle_drafts_as_a_cache_free_reference():
     feats = jnp.concatenate([feats, g[:, -1:]], 1)
     nxt = jnp.concatenate([nxt, jnp.asarray([[tok]])], 1)
   assert np.asarray(tree.tokens)[0].tolist() == drafted
+
+
+def test_eagle3_8b_head_shapes_without_allocating():
+  """Llama-3-8B's shapes: 128k vocabulary, a 32k draft vocabulary (EAGLE-3's)."""
+  cfg = ModelConfig("llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                    num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128)
+  head = Eagle3Head(cfg, (2, 16, 29), draft_vocab=32000)
+  shapes = jax.eval_shape(lambda: head.init(jax.random.key(0), jnp.bfloat16))
+  assert shapes["fc"]["kernel"].shape == (3 * 4096, 4096)
+  assert shapes["layer"]["self_attn"]["q_proj"]["kernel"].shape == (8192, 4096)
+  assert shapes["layer"]["self_attn"]["k_proj"]["kernel"].shape == (8192, 1024)
+  assert shapes["lm_head"]["kernel"].shape == (4096, 32000)
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  attn = 8192 * 4096 + 2 * 8192 * 1024 + 4096 * 4096  # q, k, v read 2H; o_proj H -> H
+  assert n == 3 * 4096 * 4096 + attn + 3 * 4096 * 14336 + 4 * 4096 + 4096 * 32000
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(shapes))
+
+
+def test_eagle3_never_drafts_outside_its_vocabulary():
+  """Greedy and sampled, chain and dynamic tree: every drafted token is in the map."""
+  target = models.load("tiny-random")
+  head, params = fitted_eagle3(target)
+  params = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(jax.random.key(3), x.shape), params)
+  allowed = set(np.asarray(head.draft_ids).tolist())
+  assert len(allowed) == 128
+  shared = shared_params(target.config, target.params)
+  rng = np.random.default_rng(4)
+  hist = jnp.asarray(rng.integers(0, 512, (4, 64)), jnp.int32)
+  ctx = Context(hist, jnp.asarray([9, 30, 2, 50], jnp.int32))
+  feats = causal_forward(target.config, target.params, hist, features=head.features).features
+  drafted = []
+  for knobs in ({"depth": 4}, {"top_k": 4, "depth": 3, "num_nodes": 9}):
+    drafter = head.drafter(params, shared, **knobs)
+    state = drafter.init(ctx, 64, feats)
+    for s in (Sampling(0.0), Sampling(1.0)):
+      tree, _, _ = drafter.propose(state, ctx, get_stop(None), s, jax.random.key(1))
+      drafted += np.asarray(tree.tokens).ravel().tolist()
+  assert set(drafted) <= allowed and len(set(drafted)) > 8
 
 
 @pytest.mark.parametrize("kind", ["eagle", "medusa"])
@@ -372,7 +427,7 @@ def test_unreachable_hub_and_unprepared_tfds_are_clear_errors():
     data_lib.load("tfds:mnist", seq_len=8, vocab=512)
 
 
-@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+@pytest.mark.parametrize("kind", ["eagle", "eagle3", "medusa"])
 def test_simulated_tau_predicts_measured_tau(kind, tmp_path_factory):
   """On rows that are the target's own greedy output, the simulated tau (the head's
   teacher-forced acceptance walked like a decode) equals what `generate` measures: no
