@@ -62,25 +62,71 @@ class EagleNet(nn.Module):
     return x, kv
 
 
-def run_layer(module: nn.Module, params, emb_BxTxH, feat_BxTxH, positions_BxT, visible_BxTxT,
+def run_layer(module: nn.Module, params, inputs: tuple, positions_BxT, visible_BxTxT,
               cache: KVCache | None = None, prefix_BxTxS=None):
-  """A head's decoder layer `module` on T pairs; with a 1-layer `cache` its K/V are written
-  at `cache.lengths` as `models.forward` does. Returns (output features [B, T, H], cache)."""
+  """A head's decoder layer `module` on T positions (`inputs`, each [B, T, H]); with a
+  1-layer `cache` its K/V are written at `cache.lengths` as `models.forward` does.
+  Returns (output features [B, T, H], cache)."""
   kv = None if cache is None else (cache.k[0], cache.v[0])
   start = None if cache is None else cache.lengths
   if cache is not None and prefix_BxTxS is None:
-    prefix_BxTxS = cache.prefix_mask(emb_BxTxH.shape[1])
-  g, kv = module.apply({"params": params}, emb_BxTxH, feat_BxTxH, positions_BxT, visible_BxTxT,
-                       kv, start, prefix_BxTxS)
+    prefix_BxTxS = cache.prefix_mask(positions_BxT.shape[1])
+  g, kv = module.apply({"params": params}, *inputs, positions_BxT, visible_BxTxT, kv, start,
+                       prefix_BxTxS)
   return g, None if cache is None else cache.replace(k=(kv[0],), v=(kv[1],))
+
+
+def prefill_layer(run, cache: KVCache, feat_BxLxH, next_BxL, n_B, max_len: int) -> KVCache:
+  """Writes the first n[b] positions of a head's layer into its empty cache, 64 a forward
+  (one compiled program for every prompt length); `run(feat, next, positions, visible,
+  cache)` is the layer. Returns the cache with lengths = n."""
+  b = feat_BxLxH.shape[0]
+  chunk = min(64, max_len)
+  width = -(-max_len // chunk) * chunk
+  nxt = jnp.pad(next_BxL, ((0, 0), (0, width - next_BxL.shape[1])))
+  f = jnp.pad(feat_BxLxH, ((0, 0), (0, width - feat_BxLxH.shape[1]), (0, 0)))
+
+  def body(i, cache):
+    s = i * chunk
+    positions = jnp.broadcast_to(s + jnp.arange(chunk), (b, chunk))
+    _, cache = run(jax.lax.dynamic_slice_in_dim(f, s, chunk, 1),
+                   jax.lax.dynamic_slice_in_dim(nxt, s, chunk, 1), positions, causal(chunk),
+                   cache.replace(lengths=jnp.full((b,), s, jnp.int32)))
+    return cache
+
+  return jax.lax.fori_loop(0, -(-jnp.max(n_B) // chunk), body, cache).replace(lengths=n_B)
+
+
+def catch_up(run, cache: KVCache, pending_BxCxH, ctx):
+  """Runs a head's layer over the pending positions [cache.lengths, ctx.length - 1) (the
+  last step's root and accepted tokens, whose real target features `commit` kept) and
+  advances the cache past them. Returns (the output at the newest one [B, 1, H], cache,
+  lag [B]: how many were pending, 0 = none known yet)."""
+  c = pending_BxCxH.shape[1]
+  m_B = cache.lengths
+  lag_B = ctx.length - 1 - m_B
+  idx = jnp.minimum(m_B[:, None] + 1 + jnp.arange(c), ctx.history.shape[1] - 1)
+  g, cache = run(pending_BxCxH, jnp.take_along_axis(ctx.history, idx, 1),
+                 m_B[:, None] + jnp.arange(c), causal(c), cache)
+  g_last = jnp.take_along_axis(g, jnp.clip(lag_B - 1, 0, c - 1)[:, None, None], 1)
+  return g_last, cache.advance(jnp.maximum(lag_B, 0)), lag_B
+
+
+def accepted_features(f_BxNxH, verdict, c: int):
+  """[B, c, H]: the features of the root and the accepted path (the next pending ones)."""
+  path = verdict.path[:, :c - 1]
+  path = jnp.pad(path, ((0, 0), (0, c - 1 - path.shape[1])))  # trees shallower than c - 1
+  idx = jnp.concatenate([jnp.zeros((f_BxNxH.shape[0], 1), jnp.int32), 1 + path], 1)
+  return jnp.take_along_axis(f_BxNxH, idx[..., None], 1)
 
 
 def net(cfg: ModelConfig, layer: ModelConfig, params, shared, feat_BxTxH, next_BxT,
         positions_BxT, visible_BxTxT, cache: KVCache | None = None, prefix_BxTxS=None):
   """The EAGLE-1 head (decoder layer shaped by `layer`) on T pairs (f, next token) of the
   target `cfg` (see `run_layer`). Returns (predicted features [B, T, H], cache)."""
-  return run_layer(EagleNet(layer, param_dtype(params)), params, embed(cfg, shared, next_BxT),
-                   feat_BxTxH, positions_BxT, visible_BxTxT, cache, prefix_BxTxS)
+  return run_layer(EagleNet(layer, param_dtype(params)), params,
+                   (embed(cfg, shared, next_BxT), feat_BxTxH), positions_BxT, visible_BxTxT,
+                   cache, prefix_BxTxS)
 
 
 def unroll(head, params, shared, feat_BxNxH, tokens_BxT, depth: int):
@@ -260,37 +306,14 @@ class Eagle:
     cache = KVCache.create(1, b, max_len + self._pending() + self._draft_room(),
                            layer.num_kv_heads, layer.head_dim, param_dtype(self.params))
     # Pairs 0 .. P-3 into the cache; pair P-2 (the root's) is pending.
-    n_B = jnp.maximum(ctx.length - 2, 0)
-    nxt = jnp.pad(ctx.history[:, 1:], ((0, 0), (0, 1)))
-    chunk = min(64, max_len)
-    width = -(-max_len // chunk) * chunk
-    nxt, f_pad = jnp.pad(nxt, ((0, 0), (0, width - max_len))), jnp.pad(
-        f, ((0, 0), (0, width - max_len), (0, 0)))
-
-    def body(i, cache):
-      s = i * chunk
-      positions = jnp.broadcast_to(s + jnp.arange(chunk), (b, chunk))
-      _, cache = self._net(jax.lax.dynamic_slice_in_dim(f_pad, s, chunk, 1),
-                           jax.lax.dynamic_slice_in_dim(nxt, s, chunk, 1), positions,
-                           causal(chunk), cache.replace(lengths=jnp.full((b,), s, jnp.int32)))
-      return cache
-
-    cache = jax.lax.fori_loop(0, -(-jnp.max(n_B) // chunk), body, cache).replace(lengths=n_B)
+    cache = prefill_layer(self._net, cache, f, jnp.pad(ctx.history[:, 1:], ((0, 0), (0, 1))),
+                          jnp.maximum(ctx.length - 2, 0), max_len)
     last = jnp.take_along_axis(f, jnp.maximum(ctx.length - 2, 0)[:, None, None], 1)
     pending = jnp.zeros((b, self._pending(), f.shape[-1]), f.dtype).at[:, :1].set(last)
     return EagleState(cache, pending)
 
   def propose(self, state: EagleState, ctx, stop, sampling, key):
-    c = self._pending()
-    cache = state.cache
-    m_B = cache.lengths
-    lag_B = ctx.length - 1 - m_B  # pending pairs: 1 + accepted drafts (0 = nothing known)
-    idx = jnp.minimum(m_B[:, None] + 1 + jnp.arange(c), ctx.history.shape[1] - 1)
-    g, cache = self._net(state.pending_BxCxH, jnp.take_along_axis(ctx.history, idx, 1),
-                         m_B[:, None] + jnp.arange(c), causal(c), cache)
-    last = jnp.clip(lag_B - 1, 0, c - 1)[:, None, None]
-    g_root = jnp.take_along_axis(g, last, 1)
-    cache = cache.advance(jnp.maximum(lag_B, 0))
+    g_root, cache, lag_B = catch_up(self._net, state.cache, state.pending_BxCxH, ctx)
 
     def step(tokens_BxW, parent_g, positions_BxW, cache, prefix):
       w = tokens_BxW.shape[1]
@@ -313,10 +336,7 @@ class Eagle:
   def commit(self, state: EagleState, ctx, verdict, features) -> EagleState:
     """The new pending pairs: the root's and the accepted nodes' real target features."""
     f = self.head.fuse(self.params, features)
-    path = verdict.path[:, :self._pending() - 1]
-    path = jnp.pad(path, ((0, 0), (0, self._pending() - 1 - path.shape[1])))  # tiny trees
-    idx = jnp.concatenate([jnp.zeros((f.shape[0], 1), jnp.int32), 1 + path], 1)
-    return EagleState(state.cache, jnp.take_along_axis(f, idx[..., None], 1))
+    return EagleState(state.cache, accepted_features(f, verdict, self._pending()))
 
 
 def drafter(head, params, shared, *, top_k: int = 1, depth: int = 4,

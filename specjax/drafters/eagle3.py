@@ -142,7 +142,7 @@ class Eagle3Head:
   def net(self, params, shared, feat_BxTxH, next_BxT, positions_BxT, visible_BxTxT, cache=None,
           prefix_BxTxS=None):
     return eagle.run_layer(Eagle3Layer(self.layer_config, param_dtype(params)), params["layer"],
-                           embed(self.config, shared, next_BxT), feat_BxTxH, positions_BxT,
+                           (embed(self.config, shared, next_BxT), feat_BxTxH), positions_BxT,
                            visible_BxTxT, cache, prefix_BxTxS)
 
   def draft_logits(self, params, g_BxTxH):
