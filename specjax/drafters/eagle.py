@@ -137,10 +137,17 @@ def unroll(head, params, shared, feat_BxNxH, tokens_BxT, depth: int):
   and its own chain's earlier steps, as the head's cache does while decoding."""
   b, t = tokens_BxT.shape
   n = t - 1
-  rows = jnp.arange(n)
   layer = head.layer_config
+  # The empty cache and the masks derive from traced values: as compile-time constants,
+  # XLA constant-folds [B, heads, n, depth * n] arrays through the attention (and its
+  # gradient), for minutes per batch width.
+  zero = feat_BxNxH[0, 0, 0] * 0  # not foldable (x * 0 is not 0 for floats)
+  izero = zero.astype(jnp.int32)
   cache = KVCache.create(1, b, depth * n, layer.num_kv_heads, layer.head_dim, feat_BxNxH.dtype)
-  slot = jnp.arange(depth * n)
+  cache = cache.replace(k=tuple(k + zero for k in cache.k), v=tuple(v + zero for v in cache.v),
+                        lengths=cache.lengths + izero)
+  rows = jnp.arange(n) + izero
+  slot = jnp.arange(depth * n) + izero
   real = (slot[None, :] < n) & (slot[None, :] <= rows[:, None])
   feat, out = feat_BxNxH, []
   for j in range(1, depth + 1):
