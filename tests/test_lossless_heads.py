@@ -1,6 +1,6 @@
 """Speculative sampling with the trainable heads preserves the target distribution: EAGLE
-and EAGLE-3 with a reduced vocabulary (sampled chain, EAGLE-2 dynamic tree) and Medusa
-(top-k tree), with random head weights, under the same exact-table test and biased
+and EAGLE-3 with a reduced vocabulary (sampled chain, EAGLE-2 dynamic tree), Hydra (sampled
+chain), Hydra++ (sampled tree) and Medusa (top-k tree), with random head weights, under the same exact-table test and biased
 control as the draft model's."""
 
 import jax
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from specjax.drafters import Eagle3Head, EagleHead, MedusaHead
+from specjax.drafters import Eagle3Head, EagleHead, HydraHead, MedusaHead
 from specjax.models import FINAL, shared_params
 
 from test_lossless_sampling import SAMPLINGS, TARGET, check_generate_matches_target
@@ -23,9 +23,25 @@ DRAFTERS = {
     "eagle3_chain_reduced_vocab": lambda: eagle3_head().drafter(*eagle3_params(), depth=3),
     "eagle3_dynamic_reduced_vocab": lambda: eagle3_head().drafter(
         *eagle3_params(), top_k=2, depth=3, num_nodes=5),
+    "hydra_chain": lambda: HydraHead(TARGET.config, num_heads=3).drafter(
+        *head_params(HydraHead(TARGET.config, num_heads=3)), depth=3),
+    "hydrapp_tree": lambda: HYDRAPP.drafter(*hydrapp_params(), tree=[(0,), (1,), (0, 0)]),
     "medusa_tree": lambda: MedusaHead(TARGET.config, num_heads=2).drafter(
         *head_params(MedusaHead(TARGET.config, num_heads=2)), tree=[(0,), (1,), (0, 0)]),
 }
+
+
+HYDRAPP = HydraHead(TARGET.config, num_heads=2, mlp_layers=2, prefix_layer=True, teacher=True)
+
+
+def hydrapp_params():
+  """Random params whose prefix layer stays near the identity (its output projections
+  shrunk): drafts agree with the target often enough for the test to mean something."""
+  params, shared = head_params(HYDRAPP)
+  block = params["prefix"]["block"]
+  block["self_attn"]["o_proj"]["kernel"] *= 0.05
+  block["mlp"]["down_proj"]["kernel"] *= 0.05
+  return params, shared
 
 
 def eagle3_head():

@@ -1,4 +1,5 @@
-"""specjax-train and the trainable heads (EAGLE-1, EAGLE-3, Medusa-1) on the tiny random target.
+"""specjax-train and the trainable heads (EAGLE-1, EAGLE-3, Hydra, Hydra++, Medusa-1) on the
+tiny random target.
 
 Loss falls; a SIGKILLed run resumes onto the uninterrupted curve; no gradient reaches the
 target; trained heads decode exactly as AR (greedy, ragged batch); the drafter's cached
@@ -18,11 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from specjax import decode, models
+from specjax import decode, models, registry
 from specjax.configs import eagle as eagle_config
 from specjax.configs import eagle3 as eagle3_config
+from specjax.configs import hydra as hydra_config
 from specjax.configs import medusa as medusa_config
-from specjax.drafters import Eagle3Head, EagleHead, MedusaHead, eagle, io, load_drafter
+from specjax.drafters import (Eagle3Head, EagleHead, HydraHead, MedusaHead, eagle, io,
+                              load_drafter)
 from specjax.drafters.base import Context, TargetBatch
 from specjax.models import ModelConfig, causal, causal_forward, shared_params
 from specjax.sampling import Sampling
@@ -30,12 +33,17 @@ from specjax.stopping import get as get_stop
 from specjax.training import data as data_lib
 from specjax.training import metrics, trainer
 
-CONFIGS = {"eagle": eagle_config, "eagle3": eagle3_config, "medusa": medusa_config}
+# kind -> (config file, its tiny argument)
+CONFIGS = {"eagle": (eagle_config, "tiny"), "eagle3": (eagle3_config, "tiny"),
+           "hydra": (hydra_config, "tiny"), "hydrapp": (hydra_config, "plus_tiny"),
+           "medusa": (medusa_config, "tiny")}
+KINDS = list(CONFIGS)
 BIN = os.path.join(os.path.dirname(sys.executable), "specjax-train")
 
 
 def tiny_config(kind, **overrides):
-  c = CONFIGS[kind].get_config("tiny")
+  module, arg = CONFIGS[kind]
+  c = module.get_config(arg)
   for k, v in overrides.items():
     c[k] = v
   return c
@@ -62,7 +70,7 @@ def fitted_eagle3(target):
                   shared_params(target.config, target.params))
 
 
-@pytest.fixture(scope="module", params=["eagle", "eagle3", "medusa"])
+@pytest.fixture(scope="module", params=KINDS)
 def trained(request, tmp_path_factory):
   """(kind, workdir) of a finished tiny run."""
   return request.param, run_dir(request.param, tmp_path_factory)
@@ -79,7 +87,7 @@ def test_loss_falls_and_outputs_written(trained):
   assert evals and all(1.0 <= r["sim_tau"] <= 1 + tiny_config(kind).sim_depth for r in evals)
   assert os.path.getsize(os.path.join(workdir, metrics.PLOT)) > 1000
   meta = io.read_meta(os.path.join(workdir, trainer.HEAD_DIR))
-  assert meta["kind"] == kind and meta["target"]["vocab_size"] == 512
+  assert meta["kind"] == tiny_config(kind).head and meta["target"]["vocab_size"] == 512
   # The held-out acceptance travels with the head (what `budget=` sizes drafts from).
   depth = min(tiny_config(kind).sim_depth, tiny_config(kind).head_kwargs.get("num_heads", 99))
   assert meta["sim_accept"] == [evals[-1][f"sim_accept/{k}"] for k in range(1, depth + 1)]
@@ -91,9 +99,11 @@ TREE = [(0,), (1,), (0, 0), (1, 0)]
 @pytest.mark.parametrize("kind,decode_knobs", [
     ("eagle", {}), ("eagle", {"tree": TREE}), ("eagle", {"top_k": 3, "depth": 3, "num_nodes": 7}),
     ("eagle3", {}), ("eagle3", {"top_k": 3, "depth": 3, "num_nodes": 7}),
+    ("hydra", {}), ("hydra", {"tree": TREE}), ("hydrapp", {}), ("hydrapp", {"tree": TREE}),
     ("medusa", {}), ("medusa", {"tree": TREE})],
                          ids=["eagle_chain", "eagle_tree", "eagle2_dynamic", "eagle3_chain",
-                              "eagle3_dynamic", "medusa_chain", "medusa_tree"])
+                              "eagle3_dynamic", "hydra_chain", "hydra_tree", "hydrapp_chain",
+                              "hydrapp_tree", "medusa_chain", "medusa_tree"])
 def test_trained_head_greedy_equals_ar(kind, decode_knobs, tmp_path_factory):
   workdir = run_dir(kind, tmp_path_factory)
   target = models.load("tiny-random")
@@ -121,9 +131,11 @@ def _kill_after_checkpoint(cmd, ckpt_dir, min_step):
   proc.wait()
 
 
-@pytest.mark.parametrize("kind", ["eagle", "eagle3"])
+@pytest.mark.parametrize("kind", ["eagle", "eagle3", "hydrapp"])
 def test_sigkill_resume_matches_uninterrupted(kind, tmp_path):
-  cmd = [BIN, "--config", f"configs/{kind}.py:tiny", "--config.steps=30"]
+  module, arg = CONFIGS[kind]
+  cmd = [BIN, "--config", f"configs/{module.__name__.split('.')[-1]}.py:{arg}",
+         "--config.steps=30"]
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
   subprocess.run(cmd + ["--workdir", straight], check=True, capture_output=True)
   _kill_after_checkpoint(cmd + ["--workdir", killed], os.path.join(killed, "checkpoints"), 10)
@@ -141,14 +153,14 @@ def test_sigkill_resume_matches_uninterrupted(kind, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, ha, hb)  # EAGLE-3's vocabulary map
 
 
-@pytest.mark.parametrize("kind", ["eagle", "eagle3", "medusa"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_no_gradient_reaches_target(kind):
   c = tiny_config(kind)
   target = models.load("tiny-random")
   if kind == "eagle3":
     head, params = fitted_eagle3(target)
   else:
-    head = EagleHead(target.config) if kind == "eagle" else MedusaHead(target.config)
+    head = registry.HEADS.build(c.head, target.config, **c.head_kwargs)
     params = head.init(jax.random.key(0))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 16)), jnp.int32)
   mask = jnp.ones((2, 16))
@@ -237,6 +249,19 @@ def test_eagle3_never_drafts_outside_its_vocabulary():
       tree, _, _ = drafter.propose(state, ctx, get_stop(None), s, jax.random.key(1))
       drafted += np.asarray(tree.tokens).ravel().tolist()
   assert set(drafted) <= allowed and len(set(drafted)) > 8
+
+
+def test_hydrapp_7b_head_shapes_without_allocating():
+  cfg = ModelConfig("llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                    num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128)
+  head = HydraHead(cfg, num_heads=4, mlp_layers=4, prefix_layer=True, teacher=True)
+  shapes = jax.eval_shape(lambda: head.init(jax.random.key(0), jnp.bfloat16))
+  h = 4096
+  assert shapes["head_4"]["w"].shape == (5 * h, h) and shapes["head_4"]["u"].shape == (3, h, h)
+  layer = 4 * h * h + 3 * h * 11008 + 2 * h
+  heads = sum(2 * (k + 1) * h * h + h + 3 * (h * h + h) for k in range(1, 5))
+  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == layer + heads
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(shapes))
 
 
 @pytest.mark.parametrize("kind", ["eagle", "medusa"])
@@ -427,7 +452,7 @@ def test_unreachable_hub_and_unprepared_tfds_are_clear_errors():
     data_lib.load("tfds:mnist", seq_len=8, vocab=512)
 
 
-@pytest.mark.parametrize("kind", ["eagle", "eagle3", "medusa"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_simulated_tau_predicts_measured_tau(kind, tmp_path_factory):
   """On rows that are the target's own greedy output, the simulated tau (the head's
   teacher-forced acceptance walked like a decode) equals what `generate` measures: no
