@@ -66,5 +66,6 @@ setup(
         "specjax-eval=specjax.evaluation.cli:run",
         "specjax-train=specjax.training.cli:run",
         "specjax-distill=specjax.training.distill:cli",
+        "specjax-export=specjax.drafters.io:main",
     ]},
 )

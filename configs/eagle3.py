@@ -7,7 +7,7 @@ The head fuses the inputs of layers 2, 15 and 27 (of 30) through fc 3H -> H, run
 decoder layer over concat(norm(embedding), norm(fused)) and its own LM head over the 8,192
 most frequent response tokens (of 49,152); training unrolls 3 draft steps (speculators'
 default; EAGLE-3 uses 7) with weights 0.8^j. Export for vLLM:
-  python -m specjax.drafters.io --to-speculators workdir/eagle3/head OUT
+  specjax-export --to-speculators workdir/eagle3/head OUT --verifier HuggingFaceTB/SmolLM2-135M
 """
 
 from specjax.configs import train_common

@@ -151,7 +151,7 @@ def test_specjax_head_exports_to_speculators_with_same_logits(verifier, tmp_path
   path, target = verifier
   head, params = _specjax_head(target, str(tmp_path / "ours"))
   out = str(tmp_path / "served")
-  io.export_speculators(str(tmp_path / "ours"), out, target.config, verifier=path)
+  io.main(["--to-speculators", str(tmp_path / "ours"), out, "--target", path, "--verifier", path])
   model = _speculators_model(out)
   assert model.t2d.sum() == DRAFT_VOCAB
   np.testing.assert_array_equal(np.flatnonzero(model.t2d.numpy()), np.asarray(head.draft_ids))

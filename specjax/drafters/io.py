@@ -398,3 +398,23 @@ _register("eagle", True)
 _register("eagle3", True)
 _register("hydra", True)
 _register("medusa", False)
+
+
+def main(argv=None) -> None:
+  """specjax-export --to-speculators HEAD OUT [--target T] [--verifier V]"""
+  import argparse  # pylint: disable=g-import-not-at-top
+
+  from specjax import models  # pylint: disable=g-import-not-at-top
+
+  p = argparse.ArgumentParser(prog="specjax-export",
+                              description="Convert a trained EAGLE-3 head to the speculators "
+                              "format vLLM serves.")
+  p.add_argument("--to-speculators", nargs=2, metavar=("HEAD", "OUT"), required=True)
+  p.add_argument("--target", default=models.DEFAULT,
+                 help="the target the head was trained for (a preset or a folder)")
+  p.add_argument("--verifier", default=None,
+                 help="the target's name or folder as the server knows it (e.g. a hub id)")
+  args = p.parse_args(argv)
+  head, out = args.to_speculators
+  export_speculators(head, out, models.load(args.target).config, verifier=args.verifier)
+  print(f"wrote {out}: config.json + model.safetensors (speculators EAGLE-3)")
