@@ -9,6 +9,7 @@ without allocating; bad input fails early with a clear message.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,7 +132,29 @@ def _kill_after_checkpoint(cmd, ckpt_dir, min_step):
   proc.wait()
 
 
-@pytest.mark.parametrize("kind", ["eagle", "eagle3", "hydrapp"])
+@pytest.mark.parametrize("kind", ["hydra", "hydrapp", "medusa"])
+def test_resume_from_a_checkpoint_matches_uninterrupted(kind, tmp_path):
+  """The run restarted from its step-10 checkpoint (what a kill leaves) ends where the
+  uninterrupted one does (in-process; the SIGKILL test below does it for real)."""
+  c = tiny_config(kind, steps=20)
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  trainer.train(c, str(straight))
+  (resumed / "checkpoints").mkdir(parents=True)
+  shutil.copytree(straight / "checkpoints" / "10", resumed / "checkpoints" / "10")
+  shutil.copy(straight / trainer.CONFIG_FILE, resumed / trainer.CONFIG_FILE)
+  trainer.train(c, str(resumed))
+  a = [r for r in metrics.read(str(straight / metrics.METRICS)) if r["step"] > 10]
+  b = [r for r in metrics.read(str(resumed / metrics.METRICS)) if r["step"] > 10]
+  assert [r["step"] for r in a] == [r["step"] for r in b] and a
+  for ra, rb in zip(a, b):
+    np.testing.assert_allclose(ra["loss"], rb["loss"], rtol=1e-5)
+  t = models.load("tiny-random")
+  _, _, pa, _ = io.load(str(straight / trainer.HEAD_DIR), t.config)
+  _, _, pb, _ = io.load(str(resumed / trainer.HEAD_DIR), t.config)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), pa, pb)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "eagle3"])
 def test_sigkill_resume_matches_uninterrupted(kind, tmp_path):
   module, arg = CONFIGS[kind]
   cmd = [BIN, "--config", f"configs/{module.__name__.split('.')[-1]}.py:{arg}",
