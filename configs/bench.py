@@ -3,22 +3,23 @@
 Batch 1, 2 MT-Bench questions (both turns) + 2 HumanEval prompts, 128 new tokens, greedy
 and sampled (T=1): AR, prompt lookup, the committed EAGLE head as a chain and as an
 EAGLE-2 dynamic tree and the committed Medusa-1 heads, their draft sizes chosen from
-`costs` (`drafters.budget`). About 20 minutes on a 2-core CPU. `configs/sweep.py` adds
-the self-drafters and transformers' peers (`peers=("hf_ar", "hf_prompt_lookup")`).
+`costs` (`drafters.budget`). About 25 minutes on a 2-core CPU; `:heads` leaves out
+prompt lookup (AR and the heads only). `configs/sweep.py` adds the self-drafters and
+transformers' peers (`peers=("hf_ar", "hf_prompt_lookup")`).
 """
 
 from specjax.configs import common
 
 
 def get_config(arg: str | None = None):
-  del arg
+  if arg not in (None, "", "heads"):
+    raise ValueError(f"Unknown argument {arg!r}: use nothing or 'heads'.")
   c = common.base()
   c.costs = common.CPU_COSTS  # what the heads' draft sizes are chosen from
-  c.methods = [
-      common.method("ar"),
+  lookup = [] if arg == "heads" else [
       common.method("prompt_lookup_k4", drafter="prompt_lookup", num_draft=4),
-      common.method("prompt_lookup_k10", drafter="prompt_lookup", num_draft=10),
-  ] + common.trained_heads(c.get_ref("costs"))
+      common.method("prompt_lookup_k10", drafter="prompt_lookup", num_draft=10)]
+  c.methods = [common.method("ar")] + lookup + common.trained_heads(c.get_ref("costs"))
   c.datasets = ("mt_bench", "humaneval")
   c.num_prompts = 2
   c.temperatures = (0.0, 1.0)
