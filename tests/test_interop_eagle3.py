@@ -4,7 +4,6 @@ is the reference); SpecForge's layout (midlayer.*, d2t/t2d) loads too; every loa
 decodes losslessly on a tiny random 8-layer target."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp

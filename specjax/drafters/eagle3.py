@@ -66,12 +66,6 @@ def default_aux_layers(num_layers: int) -> tuple[int, ...]:
   return (2, num_layers // 2, num_layers - 3)
 
 
-def _rms(x, scale, eps):
-  x32 = x.astype(jnp.float32)
-  return scale * (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)).astype(
-      scale.dtype)
-
-
 @flax.struct.dataclass
 class Eagle3Head:
   """EAGLE-3 as a trainable head (see `base.TrainableHead`)."""
@@ -150,7 +144,8 @@ class Eagle3Head:
     if self.draft_vocab and self.draft_ids is None:
       raise ValueError("This EAGLE-3 head has a reduced vocabulary but no map: `fit` it to "
                        "data or load it from a head folder.")
-    x = _rms(g_BxTxH, params["norm"]["scale"], self.layer_config.norm_eps)
+    x = llama.RMSNorm(self.layer_config.norm_eps, param_dtype(params)).apply(
+        {"params": params["norm"]}, g_BxTxH)
     return (x @ params["lm_head"]["kernel"]).astype(jnp.float32)
 
   def logits(self, params, shared, g_BxTxH):

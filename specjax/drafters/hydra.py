@@ -113,7 +113,7 @@ class HydraHead:
     e_path = embed(self.config, batch.shared, path_BxT)
     out = []
     for k in range(1, depth + 1):
-      n = t - k  # positions whose guess (x_{t+k+1}) exists... or is cut below
+      n = t - k  # positions i whose inputs exist (up to x_{i+k}); callers cut the guesses
       parts = [h[:, :n], e_next[:, 1:n + 1]] + [e_path[:, i + 1:i + 1 + n] for i in range(1, k)]
       z = jnp.concatenate(parts, -1).astype(params["head_1"]["w"].dtype)
       out.append(lm_head(self.config, batch.shared, head_out(params, k, z)))
