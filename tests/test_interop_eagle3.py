@@ -154,6 +154,10 @@ def test_specjax_head_exports_to_speculators_with_same_logits(verifier, tmp_path
   model = _speculators_model(out)
   assert model.t2d.sum() == DRAFT_VOCAB
   np.testing.assert_array_equal(np.flatnonzero(model.t2d.numpy()), np.asarray(head.draft_ids))
+  # The folder carries the target's embedding, as speculators saves it (its from_pretrained
+  # leaves a missing one uninitialised).
+  np.testing.assert_array_equal(model.embed_tokens.weight.numpy(),
+                                target.params["embed_tokens"]["embedding"])
   hidden, ids = _inputs(target.config)
   _assert_same(_our_logits(head, params, target, hidden, ids), _their_logits(model, hidden, ids))
   # ... and the exported folder loads back into specjax unchanged.
@@ -167,7 +171,7 @@ def test_specforge_layout_loads(verifier, tmp_path):
   config.json with draft_vocab_size; the same weights give the same logits."""
   path, target = verifier
   head, params = _specjax_head(target, str(tmp_path / "ours"))
-  io.export_speculators(str(tmp_path / "ours"), str(tmp_path / "served"), target.config)
+  io.export_speculators(str(tmp_path / "ours"), str(tmp_path / "served"), target)
   sd = safetensors.numpy.load_file(str(tmp_path / "served" / "model.safetensors"))
   forge = tmp_path / "forge"
   forge.mkdir()
@@ -192,10 +196,10 @@ def test_specforge_layout_loads(verifier, tmp_path):
 def test_eagle3_head_for_another_target_is_refused(verifier, tmp_path):
   path, target = verifier
   _specjax_head(target, str(tmp_path / "ours"))
-  io.export_speculators(str(tmp_path / "ours"), str(tmp_path / "served"), target.config)
+  io.export_speculators(str(tmp_path / "ours"), str(tmp_path / "served"), target)
   with pytest.raises(ValueError, match="was made for a target with hidden_size"):
     io.load(str(tmp_path / "served"), models.RANDOM["tiny-random"])
   io.save(str(tmp_path / "eagle1"), "eagle", {}, EagleHead(target.config).init(
       jax.random.key(0)), target.config)
   with pytest.raises(ValueError, match="only EAGLE-3 heads export"):
-    io.export_speculators(str(tmp_path / "eagle1"), str(tmp_path / "y"), target.config)
+    io.export_speculators(str(tmp_path / "eagle1"), str(tmp_path / "y"), target)

@@ -41,6 +41,7 @@ from specjax import registry
 from specjax.drafters import budget as budget_lib
 from specjax.drafters.base import check_target
 from specjax.models.config import ModelConfig
+from specjax.models import model as model_lib
 from specjax.models.model import FINAL
 
 FORMAT = "specjax-head"
@@ -243,11 +244,14 @@ def _from_specforge(path: str, target_cfg: ModelConfig):
                  prefix, aux)
 
 
-def export_speculators(path: str, out: str, target_cfg: ModelConfig,
-                       verifier: str | None = None, speculative_tokens: int = 3) -> None:
-  """Writes the EAGLE-3 head at `path` (any layout) in the `speculators` format vLLM
-  serves: config.json + model.safetensors. `verifier` is the target's name or folder as
-  the server knows it (speculators reads the embedding and norms from it)."""
+def export_speculators(path: str, out: str, target: Any, verifier: str | None = None,
+                       speculative_tokens: int = 3) -> None:
+  """Writes the EAGLE-3 head at `path` (any layout), trained for `target` (a Model), in the
+  `speculators` format vLLM serves: config.json + model.safetensors, which holds the
+  target's token embedding as speculators itself saves it. `verifier` is the target's name
+  or folder as the server knows it (speculators reads the target's norm and LM head from
+  it)."""
+  target_cfg = target.config
   kind, head, params, _ = load(path, target_cfg)
   if kind != "eagle3":
     raise ValueError(f"{path!r} holds a {kind} head; only EAGLE-3 heads export to speculators.")
@@ -257,7 +261,9 @@ def export_speculators(path: str, out: str, target_cfg: ModelConfig,
   p = jax.tree.map(np.asarray, params)
   w = lambda d: np.ascontiguousarray(d["kernel"].T)
   sd = {"fc.weight": w(p["fc"]), "norm.weight": p["norm"]["scale"],
-        "lm_head.weight": w(p["lm_head"])}
+        "lm_head.weight": w(p["lm_head"]),
+        "embed_tokens.weight": np.asarray(model_lib.embed(
+            target_cfg, target.params, np.arange(target_cfg.vocab_size)), p["fc"]["kernel"].dtype)}
   pre = "layers.0."
   for name in ("input_layernorm", "hidden_norm", "post_attention_layernorm"):
     sd[f"{pre}{name}.weight"] = p["layer"][name]["scale"]
@@ -416,5 +422,5 @@ def main(argv=None) -> None:
                  help="the target's name or folder as the server knows it (e.g. a hub id)")
   args = p.parse_args(argv)
   head, out = args.to_speculators
-  export_speculators(head, out, models.load(args.target).config, verifier=args.verifier)
+  export_speculators(head, out, models.load(args.target), verifier=args.verifier)
   print(f"wrote {out}: config.json + model.safetensors (speculators EAGLE-3)")
