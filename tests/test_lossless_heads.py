@@ -1,6 +1,6 @@
 """Speculative sampling with the trainable heads preserves the target distribution: EAGLE
 and EAGLE-3 with a reduced vocabulary (sampled chain, EAGLE-2 dynamic tree), Hydra (sampled
-chain), Hydra++ (sampled tree) and Medusa (top-k tree), with random head weights, under the same exact-table test and biased
+chain), Hydra++ (sampled tree), Falcon (sampled tree over two forwards) and Medusa (top-k tree), with random head weights, under the same exact-table test and biased
 control as the draft model's."""
 
 import jax
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from specjax.drafters import Eagle3Head, EagleHead, HydraHead, MedusaHead
+from specjax.drafters import Eagle3Head, EagleHead, FalconHead, HydraHead, MedusaHead
 from specjax.models import FINAL, shared_params
 
 from test_lossless_sampling import SAMPLINGS, TARGET, check_generate_matches_target
@@ -26,6 +26,10 @@ DRAFTERS = {
     "hydra_chain": lambda: HydraHead(TARGET.config, num_heads=3).drafter(
         *head_params(HydraHead(TARGET.config, num_heads=3)), depth=3),
     "hydrapp_tree": lambda: HYDRAPP.drafter(*hydrapp_params(), tree=[(0,), (1,), (0, 0)]),
+    # Falcon (2 drafts a forward): two candidates for the first, a second forward on the
+    # backbone for the third.
+    "falcon_tree": lambda: FalconHead(TARGET.config, block=2).drafter(
+        *head_params(FalconHead(TARGET.config, block=2)), tree=[(0,), (1,), (0, 0), (0, 0, 0)]),
     "medusa_tree": lambda: MedusaHead(TARGET.config, num_heads=2).drafter(
         *head_params(MedusaHead(TARGET.config, num_heads=2)), tree=[(0,), (1,), (0, 0)]),
 }

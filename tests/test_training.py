@@ -1,4 +1,4 @@
-"""specjax-train and the trainable heads (EAGLE-1, EAGLE-3, Hydra, Hydra++, Medusa-1) on the
+"""specjax-train and the trainable heads (EAGLE-1, EAGLE-3, Falcon, Hydra, Hydra++, Medusa-1) on the
 tiny random target.
 
 Loss falls; a SIGKILLed run resumes onto the uninterrupted curve; no gradient reaches the
@@ -23,10 +23,11 @@ import pytest
 from specjax import decode, models, registry
 from specjax.configs import eagle as eagle_config
 from specjax.configs import eagle3 as eagle3_config
+from specjax.configs import falcon as falcon_config
 from specjax.configs import hydra as hydra_config
 from specjax.configs import medusa as medusa_config
-from specjax.drafters import (Eagle3Head, EagleHead, HydraHead, MedusaHead, eagle, io,
-                              load_drafter)
+from specjax.drafters import (Eagle3Head, EagleHead, FalconHead, HydraHead, MedusaHead, eagle,
+                              falcon, io, load_drafter)
 from specjax.drafters.base import Context, TargetBatch
 from specjax.models import ModelConfig, causal, causal_forward, shared_params
 from specjax.sampling import Sampling
@@ -37,7 +38,7 @@ from specjax.training import metrics, trainer
 # kind -> (config file, its tiny argument)
 CONFIGS = {"eagle": (eagle_config, "tiny"), "eagle3": (eagle3_config, "tiny"),
            "hydra": (hydra_config, "tiny"), "hydrapp": (hydra_config, "plus_tiny"),
-           "medusa": (medusa_config, "tiny")}
+           "medusa": (medusa_config, "tiny"), "falcon": (falcon_config, "tiny")}
 KINDS = list(CONFIGS)
 BIN = os.path.join(os.path.dirname(sys.executable), "specjax-train")
 
@@ -101,10 +102,12 @@ TREE = [(0,), (1,), (0, 0), (1, 0)]
     ("eagle", {}), ("eagle", {"tree": TREE}), ("eagle", {"top_k": 3, "depth": 3, "num_nodes": 7}),
     ("eagle3", {}), ("eagle3", {"top_k": 3, "depth": 3, "num_nodes": 7}),
     ("hydra", {}), ("hydra", {"tree": TREE}), ("hydrapp", {}), ("hydrapp", {"tree": TREE}),
-    ("medusa", {}), ("medusa", {"tree": TREE})],
+    ("medusa", {}), ("medusa", {"tree": TREE}), ("falcon", {}),
+    ("falcon", {"depth": 7, "top_k": 2})],
                          ids=["eagle_chain", "eagle_tree", "eagle2_dynamic", "eagle3_chain",
                               "eagle3_dynamic", "hydra_chain", "hydra_tree", "hydrapp_chain",
-                              "hydrapp_tree", "medusa_chain", "medusa_tree"])
+                              "hydrapp_tree", "medusa_chain", "medusa_tree", "falcon_chain",
+                              "falcon_tree"])
 def test_trained_head_greedy_equals_ar(kind, decode_knobs, tmp_path_factory):
   workdir = run_dir(kind, tmp_path_factory)
   target = models.load("tiny-random")
@@ -132,7 +135,7 @@ def _kill_after_checkpoint(cmd, ckpt_dir, min_step):
   proc.wait()
 
 
-@pytest.mark.parametrize("kind", ["hydra", "hydrapp", "medusa"])
+@pytest.mark.parametrize("kind", ["hydra", "hydrapp", "medusa", "falcon"])
 def test_resume_from_a_checkpoint_matches_uninterrupted(kind, tmp_path):
   """The run restarted from its step-10 checkpoint (what a kill leaves) ends where the
   uninterrupted one does (in-process; the SIGKILL test below does it for real)."""
@@ -272,6 +275,67 @@ def test_eagle3_never_drafts_outside_its_vocabulary():
       tree, _, _ = drafter.propose(state, ctx, get_stop(None), s, jax.random.key(1))
       drafted += np.asarray(tree.tokens).ravel().tolist()
   assert set(drafted) <= allowed and len(set(drafted)) > 8
+
+
+def test_falcon_drafts_as_a_cache_free_reference():
+  """Falcon's drafts inside the loop (layer cache, LSTM carry, the re-queried last block,
+  a second forward) equal a cache-free recomputation: every pair through the LSTM and the
+  relaxed-mask layer at once, blocks aligned to end at the last real pair."""
+  target = models.load("tiny-random")
+  cfg = target.config
+  k = 2
+  head = FalconHead(cfg, block=k)
+  params = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(2), x.shape),
+                        head.init(jax.random.key(1)))
+  shared = shared_params(cfg, target.params)
+  drafter = head.drafter(params, shared, depth=2 * k)
+  prompt = np.random.default_rng(1).integers(0, 512, 75).tolist()  # > one prefill chunk
+  max_len = 128
+  hist = jnp.zeros((1, max_len), jnp.int32).at[0, :len(prompt)].set(jnp.asarray(prompt))
+  ctx = Context(hist, jnp.asarray([len(prompt)], jnp.int32))
+  f = causal_forward(cfg, target.params, hist, features=(models.FINAL,)).features[0]
+  state = drafter.init(ctx, max_len, (f,))
+  tree, _, calls = drafter.propose(state, ctx, get_stop(None), Sampling(0.0), jax.random.key(0))
+  assert int(calls[0]) == 2  # two forwards for 2k tokens
+
+  def block_out(feats, nxt):
+    n = feats.shape[1]
+    l, _ = head.lstm(params, shared, feats, nxt)
+    g, _ = head.layer(params, l, jnp.arange(n)[None], falcon.relaxed(n, k, (k - n) % k))
+    return g[:, -k:]
+
+  feats, nxt = f[:, :len(prompt) - 1], jnp.asarray([prompt[1:]])
+  g = block_out(feats, nxt)
+  first = models.lm_head(cfg, shared, g).argmax(-1)
+  g2 = block_out(jnp.concatenate([feats, g], 1), jnp.concatenate([nxt, first], 1))
+  second = models.lm_head(cfg, shared, g2).argmax(-1)
+  assert np.asarray(tree.tokens)[0].tolist() == first[0].tolist() + second[0].tolist()
+
+
+def test_falcon_glancing_share_decays_with_progress():
+  """Pass 2 reads the head's own guesses; ceil(lambda x mismatches) of them glance at the
+  truth, lambda = 0.4 (1 - progress): some early, none at the end."""
+  target = models.load("tiny-random")
+  head = FalconHead(target.config)
+  params = head.init(jax.random.key(0))
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, 512, (2, 24)), jnp.int32)
+  batch = trainer.target_batch(target, target.params, head, tokens, jnp.ones((2, 24)))
+  share = lambda p: float(head.loss(params, batch.replace(progress=p), jax.random.key(1))[1][
+      "glance_share"])
+  assert 0.3 <= share(0.0) <= 0.45  # an untrained head misses nearly every guess
+  assert 0.0 < share(0.5) < share(0.0)
+  assert share(1.0) == 0.0
+
+
+def test_falcon_7b_head_shapes_without_allocating():
+  cfg = ModelConfig("llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                    num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128)
+  shapes = jax.eval_shape(lambda: FalconHead(cfg).init(jax.random.key(0), jnp.bfloat16))
+  h = 4096
+  lstm = 2 * h * h + h + 2 * 4 * (h * h + h * h + h)  # fc 2H -> H; 2 layers x 4 gates
+  layer = 4 * h * h + 3 * h * 11008 + 2 * h
+  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == lstm + layer
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(shapes))
 
 
 def test_hydrapp_7b_head_shapes_without_allocating():

@@ -37,8 +37,9 @@ def measure(workdir: str, max_new_tokens: int = 96) -> dict[str, float]:
   for tokens, mask in zip(d.eval_tokens, d.eval_mask):
     n = int(np.argmax(mask > 0))  # the response starts at the first trained token
     prompts.append(tokens[:max(n, 1)].tolist())
-  knobs = {"depth": c.sim_depth, "top_k": 1} if c.head == "eagle" else {
-      "depth": min(c.sim_depth, c.head_kwargs.num_heads)}
+  knobs = {"depth": min(c.sim_depth, c.head_kwargs.get("num_heads", c.sim_depth))}
+  if c.head in ("eagle", "eagle3", "falcon"):  # a chain, whatever the head was saved with
+    knobs["top_k"] = 1
   drafter = load_drafter(os.path.join(workdir, trainer.HEAD_DIR), target, **knobs)
   out = decode.generate(target, prompts, max_new_tokens=max_new_tokens, drafter=drafter)
   ar = decode.generate(target, prompts, max_new_tokens=max_new_tokens)

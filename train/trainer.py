@@ -94,12 +94,16 @@ def target_batch(target: models.Model, params, head, tokens, mask, stored=None
   return TargetBatch(tokens, mask, out.features, out.logits, shared, params)
 
 
-def make_steps(target: models.Model, head, tx, seed: int, sim_depth: int):
-  """(train_step, eval_step), jitted; the target's params are an argument."""
+def make_steps(target: models.Model, head, tx, seed: int, sim_depth: int,
+               total_steps: int | None = None):
+  """(train_step, eval_step), jitted; the target's params are an argument. The batch's
+  `progress` is micro-step / `total_steps` (1 when not given)."""
 
   @functools.partial(jax.jit, donate_argnums=(0,))
   def train_step(state: TrainState, target_params, tokens, mask, stored=None):
     batch = target_batch(target, target_params, head, tokens, mask, stored)
+    if total_steps:
+      batch = batch.replace(progress=state.step / total_steps)
     key = jax.random.fold_in(jax.random.key(seed), state.step)
     (loss, metrics), grads = jax.value_and_grad(
         lambda p: head.loss(p, batch, key), has_aux=True)(state.params)
@@ -212,7 +216,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       raise ValueError(f"Could not restore the checkpoint at step {mngr.latest_step()} in "
                        f"{workdir}: {type(e).__name__}: {e}") from e
     print(f"resumed from micro-step {int(state.step)}")
-  train_step, eval_step = make_steps(target, head, tx, c.seed, c.sim_depth)
+  train_step, eval_step = make_steps(target, head, tx, c.seed, c.sim_depth, total)
   start_step = int(state.step)
   log = metrics_lib.Log(workdir, start_step)
   bar = tqdm.tqdm(total=total, initial=start_step, unit="step", desc=f"train {c.head}",

@@ -84,6 +84,9 @@ class TargetBatch:
   shared: Any  # the target params heads share (`models.shared_params`: embedding, LM head)
   # All the target's params (frozen): for heads that fine-tune the target (Medusa-2's LoRA).
   target_params: Any = None
+  # The share of training done (0 -> 1; 1 outside training): schedules inside a loss
+  # (Falcon's glancing share).
+  progress: Any = 1.0
 
 
 class TrainableHead(Protocol):

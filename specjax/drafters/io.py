@@ -402,6 +402,7 @@ def _register(kind: str, takes_stop_policy: bool):
 
 _register("eagle", True)
 _register("eagle3", True)
+_register("falcon", True)
 _register("hydra", True)
 _register("medusa", False)
 
