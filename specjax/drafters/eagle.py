@@ -30,6 +30,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import optax
 
 from specjax import registry
 from specjax.drafters import dynamic_tree, static_tree
@@ -183,11 +184,6 @@ def chain_accept(head, params, batch: TargetBatch, feat_BxNxH, depth: int):
   return acc, jnp.pad(batch.mask[:, 2:], ((0, 0), (0, 2)))
 
 
-def _smooth_l1(x, y):
-  d = jnp.abs(x - y)
-  return jnp.where(d < 1.0, 0.5 * d * d, d - 0.5)
-
-
 @flax.struct.dataclass
 class EagleHead:
   """EAGLE-1 as a trainable head (see `base.TrainableHead`)."""
@@ -245,7 +241,7 @@ class EagleHead:
     # Pair t drafts token t + 2: it counts where that token is a training target.
     w = jnp.pad(batch.mask[:, 2:], ((0, 0), (0, 1)))
     denom = jnp.maximum(w.sum(), 1.0)
-    reg = jnp.sum(w * _smooth_l1(g, f[:, 1:]).mean(-1)) / denom
+    reg = jnp.sum(w * optax.losses.huber_loss(g, f[:, 1:]).mean(-1)) / denom
     ce = jnp.sum(w * soft_ce(target, logits)) / denom
     top1 = jnp.sum(w * (logits.argmax(-1) == target.argmax(-1))) / denom
     return reg + self.ce_weight * ce, {"reg": reg, "ce": ce, "top1/1": top1}

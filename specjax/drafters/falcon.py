@@ -40,6 +40,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import optax
 import numpy as np
 
 from specjax import registry
@@ -79,11 +80,6 @@ def relaxed(t: int, k: int, shift: int = 0) -> jax.Array:
   aligned so that pair -shift starts one)."""
   block = (np.arange(t) + shift) // k
   return jnp.asarray(block[None, :] <= block[:, None])[None]
-
-
-def _smooth_l1(x, y):
-  d = jnp.abs(x - y)
-  return jnp.where(d < 1.0, 0.5 * d * d, d - 0.5)
 
 
 @flax.struct.dataclass
@@ -140,7 +136,7 @@ class FalconHead:
     logits = lm_head(self.config, batch.shared, g)
     f = batch.features[0]
     denom = jnp.maximum(w.sum(), 1.0)
-    reg = _smooth_l1(g, f[:, src].astype(g.dtype)).mean(-1)
+    reg = optax.losses.huber_loss(g, f[:, src].astype(g.dtype)).mean(-1)
     logq = jax.nn.log_softmax(logits, -1)
     logp = jax.nn.log_softmax(batch.logits[:, src], -1)
     kl = jnp.sum(jnp.exp(logp) * (logp - logq), -1)
