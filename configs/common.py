@@ -30,9 +30,9 @@ def method(name: str, drafter: str = "ar", *, stop: str | None = None,
     drafter: "ar" (the baseline) or a name in `specjax.registry.DRAFTERS`: "prompt_lookup",
       "self_draft" (the target's first `layers` layers, a chain of `num_draft` or a `tree`
       of choice paths), "draft_model" (the model at `checkpoint`, sharing the vocab),
-      "eagle" / "eagle3" / "hydra" / "medusa" (a trained head folder at `checkpoint`; `depth`, `top_k`,
-      `num_nodes`, `tree`, or `budget=COSTS_JSON` to size the draft from the device's
-      measured costs and the head's simulated acceptance).
+      "eagle" / "eagle3" / "falcon" / "hydra" / "medusa" (a trained head folder at
+      `checkpoint`; `depth`, `top_k`, `num_nodes`, `tree`, or `budget=COSTS_JSON` to size
+      the draft from the device's measured costs and the head's simulated acceptance).
     stop: a name in `registry.STOP_POLICIES` ("fixed", "confidence", "svip"); None = fixed.
     stop_kwargs: the policy's knobs, e.g. {"threshold": 0.4}.
     acceptance: "greedy", "speculative", or the LOSSY "typical" / "fuzzy"; None picks
@@ -51,9 +51,9 @@ def method(name: str, drafter: str = "ar", *, stop: str | None = None,
 def trained_heads(costs) -> list[ml_collections.ConfigDict]:
   """The committed SmolLM2 heads as sweep methods: EAGLE-1, EAGLE-3 and Medusa-1 chains
   sized from the cost file `costs`, and EAGLE-1 and EAGLE-3 drafting an EAGLE-2 dynamic
-  tree of 7 nodes (top-3 expansions, 3 deep). On this CPU the budget gives trees a single node (verifying 2
-  tokens already costs 1.4x one), so the tree's size is fixed here to measure what a
-  tree does; on an accelerator pass budget=costs with top_k=3 instead."""
+  tree of 7 nodes (top-3 expansions, 3 deep). On this CPU the budget gives trees a single
+  node (verifying 2 tokens already costs 1.4x one), so the tree's size is fixed here to
+  measure what a tree does; on an accelerator pass budget=costs with top_k=3 instead."""
   return [
       method("eagle_chain", drafter="eagle", checkpoint=EAGLE_SMOLLM2, top_k=1, budget=costs),
       method("eagle2_tree", drafter="eagle", checkpoint=EAGLE_SMOLLM2, top_k=3, depth=3,

@@ -1,7 +1,8 @@
 """Speculative sampling with the trainable heads preserves the target distribution: EAGLE
 and EAGLE-3 with a reduced vocabulary (sampled chain, EAGLE-2 dynamic tree), Hydra (sampled
-chain), Hydra++ (sampled tree), Falcon (sampled tree over two forwards) and Medusa (top-k tree), with random head weights, under the same exact-table test and biased
-control as the draft model's."""
+chain), Hydra++ (sampled tree), Falcon (sampled tree over two forwards) and Medusa (top-k
+tree), with random head weights, under the same exact-table test and biased control as
+the draft model's."""
 
 import jax
 import jax.numpy as jnp

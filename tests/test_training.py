@@ -210,23 +210,31 @@ def test_no_gradient_reaches_target(kind):
       jax.tree.map(lambda a, b: a - b, state.params, start)))
 
 
+def _first_chain(target, head, depth: int, prompt_len: int):
+  """A greedy chain of `depth` drafted by `head` (random params) right after the prompt
+  (longer than a prefill chunk of 64): (params, shared, prompt, the prompt's final
+  features [1, 128, H], the DraftTree, draft calls)."""
+  params = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(2), x.shape),
+                        head.init(jax.random.key(1)))
+  shared = shared_params(target.config, target.params)
+  drafter = head.drafter(params, shared, depth=depth)
+  prompt = np.random.default_rng(1).integers(0, 512, prompt_len).tolist()
+  max_len = 128
+  hist = jnp.zeros((1, max_len), jnp.int32).at[0, :len(prompt)].set(jnp.asarray(prompt))
+  ctx = Context(hist, jnp.asarray([len(prompt)], jnp.int32))
+  f = causal_forward(target.config, target.params, hist, features=(models.FINAL,)).features[0]
+  state = drafter.init(ctx, max_len, (f,))
+  tree, _, calls = drafter.propose(state, ctx, get_stop(None), Sampling(0.0), jax.random.key(0))
+  return params, shared, prompt, f, tree, calls
+
+
 def test_eagle_drafts_as_a_cache_free_reference():
   """The greedy chain EAGLE proposes inside the loop (head cache, pending features) equals
   a cache-free recomputation: all pairs [real ..., drafted ...] through the head at once."""
   target = models.load("tiny-random")
   cfg = target.config
   head = EagleHead(cfg)
-  params = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(2), x.shape),
-                        head.init(jax.random.key(1)))
-  shared = shared_params(cfg, target.params)
-  drafter = head.drafter(params, shared, depth=4)
-  prompt = np.random.default_rng(1).integers(0, 512, 90).tolist()  # > one prefill chunk
-  max_len = 128
-  hist = jnp.zeros((1, max_len), jnp.int32).at[0, :len(prompt)].set(jnp.asarray(prompt))
-  ctx = Context(hist, jnp.asarray([len(prompt)], jnp.int32))
-  f = causal_forward(cfg, target.params, hist, features=(models.FINAL,)).features[0]
-  state = drafter.init(ctx, max_len, (f,))
-  tree, _, _ = drafter.propose(state, ctx, get_stop(None), Sampling(0.0), jax.random.key(0))
+  params, shared, prompt, f, tree, _ = _first_chain(target, head, 4, 90)
   # Reference: pairs (f_i, x_{i+1}) for the prompt, then (g, drafted token) per step.
   feats, nxt, drafted = f[:, :len(prompt) - 1], jnp.asarray([prompt[1:]]), []
   for _ in range(4):
@@ -285,22 +293,12 @@ def test_falcon_drafts_as_a_cache_free_reference():
   cfg = target.config
   k = 2
   head = FalconHead(cfg, block=k)
-  params = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(2), x.shape),
-                        head.init(jax.random.key(1)))
-  shared = shared_params(cfg, target.params)
-  drafter = head.drafter(params, shared, depth=2 * k)
-  prompt = np.random.default_rng(1).integers(0, 512, 75).tolist()  # > one prefill chunk
-  max_len = 128
-  hist = jnp.zeros((1, max_len), jnp.int32).at[0, :len(prompt)].set(jnp.asarray(prompt))
-  ctx = Context(hist, jnp.asarray([len(prompt)], jnp.int32))
-  f = causal_forward(cfg, target.params, hist, features=(models.FINAL,)).features[0]
-  state = drafter.init(ctx, max_len, (f,))
-  tree, _, calls = drafter.propose(state, ctx, get_stop(None), Sampling(0.0), jax.random.key(0))
+  params, shared, prompt, f, tree, calls = _first_chain(target, head, 2 * k, 75)
   assert int(calls[0]) == 2  # two forwards for 2k tokens
 
   def block_out(feats, nxt):
     n = feats.shape[1]
-    l, _ = head.lstm(params, shared, feats, nxt)
+    l, _ = head.lstm(params, head.pairs(params, shared, feats, nxt))
     g, _ = head.layer(params, l, jnp.arange(n)[None], falcon.relaxed(n, k, (k - n) % k))
     return g[:, -k:]
 

@@ -109,13 +109,16 @@ class FalconHead:
     check_target("This Falcon head", self.config.hidden_size, self.config.vocab_size,
                  target_config)
 
-  def lstm(self, params, shared, feat_BxTxH, next_BxT, carry=None, lengths_B=None):
-    """(l [B, T, H], carry after the last of each row's `lengths` pairs)."""
+  def pairs(self, params, shared, feat_BxTxH, next_BxT):
+    """[B, T, 2H]: the LSTM's input, concat(feature, embedding of the next token)."""
     dt = self._dtype(params)
-    x = jnp.concatenate([feat_BxTxH.astype(dt), embed(self.config, shared, next_BxT).astype(dt)],
-                        -1)
-    return FalconLSTM(self.config.hidden_size, dtype=dt).apply({"params": params["lstm"]}, x,
-                                                               carry, lengths_B)
+    return jnp.concatenate([feat_BxTxH.astype(dt), embed(self.config, shared, next_BxT).astype(dt)],
+                           -1)
+
+  def lstm(self, params, x_BxTx2H, carry=None, lengths_B=None):
+    """(l [B, T, H], carry after the last of each row's `lengths` pairs)."""
+    return FalconLSTM(self.config.hidden_size, dtype=self._dtype(params)).apply(
+        {"params": params["lstm"]}, x_BxTx2H, carry, lengths_B)
 
   def layer(self, params, l_BxTxH, positions_BxT, visible_BxTxT, cache=None, prefix_BxTxS=None):
     """The decoder layer on LSTM outputs (`eagle.run_layer`): (g [B, T, H], cache)."""
@@ -158,12 +161,13 @@ class FalconHead:
     positions = jnp.broadcast_to(jnp.arange(n), (b, n))
     mask = relaxed(n, k)
     src, w = self._targets(batch)
-    l1, _ = self.lstm(params, batch.shared, f_in, nxt)
+    l1, _ = self.lstm(params, self.pairs(params, batch.shared, f_in, nxt))
     g1, _ = self.layer(params, l1, positions, mask)
     loss1, logits1, m1 = self._pass_loss(g1, batch, src, w)
+    top_x = logits1.argmax(-1)
     # Pass 2's inputs: pair i >= k reads pass 1's guess of it (coupled feature + token) ...
     guess_f = jax.lax.stop_gradient(jnp.pad(g1, ((0, 0), (k, 0), (0, 0)))[:, :n])
-    guess_x = jnp.pad(logits1.argmax(-1), ((0, 0), (k, 0)))[:, :n].astype(nxt.dtype)
+    guess_x = jnp.pad(top_x, ((0, 0), (k, 0)))[:, :n].astype(nxt.dtype)
     guessed = jnp.broadcast_to(jnp.arange(n) >= k, (b, n))
     wrong = jnp.sum(guessed & (guess_x != nxt) & (batch.mask[:, 1:] > 0), -1)
     # ... but N = lambda * Hamming of them, at random, glance at the truth.
@@ -174,17 +178,16 @@ class FalconHead:
     truth = ~guessed | (rank < n_glance[:, None])
     f2 = jnp.where(truth[..., None], f_in, guess_f.astype(f_in.dtype))
     x2 = jnp.where(truth, nxt, guess_x)
-    l2, _ = self.lstm(params, batch.shared, f2, x2)
+    l2, _ = self.lstm(params, self.pairs(params, batch.shared, f2, x2))
     g2, _ = self.layer(params, l2, positions, mask)
-    loss2, logits2, m2 = self._pass_loss(g2, batch, src, w)
+    loss2, _, _ = self._pass_loss(g2, batch, src, w)
     target_top = batch.logits[:, src].argmax(-1)
     metrics = {"reg": m1["reg"], "kl": m1["kl"], "loss/glanced": loss2,
                "glance_share": jnp.sum(guessed & truth) / jnp.maximum(guessed.sum(), 1)}
     block_pos = jnp.arange(n) % k
     for j in range(k):  # draft j + 1 of a forward: outputs at block position j
       wj = w * (block_pos == j)
-      metrics[f"top1/{j + 1}"] = jnp.sum(wj * (logits1.argmax(-1) == target_top)) / jnp.maximum(
-          wj.sum(), 1.0)
+      metrics[f"top1/{j + 1}"] = jnp.sum(wj * (top_x == target_top)) / jnp.maximum(wj.sum(), 1.0)
     return loss1 + loss2, metrics
 
   def accept(self, params, batch: TargetBatch, depth: int):
@@ -197,7 +200,7 @@ class FalconHead:
     n = t - 1
     f = batch.features[0][:, :-1]
     positions = jnp.broadcast_to(jnp.arange(n), (b, n))
-    l, _ = self.lstm(params, batch.shared, f, batch.tokens[:, 1:])
+    l, _ = self.lstm(params, self.pairs(params, batch.shared, f, batch.tokens[:, 1:]))
     tops = []
     for shift in range(k):
       g, _ = self.layer(params, l, positions, relaxed(n, k, shift))
@@ -292,7 +295,7 @@ class Falcon:
                            cfg.num_kv_heads, cfg.head_dim, param_dtype(self.params["layer"]))
     n_B = jnp.maximum(ctx.length - 2, 0)  # pairs 0 .. P-3 committed; P-2 (the root's) pending
     nxt = jnp.pad(ctx.history[:, 1:], ((0, 0), (0, 1)))
-    l, carry = head.lstm(self.params, self.shared, f, nxt, lengths_B=n_B)
+    l, carry = head.lstm(self.params, head.pairs(self.params, self.shared, f, nxt), lengths_B=n_B)
     run = lambda l_, _nxt, positions, visible, cache: head.layer(self.params, l_, positions,
                                                                   visible, cache)
     cache = eagle.prefill_layer(run, cache, l, nxt, n_B, max_len)
@@ -308,9 +311,9 @@ class Falcon:
     m_B = state.cache.lengths
     lag_B = ctx.length - 1 - m_B
     idx = jnp.minimum(m_B[:, None] + 1 + jnp.arange(c), ctx.history.shape[1] - 1)
-    l, carry = head.lstm(self.params, self.shared, state.pending_BxCxH,
-                         jnp.take_along_axis(ctx.history, idx, 1), state.carry,
-                         jnp.maximum(lag_B, 0))
+    x = head.pairs(self.params, self.shared, state.pending_BxCxH,
+                   jnp.take_along_axis(ctx.history, idx, 1))
+    l, carry = head.lstm(self.params, x, state.carry, jnp.maximum(lag_B, 0))
     _, cache = head.layer(self.params, l, m_B[:, None] + jnp.arange(c), causal(c), state.cache)
     recent = jnp.take_along_axis(jnp.concatenate([state.recent_BxKxH, l.astype(
         state.recent_BxKxH.dtype)], 1), (jnp.maximum(lag_B, 0)[:, None] + jnp.arange(k))[..., None],
@@ -349,8 +352,8 @@ class Falcon:
         zb = jnp.take(z, backbone[d - 1], axis=1)  # [B, Z]: the backbone node's
         feats = zb[:, :k * hs].reshape(b, k, hs)
         embs = zb[:, k * hs:2 * k * hs].reshape(b, k, hs)
-        l_in = jnp.concatenate([feats, embs], -1).astype(param_dtype(self.params["layer"]))
-        l, new_carry = _lstm_on(head, self.params, l_in, _carry_unpack(zb[:, 2 * k * hs:]))
+        l, new_carry = head.lstm(self.params, jnp.concatenate([feats, embs], -1),
+                                 _carry_unpack(zb[:, 2 * k * hs:]))
         start = base_B + d - k
         g, level_cache = head.layer(self.params, l, start[:, None] + jnp.arange(k),
                                     jnp.ones((1, k, k), bool),
@@ -375,12 +378,6 @@ class Falcon:
     """The new pending pairs: the root's and the accepted nodes' real target features."""
     (f,) = features
     return state.replace(pending_BxCxH=eagle.accepted_features(f, verdict, self._pending()))
-
-
-def _lstm_on(head: FalconHead, params, x_BxTxI, carry):
-  dt = param_dtype(params["layer"])
-  return FalconLSTM(head.config.hidden_size, dtype=dt).apply({"params": params["lstm"]}, x_BxTxI,
-                                                             carry)
 
 
 def _backbone_slots(tree: StaticTree) -> np.ndarray:

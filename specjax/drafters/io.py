@@ -200,7 +200,8 @@ def _eagle3(path: str, target_cfg: ModelConfig, sd: dict, layer_hf: dict, prefix
     norm = lambda n: {"scale": sd[f"{n}.weight"]}
     attn = {p: dense(f"{prefix}self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
     if layer.qk_norm:
-      attn.update(q_norm=norm(f"{prefix}self_attn.q_norm"), k_norm=norm(f"{prefix}self_attn.k_norm"))
+      attn.update(q_norm=norm(f"{prefix}self_attn.q_norm"),
+                  k_norm=norm(f"{prefix}self_attn.k_norm"))
     params = {"fc": dense("fc"), "norm": norm("norm"), "lm_head": dense("lm_head"), "layer": {
         "input_layernorm": norm(f"{prefix}input_layernorm"),
         "hidden_norm": norm(f"{prefix}hidden_norm"), "self_attn": attn,
@@ -262,8 +263,9 @@ def export_speculators(path: str, out: str, target: Any, verifier: str | None = 
   w = lambda d: np.ascontiguousarray(d["kernel"].T)
   sd = {"fc.weight": w(p["fc"]), "norm.weight": p["norm"]["scale"],
         "lm_head.weight": w(p["lm_head"]),
-        "embed_tokens.weight": np.asarray(model_lib.embed(
-            target_cfg, target.params, np.arange(target_cfg.vocab_size)), p["fc"]["kernel"].dtype)}
+        "embed_tokens.weight": np.asarray(model_lib.embed(  # every row of the target's table
+            target_cfg, target.params, np.arange(target_cfg.vocab_size)),
+            p["fc"]["kernel"].dtype)}
   pre = "layers.0."
   for name in ("input_layernorm", "hidden_norm", "post_attention_layernorm"):
     sd[f"{pre}{name}.weight"] = p["layer"][name]["scale"]
