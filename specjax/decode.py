@@ -46,10 +46,24 @@ class Stats:
 
 
 @flax.struct.dataclass
+class Trace:
+  """Every draft node of every step ([B, S, N], S = max_new_tokens; `generate(trace=True)`):
+  what learned stop policies train on. Steps a sequence did not run have valid False."""
+  tokens: jax.Array  # int32
+  parents: jax.Array  # int32, -1 = the step's root
+  valid: jax.Array  # bool: drafted (not cut off) in a step the sequence ran
+  label: jax.Array  # float32: P(accepted | parent accepted), `verify.acceptance_probs`
+  accepted: jax.Array  # bool: on the accepted path
+  hidden: jax.Array | None  # [B, S, N, H]: the drafter's hidden state at the node
+  forwarded: jax.Array | None  # bool: `hidden` is real (the drafter forwarded the node)
+
+
+@flax.struct.dataclass
 class Output:
   tokens: jax.Array  # int32[B, max_new_tokens], valid up to `lengths` (EOS included)
   lengths: jax.Array  # int32[B]
   stats: Stats
+  trace: Trace | None = None
 
   def token_lists(self) -> list[list[int]]:
     toks, lens = np.asarray(self.tokens), np.asarray(self.lengths)
@@ -71,6 +85,7 @@ class _State:
   drafter: Any
   stats: Stats
   step: jax.Array
+  trace: Trace | None
 
 
 def _empty_tree(b: int) -> DraftTree:
@@ -82,11 +97,33 @@ def _write(buf_BxL, rows_BxW, start_B):
       buf_BxL, rows_BxW, start_B)
 
 
+def _empty_trace(tree: DraftTree, steps: int) -> Trace:
+  """Zero [B, steps, N, ...] buffers shaped like `tree` (a ShapeDtypeStruct tree)."""
+  b, n = tree.tokens.shape
+  z = lambda x, dtype=None: None if x is None else jnp.zeros(
+      (b, steps) + x.shape[1:], dtype or x.dtype)
+  return Trace(z(tree.tokens), z(tree.parents), z(tree.valid, bool),
+               jnp.zeros((b, steps, n), jnp.float32), z(tree.valid, bool), z(tree.hidden),
+               z(tree.forwarded))
+
+
+def _record(trace: Trace, step, tree: DraftTree, label_BxN, verdict, live_B) -> Trace:
+  """`trace` with step `step`'s tree, labels and verdict written in."""
+  n = tree.num_nodes
+  on_path = jnp.arange(n) < verdict.accepted_drafts[:, None]
+  accepted_BxN = jnp.zeros(tree.tokens.shape, bool).at[
+      jnp.arange(tree.tokens.shape[0])[:, None], verdict.path].max(on_path)
+  live = live_B[:, None]
+  row = Trace(tree.tokens, tree.parents, tree.valid & live, label_BxN, accepted_BxN & live,
+              tree.hidden, None if tree.forwarded is None else tree.forwarded & live)
+  return jax.tree.map(lambda buf, x: buf.at[:, step].set(x.astype(buf.dtype)), trace, row)
+
+
 @functools.partial(jax.jit, static_argnames=(
-    "cfg", "sampling", "rule", "max_new_tokens", "eos"))
+    "cfg", "sampling", "rule", "max_new_tokens", "eos", "trace"))
 def _generate(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_len_B, key, *,
               sampling: Sampling, rule: verify_lib.Acceptance, max_new_tokens: int,
-              eos: tuple[int, ...]) -> Output:
+              eos: tuple[int, ...], trace: bool = False) -> Output:
   """The whole decode, one program per cache size L (= the history's width)."""
   b, max_len = history_BxL.shape
   n = 0 if drafter is None else drafter.num_nodes
@@ -102,7 +139,11 @@ def _generate(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_len_B
       done=jnp.zeros((b,), bool),
       drafter=() if drafter is None else drafter.init(ctx, max_len, prompt_features),
       stats=Stats(jnp.zeros((b, max_new_tokens), jnp.int32), zeros, zeros),
-      step=jnp.zeros((), jnp.int32))
+      step=jnp.zeros((), jnp.int32), trace=None)
+  if trace:
+    tree_shape = jax.eval_shape(lambda: drafter.propose(state.drafter, ctx, stop, sampling,
+                                                        key)[0])
+    state = state.replace(trace=_empty_trace(tree_shape, max_new_tokens))
   rows = jnp.arange(b)
   eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
 
@@ -120,19 +161,22 @@ def _generate(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_len_B
       tokens, positions, tree_mask = tree.verify_inputs(root_B, st.length - 1)
       out = forward(cfg, params, tokens, positions, tree_mask, st.cache, feats)
       verdict = verify_lib.verify(rule, tree, out.logits, sampling, verify_key)
-      return out.cache, out.features, verdict
+      label = (verify_lib.acceptance_probs(tree, out.logits, sampling) if trace
+               else jnp.zeros(tree.tokens.shape))
+      return out.cache, out.features, verdict, label
 
     def verify_root_only(tree):
       """No sequence has a draft (e.g. no n-gram match): a plain AR step, at AR cost."""
-      cache, features, verdict = verify_tree(_empty_tree(b))
+      cache, features, verdict, _ = verify_tree(_empty_tree(b))
       features = tuple(jnp.pad(f, ((0, 0), (0, n), (0, 0))) for f in features)
-      return cache, features, verdict._replace(path=jnp.zeros((b, n), jnp.int32))
+      return (cache, features, verdict._replace(path=jnp.zeros((b, n), jnp.int32)),
+              jnp.zeros(tree.tokens.shape))
 
     if n:
-      cache, features, verdict = jax.lax.cond(tree.valid.any(), verify_tree,
-                                              verify_root_only, tree)
+      cache, features, verdict, label = jax.lax.cond(tree.valid.any(), verify_tree,
+                                                     verify_root_only, tree)
     else:
-      cache, features, verdict = verify_tree(tree)
+      cache, features, verdict, label = verify_tree(tree)
     verdict = verdict._replace(accepted_drafts=jnp.where(live, verdict.accepted_drafts, 0))
     a_B = verdict.accepted_drafts
     # Target cache: keep the root (offset 0) and the accepted nodes (offset 1 + node).
@@ -154,7 +198,9 @@ def _generate(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_len_B
     return _State(cache=cache, history=_write(st.history, window, st.length),
                   length=st.length + gained, new=new,
                   done=st.done | (live & hit_eos) | (new >= max_new_tokens), drafter=dstate,
-                  stats=stats, step=st.step + 1)
+                  stats=stats, step=st.step + 1,
+                  trace=st.trace if st.trace is None else _record(
+                      st.trace, st.step, tree, label, verdict, live))
 
   def cond(st: _State):
     return (st.step < max_new_tokens) & ~st.done.all()
@@ -164,7 +210,7 @@ def _generate(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_len_B
   idx = jnp.minimum(prompt_len_B[:, None] + jnp.arange(max_new_tokens), max_len - 1)
   tokens = jnp.take_along_axis(st.history, idx, 1)
   tokens = jnp.where(jnp.arange(max_new_tokens) < lengths[:, None], tokens, 0)
-  return Output(tokens, lengths, st.stats)
+  return Output(tokens, lengths, st.stats, st.trace)
 
 
 def _encode_prompts(model: Model, prompts) -> list[list[int]]:
@@ -232,7 +278,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, eos: Any = "default",
              drafter: Any = None, stop: Any = None, acceptance: Any = None,
-             max_len: int | None = None) -> Output:
+             max_len: int | None = None, trace: bool = False) -> Output:
   """Decodes a batch of prompts (ragged token lists, or strings via the model's tokenizer).
 
   Args:
@@ -253,9 +299,12 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
       compiled program whatever their prompt lengths). Default: what the prompts and the
       budget need, rounded up to a multiple of `CACHE_BUCKET`. Too small is an error that
       names the shortfall.
+    trace: also return `Output.trace`: every step's draft nodes with their acceptance
+      labels and the drafter's hidden states (what `specjax.stopping` predictors train
+      on). Memory grows as max_new_tokens x nodes x hidden size.
 
   Returns:
-    Output(tokens [B, max_new_tokens], lengths [B], stats).
+    Output(tokens [B, max_new_tokens], lengths [B], stats, trace or None).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}.")
@@ -271,6 +320,8 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
     drafter.validate(model.config)
     check_features(model.config, drafter.features)
   stop = stopping.get(stop)
+  if trace and drafter is None:
+    raise ValueError("trace=True records draft nodes; pass a drafter.")
   tokens = _encode_prompts(model, prompts)
   lens = [len(t) for t in tokens]
   n = 0 if drafter is None else drafter.num_nodes
@@ -288,4 +339,5 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
     history_BxL[i, :len(t)] = t
   return _generate(model.config, model.params, drafter, stop, jnp.asarray(history_BxL),
                    jnp.asarray(lens, jnp.int32), jax.random.key(seed), sampling=sampling,
-                   rule=rule, max_new_tokens=max_new_tokens, eos=_eos_ids(model, eos))
+                   rule=rule, max_new_tokens=max_new_tokens, eos=_eos_ids(model, eos),
+                   trace=trace)

@@ -52,6 +52,11 @@ class DraftTree:
   # True when tokens were *sampled* from `probs`; False when chosen deterministically
   # (argmax, top-k, lookup): lossless verification then treats q as one-hot on the token.
   sampled: bool = flax.struct.field(pytree_node=False, default=False)
+  # float[B, N, H]: the drafter's hidden state at each node after reading its token (what
+  # stop policies see there), and bool[B, N]: whether the drafter forwarded the node at all
+  # (its deepest level never is). None for drafters without a network (lookup, Medusa).
+  hidden: jax.Array | None = None
+  forwarded: jax.Array | None = None
 
   @property
   def num_nodes(self) -> int:

@@ -164,3 +164,22 @@ def verify(rule: Acceptance, tree: DraftTree, target_logits_BxTxV: jax.Array,
 
   cur_B, path, num, _ = _walk(tree, accept, ())
   return Verdict(path, num, sampling_lib.sample(next_key, at(p_BxTxV, cur_B), s))
+
+
+def acceptance_probs(tree: DraftTree, target_logits_BxTxV: jax.Array,
+                     s: sampling_lib.Sampling) -> jax.Array:
+  """float32[B, N]: the probability that node i is accepted once its parent is (the labels
+  learned stop policies train on). Greedy: 1 if it is the target's argmax, else 0.
+  Sampling: min(1, p(x)/q(x)) under the warped target distribution p at the parent, q the
+  distribution x was drawn from (one-hot for deterministic picks, so p(x)). For a node
+  tried after a rejected sibling the walk uses a residual p; this is the first try's."""
+  rows_Bx1 = jnp.arange(tree.tokens.shape[0])[:, None]
+  parent_row_BxN = tree.parents + 1  # the target's row for each node's parent (root: 0)
+  if s.greedy:
+    best_BxT = jnp.argmax(target_logits_BxTxV, -1)
+    return (best_BxT[rows_Bx1, parent_row_BxN] == tree.tokens).astype(jnp.float32)
+  p_BxN = sampling_lib.probs(target_logits_BxTxV, s)[rows_Bx1, parent_row_BxN, tree.tokens]
+  if not tree.sampled:
+    return p_BxN
+  q_BxN = tree.probs[rows_Bx1, tree.dist, tree.tokens]
+  return jnp.minimum(1.0, p_BxN / jnp.maximum(q_BxN, 1e-30))

@@ -51,6 +51,9 @@ def draft(step: Callable, logits_Bx1xV, hidden_Bx1xH, cache, pos_B, *, top_k: in
   pstate = stop.init(b)
   pstate = jax.tree.map(lambda x: jnp.repeat(x, k, axis=1), pstate)
   calls = valid_B.astype(jnp.int32)
+  # Each forwarded candidate's hidden state (the tree's `hidden`).
+  cand_hidden = jnp.zeros((b, c, hidden_Bx1xH.shape[-1]), hidden_Bx1xH.dtype)
+  cand_forwarded = jnp.zeros((b, c), bool)
   for d in range(1, depth):
     prefix = cache.prefix_mask(k, anc_BxKxS)
     logits, hidden, cache = step(tok, front_hidden, jnp.broadcast_to(pos_B[:, None] + d, (b, k)),
@@ -58,6 +61,8 @@ def draft(step: Callable, logits_Bx1xV, hidden_Bx1xH, cache, pos_B, *, top_k: in
     cache = cache.replace(lengths=base_B)
     live = jnp.isfinite(score)
     calls = calls + live.any(-1)
+    cand_hidden = cand_hidden.at[rows, front_idx].set(hidden.astype(cand_hidden.dtype))
+    cand_forwarded = cand_forwarded.at[rows, front_idx].set(live)
     stop_BxK, pstate = stop.stop(pstate, d, jax.nn.softmax(logits, -1), hidden)
     child_score, child_tok = jax.lax.top_k(jax.nn.log_softmax(logits, -1), k)  # [B, K, K]
     cum = jnp.where((live & ~stop_BxK)[..., None], score[..., None] + child_score, -jnp.inf)
@@ -82,4 +87,5 @@ def draft(step: Callable, logits_Bx1xV, hidden_Bx1xH, cache, pos_B, *, top_k: in
   hit = sel[:, None, :] == parent_cand[:, :, None]  # [B, N, N]: node j is node i's parent
   parents = jnp.where(parent_cand < 0, -1, jnp.argmax(hit, -1)).astype(jnp.int32)
   valid = jnp.isfinite(best_score) & ((parent_cand < 0) | hit.any(-1))
-  return DraftTree(cand_tok[rows, sel], parents, valid), cache, calls
+  return DraftTree(cand_tok[rows, sel], parents, valid, hidden=cand_hidden[rows, sel],
+                   forwarded=cand_forwarded[rows, sel]), cache, calls

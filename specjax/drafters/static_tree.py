@@ -80,15 +80,19 @@ def draft(tree: StaticTree, step: Callable, logits_Bx1xV: jax.Array, hidden_Bx1x
   probs = None if sampling.greedy else (
       jnp.zeros((b, 1 + (depth - 1) * w, v), jnp.float32).at[:, 0].set(q_root[:, 0]))
   calls = root_ok[:, 0].astype(jnp.int32)
-  # Hidden state at each slot of the level above (the root's, broadcast, for level 0).
-  above_BxWxH = jnp.broadcast_to(hidden_Bx1xH, (b, w, hidden_Bx1xH.shape[-1]))
+  # Hidden states by level: [:, 0] the root's (broadcast), [:, 1 + d] level d's slots once
+  # forwarded (a node's parent hidden is level d - 1's; the tree keeps them as `hidden`).
+  hidden_BxDxWxH = jnp.zeros((b, depth + 1, w, hidden_Bx1xH.shape[-1]), hidden_Bx1xH.dtype)
+  hidden_BxDxWxH = hidden_BxDxWxH.at[:, 0].set(hidden_Bx1xH)
+  forwarded_BxDxW = jnp.zeros((b, depth, w), bool)
 
   def cond(loop):
     d, valid_BxDxW = loop[0], loop[3]
     return (d < depth) & valid_BxDxW[:, d - 1].any()
 
   def body(loop):
-    d, cache, tokens_BxDxW, valid_BxDxW, probs, calls, pstate, key, above_BxWxH = loop
+    (d, cache, tokens_BxDxW, valid_BxDxW, probs, calls, pstate, key, hidden_BxDxWxH,
+     forwarded_BxDxW) = loop
     key, sub = jax.random.split(key)
     # Forward level d - 1 at slots base + (d-1)*w: it sees the context, its ancestors in
     # the levels above (written, not committed) and itself.
@@ -96,7 +100,7 @@ def draft(tree: StaticTree, step: Callable, logits_Bx1xV: jax.Array, hidden_Bx1x
     above_WxN = anc_NxN[slots] & (jnp.arange(depth * w) < (d - 1) * w)
     prefix = cache.prefix_mask(w, jnp.broadcast_to(above_WxN, (b, w, depth * w)))
     positions_BxW = jnp.broadcast_to(pos_B[:, None] + d, (b, w))
-    parent_hidden = jnp.take(above_BxWxH, parent_DxW[d - 1], axis=1)
+    parent_hidden = jnp.take(hidden_BxDxWxH[:, d - 1], parent_DxW[d - 1], axis=1)
     logits, hidden, cache = step(tokens_BxDxW[:, d - 1], parent_hidden, positions_BxW,
                                  cache.replace(lengths=base_B + (d - 1) * w), prefix)
     cache = cache.replace(lengths=base_B)
@@ -106,17 +110,21 @@ def draft(tree: StaticTree, step: Callable, logits_Bx1xV: jax.Array, hidden_Bx1x
     if probs is not None:
       probs = jax.lax.dynamic_update_slice_in_dim(probs, q, 1 + (d - 1) * w, axis=1)
     return (d + 1, cache, tokens_BxDxW.at[:, d].set(tok), valid_BxDxW.at[:, d].set(valid),
-            probs, calls, pstate, key, hidden.astype(above_BxWxH.dtype))
+            probs, calls, pstate, key,
+            hidden_BxDxWxH.at[:, d].set(hidden.astype(hidden_BxDxWxH.dtype)),
+            forwarded_BxDxW.at[:, d - 1].set(live_BxW))
 
-  loop = (1, cache, tokens_BxDxW, valid_BxDxW, probs, calls, pstate, key, above_BxWxH)
-  d, cache, tokens_BxDxW, valid_BxDxW, probs, calls, _, _, _ = jax.lax.while_loop(
-      cond, body, loop)
+  loop = (1, cache, tokens_BxDxW, valid_BxDxW, probs, calls, pstate, key, hidden_BxDxWxH,
+          forwarded_BxDxW)
+  (d, cache, tokens_BxDxW, valid_BxDxW, probs, calls, _, _, hidden_BxDxWxH,
+   forwarded_BxDxW) = jax.lax.while_loop(cond, body, loop)
   # The verifier's view: real nodes only, parents first.
   idx = jnp.asarray(tree.padded_index)
   parents = jnp.asarray(tree.parents, jnp.int32)
   dist = jnp.where(parents < 0, 0, 1 + idx[jnp.maximum(parents, 0)])
   per_row = lambda x: jnp.broadcast_to(x, (b, tree.num_nodes))
-  out = DraftTree(tokens_BxDxW.reshape(b, -1)[:, idx], per_row(parents),
-                  valid_BxDxW.reshape(b, -1)[:, idx], probs, per_row(dist),
-                  sampled=not sampling.greedy)
+  nodes = lambda x: x.reshape((b, depth * w) + x.shape[3:])[:, idx]
+  out = DraftTree(nodes(tokens_BxDxW), per_row(parents), nodes(valid_BxDxW), probs,
+                  per_row(dist), sampled=not sampling.greedy,
+                  hidden=nodes(hidden_BxDxWxH[:, 1:]), forwarded=nodes(forwarded_BxDxW))
   return out, cache, jnp.asarray(d - 1, jnp.int32), calls

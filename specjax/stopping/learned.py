@@ -1,0 +1,154 @@
+"""Learned stop policies: SpecDec++'s acceptance head and a PACER-style block verifier.
+
+Both read the drafter's hidden state at each node (`DraftTree.hidden`: what the stop hook
+receives; the node's token is already read into it) and train on the labels the target's
+verification gives (`verify.acceptance_probs`, recorded by `generate(trace=True)`). Inputs
+are RMS-normalised without a learned scale: drafters' hidden states differ in scale (a
+target-level feature for EAGLE, a packed LSTM state for Falcon), and the predictor should
+not have to learn that first.
+
+SpecDec++ (Huang et al. 2024): a ResBlock and a linear layer give P(node accepted | its
+parent accepted); the policy keeps the product down the path and stops once
+1 - P(all accepted) > threshold, within [min_len, the drafter's size]. One logit with a
+sigmoid stands in for the paper's two-way softmax (the same family). Trained with BCE on
+soft labels, rejections weighted `reject_weight` (6 in the paper).
+
+PACER (Zhang et al. 2025) publishes no internals; this is our design. Each node's hidden
+state is projected to `dim` features and kept per node down the path (a window of the last
+`block` nodes). When a node closes a block (depth a multiple of `block`), one
+self-attention layer with learned block positions runs over the block's `block` vectors
+(causal, pre-norm, residual, a GELU MLP), the last position's output gives
+P(every token of the block is accepted | the previous blocks were), and a score under
+`threshold` stops drafting below that node. The block itself is still verified: it was
+drafted already. Labels are the product of the block's node labels. Attention over the
+block lets the score see agreement between consecutive drafts, which a per-node head
+cannot.
+
+A policy changes only how much is drafted, never what is accepted, so greedy output stays
+identical to AR.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from specjax import registry
+from specjax.stopping.training_free import static
+
+
+def _rms(x):
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
+
+
+def _dense(key, n_in: int, n_out: int, scale: float = 1.0) -> dict:
+  return {"kernel": scale * jax.random.normal(key, (n_in, n_out)) / math.sqrt(n_in),
+          "bias": jnp.zeros((n_out,))}
+
+
+def _apply(p: dict, x):
+  return x @ p["kernel"] + p["bias"]
+
+
+# --- SpecDec++ ------------------------------------------------------------------------------
+
+def specdecpp_init(key, hidden_size: int) -> dict:
+  """ResBlock (identity at init: a zero kernel) and the acceptance logit."""
+  return {"res": {"kernel": jnp.zeros((hidden_size, hidden_size)),
+                  "bias": jnp.zeros((hidden_size,))},
+          "out": _dense(key, hidden_size, 1, 0.1)}
+
+
+def specdecpp_logit(params: dict, hidden_xH) -> jax.Array:
+  """The acceptance logit of each node from its hidden state [..., H] -> [...]."""
+  x = _rms(hidden_xH)
+  x = x + jax.nn.silu(_apply(params["res"], x))
+  return _apply(params["out"], x)[..., 0]
+
+
+@flax.struct.dataclass
+class SpecDecPP:
+  """Stop when the predicted P(some drafted token is rejected) exceeds `threshold`."""
+
+  params: Any
+  threshold: float = static(0.3)
+  min_len: int = static(2)
+
+  def init(self, batch):
+    return jnp.ones((batch, 1), jnp.float32)  # P(every node so far accepted); root: 1
+
+  def stop(self, state, depth, q_BxKxV, hidden_BxKxH):
+    del q_BxKxV
+    p_BxK = jax.nn.sigmoid(specdecpp_logit(self.params, hidden_BxKxH))
+    state = state * jnp.where(depth > 0, p_BxK, 1.0)  # the root is committed
+    return (depth >= self.min_len) & (1.0 - state > self.threshold), state
+
+
+# --- PACER ----------------------------------------------------------------------------------
+
+def pacer_init(key, hidden_size: int, block: int, dim: int = 64) -> dict:
+  ks = jax.random.split(key, 6)
+  return {"proj": _dense(ks[0], hidden_size, dim), "pos": 0.02 * jax.random.normal(
+      ks[1], (block, dim)),
+          "qkv": _dense(ks[2], dim, 3 * dim), "o": _dense(ks[3], dim, dim, 0.5),
+          "mlp_in": _dense(ks[4], dim, 4 * dim), "mlp_out": _dense(ks[5], 4 * dim, dim, 0.5),
+          "out": {"kernel": jnp.zeros((dim, 1)), "bias": jnp.zeros((1,))}}
+
+
+def pacer_project(params: dict, hidden_xH) -> jax.Array:
+  """A node's vector [..., dim]: what the window keeps."""
+  return _apply(params["proj"], _rms(hidden_xH))
+
+
+def pacer_logit(params: dict, window_xBxD) -> jax.Array:
+  """P(block accepted) logit from its `block` node vectors [..., block, dim] -> [...]."""
+  x = window_xBxD + params["pos"]
+  n, d = x.shape[-2:]
+  q, k, v = jnp.split(_apply(params["qkv"], _rms(x)), 3, -1)
+  att = jnp.einsum("...id,...jd->...ij", q, k) / math.sqrt(d)
+  att = jnp.where(jnp.tril(jnp.ones((n, n), bool)), att, -jnp.inf)
+  x = x + _apply(params["o"], jnp.einsum("...ij,...jd->...id", jax.nn.softmax(att, -1), v))
+  x = x + _apply(params["mlp_out"], jax.nn.gelu(_apply(params["mlp_in"], _rms(x))))
+  return _apply(params["out"], _rms(x[..., -1, :]))[..., 0]
+
+
+@flax.struct.dataclass
+class Pacer:
+  """Stop below a node that closes a block the pre-verifier scores under `threshold`."""
+
+  params: Any
+  block: int = static(4)
+  threshold: float = static(0.5)
+
+  def init(self, batch):
+    dim = self.params["pos"].shape[-1]
+    return jnp.zeros((batch, 1, self.block, dim), jnp.float32)  # the last `block` vectors
+
+  def stop(self, state, depth, q_BxKxV, hidden_BxKxH):
+    del q_BxKxV
+    vec = pacer_project(self.params, hidden_BxKxH)
+    window = jnp.concatenate([state[:, :, 1:], vec[:, :, None]], 2)
+    window = jnp.where(depth > 0, window, state)  # the root is not a draft token
+    closes = (depth > 0) & (depth % self.block == 0)
+    fail = jax.nn.sigmoid(pacer_logit(self.params, window)) < self.threshold
+    return closes & fail, window
+
+
+@registry.STOP_POLICIES.register("specdecpp")
+def _specdecpp(*, params, threshold: float = 0.3, min_len: int = 2) -> SpecDecPP:
+  """SpecDec++'s acceptance head (`params`): stop once P(a rejection) > `threshold`."""
+  return SpecDecPP(params, threshold, min_len)
+
+
+@registry.STOP_POLICIES.register("pacer")
+def _pacer(*, params, block: int = 4, threshold: float = 0.5) -> Pacer:
+  """A PACER-style block pre-verifier (`params`): stop after a block scored < `threshold`."""
+  if params["pos"].shape[0] != block:
+    raise ValueError(f"These PACER params score blocks of {params['pos'].shape[0]} tokens; "
+                     f"block={block} was asked for.")
+  return Pacer(params, block, threshold)

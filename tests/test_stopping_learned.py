@@ -1,0 +1,119 @@
+"""Learned stop policies (SpecDec++, PACER) in the engine, and the trace they train on.
+
+On the tiny random target of test_engine: a learned policy only changes how much is
+drafted, so greedy output equals AR for chains and dynamic trees; forced to stop at K it
+reproduces fixed-K decoding; `generate(trace=True)` records labels that agree with what
+verification accepted.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from specjax import stopping
+from specjax.drafters import DraftModel, EagleHead
+from specjax.models import shared_params
+from specjax.stopping import learned
+
+from test_engine import OTHER, PROMPTS, TARGET, ar, gen
+
+H = TARGET.config.hidden_size
+
+
+def random_specdecpp(scale=3.0, **kw):
+  """Random acceptance heads big enough that their predictions vary across nodes."""
+  p = learned.specdecpp_init(jax.random.key(0), H)
+  p["out"]["kernel"] = scale * jax.random.normal(jax.random.key(1), (H, 1)) / np.sqrt(H)
+  p["out"]["bias"] = p["out"]["bias"] + 1.0
+  return stopping.get("specdecpp", params=p, **kw)
+
+
+def random_pacer(block=2, **kw):
+  p = learned.pacer_init(jax.random.key(2), H, block)
+  p["out"]["kernel"] = 3.0 * jax.random.normal(jax.random.key(3), p["out"]["kernel"].shape)
+  return stopping.get("pacer", params=p, block=block, **kw)
+
+
+def eagle_tree():
+  head = EagleHead(TARGET.config)
+  params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(4), x.shape),
+                        head.init(jax.random.key(5)))
+  return head.drafter(params, shared_params(TARGET.config, TARGET.params), top_k=2, depth=4,
+                      num_nodes=8)
+
+
+POLICIES = {"specdecpp": lambda: random_specdecpp(threshold=0.5, min_len=1),
+            "pacer": lambda: random_pacer(threshold=0.5)}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("drafter", ["chain", "eagle2_dynamic"])
+def test_learned_policies_keep_greedy_output(policy, drafter):
+  d = DraftModel.from_model(OTHER, num_draft=6) if drafter == "chain" else eagle_tree()
+  stop = POLICIES[policy]()
+  out = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None, drafter=d, stop=stop)
+  assert out.token_lists() == ar(PROMPTS)
+  if drafter == "chain":  # the policy really cut some drafts short (and not all)
+    fixed = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None, drafter=d)
+    per_call = np.asarray(out.stats.draft_calls) / np.asarray(out.stats.target_calls)
+    assert per_call.min() < 7 - 1e-6 and per_call.max() > 2
+    assert (np.asarray(out.stats.draft_calls) != np.asarray(fixed.stats.draft_calls)).any()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_specdecpp_forced_to_stop_at_k_is_fixed_k(k):
+  """min_len=k with a threshold every prediction exceeds: exactly k drafts a step. Tokens,
+  accepted lengths and target calls equal a fixed-k drafter's; the policy costs one more
+  draft forward a step (the k-th token's hidden state, which its decision reads)."""
+  forced = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None,
+               drafter=DraftModel.from_model(OTHER, num_draft=6),
+               stop=random_specdecpp(threshold=-1.0, min_len=k))
+  fixed = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None,
+              drafter=DraftModel.from_model(OTHER, num_draft=k))
+  assert forced.token_lists() == fixed.token_lists()
+  np.testing.assert_array_equal(forced.stats.gained, fixed.stats.gained)
+  np.testing.assert_array_equal(forced.stats.target_calls, fixed.stats.target_calls)
+  np.testing.assert_array_equal(np.asarray(forced.stats.draft_calls),
+                                np.asarray(fixed.stats.draft_calls)
+                                + np.asarray(fixed.stats.target_calls))
+
+
+def test_pacer_stops_only_where_a_block_closes():
+  """A verifier that fails every block drafts exactly `block` tokens a step."""
+  p = learned.pacer_init(jax.random.key(2), H, 3)
+  p["out"]["bias"] = p["out"]["bias"] - 100.0  # P(block accepted) ~ 0
+  out = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None,
+            drafter=DraftModel.from_model(OTHER, num_draft=6),
+            stop=stopping.get("pacer", params=p, block=3))
+  fixed = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None,
+              drafter=DraftModel.from_model(OTHER, num_draft=3))
+  np.testing.assert_array_equal(out.stats.gained, fixed.stats.gained)
+  with pytest.raises(ValueError, match="blocks of 3 tokens; block=4"):
+    stopping.get("pacer", params=p, block=4)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_trace_labels_agree_with_verification(temperature):
+  """Greedy: the accepted drafts of a step are exactly the leading nodes labelled 1.
+  Sampling: labels are probabilities, 1 where the draft was drawn from the target itself
+  (a self-drafter), and accepted nodes have labels > 0. Hidden states match the drafter's
+  width and are real wherever the drafter forwarded the node."""
+  d = DraftModel.from_model(OTHER if temperature == 0 else TARGET, num_draft=4)
+  out = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None, drafter=d, trace=True,
+            temperature=temperature)
+  tr = jax.tree.map(np.asarray, out.trace)
+  steps = np.asarray(out.stats.gained) > 0
+  np.testing.assert_array_equal(tr.valid.any(-1), steps)
+  np.testing.assert_array_equal(tr.accepted.sum(-1), np.where(steps, out.stats.gained - 1, 0))
+  assert tr.hidden.shape == tr.tokens.shape + (OTHER.config.hidden_size,)
+  # The deepest node of a chain is never forwarded; the others are on every step.
+  np.testing.assert_array_equal(tr.forwarded, tr.valid & (np.arange(4) < 3))
+  assert (np.abs(tr.hidden[tr.forwarded]).sum(-1) > 0).all()
+  if temperature == 0:
+    lead = np.cumprod(tr.label, -1).sum(-1)
+    np.testing.assert_array_equal(np.where(steps, lead, 0), tr.accepted.sum(-1))
+    assert set(np.unique(tr.label)) <= {0.0, 1.0} and 0 < tr.label[tr.valid].mean() < 1
+  else:
+    np.testing.assert_allclose(tr.label[tr.valid], 1.0, atol=1e-5)
+  with pytest.raises(ValueError, match="pass a drafter"):
+    gen(TARGET, PROMPTS, max_new_tokens=4, trace=True)
