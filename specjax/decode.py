@@ -320,6 +320,8 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
     drafter.validate(model.config)
     check_features(model.config, drafter.features)
   stop = stopping.get(stop)
+  if drafter is not None:
+    stopping.check(stop, drafter)
   if trace and drafter is None:
     raise ValueError("trace=True records draft nodes; pass a drafter.")
   tokens = _encode_prompts(model, prompts)

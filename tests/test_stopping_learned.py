@@ -3,17 +3,25 @@
 On the tiny random target of test_engine: a learned policy only changes how much is
 drafted, so greedy output equals AR for chains and dynamic trees; forced to stop at K it
 reproduces fixed-K decoding; `generate(trace=True)` records labels that agree with what
-verification accepted.
+verification accepted; predictors trained on those labels (configs/stop.py, tiny) separate
+accepted from rejected drafts on held-out prompts and refuse drafters they were not
+trained for.
 """
+
+import json
+import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from specjax import stopping
+from specjax import decode, models, stopping
+from specjax.configs import stop as stop_config
 from specjax.drafters import DraftModel, EagleHead
 from specjax.models import shared_params
 from specjax.stopping import learned
+from specjax.training import stop as stop_training
 
 from test_engine import OTHER, PROMPTS, TARGET, ar, gen
 
@@ -117,3 +125,54 @@ def test_trace_labels_agree_with_verification(temperature):
     np.testing.assert_allclose(tr.label[tr.valid], 1.0, atol=1e-5)
   with pytest.raises(ValueError, match="pass a drafter"):
     gen(TARGET, PROMPTS, max_new_tokens=4, trace=True)
+
+
+@pytest.fixture(scope="module", params=["specdecpp", "pacer"])
+def trained(request, tmp_path_factory):
+  """(kind, workdir) of a tiny predictor run (configs/stop.py:KIND,tiny=1, greedy labels)."""
+  c = stop_config.get_config(f"{request.param},tiny=1")
+  c.temperatures = (0.0,)
+  workdir = str(tmp_path_factory.mktemp(request.param))
+  stop_training.train(c, workdir)
+  return request.param, workdir
+
+
+def test_trained_predictor_separates_accepted_from_rejected(trained):
+  """Held-out AUC of the trained predictor over a floor the untrained one stays under."""
+  kind, workdir = trained
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    m = json.load(f)
+  assert m["auc"] > 0.6 > m["auc_untrained"], m
+  assert m["eval_examples"] > 100
+
+
+def test_trained_predictor_decodes_and_refuses_other_drafters(trained, tmp_path):
+  kind, workdir = trained
+  target = models.load("tiny-random")
+  policy = stopping.get(kind, checkpoint=os.path.join(workdir, "predictor"))
+  assert policy.drafter == "DraftModel"
+  chain = DraftModel.truncated(target, 1, num_draft=6)
+  prompts = [[1, 2, 3], list(range(40, 60))]
+  want = decode.generate(target, prompts, max_new_tokens=16, eos=None).token_lists()
+  got = decode.generate(target, prompts, max_new_tokens=16, eos=None, drafter=chain,
+                        stop=policy)
+  assert got.token_lists() == want
+  head = EagleHead(target.config)
+  eagle = head.drafter(head.init(jax.random.key(0)), shared_params(target.config,
+                                                                    target.params), depth=4)
+  with pytest.raises(ValueError, match="trained for a DraftModel drafter; it was given a "
+                     "EagleHead"):
+    decode.generate(target, prompts, max_new_tokens=4, drafter=eagle, stop=policy)
+  with pytest.raises(ValueError, match="reads hidden states of width 64"):
+    decode.generate(TARGET, PROMPTS, max_new_tokens=4, eos=None,
+                    drafter=DraftModel.from_model(OTHER, num_draft=4), stop=policy)
+  with pytest.raises(FileNotFoundError, match="No stop predictor"):
+    stopping.get(kind, checkpoint=str(tmp_path))
+  bad = tmp_path / "bad"
+  shutil.copytree(os.path.join(workdir, "predictor"), bad)
+  (bad / learned.PARAMS).write_bytes(b"not a safetensors file")
+  with pytest.raises(ValueError, match="is corrupt"):
+    stopping.get(kind, checkpoint=str(bad))
+  other = "pacer" if kind == "specdecpp" else "specdecpp"
+  with pytest.raises(ValueError, match=f"not '{other}'"):
+    stopping.get(other, checkpoint=os.path.join(workdir, "predictor"))

@@ -3,6 +3,8 @@
 Trains (or resumes, on the same DIR) the draft head a config file describes against its
 frozen target. DIR gets config.json, checkpoints/, metrics.jsonl, curves.png and, at the
 end, head/ (load it with `specjax.drafters.load_drafter` or a sweep's `checkpoint=`).
+A configs/stop.py config trains a learned stop policy for a drafter instead: DIR gets
+labels/ (resumable), metrics.json and predictor/ (`stopping.get(kind, checkpoint=...)`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from ml_collections import config_flags
 
 from specjax import runtime
 
-from . import trainer
+from . import stop, trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config: a file with get_config(arg), e.g. configs/eagle.py.",
@@ -27,6 +29,10 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   runtime.enable_compilation_cache()
+  if "stop_predictor" in _CONFIG.value:  # configs/stop.py: a learned stop policy
+    metrics = stop.train(_CONFIG.value, _WORKDIR.value)
+    print(f"done; predictor in {_WORKDIR.value}/predictor; {metrics}")
+    return
   try:
     last = trainer.train(_CONFIG.value, _WORKDIR.value)
   except trainer.NonFiniteLoss as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from specjax import registry
 from specjax.stopping.base import StopPolicy, gather
-from specjax.stopping.learned import Pacer, SpecDecPP
+from specjax.stopping.learned import Pacer, SpecDecPP, check
 from specjax.stopping.training_free import SVIP, Confidence, Fixed
 
 
@@ -17,4 +17,5 @@ def get(name, **kw) -> StopPolicy:
   return registry.STOP_POLICIES.build(name, **kw)
 
 
-__all__ = ["SVIP", "Confidence", "Fixed", "Pacer", "SpecDecPP", "StopPolicy", "gather", "get"]
+__all__ = ["SVIP", "Confidence", "Fixed", "Pacer", "SpecDecPP", "StopPolicy", "check", "gather",
+           "get"]

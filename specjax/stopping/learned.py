@@ -30,15 +30,23 @@ identical to AR.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from typing import Any
 
 import flax.struct
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
 
 from specjax import registry
 from specjax.stopping.training_free import static
+
+FORMAT = "specjax-stop-predictor-v1"
+META, PARAMS = "predictor.json", "params.safetensors"
 
 
 def _rms(x):
@@ -78,12 +86,15 @@ class SpecDecPP:
   params: Any
   threshold: float = static(0.3)
   min_len: int = static(2)
+  drafter: str = static("")  # what it was trained on (`drafter_id`); "" = not checked
 
   def init(self, batch):
     return jnp.ones((batch, 1), jnp.float32)  # P(every node so far accepted); root: 1
 
   def stop(self, state, depth, q_BxKxV, hidden_BxKxH):
     del q_BxKxV
+    _check_width("SpecDec++", self.params["res"]["kernel"].shape[0], self.drafter,
+                 hidden_BxKxH)
     p_BxK = jax.nn.sigmoid(specdecpp_logit(self.params, hidden_BxKxH))
     state = state * jnp.where(depth > 0, p_BxK, 1.0)  # the root is committed
     return (depth >= self.min_len) & (1.0 - state > self.threshold), state
@@ -117,6 +128,11 @@ def pacer_logit(params: dict, window_xBxD) -> jax.Array:
   return _apply(params["out"], _rms(x[..., -1, :]))[..., 0]
 
 
+def pacer_logit_from_hidden(params: dict, hidden_xBxH) -> jax.Array:
+  """The block logit from the block's hidden states [..., block, H] (training's view)."""
+  return pacer_logit(params, pacer_project(params, hidden_xBxH))
+
+
 @flax.struct.dataclass
 class Pacer:
   """Stop below a node that closes a block the pre-verifier scores under `threshold`."""
@@ -124,6 +140,7 @@ class Pacer:
   params: Any
   block: int = static(4)
   threshold: float = static(0.5)
+  drafter: str = static("")  # what it was trained on (`drafter_id`); "" = not checked
 
   def init(self, batch):
     dim = self.params["pos"].shape[-1]
@@ -131,6 +148,7 @@ class Pacer:
 
   def stop(self, state, depth, q_BxKxV, hidden_BxKxH):
     del q_BxKxV
+    _check_width("PACER", self.params["proj"]["kernel"].shape[0], self.drafter, hidden_BxKxH)
     vec = pacer_project(self.params, hidden_BxKxH)
     window = jnp.concatenate([state[:, :, 1:], vec[:, :, None]], 2)
     window = jnp.where(depth > 0, window, state)  # the root is not a draft token
@@ -139,16 +157,91 @@ class Pacer:
     return closes & fail, window
 
 
+def _check_width(name: str, width: int, drafter: str, hidden_BxKxH) -> None:
+  """At trace time (before anything compiles): the drafter's hidden states must be the
+  width the predictor was trained on."""
+  if hidden_BxKxH.shape[-1] != width:
+    raise ValueError(f"This {name} predictor reads hidden states of width {width} (trained "
+                     f"for {drafter or 'another drafter'}); this drafter's are "
+                     f"{hidden_BxKxH.shape[-1]} wide.")
+
+
+def drafter_id(drafter) -> str:
+  """What a predictor records about its drafter: the head's class for head drafters
+  (EagleHead, Eagle3Head, FalconHead, HydraHead), else the drafter's (DraftModel)."""
+  return type(getattr(drafter, "head", drafter)).__name__
+
+
+def check(policy, drafter) -> None:
+  """A learned policy trained for another kind of drafter is an error (the width is
+  checked when the loop is traced)."""
+  trained = getattr(policy, "drafter", "")
+  if isinstance(policy, (SpecDecPP, Pacer)) and trained and trained != drafter_id(drafter):
+    raise ValueError(f"This stop predictor was trained for a {trained} drafter; it was given "
+                     f"a {drafter_id(drafter)}. Train one for it (configs/stop.py).")
+
+
+def save(path: str, kind: str, params, drafter: str, **meta) -> None:
+  """A predictor folder: params.safetensors + predictor.json (kind, drafter, knobs,
+  metrics), each written atomically."""
+  os.makedirs(path, exist_ok=True)
+  flat = {"/".join(k): np.asarray(v) for k, v in
+          flax.traverse_util.flatten_dict(jax.device_get(params)).items()}
+  safetensors.numpy.save_file(flat, os.path.join(path, PARAMS + ".tmp"))
+  os.replace(os.path.join(path, PARAMS + ".tmp"), os.path.join(path, PARAMS))
+  with open(os.path.join(path, META + ".tmp"), "w", encoding="utf-8") as f:
+    json.dump({"format": FORMAT, "kind": kind, "drafter": drafter, **meta}, f, indent=1)
+  os.replace(os.path.join(path, META + ".tmp"), os.path.join(path, META))
+
+
+def load(path: str, kind: str) -> tuple[Any, dict]:
+  """(params, meta) of the `kind` predictor at `path`; clear errors for a missing or
+  corrupt folder or a predictor of the other kind."""
+  meta_path = os.path.join(path, META)
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(f"No stop predictor at {path!r}: it has no {META}.")
+  try:
+    with open(meta_path, encoding="utf-8") as f:
+      meta = json.load(f)
+    flat = safetensors.numpy.load_file(os.path.join(path, PARAMS))
+  except Exception as e:  # unreadable JSON or safetensors (its own error type): say which
+    raise ValueError(f"The stop predictor at {path!r} is corrupt: {type(e).__name__}: {e}"
+                     ) from e
+  if meta.get("format") != FORMAT or meta.get("kind") != kind:
+    raise ValueError(f"{path!r} holds a {meta.get('kind')!r} predictor, not {kind!r}.")
+  params = flax.traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v)
+                                              for k, v in flat.items()})
+  return params, meta
+
+
 @registry.STOP_POLICIES.register("specdecpp")
-def _specdecpp(*, params, threshold: float = 0.3, min_len: int = 2) -> SpecDecPP:
-  """SpecDec++'s acceptance head (`params`): stop once P(a rejection) > `threshold`."""
-  return SpecDecPP(params, threshold, min_len)
+def _specdecpp(*, checkpoint: str | None = None, params=None, threshold: float = 0.3,
+               min_len: int = 2) -> SpecDecPP:
+  """SpecDec++'s acceptance head (a trained `checkpoint` folder, or `params`): stop once
+  P(a rejection) > `threshold`, after at least `min_len` drafts."""
+  params, drafter = _params(checkpoint, params, "specdecpp")
+  return SpecDecPP(params, threshold, min_len, drafter)
 
 
 @registry.STOP_POLICIES.register("pacer")
-def _pacer(*, params, block: int = 4, threshold: float = 0.5) -> Pacer:
-  """A PACER-style block pre-verifier (`params`): stop after a block scored < `threshold`."""
-  if params["pos"].shape[0] != block:
-    raise ValueError(f"These PACER params score blocks of {params['pos'].shape[0]} tokens; "
-                     f"block={block} was asked for.")
-  return Pacer(params, block, threshold)
+def _pacer(*, checkpoint: str | None = None, params=None, block: int | None = None,
+           threshold: float = 0.5) -> Pacer:
+  """A PACER-style block pre-verifier (a trained `checkpoint` folder, or `params`): stop
+  after a block of `block` drafts scored under `threshold`."""
+  params, drafter = _params(checkpoint, params, "pacer")
+  trained = params["pos"].shape[0]
+  if block not in (None, trained):
+    raise ValueError(f"This PACER predictor scores blocks of {trained} tokens; block={block} "
+                     "was asked for.")
+  return Pacer(params, trained, threshold, drafter)
+
+
+def _params(checkpoint, params, kind):
+  """(params, the drafter it was trained for) from exactly one of checkpoint / params."""
+  if (checkpoint is None) == (params is None):
+    raise ValueError(f"The {kind} stop policy needs checkpoint=PATH (a trained predictor) "
+                     "or params=, not both.")
+  if params is not None:
+    return params, ""
+  params, meta = load(checkpoint, kind)
+  return params, meta["drafter"]
