@@ -7,7 +7,9 @@
 
 Labels come from decoding the self-distilled training rows' prompts (never the evaluation
 sets) with the drafter at its full length, greedy and sampled; the held-out rows' prompts
-give the reported AUC. The run writes workdir/predictor and workdir/metrics.json.
+give the reported AUC. The run writes workdir/predictor and workdir/metrics.json; the
+labels (the expensive part, resumable) go to workdir/stop_labels/DRAFTER, which the
+SpecDec++ and PACER runs of one drafter share.
 """
 
 import ml_collections
@@ -31,6 +33,9 @@ def get_config(arg: str | None = None):
     c.drafter, c.drafter_kwargs = "self_draft", {"layers": 15, "num_draft": 8}
   else:
     raise ValueError(f"Unknown drafter {a.drafter!r}: use 'eagle3' or 'self_draft'.")
+  # Where the collected labels go: shared by the SpecDec++ and PACER runs of one drafter
+  # (collecting is the expensive part); "" = the run's own workdir/labels.
+  c.labels = f"workdir/stop_labels/{a.drafter}"
   c.data = ml_collections.ConfigDict({
       "source": "assets/distill/smollm2-135m", "seq_len": 512, "eval_rows": 16})
   c.num_prompts = 64  # training prompts decoded for labels
@@ -44,6 +49,7 @@ def get_config(arg: str | None = None):
   c.progress = True
   if a.tiny:
     c.target = "tiny-random"
+    c.labels = ""
     c.drafter, c.drafter_kwargs = "self_draft", {"layers": 1, "num_draft": 6}
     c.data.source, c.data.seq_len, c.data.eval_rows = "self:96:48", 48, 32
     c.max_new_tokens = 40

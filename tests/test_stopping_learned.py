@@ -176,3 +176,12 @@ def test_trained_predictor_decodes_and_refuses_other_drafters(trained, tmp_path)
   other = "pacer" if kind == "specdecpp" else "specdecpp"
   with pytest.raises(ValueError, match=f"not '{other}'"):
     stopping.get(other, checkpoint=os.path.join(workdir, "predictor"))
+
+
+def test_labels_made_with_other_settings_are_refused(tmp_path):
+  d = DraftModel.from_model(OTHER, num_draft=4)
+  stop_training.collect(TARGET, d, [], str(tmp_path), temperature=0.0, max_new_tokens=8,
+                        spec={"drafter": "other"})
+  with pytest.raises(ValueError, match=r"other settings \(\['max_new_tokens'\] differ\)"):
+    stop_training.collect(TARGET, d, [], str(tmp_path), temperature=0.0, max_new_tokens=16,
+                          spec={"drafter": "other"})

@@ -28,16 +28,31 @@ import optax
 from specjax import decode
 from specjax.stopping import learned
 
-PROGRESS = "progress.json"
+PROGRESS, SPEC = "progress.json", "labels.json"
 
 
 def collect(target, drafter, prompts: Sequence[Sequence[int]], folder: str, *,
             temperature: float, max_new_tokens: int, batch_size: int = 8, seed: int = 0,
-            progress: bool = False) -> list[str]:
+            progress: bool = False, spec: dict | None = None) -> list[str]:
   """Decodes `prompts` (chains only) in batches with `trace=True`; writes one .npz per
   batch (hidden [M, N, H] float16, label, valid, forwarded, accepted [M, N] for the M
-  steps that ran) and returns the files. Batches already on disk are kept (resume)."""
+  steps that ran) and returns the files. Batches already on disk are kept (resume);
+  `spec` (what made them: target, drafter, ...) is stored beside them, and a folder made
+  by another spec is an error instead of a silent mix."""
   os.makedirs(folder, exist_ok=True)
+  spec = {**(spec or {}), "temperature": temperature, "max_new_tokens": max_new_tokens,
+          "batch_size": batch_size, "seed": seed, "prompts": len(prompts)}
+  spec_path = os.path.join(folder, SPEC)
+  if os.path.exists(spec_path):
+    with open(spec_path, encoding="utf-8") as f:
+      stored = json.load(f)
+    if stored != json.loads(json.dumps(spec)):
+      diff = sorted(k for k in set(stored) | set(spec) if stored.get(k) != spec.get(k))
+      raise ValueError(f"{folder} holds labels made with other settings ({diff} differ); "
+                       "use another labels folder or remove it.")
+  else:
+    with open(spec_path, "w", encoding="utf-8") as f:
+      json.dump(spec, f, indent=1)
   files = []
   for i in range(0, len(prompts), batch_size):
     path = os.path.join(folder, f"batch_{i // batch_size:05d}.npz")
@@ -176,9 +191,13 @@ def train(c, workdir: str) -> dict:
   for split, prompts in splits.items():
     files = []
     for t in c.temperatures:
-      files += collect(target, drafter, prompts, os.path.join(workdir, "labels", f"t{t}", split),
+      files += collect(target, drafter, prompts,
+                       os.path.join(c.labels or os.path.join(workdir, "labels"), f"t{t}", split),
                        temperature=t, max_new_tokens=c.max_new_tokens,
-                       batch_size=c.batch_size, seed=c.seed, progress=c.progress)
+                       batch_size=c.batch_size, seed=c.seed, progress=c.progress,
+                       spec={"target": c.target, "drafter": c.drafter,
+                             "drafter_kwargs": dict(c.drafter_kwargs),
+                             "data": dict(c.data), "split": split})
     sets[split] = examples(kind, load(files), c.block)
   x, y, _ = sets["train"]
   xe, _, oe = sets["eval"]
