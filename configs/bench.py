@@ -20,10 +20,4 @@ def get_config(arg: str | None = None):
       common.method("prompt_lookup_k4", drafter="prompt_lookup", num_draft=4),
       common.method("prompt_lookup_k10", drafter="prompt_lookup", num_draft=10)]
   c.methods = [common.method("ar")] + lookup + common.trained_heads(c.get_ref("costs"))
-  c.datasets = ("mt_bench", "humaneval")
-  c.num_prompts = 2
-  c.temperatures = (0.0, 1.0)
-  c.max_new_tokens = 128
-  c.warmup = 1
-  c.cache_bucket = 512
-  return c
+  return common.table_protocol(c)

@@ -66,6 +66,18 @@ def trained_heads(costs) -> list[ml_collections.ConfigDict]:
   ]
 
 
+def table_protocol(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The README tables' protocol: MT-Bench and HumanEval (2 prompts each), greedy and
+  T=1, batch 1, 128 new tokens, one warm-up call, caches of 512 slots."""
+  c.datasets = ("mt_bench", "humaneval")
+  c.num_prompts = 2
+  c.temperatures = (0.0, 1.0)
+  c.max_new_tokens = 128
+  c.warmup = 1
+  c.cache_bucket = 512
+  return c
+
+
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   """`get_config` arguments "a=1,b=x" over typed defaults; an unknown key is an error."""
   out = ml_collections.ConfigDict(defaults)

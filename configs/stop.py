@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
   if a.drafter == "eagle3":
     c.drafter, c.drafter_kwargs = "eagle3", {"checkpoint": common.EAGLE3_SMOLLM2, "depth": 8}
   elif a.drafter == "self_draft":
-    c.drafter, c.drafter_kwargs = "self_draft", {"layers": 15, "num_draft": 8}
+    c.drafter, c.drafter_kwargs = "self_draft", {"layers": 20, "num_draft": 8}
   else:
     raise ValueError(f"Unknown drafter {a.drafter!r}: use 'eagle3' or 'self_draft'.")
   # Where the collected labels go: shared by the SpecDec++ and PACER runs of one drafter

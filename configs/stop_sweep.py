@@ -1,0 +1,39 @@
+"""Issue 10's table: draft-length policies on one drafter, same prompts, same run.
+
+For the EAGLE-3 head (a chain of up to 8) and the 20-layer self-drafter (up to 8): fixed
+K in (1, 2, 4, 8), confidence, SVIP, and the trained SpecDec++ and PACER predictors
+committed in assets/stop (`specjax-train --config configs/stop.py:KIND,drafter=D`).
+MT-Bench and HumanEval, greedy and T=1, batch 1, 128 new tokens.
+"""
+
+import os
+
+from specjax.configs import common
+
+STOP = os.path.normpath(os.path.join(common.HEADS, "..", "stop"))
+FIXED = (1, 2, 4, 8)
+CAP = 8
+
+
+def predictor(kind: str, drafter: str) -> str:
+  return os.path.join(STOP, f"{kind}-{drafter}-smollm2-135m")
+
+
+def get_config(arg: str | None = None):
+  del arg
+  c = common.base()
+  c.methods = [common.method("ar")]
+  for name, drafter, size, kw in (
+      ("eagle3", "eagle3", "depth", {"checkpoint": common.EAGLE3_SMOLLM2, "top_k": 1}),
+      ("self_draft", "self_draft", "num_draft", {"layers": 20})):
+    one = lambda label, k, **m: common.method(f"{name}_{label}", drafter=drafter,
+                                              **{size: k}, **kw, **m)
+    c.methods += [one(f"k{k}", k) for k in FIXED]
+    c.methods += [
+        one("confidence", CAP, stop="confidence", stop_kwargs={"threshold": 0.4}),
+        one("svip", CAP, stop="svip"),
+        one("specdecpp", CAP, stop="specdecpp",
+            stop_kwargs={"checkpoint": predictor("specdecpp", name)}),
+        one("pacer", CAP, stop="pacer", stop_kwargs={"checkpoint": predictor("pacer", name)}),
+    ]
+  return common.table_protocol(c)
