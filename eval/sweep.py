@@ -284,6 +284,10 @@ def _spec(method: Method, drafter: Any) -> dict[str, Any]:
   checkpoint = method.drafter_kwargs.get("checkpoint")
   if checkpoint:  # a retrained head in the same folder is another method
     spec["checkpoint_sha"] = _fingerprint(checkpoint)
+  stop_checkpoint = method.stop_kwargs.get("checkpoint")
+  if stop_checkpoint:  # likewise a retrained stop predictor
+    spec["stop_kwargs"] = dict(method.stop_kwargs)
+    spec["stop_sha"] = _fingerprint(stop_checkpoint)
   return spec
 
 
