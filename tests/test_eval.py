@@ -371,3 +371,25 @@ def test_rows_of_a_changed_method_are_refused(swept, prompt_file, tmp_path):
   with pytest.raises(ValueError, match="rows of method 'prompt_lookup' measured with other "
                                        "\\['drafter_kwargs', 'num_draft'\\]"):
     sweep.run(sweep.plan(c), workdir)
+
+
+def test_sweep_with_a_trained_stop_predictor(prompt_file, tmp_path):
+  """A learned stop policy runs in a sweep from its folder (lossless rows), and a
+  retrained predictor in the same folder is another method: no resuming onto its rows."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from specjax.configs import common  # pylint: disable=g-import-not-at-top
+  from specjax.stopping import learned  # pylint: disable=g-import-not-at-top
+
+  path = str(tmp_path / "specdecpp")
+  params = learned.specdecpp_init(jax.random.key(0), 32)  # the tiny target's width
+  learned.save(path, "specdecpp", params, "DraftModel")
+  c = tiny_config(prompt_file)
+  c.methods = [common.method("ar"),
+               common.method("self_specdecpp", drafter="self_draft", layers=1, num_draft=4,
+                             stop="specdecpp", stop_kwargs={"checkpoint": path,
+                                                            "threshold": 0.5})]
+  rows = sweep.run(sweep.plan(c), str(tmp_path / "work"))
+  assert all(r["equal_to_ar"] for r in rows if r["temperature"] == 0) and rows
+  learned.save(path, "specdecpp", jax.tree.map(lambda x: x + 1.0, params), "DraftModel")
+  with pytest.raises(ValueError, match="stop_sha"):
+    sweep.run(sweep.plan(c), str(tmp_path / "work"))
