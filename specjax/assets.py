@@ -1,10 +1,19 @@
-"""Files shipped inside installed pip packages (model weights, prompt sets): found without
-importing the package, with an error that says how to install it."""
+"""Files: those shipped inside installed pip packages (model weights, prompt sets), found
+without importing the package, with an error that says how to install it; and the params
+folders specjax writes (heads, stop predictors), every file replaced atomically so a kill
+leaves the old file or the new one, never half of one."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+from typing import Any
+
+import flax.traverse_util
+import jax
+import numpy as np
+import safetensors.numpy
 
 
 def package_file(package: str, relpath: str, install: str, what: str) -> str:
@@ -16,3 +25,27 @@ def package_file(package: str, relpath: str, install: str, what: str) -> str:
     raise FileNotFoundError(f"{what} needs {relpath!r} from the package {package!r}, which is "
                             f"not installed. Install it with: {install}  (or run `make install`).")
   return path
+
+
+def save_arrays(path: str, arrays: dict[str, Any]) -> None:
+  """A safetensors file of named arrays, written atomically."""
+  safetensors.numpy.save_file({k: np.asarray(v) for k, v in arrays.items()}, path + ".tmp")
+  os.replace(path + ".tmp", path)
+
+
+def save_json(path: str, obj: Any) -> None:
+  """A JSON file, written atomically."""
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def flat_params(params: Any) -> dict[str, np.ndarray]:
+  """A params pytree as {"/"-joined path: array} (how params.safetensors files key it)."""
+  return {"/".join(k): np.asarray(v) for k, v in
+          flax.traverse_util.flatten_dict(jax.device_get(params)).items()}
+
+
+def nested_params(flat: dict[str, Any]) -> Any:
+  """The inverse of `flat_params`."""
+  return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})

@@ -31,13 +31,12 @@ import json
 import os
 from typing import Any
 
-import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from specjax import registry
+from specjax import assets, registry
 from specjax.drafters import budget as budget_lib
 from specjax.drafters.base import check_target
 from specjax.models.config import ModelConfig
@@ -53,20 +52,13 @@ def save(path: str, kind: str, head_kwargs: dict, params: Any, target_cfg: Model
   """Writes a head folder (atomically per file)."""
   os.makedirs(path, exist_ok=True)
   if buffers:
-    safetensors.numpy.save_file({k: np.asarray(v) for k, v in buffers.items()},
-                                os.path.join(path, BUFFERS + ".tmp"))
-    os.replace(os.path.join(path, BUFFERS + ".tmp"), os.path.join(path, BUFFERS))
-  flat = {"/".join(k): np.asarray(v) for k, v in
-          flax.traverse_util.flatten_dict(jax.device_get(params)).items()}
+    assets.save_arrays(os.path.join(path, BUFFERS), buffers)
   meta = {"format": FORMAT, "kind": kind, "head_kwargs": head_kwargs, "decode": decode or {},
           "target": {"arch": target_cfg.arch, "hidden_size": target_cfg.hidden_size,
                      "vocab_size": target_cfg.vocab_size, "num_layers": target_cfg.num_layers},
           **extra}
-  safetensors.numpy.save_file(flat, os.path.join(path, PARAMS + ".tmp"))
-  os.replace(os.path.join(path, PARAMS + ".tmp"), os.path.join(path, PARAMS))
-  with open(os.path.join(path, META + ".tmp"), "w", encoding="utf-8") as f:
-    json.dump(meta, f, indent=1)
-  os.replace(os.path.join(path, META + ".tmp"), os.path.join(path, META))
+  assets.save_arrays(os.path.join(path, PARAMS), assets.flat_params(params))
+  assets.save_json(os.path.join(path, META), meta)
 
 
 def read_meta(path: str) -> dict[str, Any]:
@@ -327,8 +319,7 @@ def load(path: str, target_cfg: ModelConfig, dtype=jnp.float32):
     except Exception as e:  # missing or truncated file
       raise ValueError(f"Could not read {os.path.join(path, PARAMS)}: {type(e).__name__}: "
                        f"{e}") from e
-    params = flax.traverse_util.unflatten_dict({tuple(k.split("/")): v
-                                                for k, v in flat.items()})
+    params = assets.nested_params(flat)
     if os.path.exists(os.path.join(path, BUFFERS)):
       head = _with_buffers(head, safetensors.numpy.load_file(os.path.join(path, BUFFERS)), path)
   else:

@@ -36,13 +36,11 @@ import os
 from typing import Any
 
 import flax.struct
-import flax.traverse_util
 import jax
 import jax.numpy as jnp
-import numpy as np
 import safetensors.numpy
 
-from specjax import registry
+from specjax import assets, registry
 from specjax.stopping.training_free import static
 
 FORMAT = "specjax-stop-predictor-v1"
@@ -185,13 +183,9 @@ def save(path: str, kind: str, params, drafter: str, **meta) -> None:
   """A predictor folder: params.safetensors + predictor.json (kind, drafter, knobs,
   metrics), each written atomically."""
   os.makedirs(path, exist_ok=True)
-  flat = {"/".join(k): np.asarray(v) for k, v in
-          flax.traverse_util.flatten_dict(jax.device_get(params)).items()}
-  safetensors.numpy.save_file(flat, os.path.join(path, PARAMS + ".tmp"))
-  os.replace(os.path.join(path, PARAMS + ".tmp"), os.path.join(path, PARAMS))
-  with open(os.path.join(path, META + ".tmp"), "w", encoding="utf-8") as f:
-    json.dump({"format": FORMAT, "kind": kind, "drafter": drafter, **meta}, f, indent=1)
-  os.replace(os.path.join(path, META + ".tmp"), os.path.join(path, META))
+  assets.save_arrays(os.path.join(path, PARAMS), assets.flat_params(params))
+  assets.save_json(os.path.join(path, META), {"format": FORMAT, "kind": kind,
+                                              "drafter": drafter, **meta})
 
 
 def load(path: str, kind: str) -> tuple[Any, dict]:
@@ -209,8 +203,7 @@ def load(path: str, kind: str) -> tuple[Any, dict]:
                      ) from e
   if meta.get("format") != FORMAT or meta.get("kind") != kind:
     raise ValueError(f"{path!r} holds a {meta.get('kind')!r} predictor, not {kind!r}.")
-  params = flax.traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v)
-                                              for k, v in flat.items()})
+  params = jax.tree.map(jnp.asarray, assets.nested_params(flat))
   return params, meta
 
 
