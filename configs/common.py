@@ -14,6 +14,7 @@ EAGLE_SMOLLM2 = os.path.join(HEADS, "eagle-smollm2-135m")
 MEDUSA_SMOLLM2 = os.path.join(HEADS, "medusa-smollm2-135m")
 EAGLE3_SMOLLM2 = os.path.join(HEADS, "eagle3-smollm2-135m")
 HYDRA_SMOLLM2 = os.path.join(HEADS, "hydra-smollm2-135m")
+FALCON_SMOLLM2 = os.path.join(HEADS, "falcon-smollm2-135m")
 # Verify and draft costs measured on this project's 2-core CPU (`python -m
 # specjax.evaluation.bench --costs-only`): what `budget=` sizes drafts from. On another
 # device, measure its own and pass --config.costs=workdir/bench/costs.json.
@@ -51,8 +52,10 @@ def method(name: str, drafter: str = "ar", *, stop: str | None = None,
 
 def trained_heads(costs) -> list[ml_collections.ConfigDict]:
   """The committed SmolLM2 heads as sweep methods: EAGLE-1, EAGLE-3, Medusa-1 and Hydra chains
-  sized from the cost file `costs`, and EAGLE-1 and EAGLE-3 drafting an EAGLE-2 dynamic
-  tree of 7 nodes (top-3 expansions, 3 deep). On this CPU the budget gives trees a single
+  sized from the cost file `costs`, Falcon's chain of one forward (its block of 2 tokens:
+  the budget's model charges a draft forward per token, which a semi-autoregressive head
+  does not spend), and EAGLE-1 and EAGLE-3 drafting an EAGLE-2 dynamic tree of 7 nodes
+  (top-3 expansions, 3 deep). On this CPU the budget gives trees a single
   node (verifying 2 tokens already costs 1.4x one), so the tree's size is fixed here to
   measure what a tree does; on an accelerator pass budget=costs with top_k=3 instead."""
   return [
@@ -65,6 +68,7 @@ def trained_heads(costs) -> list[ml_collections.ConfigDict]:
              num_nodes=7),
       method("medusa_chain", drafter="medusa", checkpoint=MEDUSA_SMOLLM2, budget=costs),
       method("hydra_chain", drafter="hydra", checkpoint=HYDRA_SMOLLM2, budget=costs),
+      method("falcon_chain", drafter="falcon", checkpoint=FALCON_SMOLLM2, top_k=1, depth=2),
   ]
 
 
