@@ -1,6 +1,7 @@
 """The demo: SmolLM2-135M with the committed heads (`assets/heads`: EAGLE-1, EAGLE-3,
 Medusa-1, Hydra and Falcon; `common.trained_heads`), beside AR and prompt lookup, on 2
-MT-Bench questions (both turns) + 2 HumanEval prompts, greedy, 64 new tokens. Prints tau, tokens/s and speedup over AR, and writes the plots.
+MT-Bench questions (both turns) + 2 HumanEval prompts, greedy, 64 new tokens.
+Prints tau, tokens/s and speedup over AR, and writes the plots.
 
 The heads' draft sizes come from `costs` (this CPU's measured verify and draft costs) and
 each head's held-out acceptance (`drafters.budget`); on another device measure its own:
