@@ -7,13 +7,10 @@ import pytest
 
 # Tests never reach a model or data hub: fail at once instead of retrying the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def pytest_configure(config):
-  """Compiled programs persist across test runs (in the checkout's .jax_cache)."""
-  del config
-  from specjax import runtime  # pylint: disable=g-import-not-at-top
-  runtime.enable_compilation_cache()
+# No persistent compilation cache in tests, nor in the CLIs they start (see
+# `runtime.enable_compilation_cache`): a crash while writing an entry took down an xdist
+# worker and hung CI.
+os.environ["SPECJAX_COMPILE_CACHE"] = "off"
 
 
 @pytest.fixture(scope="session")

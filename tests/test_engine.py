@@ -197,3 +197,20 @@ def test_bad_prompts():
     decode.generate(TARGET, [[1, 999]], max_new_tokens=4)
   with pytest.raises(ValueError, match="context of 256 positions"):
     decode.generate(TARGET, [[1] * 250], max_new_tokens=10)
+
+
+def test_compilation_cache_off_and_on(tmp_path, monkeypatch):
+  """SPECJAX_COMPILE_CACHE=off (the tests' setting) leaves JAX's cache alone; a folder
+  turns it on there."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from specjax import runtime  # pylint: disable=g-import-not-at-top
+
+  before = jax.config.jax_compilation_cache_dir
+  assert runtime.enable_compilation_cache() is None
+  assert jax.config.jax_compilation_cache_dir == before
+  monkeypatch.setenv("SPECJAX_COMPILE_CACHE", str(tmp_path))
+  try:
+    assert runtime.enable_compilation_cache() == str(tmp_path)
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path)
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
