@@ -43,6 +43,9 @@ class Stats:
   gained: jax.Array  # int32[B, S]: tokens gained per step (accepted drafts + 1); 0 = idle
   target_calls: jax.Array  # int32[B]: verification forwards (the prefill is not counted)
   draft_calls: jax.Array  # int32[B]: drafter forwards
+  # int32[B]: tokens the verification forwards carried (root + the verified width, which
+  # follows the longest draft in the batch: `verify_widths`)
+  verified: jax.Array
 
 
 @flax.struct.dataclass
@@ -92,6 +95,14 @@ def _empty_tree(b: int) -> DraftTree:
   return DraftTree.chain(jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), bool))
 
 
+def verify_widths(n: int) -> tuple[int, ...]:
+  """The node counts one step's verification is compiled for: 0 (an AR step), the powers
+  of two below `n`, and `n`. Where the target's cost grows with the tokens it verifies
+  (CPUs; large batches anywhere), drafting less must also verify less for a stop policy
+  to pay."""
+  return tuple(sorted({0, n} | {1 << i for i in range(max(n, 1).bit_length()) if 1 << i < n}))
+
+
 def _write(buf_BxL, rows_BxW, start_B):
   return jax.vmap(lambda r, x, i: jax.lax.dynamic_update_slice_in_dim(r, x, i, 0))(
       buf_BxL, rows_BxW, start_B)
@@ -138,7 +149,7 @@ def _generate(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_len_B
       cache=cache, history=history_BxL, length=prompt_len_B, new=zeros,
       done=jnp.zeros((b,), bool),
       drafter=() if drafter is None else drafter.init(ctx, max_len, prompt_features),
-      stats=Stats(jnp.zeros((b, max_new_tokens), jnp.int32), zeros, zeros),
+      stats=Stats(jnp.zeros((b, max_new_tokens), jnp.int32), zeros, zeros, zeros),
       step=jnp.zeros((), jnp.int32), trace=None)
   if trace:
     tree_shape = jax.eval_shape(lambda: drafter.propose(state.drafter, ctx, stop, sampling,
@@ -165,18 +176,23 @@ def _generate(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_len_B
                else jnp.zeros(tree.tokens.shape))
       return out.cache, out.features, verdict, label
 
-    def verify_root_only(tree):
-      """No sequence has a draft (e.g. no n-gram match): a plain AR step, at AR cost."""
-      cache, features, verdict, _ = verify_tree(_empty_tree(b))
-      features = tuple(jnp.pad(f, ((0, 0), (0, n), (0, 0))) for f in features)
-      return (cache, features, verdict._replace(path=jnp.zeros((b, n), jnp.int32)),
-              jnp.zeros(tree.tokens.shape))
+    def verify_first(m, tree):
+      """Verifies nodes [0, m) (none after them is valid), padded back to n nodes."""
+      cache, features, verdict, label = verify_tree(tree.first(m))
+      pad = lambda x: jnp.pad(x, ((0, 0), (0, n - m)) + ((0, 0),) * (x.ndim - 2))
+      return (cache, tuple(pad(f) for f in features),
+              verdict._replace(path=pad(verdict.path)), pad(label), jnp.int32(1 + m))
 
     if n:
-      cache, features, verdict, label = jax.lax.cond(tree.valid.any(), verify_tree,
-                                                     verify_root_only, tree)
+      # The narrowest width that holds every sequence's last valid node: a step whose
+      # stop policy drafted little verifies little, and one without drafts is an AR step.
+      widths = verify_widths(n)
+      last = jnp.max(jnp.where(tree.valid, jnp.arange(1, n + 1), 0))
+      cache, features, verdict, label, width = jax.lax.switch(
+          jnp.searchsorted(jnp.asarray(widths), last),
+          [functools.partial(verify_first, m) for m in widths], tree)
     else:
-      cache, features, verdict, label = verify_tree(tree)
+      (cache, features, verdict, label), width = verify_tree(tree), jnp.int32(1)
     verdict = verdict._replace(accepted_drafts=jnp.where(live, verdict.accepted_drafts, 0))
     a_B = verdict.accepted_drafts
     # Target cache: keep the root (offset 0) and the accepted nodes (offset 1 + node).
@@ -193,7 +209,8 @@ def _generate(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_len_B
     gained = jnp.where(live, gained, 0).astype(jnp.int32)
     new = st.new + gained
     stats = Stats(st.stats.gained.at[:, st.step].set(gained),
-                  st.stats.target_calls + live, st.stats.draft_calls + draft_calls * live)
+                  st.stats.target_calls + live, st.stats.draft_calls + draft_calls * live,
+                  st.stats.verified + width * live)
     dstate = dstate if drafter is None else drafter.commit(dstate, ctx, verdict, features)
     return _State(cache=cache, history=_write(st.history, window, st.length),
                   length=st.length + gained, new=new,

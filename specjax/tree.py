@@ -70,6 +70,15 @@ class DraftTree:
     dist = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
     return cls(tokens_BxN.astype(jnp.int32), parents, valid_BxN, probs_BxNxV, dist, sampled)
 
+  def first(self, m: int) -> "DraftTree":
+    """Nodes [0, m) alone (static m): what verification needs when no later node is
+    valid. Parents come first, so every kept node's parent is kept; `probs` stays whole
+    (rows are addressed through `dist`)."""
+    cut = lambda x: None if x is None else x[:, :m]
+    return self.replace(tokens=self.tokens[:, :m], parents=self.parents[:, :m],
+                        valid=self.valid[:, :m], dist=cut(self.dist), hidden=cut(self.hidden),
+                        forwarded=cut(self.forwarded))
+
   def draft_probs(self, i: int) -> jax.Array:
     """float32[B, V]: the distribution node i was drawn from."""
     return jnp.take_along_axis(self.probs, self.dist[:, i, None, None], 1)[:, 0]

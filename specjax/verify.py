@@ -117,7 +117,7 @@ def verify(rule: Acceptance, tree: DraftTree, target_logits_BxTxV: jax.Array,
   """Walks the tree against the target logits of [root, node_0, ..., node_{N-1}]."""
   if rule.name == "greedy" and not s.greedy:
     raise ValueError("acceptance='greedy' needs temperature 0; use 'speculative' to sample.")
-  b, n = tree.tokens.shape
+  b = tree.tokens.shape[0]
   rows = jnp.arange(b)
   at = lambda x_BxT, cur_B: x_BxT[rows, cur_B + 1]  # the target's row for the current node
 
@@ -130,7 +130,6 @@ def verify(rule: Acceptance, tree: DraftTree, target_logits_BxTxV: jax.Array,
   u_key, next_key = jax.random.split(key)
   p_BxTxV = sampling_lib.probs(target_logits_BxTxV, s)
   if rule.name == "speculative":
-    u_BxN = jax.random.uniform(u_key, (b, n))
 
     def accept(i, cur_B, tried_B, p_BxV):
       x_B = tree.tokens[:, i]
@@ -138,7 +137,10 @@ def verify(rule: Acceptance, tree: DraftTree, target_logits_BxTxV: jax.Array,
         q_BxV = tree.draft_probs(i)
       else:  # a deterministic pick: q is one-hot on the token
         q_BxV = jax.nn.one_hot(x_B, p_BxV.shape[-1], dtype=jnp.float32)
-      ok_B = u_BxN[:, i] * q_BxV[rows, x_B] < p_BxV[rows, x_B]
+      # One uniform per node index, whatever the tree's width (a step verifies a prefix
+      # of the nodes when the rest were not drafted).
+      u_B = jax.random.uniform(jax.random.fold_in(u_key, i), (b,))
+      ok_B = u_B * q_BxV[rows, x_B] < p_BxV[rows, x_B]
       residual = jnp.maximum(p_BxV - q_BxV, 0.0)
       mass = jnp.sum(residual, -1, keepdims=True)
       rejected = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_BxV)
