@@ -42,11 +42,25 @@ def get_config(arg: str | None = None):
   c.temperatures = (0.0, 1.0)
   c.max_new_tokens = 128
   c.batch_size = 8
-  c.block = 4  # PACER's block
+  # PACER's block: 2, since on a CPU the best fixed length is 1-2 drafts (verification
+  # cost grows with its tokens) and a block verifier can only stop at multiples of it.
+  c.block = 2
+  # Thresholds are picked by simulating each on the training prompts' chains under a cost
+  # file (`make bench`'s costs.json; "" = keep the defaults). draft_ms: one draft forward
+  # (0 = the file's, an EAGLE head's).
+  c.calibrate = ml_collections.ConfigDict({"costs": "assets/costs/cpu-2core.json",
+                                           "draft_ms": 0.0})
   c.fit = ml_collections.ConfigDict({
       "steps": 1000, "batch_size": 256, "lr": 1e-3, "reject_weight": 6.0})
   c.seed = 0
   c.progress = True
+  if a.drafter == "self_draft":
+    # A draft forward here costs 73% of a verification (20 of 30 layers + the LM head, by
+    # weights: ~0.73 x the cost file's one-token 40.0 ms), so this CPU wants short chains:
+    # a cap of 4, and half the prompts and tokens (collecting at 8 x 128 took ~2 h here).
+    c.drafter_kwargs["num_draft"] = 4
+    c.num_prompts, c.max_new_tokens = 32, 64
+    c.calibrate.draft_ms = 0.73 * 40.0
   if a.tiny:
     c.target = "tiny-random"
     c.labels = ""

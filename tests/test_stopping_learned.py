@@ -18,7 +18,7 @@ import pytest
 
 from specjax import decode, models, stopping
 from specjax.configs import stop as stop_config
-from specjax.drafters import DraftModel, EagleHead
+from specjax.drafters import DraftModel, EagleHead, FalconHead
 from specjax.models import shared_params
 from specjax.stopping import learned
 from specjax.training import stop as stop_training
@@ -28,16 +28,16 @@ from test_engine import OTHER, PROMPTS, TARGET, ar, gen
 H = TARGET.config.hidden_size
 
 
-def random_specdecpp(scale=3.0, **kw):
+def random_specdecpp(scale=3.0, width=H, **kw):
   """Random acceptance heads big enough that their predictions vary across nodes."""
-  p = learned.specdecpp_init(jax.random.key(0), H)
-  p["out"]["kernel"] = scale * jax.random.normal(jax.random.key(1), (H, 1)) / np.sqrt(H)
+  p = learned.specdecpp_init(jax.random.key(0), width)
+  p["out"]["kernel"] = scale * jax.random.normal(jax.random.key(1), (width, 1)) / np.sqrt(width)
   p["out"]["bias"] = p["out"]["bias"] + 1.0
   return stopping.get("specdecpp", params=p, **kw)
 
 
-def random_pacer(block=2, **kw):
-  p = learned.pacer_init(jax.random.key(2), H, block)
+def random_pacer(block=2, width=H, **kw):
+  p = learned.pacer_init(jax.random.key(2), width, block)
   p["out"]["kernel"] = 3.0 * jax.random.normal(jax.random.key(3), p["out"]["kernel"].shape)
   return stopping.get("pacer", params=p, block=block, **kw)
 
@@ -50,15 +50,28 @@ def eagle_tree():
                       num_nodes=8)
 
 
-POLICIES = {"specdecpp": lambda: random_specdecpp(threshold=0.5, min_len=1),
-            "pacer": lambda: random_pacer(threshold=0.5)}
+def falcon_chain():
+  """Falcon blocks of 2 drafts, three forwards deep (a chain of 6)."""
+  head = FalconHead(TARGET.config, block=2)
+  params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(6), x.shape),
+                        head.init(jax.random.key(7)))
+  return head.drafter(params, shared_params(TARGET.config, TARGET.params), depth=6)
+
+
+POLICIES = {"specdecpp": lambda w: random_specdecpp(threshold=0.5, min_len=1, width=w),
+            "pacer": lambda w: random_pacer(threshold=0.5, width=w)}
+DRAFTERS = {"chain": lambda: DraftModel.from_model(OTHER, num_draft=6),
+            "eagle2_dynamic": eagle_tree, "falcon_chain": falcon_chain}
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("drafter", ["chain", "eagle2_dynamic"])
+@pytest.mark.parametrize("drafter", DRAFTERS)
 def test_learned_policies_keep_greedy_output(policy, drafter):
-  d = DraftModel.from_model(OTHER, num_draft=6) if drafter == "chain" else eagle_tree()
-  stop = POLICIES[policy]()
+  d = DRAFTERS[drafter]()
+  # The width of the drafter's hidden states (Falcon packs features, embeddings, carry).
+  width = gen(TARGET, PROMPTS[:1], max_new_tokens=1, eos=None, drafter=d,
+              trace=True).trace.hidden.shape[-1]
+  stop = POLICIES[policy](width)
   out = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None, drafter=d, stop=stop)
   assert out.token_lists() == ar(PROMPTS)
   if drafter == "chain":  # the policy really cut some drafts short (and not all)
@@ -84,6 +97,17 @@ def test_specdecpp_forced_to_stop_at_k_is_fixed_k(k):
   np.testing.assert_array_equal(np.asarray(forced.stats.draft_calls),
                                 np.asarray(fixed.stats.draft_calls)
                                 + np.asarray(fixed.stats.target_calls))
+  # Verification carries the root and the narrowest compiled width that holds k drafts.
+  width = min(w for w in decode.verify_widths(6) if w >= k)
+  calls = np.asarray(fixed.stats.target_calls)
+  np.testing.assert_array_equal(forced.stats.verified, calls * (1 + width))
+  np.testing.assert_array_equal(fixed.stats.verified, calls * (1 + k))
+
+
+def test_verify_widths():
+  assert decode.verify_widths(1) == (0, 1)
+  assert decode.verify_widths(6) == (0, 1, 2, 4, 6)
+  assert decode.verify_widths(8) == (0, 1, 2, 4, 8)
 
 
 def test_pacer_stops_only_where_a_block_closes():
@@ -144,6 +168,10 @@ def test_trained_predictor_separates_accepted_from_rejected(trained):
     m = json.load(f)
   assert m["auc"] > 0.6 > m["auc_untrained"], m
   assert m["eval_examples"] > 100
+  # The threshold was calibrated to the cost file, and the fixed lengths simulated beside.
+  cal = m["calibration"]
+  assert cal["threshold"] in stop_training.THRESHOLDS
+  assert set(cal["eval_fixed"]) == {str(k) for k in range(1, 7)}
 
 
 def test_trained_predictor_decodes_and_refuses_other_drafters(trained, tmp_path):
@@ -151,6 +179,10 @@ def test_trained_predictor_decodes_and_refuses_other_drafters(trained, tmp_path)
   target = models.load("tiny-random")
   policy = stopping.get(kind, checkpoint=os.path.join(workdir, "predictor"))
   assert policy.drafter == "DraftModel"
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    assert policy.threshold == json.load(f)["calibration"]["threshold"]
+  assert stopping.get(kind, checkpoint=os.path.join(workdir, "predictor"),
+                      threshold=0.123).threshold == 0.123
   chain = DraftModel.truncated(target, 1, num_draft=6)
   prompts = [[1, 2, 3], list(range(40, 60))]
   want = decode.generate(target, prompts, max_new_tokens=16, eos=None).token_lists()
@@ -185,3 +217,22 @@ def test_labels_made_with_other_settings_are_refused(tmp_path):
   with pytest.raises(ValueError, match=r"other settings \(\['max_new_tokens'\] differ\)"):
     stop_training.collect(TARGET, d, [], str(tmp_path), temperature=0.0, max_new_tokens=16,
                           spec={"drafter": "other"})
+
+
+def test_simulated_speedup_of_a_stop_depth():
+  """The calibration's cost model on two hand-made chains of 4 greedy labels."""
+  data = {"label": np.array([[1, 1, 0, 1], [0, 1, 1, 1]], np.float32),
+          "valid": np.ones((2, 4), bool)}
+  costs = {"verify_ms": {"1": 10.0, "2": 12.0, "4": 16.0, "8": 24.0}}
+  # Fixed 2: 2 + 0 accepted, 2 forwards, 3 tokens verified (14 ms).
+  fixed = stop_training.simulate(data, np.array([2, 2]), costs, 1.0, policy=False)
+  assert fixed == pytest.approx({"tau": 2.0, "ms_per_step": 16.0, "speedup": 4 / 32 * 10})
+  # A policy stopping at 3 read the third draft (4 forwards) and verifies width 4 (18 ms).
+  pol = stop_training.simulate(data, np.array([3, 3]), costs, 1.0, policy=True)
+  assert pol == pytest.approx({"tau": 2.0, "ms_per_step": 22.0, "speedup": 4 / 44 * 10})
+  # Stopping at the cap reads nothing more.
+  full = stop_training.simulate(data, np.array([4, 4]), costs, 1.0, policy=True)
+  assert full["ms_per_step"] == pytest.approx(4 + 18) and full["tau"] == pytest.approx(2.0)
+  # The oracle stops the first chain after its two accepted drafts (17 ms for 3 tokens)
+  # and the second after one draft, the fewest a policy drafts.
+  np.testing.assert_array_equal(stop_training.oracle_depths(data, costs, 1.0), [2, 1])

@@ -161,6 +161,101 @@ def score(kind: str, params, x: np.ndarray) -> np.ndarray:
   return np.asarray(jax.nn.sigmoid(jax.jit(logits_fn(kind))(params, jnp.asarray(x))))
 
 
+def _verify_cost(costs: dict, tokens: np.ndarray) -> np.ndarray:
+  """ms of one verification forward of `tokens` tokens (linear between measured sizes)."""
+  sizes = sorted(int(k) for k in costs["verify_ms"])
+  return np.interp(tokens, sizes, [costs["verify_ms"][str(k)] for k in sizes])
+
+
+def stop_depths(kind: str, params, data: dict[str, np.ndarray], *, threshold: float,
+                min_len: int = 1, block: int = 4) -> np.ndarray:
+  """int[M]: where the policy stops each collected chain of N drafts (its draft count),
+  replaying `learned.SpecDecPP` / `learned.Pacer` on the recorded hidden states."""
+  m, n = data["label"].shape
+  ok = data["valid"] & data["forwarded"]
+  depth = np.arange(1, n + 1)
+  if kind == "specdecpp":
+    p = np.where(ok, score(kind, params, data["hidden"].astype(np.float32)), 1.0)
+    stop = (depth >= min_len) & (1.0 - np.cumprod(p, 1) > threshold) & ok
+  else:
+    stop = np.zeros((m, n), bool)
+    for d in range(block, n, block):
+      window = data["hidden"][:, d - block:d].astype(np.float32)
+      stop[:, d - 1] = ok[:, d - block:d].all(1) & (score(kind, params, window) < threshold)
+  return np.where(stop.any(1), np.argmax(stop, 1) + 1, n)
+
+
+def _steps(data: dict[str, np.ndarray], k: np.ndarray, costs: dict, draft_ms: float,
+           policy: bool) -> tuple[np.ndarray, np.ndarray]:
+  """(expected tokens, ms) of each collected chain stopped after k[i] drafts."""
+  n = data["label"].shape[1]
+  labels = np.where(data["valid"], data["label"], 0.0).astype(np.float64)
+  reach = np.cumprod(labels, 1)
+  accepted = np.where(np.arange(1, n + 1) <= k[:, None], reach, 0.0).sum(1)
+  if policy:
+    widths = np.asarray(decode.verify_widths(n))
+    width = widths[np.searchsorted(widths, k)]
+    forwards = np.where(k < n, k + 1, n)
+  else:
+    width, forwards = k, k
+  return 1.0 + accepted, forwards * draft_ms + _verify_cost(costs, 1 + width)
+
+
+def simulate(data: dict[str, np.ndarray], k: np.ndarray, costs: dict, draft_ms: float, *,
+             policy: bool) -> dict[str, float]:
+  """Expected tokens per step, ms per step and speedup over AR of stopping each collected
+  chain (N drafts) after k[i] drafts, under `costs` (`make bench`'s costs.json).
+
+  Expected accepted drafts: sum over j <= k of prod over i <= j of the labels (exact for
+  greedy 0/1 labels, the expectation for sampled ones). Draft forwards: k for a fixed-k
+  drafter (its last draft is never read back); a policy also reads the k-th draft's hidden
+  state unless k = N. Verification: the root + the narrowest `decode.verify_widths(N)`
+  width that holds k (a fixed-k drafter verifies exactly k)."""
+  tokens, ms = _steps(data, k, costs, draft_ms, policy)
+  ar_ms = float(_verify_cost(costs, np.asarray([1]))[0])
+  return {"tau": float(tokens.mean()), "ms_per_step": float(ms.mean()),
+          "speedup": float(tokens.sum() / ms.sum() * ar_ms)}
+
+
+def oracle_depths(data: dict[str, np.ndarray], costs: dict, draft_ms: float, *,
+                  policy: bool = True) -> np.ndarray:
+  """int[M]: each chain's stop depth with the fewest ms per expected token, knowing its
+  labels: a bound on what a stop policy of this engine can do on these chains (policy
+  costs), or on one that decided without reading the last draft (policy=False: fixed-k
+  costs)."""
+  m, n = data["label"].shape
+  per_token = [np.divide(*_steps(data, np.full(m, k), costs, draft_ms, policy)[::-1])
+               for k in range(1, n + 1)]
+  return np.argmin(np.stack(per_token, 1), 1) + 1
+
+
+THRESHOLDS = tuple(np.round(np.linspace(0.05, 0.95, 19), 2).tolist())
+
+
+def calibrate(kind: str, params, train_data: dict, eval_data: dict, costs: dict,
+              draft_ms: float, block: int) -> dict:
+  """The threshold (and SpecDec++'s min_len) with the best simulated speedup on the
+  training prompts' chains; the held-out simulated speedup at it and of every fixed K."""
+  n = train_data["label"].shape[1]
+  grid = [(t, m) for t in THRESHOLDS for m in ((1, 2) if kind == "specdecpp" else (1,))]
+  sim = lambda data, t, m: simulate(data, stop_depths(kind, params, data, threshold=t,
+                                                      min_len=m, block=block),
+                                    costs, draft_ms, policy=True)
+  best_t, best_m = max(grid, key=lambda tm: sim(train_data, *tm)["speedup"])
+  out = {"threshold": best_t, "eval": sim(eval_data, best_t, best_m),
+         "eval_oracle": simulate(eval_data, oracle_depths(eval_data, costs, draft_ms),
+                                 costs, draft_ms, policy=True),
+         "eval_oracle_fixed_costs": simulate(
+             eval_data, oracle_depths(eval_data, costs, draft_ms, policy=False), costs,
+             draft_ms, policy=False),
+         "eval_fixed": {str(k): simulate(eval_data, np.full(len(eval_data["label"]), k),
+                                         costs, draft_ms, policy=False)
+                        for k in range(1, n + 1)}}
+  if kind == "specdecpp":
+    out["min_len"] = best_m
+  return out
+
+
 def _prompts(tokens: np.ndarray, mask: np.ndarray) -> list[list[int]]:
   """Each row's prompt: its tokens before the first trained (response) token."""
   return [row[:int(np.argmax(m > 0))].tolist() for row, m in zip(tokens, mask)]
@@ -198,9 +293,9 @@ def train(c, workdir: str) -> dict:
                        spec={"target": c.target, "drafter": c.drafter,
                              "drafter_kwargs": dict(c.drafter_kwargs),
                              "data": dict(c.data), "split": split})
-    sets[split] = examples(kind, load(files), c.block)
-  x, y, _ = sets["train"]
-  xe, _, oe = sets["eval"]
+    sets[split] = load(files)
+  x, y, _ = examples(kind, sets["train"], c.block)
+  xe, _, oe = examples(kind, sets["eval"], c.block)
   tried = oe >= 0
   params, loss = fit(kind, x, y, steps=c.fit.steps, batch_size=c.fit.batch_size, lr=c.fit.lr,
                      reject_weight=c.fit.reject_weight, block=c.block, seed=c.seed)
@@ -210,6 +305,13 @@ def train(c, workdir: str) -> dict:
              "auc": auc(score(kind, params, xe)[tried], oe[tried] == 1),
              "auc_untrained": auc(score(kind, untrained, xe)[tried], oe[tried] == 1)}
   knobs = {"block": c.block} if kind == "pacer" else {}
+  if c.calibrate.costs:
+    with open(c.calibrate.costs, encoding="utf-8") as f:
+      costs = json.load(f)
+    draft_ms = c.calibrate.draft_ms or costs["draft_ms"]
+    cal = calibrate(kind, params, sets["train"], sets["eval"], costs, draft_ms, c.block)
+    metrics["calibration"] = {"costs": c.calibrate.costs, "draft_ms": draft_ms, **cal}
+    knobs.update({k: cal[k] for k in ("threshold", "min_len") if k in cal})
   learned.save(os.path.join(workdir, "predictor"), kind, params, learned.drafter_id(drafter),
                target=c.target, drafter_spec={"name": c.drafter, **dict(c.drafter_kwargs)},
                temperatures=list(c.temperatures), metrics=metrics, **knobs)

@@ -208,33 +208,40 @@ def load(path: str, kind: str) -> tuple[Any, dict]:
 
 
 @registry.STOP_POLICIES.register("specdecpp")
-def _specdecpp(*, checkpoint: str | None = None, params=None, threshold: float = 0.3,
-               min_len: int = 2) -> SpecDecPP:
+def _specdecpp(*, checkpoint: str | None = None, params=None, threshold: float | None = None,
+               min_len: int | None = None) -> SpecDecPP:
   """SpecDec++'s acceptance head (a trained `checkpoint` folder, or `params`): stop once
-  P(a rejection) > `threshold`, after at least `min_len` drafts."""
-  params, drafter = _params(checkpoint, params, "specdecpp")
-  return SpecDecPP(params, threshold, min_len, drafter)
+  P(a rejection) > `threshold`, after at least `min_len` drafts. Unset knobs come from the
+  checkpoint (calibrated to a cost file when trained) or default to 0.3 and 2."""
+  params, meta = _params(checkpoint, params, "specdecpp")
+  return SpecDecPP(params, _knob(threshold, meta, "threshold", 0.3),
+                   _knob(min_len, meta, "min_len", 2), meta.get("drafter", ""))
 
 
 @registry.STOP_POLICIES.register("pacer")
 def _pacer(*, checkpoint: str | None = None, params=None, block: int | None = None,
-           threshold: float = 0.5) -> Pacer:
+           threshold: float | None = None) -> Pacer:
   """A PACER-style block pre-verifier (a trained `checkpoint` folder, or `params`): stop
-  after a block of `block` drafts scored under `threshold`."""
-  params, drafter = _params(checkpoint, params, "pacer")
+  after a block of `block` drafts scored under `threshold` (unset: the checkpoint's
+  calibrated one, or 0.5)."""
+  params, meta = _params(checkpoint, params, "pacer")
   trained = params["pos"].shape[0]
   if block not in (None, trained):
     raise ValueError(f"This PACER predictor scores blocks of {trained} tokens; block={block} "
                      "was asked for.")
-  return Pacer(params, trained, threshold, drafter)
+  return Pacer(params, trained, _knob(threshold, meta, "threshold", 0.5),
+               meta.get("drafter", ""))
 
 
 def _params(checkpoint, params, kind):
-  """(params, the drafter it was trained for) from exactly one of checkpoint / params."""
+  """(params, the checkpoint's meta or {}) from exactly one of checkpoint / params."""
   if (checkpoint is None) == (params is None):
     raise ValueError(f"The {kind} stop policy needs checkpoint=PATH (a trained predictor) "
                      "or params=, not both.")
   if params is not None:
-    return params, ""
-  params, meta = load(checkpoint, kind)
-  return params, meta["drafter"]
+    return params, {}
+  return load(checkpoint, kind)
+
+
+def _knob(given, meta: dict, name: str, default):
+  return given if given is not None else meta.get(name, default)
