@@ -7,7 +7,8 @@
 
 Labels come from decoding the self-distilled training rows' prompts (never the evaluation
 sets) with the drafter at its full length, greedy and sampled; the held-out rows' prompts
-give the reported AUC. The run writes workdir/predictor and workdir/metrics.json; the
+give the reported AUC and the simulated speedups at the threshold calibrated to
+`calibrate.costs`. The run writes workdir/predictor and workdir/metrics.json; the
 labels (the expensive part, resumable) go to workdir/stop_labels/DRAFTER, which the
 SpecDec++ and PACER runs of one drafter share.
 """

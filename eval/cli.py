@@ -28,6 +28,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   start = time.perf_counter()
   runtime.enable_compilation_cache()
+  runtime.check_map_count()  # a sweep holds a compiled program per method and cell shape
   plan = sweep.plan(_CONFIG.value)
   new_rows = sweep.run(plan, _WORKDIR.value)
   summary = report.write(_WORKDIR.value)

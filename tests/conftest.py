@@ -13,6 +13,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["SPECJAX_COMPILE_CACHE"] = "off"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+  """Drops every compiled program after each test module. XLA:CPU maps thousands of
+  memory regions per program of the real model; a worker that kept all of them reached
+  Linux's default vm.max_map_count (65,530), LLVM failed to allocate ("Cannot allocate
+  memory") and the worker aborted, hanging CI."""
+  yield
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def smollm2():
   """The default preset as a specjax Model (with its tokenizer); ~10 s."""

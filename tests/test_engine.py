@@ -214,3 +214,16 @@ def test_compilation_cache_off_and_on(tmp_path, monkeypatch):
     assert jax.config.jax_compilation_cache_dir == str(tmp_path)
   finally:
     jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_low_map_count_is_reported(tmp_path, monkeypatch):
+  from specjax import runtime  # pylint: disable=g-import-not-at-top
+
+  limit = tmp_path / "max_map_count"
+  monkeypatch.setattr(runtime, "MAP_COUNT", str(limit))
+  limit.write_text("65530\n")
+  assert "sysctl -w vm.max_map_count" in runtime.check_map_count()
+  limit.write_text("1048576\n")
+  assert runtime.check_map_count() is None
+  monkeypatch.setattr(runtime, "MAP_COUNT", str(tmp_path / "absent"))
+  assert runtime.check_map_count() is None
