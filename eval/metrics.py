@@ -84,6 +84,8 @@ def _summarize_group(rows: Sequence[Row], ar_tps: Mapping[tuple, float]) -> dict
       "speedup": speedup([m for m, _ in paired], [a for _, a in paired]),
       "target_per_token": per_token(target, new),
       "draft_per_token": per_token(draft, new),
+      # accepted drafts = new tokens - one per target call (its bonus/correction token)
+      "draft_per_accepted": per_token(draft, new - target) if target is not None else None,
       "all_equal": all(equal) if equal else None,
       "lossy": any(r["lossy"] for r in rows),
   }

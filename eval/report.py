@@ -23,7 +23,7 @@ RESULTS = "results.jsonl"
 KEY = ("method", "dataset", "prompt_id", "temperature", "seed")
 SUMMARY_FIELDS = ("method", "dataset", "temperature", "drafter", "num_draft", "rows",
                   "new_tokens", "tau", "tokens_per_s", "speedup", "target_per_token",
-                  "draft_per_token", "all_equal", "lossy")
+                  "draft_per_token", "draft_per_accepted", "all_equal", "lossy")
 
 
 def row_key(row: Mapping[str, Any]) -> tuple:
@@ -74,13 +74,14 @@ def _fmt(value: Any, digits: int = 2) -> str:
 def markdown(summary: Sequence[Mapping[str, Any]]) -> str:
   """The summary as a Markdown table."""
   head = ("method", "dataset", "T", "rows", "tau", "tok/s", "speedup", "target fwd/tok",
-          "draft fwd/tok", "all = AR", "lossy")
+          "draft fwd/tok", "draft fwd/accepted", "all = AR", "lossy")
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for s in summary:
     cells = (s["method"], s["dataset"], _fmt(s["temperature"], 1), s["rows"],
              _fmt(s["tau"]), _fmt(s["tokens_per_s"], 1),
              "-" if s["speedup"] is None else f"{s['speedup']:.2f}x",
              _fmt(s["target_per_token"]), _fmt(s["draft_per_token"]),
+             _fmt(s["draft_per_accepted"]),
              _fmt(s["all_equal"]), _fmt(s["lossy"]))
     lines.append("| " + " | ".join(str(c) for c in cells) + " |")
   return "\n".join(lines)

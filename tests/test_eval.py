@@ -91,6 +91,8 @@ def test_summarize_pairs_prompts_and_flags():
   assert by["ar", 0.0]["speedup"] == 1.0 and by["ar", 0.0]["tau"] == 1.0
   assert by["pl", 0.0]["speedup"] == 2.0 and by["pl", 0.0]["tau"] == 2.0
   assert by["pl", 0.0]["target_per_token"] == 0.5
+  # 16 new tokens over 8 target calls: 8 accepted drafts, none of them from a draft forward
+  assert by["pl", 0.0]["draft_per_accepted"] == 0.0 and by["ar", 0.0]["draft_per_accepted"] is None
   assert by["pl", 0.0]["all_equal"] is False and by["ar", 0.0]["all_equal"] is True
   assert by["typ", 1.0]["speedup"] == 2.0 and by["typ", 1.0]["all_equal"] is None
   assert by["typ", 1.0]["lossy"] and not by["pl", 0.0]["lossy"]
