@@ -16,9 +16,9 @@ OFF = "off"
 def enable_compilation_cache(path: str | None = None) -> str | None:
   """Turns on JAX's persistent compilation cache: a second run of the same programs (a
   rerun of the demo, a resumed sweep) loads them instead of compiling. Returns the folder,
-  or None when SPECJAX_COMPILE_CACHE=off (the test suite sets it: jaxlib 0.10.2 has
-  aborted the process inside `executable.serialize()` while writing an entry, and a
-  clean clone's suite gains little from the cache)."""
+  or None when SPECJAX_COMPILE_CACHE=off (the test suite sets it: a clean clone's suite
+  gains little from the cache, and a write is where a process that ran out of memory
+  maps aborted; see `check_map_count`)."""
   path = path or os.environ.get("SPECJAX_COMPILE_CACHE", DEFAULT_COMPILE_CACHE)
   if path == OFF:
     return None

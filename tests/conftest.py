@@ -8,8 +8,7 @@ import pytest
 # Tests never reach a model or data hub: fail at once instead of retrying the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # No persistent compilation cache in tests, nor in the CLIs they start (see
-# `runtime.enable_compilation_cache`): a crash while writing an entry took down an xdist
-# worker and hung CI.
+# `runtime.enable_compilation_cache`): a clean clone gains little from it.
 os.environ["SPECJAX_COMPILE_CACHE"] = "off"
 
 
