@@ -4,7 +4,9 @@ For the EAGLE-3 head (a chain of up to 8) and the 20-layer self-drafter (up to 4
 its predictors were trained at): fixed K in (1, 2, 4, 8) up to the cap, confidence, SVIP,
 and the trained SpecDec++ and PACER predictors committed in assets/stop (`specjax-train
 --config configs/stop.py:KIND,drafter=D`, thresholds calibrated to this CPU's costs).
-MT-Bench and HumanEval, greedy and T=1, batch 1, 128 new tokens.
+MT-Bench and HumanEval, greedy and T=1, batch 1, 128 new tokens; one prompt of each (both
+turns of MT-Bench's): 16 methods x 6 prompt-turns x 2 temperatures is ~1.5 h on the 2-core
+CPU, most of it compiling the 16 programs per cache size and temperature.
 """
 
 import os
@@ -36,4 +38,6 @@ def get_config(arg: str | None = None):
             stop_kwargs={"checkpoint": predictor("specdecpp", name)}),
         one("pacer", cap, stop="pacer", stop_kwargs={"checkpoint": predictor("pacer", name)}),
     ]
-  return common.table_protocol(c)
+  c = common.table_protocol(c)
+  c.num_prompts = 1
+  return c
