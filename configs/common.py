@@ -118,4 +118,13 @@ def base() -> ml_collections.ConfigDict:
   c.cache_bucket = 512  # cache sizes round up to this: one compiled program per bucket
   c.peers = ()  # "hf_ar", "hf_prompt_lookup": transformers on the same weights
   c.progress = True  # tqdm progress bar
+  # Sharding (specjax.sharding): every method decodes on a mesh such as "tensor=8" or
+  # "data=2,tensor=4" over all devices ("": one device); rules as (logical axis, mesh
+  # axes) pairs, () = sharding.DEFAULT_RULES.
+  c.mesh = ""
+  c.sharding_rules = ()
+  # Several processes (multi-host, `sharding.initialize`): each runs the same sweep and
+  # process 0 writes the results. Empty: from the environment if set, else one process.
+  c.distributed = ml_collections.ConfigDict({
+      "coordinator": "", "num_processes": 0, "process_id": -1, "auto": False})
   return c

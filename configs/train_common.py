@@ -36,6 +36,16 @@ def base() -> ml_collections.ConfigDict:
   c.checkpoint_every = 50
   c.keep_checkpoints = 3
   c.progress = True
+  # Sharding (specjax.sharding): a mesh such as "data=-1" or "data=2,fsdp=2,tensor=2" over
+  # all devices of all processes ("": one device); rules as (logical axis, mesh axes)
+  # pairs, () = sharding.DEFAULT_RULES. A resumed run may change both.
+  c.mesh = ""
+  c.sharding_rules = ()
+  # Several processes (multi-host): `sharding.initialize`. Empty: from the environment
+  # (JAX_COORDINATOR_ADDRESS, ...) if set, else one process; auto=True lets JAX find the
+  # cluster (Cloud TPU pods, SLURM, Open MPI).
+  c.distributed = ml_collections.ConfigDict({
+      "coordinator": "", "num_processes": 0, "process_id": -1, "auto": False})
   return c
 
 

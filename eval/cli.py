@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import time
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from specjax import runtime
+from specjax import runtime, sharding
 
 from . import report, sweep
 
@@ -27,10 +28,14 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   start = time.perf_counter()
+  # Several processes start jax.distributed before anything else touches JAX.
+  sharding.initialize(_CONFIG.value.get("distributed"))
   runtime.enable_compilation_cache()
   runtime.check_map_count()  # a sweep holds a compiled program per method and cell shape
   plan = sweep.plan(_CONFIG.value)
   new_rows = sweep.run(plan, _WORKDIR.value)
+  if jax.process_index():
+    return  # process 0 writes the results and the report
   summary = report.write(_WORKDIR.value)
   print(report.markdown(summary))
   print(f"\n{len(new_rows)} new rows in {time.perf_counter() - start:.0f} s; "

@@ -28,6 +28,7 @@ import jax
 import tqdm
 
 from specjax import decode, models, registry, stopping
+from specjax import sharding as sharding_lib
 from specjax.drafters import budget as budget_lib
 from specjax.drafters import io as head_io
 from specjax import verify as verify_lib
@@ -88,6 +89,8 @@ class Plan:
   peers: tuple[str, ...]
   progress: bool
   target_lora: str = ""
+  # The mesh every method decodes on (`specjax.sharding`; None: one device).
+  sharding: sharding_lib.Plan | None = None
 
   @property
   def target_name(self) -> str:
@@ -159,7 +162,8 @@ def plan(config: Any) -> Plan:
   acceptance rule, dataset, target or checkpoint.
   """
   c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  missing = [f.name for f in dataclasses.fields(Plan) if f.name not in c]
+  missing = [f.name for f in dataclasses.fields(Plan)
+             if f.name not in c and f.default is dataclasses.MISSING]
   if missing:
     raise ValueError(f"Config lacks {missing}; start from configs/common.py:base().")
   temperatures = tuple(float(t) for t in c["temperatures"])
@@ -198,7 +202,7 @@ def plan(config: Any) -> Plan:
               max_new_tokens=c["max_new_tokens"], warmup=c["warmup"],
               cache_bucket=c["cache_bucket"],
               peers=tuple(c["peers"]), progress=bool(c["progress"]),
-              target_lora=c.get("target_lora", ""))
+              target_lora=c.get("target_lora", ""), sharding=sharding_lib.from_config(c))
 
 
 # ------------------------------------------------------------------------------------------
@@ -239,7 +243,7 @@ def _measure_method(plan: Plan, timer: Timer, target: Model, method: Method, dra
   call = functools.partial(
       decode.generate, target, [ids], max_new_tokens=plan.max_new_tokens,
       temperature=temperature, seed=seed, drafter=drafter, stop=method.stop_policy(),
-      acceptance=method.rule(), max_len=max_len)
+      acceptance=method.rule(), max_len=max_len, plan=plan.sharding)
   out, seconds = timer(call, (method.name, max_len, temperature))
   return {"tokens": out.token_lists()[0], "target_calls": int(out.stats.target_calls[0]),
           "draft_calls": int(out.stats.draft_calls[0]), "seconds": seconds,
@@ -264,7 +268,8 @@ def make_row(plan: Plan, spec: Mapping[str, Any], cell: Mapping[str, Any], promp
   greedy = cell["temperature"] == 0
   return {
       **spec, **cell, "target": plan.target_name, "max_new_tokens": plan.max_new_tokens,
-      "prompt_tokens": prompt_tokens, "new_tokens": new, "target_calls": measured["target_calls"],
+      "mesh": _mesh_name(plan), "prompt_tokens": prompt_tokens, "new_tokens": new,
+      "target_calls": measured["target_calls"],
       "draft_calls": measured["draft_calls"],
       "tau": metrics.tau(new, measured["target_calls"]),
       "seconds": measured["seconds"],
@@ -347,12 +352,19 @@ def _key(cell: Mapping[str, Any], method: str) -> tuple:
   return report.row_key({"method": method, **cell})
 
 
+def _mesh_name(plan: Plan) -> str:
+  """The mesh rows were measured on ("" = one device)."""
+  return "" if plan.sharding is None else plan.sharding.name
+
+
 def _check_resumable(rows: Sequence[Mapping[str, Any]], plan: Plan, workdir: str) -> None:
   for r in rows:
-    if (r["target"], r["max_new_tokens"]) != (plan.target_name, plan.max_new_tokens):
+    if (r["target"], r["max_new_tokens"], r.get("mesh", "")) != (
+        plan.target_name, plan.max_new_tokens, _mesh_name(plan)):
       raise ValueError(
           f"{workdir} holds results of target={r['target']!r}, max_new_tokens="
-          f"{r['max_new_tokens']}, not of this sweep; use another --workdir.")
+          f"{r['max_new_tokens']}, mesh={r.get('mesh', '')!r}, not of this sweep; use "
+          "another --workdir.")
 
 
 def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
@@ -374,7 +386,7 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
           for p, temp, seed in _cells(plan, prompt_sets) for t in range(len(p.turns))
           for name in names]
   todo = [k for k in keys if k not in done]
-  target = models.load(plan.target, plan.dtype)
+  target = models.load(plan.target, plan.dtype, plan=plan.sharding)
   if plan.target_lora:  # Medusa-2: every method, AR included, decodes the merged model
     target = head_io.merged_target(plan.target_lora, target)
   if target.tokenizer is None:
@@ -403,7 +415,8 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
     print(f"{len(long)} prompts do not fit the target's context with max_new_tokens="
           f"{plan.max_new_tokens}; they are skipped with a recorded reason: {long[:10]}")
   new_rows = []
-  with open(path, "a", encoding="utf-8") as f, tqdm.tqdm(
+  # Every process measures every row (they decode together); process 0 writes them.
+  with open(path if jax.process_index() == 0 else os.devnull, "a", encoding="utf-8") as f, tqdm.tqdm(
           total=len(keys), initial=len(keys) - len(todo), unit="row", desc="sweep",
           disable=not plan.progress) as bar:
     for p, temperature, seed in _cells(plan, prompt_sets):
@@ -421,6 +434,7 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
           for spec, _ in jobs:
             if _key(cell, spec["method"]) not in done:
               row = {**spec, **cell, "target": plan.target_name, "skipped": reason,
+                     "mesh": _mesh_name(plan),
                      "max_new_tokens": plan.max_new_tokens, "prompt_tokens": len(ids)}
               report.append_row(f, row)
               done[report.row_key(row)] = row

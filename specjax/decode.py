@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax import registry, stopping
+from specjax import registry, sharding, stopping
 from specjax import verify as verify_lib
 from specjax.drafters.base import Context
 from specjax.models.cache import KVCache
@@ -130,18 +130,20 @@ def _record(trace: Trace, step, tree: DraftTree, label_BxN, verdict, live_B) -> 
   return jax.tree.map(lambda buf, x: buf.at[:, step].set(x.astype(buf.dtype)), trace, row)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "cfg", "sampling", "rule", "max_new_tokens", "eos", "trace"))
-def _generate(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_len_B, key, *,
-              sampling: Sampling, rule: verify_lib.Acceptance, max_new_tokens: int,
-              eos: tuple[int, ...], trace: bool = False) -> Output:
-  """The whole decode, one program per cache size L (= the history's width)."""
+def _decode(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_len_B, key, *,
+            sampling: Sampling, rule: verify_lib.Acceptance, max_new_tokens: int,
+            eos: tuple[int, ...], trace: bool = False,
+            plan: sharding.Plan | None = None) -> Output:
+  """The whole decode, one program per cache size L (= the history's width). With a
+  `plan`, the KV cache is laid out over its mesh (batch and KV heads) and XLA's SPMD
+  partitioner shards the rest from the placed arguments."""
   b, max_len = history_BxL.shape
   n = 0 if drafter is None else drafter.num_nodes
   feats = () if drafter is None else tuple(drafter.features)
+  cache = KVCache.for_config(cfg, b, max_len, param_dtype(params))
+  cache_shardings = None if plan is None else plan.cache_shardings(cache)
   # Prefill everything but the last prompt token (the first root).
-  cache, prompt_features = prefill(cfg, params,
-                                   KVCache.for_config(cfg, b, max_len, param_dtype(params)),
+  cache, prompt_features = prefill(cfg, params, sharding.constrain(cache, cache_shardings),
                                    history_BxL, prompt_len_B - 1, feats)
   ctx = Context(history_BxL, prompt_len_B)
   zeros = jnp.zeros((b,), jnp.int32)
@@ -212,7 +214,8 @@ def _generate(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_len_B
                   st.stats.target_calls + live, st.stats.draft_calls + draft_calls * live,
                   st.stats.verified + width * live)
     dstate = dstate if drafter is None else drafter.commit(dstate, ctx, verdict, features)
-    return _State(cache=cache, history=_write(st.history, window, st.length),
+    return _State(cache=sharding.constrain(cache, cache_shardings),
+                  history=_write(st.history, window, st.length),
                   length=st.length + gained, new=new,
                   done=st.done | (live & hit_eos) | (new >= max_new_tokens), drafter=dstate,
                   stats=stats, step=st.step + 1,
@@ -228,6 +231,18 @@ def _generate(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_len_B
   tokens = jnp.take_along_axis(st.history, idx, 1)
   tokens = jnp.where(jnp.arange(max_new_tokens) < lengths[:, None], tokens, 0)
   return Output(tokens, lengths, st.stats, st.trace)
+
+
+_STATIC = ("cfg", "sampling", "rule", "max_new_tokens", "eos", "trace", "plan")
+_generate = jax.jit(_decode, static_argnames=_STATIC)
+
+
+@functools.lru_cache(maxsize=None)
+def _sharded_decode(plan: sharding.Plan):
+  """`_decode` jitted for one mesh: every output ([B, ...]) split over the batch axes; the
+  inputs' shardings are those `generate` placed them on."""
+  return jax.jit(_decode, static_argnames=_STATIC,
+                 out_shardings=plan.sharding(plan.spec(("batch",))))
 
 
 def _encode_prompts(model: Model, prompts) -> list[list[int]]:
@@ -295,7 +310,8 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, eos: Any = "default",
              drafter: Any = None, stop: Any = None, acceptance: Any = None,
-             max_len: int | None = None, trace: bool = False) -> Output:
+             max_len: int | None = None, trace: bool = False,
+             plan: sharding.Plan | None = None) -> Output:
   """Decodes a batch of prompts (ragged token lists, or strings via the model's tokenizer).
 
   Args:
@@ -319,6 +335,12 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
     trace: also return `Output.trace`: every step's draft nodes with their acceptance
       labels and the drafter's hidden states (what `specjax.stopping` predictors train
       on). Memory grows as max_new_tokens x nodes x hidden size.
+    plan: a `sharding.Plan` (mesh + logical rules): the whole loop runs as one program
+      over the mesh, target and drafter params on their shards (a model loaded with the
+      same plan is already there), the batch over the batch axes (padded with copies of
+      the first prompt to a multiple of their size; the copies are dropped), the KV cache
+      over batch and KV heads. Several processes (`sharding.initialize`): each passes
+      its own prompts, the same number, and gets its own rows back.
 
   Returns:
     Output(tokens [B, max_new_tokens], lengths [B], stats, trace or None).
@@ -342,21 +364,63 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
   if trace and drafter is None:
     raise ValueError("trace=True records draft nodes; pass a drafter.")
   tokens = _encode_prompts(model, prompts)
+  rows = len(tokens)
+  if plan is not None:  # pad to an even split over the batch axes (per process)
+    per_process = -(-plan.batch_size_multiple // jax.process_count())
+    tokens = tokens + [tokens[0]] * (-rows % per_process)
   lens = [len(t) for t in tokens]
   n = 0 if drafter is None else drafter.num_nodes
-  need = cache_size(max(lens), max_new_tokens, n)
+  longest = max(lens) if plan is None or jax.process_count() == 1 else _process_max(max(lens))
+  need = cache_size(longest, max_new_tokens, n)
   if max_len is None:
-    max_len = bucketed_cache_size(max(lens), max_new_tokens, n)
+    max_len = bucketed_cache_size(longest, max_new_tokens, n)
   elif need > max_len:
-    raise ValueError(f"Prompt of {max(lens)} tokens + max_new_tokens={max_new_tokens} + tree "
+    raise ValueError(f"Prompt of {longest} tokens + max_new_tokens={max_new_tokens} + tree "
                      f"room {2 * (n + 1)} needs {need} cache slots; max_len is {max_len}.")
-  overflow = context_overflow(max(lens), max_new_tokens, n, model.config)
+  overflow = context_overflow(longest, max_new_tokens, n, model.config)
   if overflow:
     raise ValueError(f"Prompt too long: {overflow}.")
   history_BxL = np.zeros((len(tokens), max_len), np.int32)
   for i, t in enumerate(tokens):
     history_BxL[i, :len(t)] = t
-  return _generate(model.config, model.params, drafter, stop, jnp.asarray(history_BxL),
-                   jnp.asarray(lens, jnp.int32), jax.random.key(seed), sampling=sampling,
-                   rule=rule, max_new_tokens=max_new_tokens, eos=_eos_ids(model, eos),
-                   trace=trace)
+  args = (model.params, drafter, stop, history_BxL, np.asarray(lens, np.int32),
+          jax.random.key(seed))
+  kwargs = dict(sampling=sampling, rule=rule, max_new_tokens=max_new_tokens,
+                eos=_eos_ids(model, eos), trace=trace)
+  if plan is None:
+    return _generate(model.config, *args[:3], jnp.asarray(history_BxL), jnp.asarray(args[4]),
+                     args[5], **kwargs)
+  params, drafter, stop = (_place_tree(plan, t) for t in args[:3])
+  out = _sharded_decode(plan)(model.config, params, drafter, stop,
+                              plan.global_batch(history_BxL), plan.global_batch(args[4]),
+                              args[5], plan=plan, **kwargs)
+  return jax.tree.map(lambda x: _local_rows(plan, x)[:rows], out)
+
+
+def _place_tree(plan: sharding.Plan, tree):
+  """A params-like pytree on the plan's shardings (only its arrays move)."""
+  if tree is None:
+    return None
+  def put(x, s):
+    if isinstance(x, jax.Array) and x.sharding == s:
+      return x  # e.g. the target's weights a head shares, placed at load
+    if isinstance(x, (jax.Array, np.ndarray)):  # the same host value on every process
+      host = np.asarray(x)
+      return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+    return x
+  return jax.tree.map(put, tree, plan.param_shardings(tree))
+
+
+def _process_max(x: int) -> int:
+  """The largest `x` over all processes."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(np.max(multihost_utils.process_allgather(np.int32(x))))
+
+
+def _local_rows(plan: sharding.Plan, x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded output, on the host."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))[
+      plan.local_rows(x.shape[0])]

@@ -10,6 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # No persistent compilation cache in tests, nor in the CLIs they start (see
 # `runtime.enable_compilation_cache`): a clean clone gains little from it.
 os.environ["SPECJAX_COMPILE_CACHE"] = "off"
+# 8 CPU devices for the sharding tests (set before JAX starts); everything else runs on the
+# first, as on a 1-device machine.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -10,7 +10,7 @@ import sys
 import ml_collections
 import pytest
 
-from specjax import decode, models
+from specjax import decode, models, sharding
 from specjax.evaluation import cli, metrics, report, sweep
 
 import doubles
@@ -395,3 +395,20 @@ def test_sweep_with_a_trained_stop_predictor(prompt_file, tmp_path):
   learned.save(path, "specdecpp", jax.tree.map(lambda x: x + 1.0, params), "DraftModel")
   with pytest.raises(ValueError, match="stop_sha"):
     sweep.run(sweep.plan(c), str(tmp_path / "work"))
+
+
+def test_sweep_on_a_mesh_gives_the_single_device_rows(prompt_file, swept, tmp_path):
+  """`mesh=` decodes every method over the devices (8 forced CPU devices): the same tokens
+  as the one-device sweep, rows labelled with their mesh, and a workdir of one-device rows
+  refuses to resume on a mesh. The tiny checkpoint's 259-token vocabulary does not split,
+  so the rules keep it whole."""
+  rules = tuple((k, None if k == "vocab" else v) for k, v in sharding.DEFAULT_RULES)
+  c = tiny_config(prompt_file, mesh="data=4,tensor=2", sharding_rules=rules)
+  rows = sweep.run(sweep.plan(c), str(tmp_path))
+  assert rows and all(r["mesh"] == "data=4,tensor=2" for r in rows)
+  single = {report.row_key(r): r["tokens"] for r in swept[1]}
+  assert {report.row_key(r): r["tokens"] for r in rows} == single
+  with pytest.raises(ValueError, match="mesh=''"):
+    sweep.run(sweep.plan(c), swept[0])
+  with pytest.raises(sharding.ShardingError, match="vocab"):
+    sweep.run(sweep.plan(tiny_config(prompt_file, mesh="tensor=8")), str(tmp_path / "bad"))

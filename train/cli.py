@@ -14,7 +14,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from specjax import runtime
+from specjax import runtime, sharding
 
 from . import stop, trainer
 
@@ -28,6 +28,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Several processes start jax.distributed before anything else touches JAX.
+  sharding.initialize(_CONFIG.value.get("distributed"))
   runtime.enable_compilation_cache()
   if "stop_predictor" in _CONFIG.value:  # configs/stop.py: a learned stop policy
     metrics = stop.train(_CONFIG.value, _WORKDIR.value)

@@ -15,21 +15,26 @@ class Log:
 
   A resumed run drops rows past its restored step first, so the file holds one curve."""
 
-  def __init__(self, workdir: str, resume_step: int | None = None):
+  def __init__(self, workdir: str, resume_step: int | None = None, write: bool = True):
     self.path = os.path.join(workdir, METRICS)
     self.png = os.path.join(workdir, PLOT)
-    if resume_step is not None and os.path.exists(self.path):
+    self.enabled = write  # False: a process other than the one that writes files
+    if write and resume_step is not None and os.path.exists(self.path):
       kept = [r for r in read(self.path) if r["step"] <= resume_step]
       with open(self.path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
 
   def write(self, row: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
     with open(self.path, "a", encoding="utf-8") as f:
       f.write(json.dumps(row) + "\n")
       f.flush()
       os.fsync(f.fileno())
 
   def plot(self) -> None:
+    if not self.enabled:
+      return
     plot(read(self.path), self.png)
 
 

@@ -12,12 +12,21 @@ micro-step s is a pure function of (seed, s) and the step's key is fold_in(seed,
 run restored from the checkpoint at step s continues exactly as the uninterrupted run.
 A non-finite loss leaves the params unchanged and stops the run (the last checkpoint
 stays the last good one).
+
+Sharding (`c.mesh`, `c.sharding_rules`; see `specjax.sharding`): the target is placed on
+its shards as it is read; the train state is built by shape (`jax.eval_shape`), given its
+shardings by the rules and created on them (`jax.jit(init, out_shardings=...)`); the step
+donates it. Each process feeds only its own rows of a batch
+(`jax.make_array_from_process_local_data`), and a checkpoint restores onto whatever mesh
+the resumed run has. Without a mesh everything sits on one device (a 1-device mesh), through
+the same code. Only process 0 writes logs, plots and the exported head.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 from typing import Any
@@ -31,7 +40,7 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 
-from specjax import models, registry
+from specjax import models, registry, sharding
 from specjax.drafters import io as head_io
 from specjax.drafters.base import TargetBatch
 from specjax.models.model import causal, forward
@@ -44,7 +53,7 @@ CONFIG_FILE = "config.json"
 HEAD_DIR = "head"
 # Config keys a resumed run may change: they do not alter the trajectory.
 RESUME_FREE = ("progress", "log_every", "eval_every", "checkpoint_every",
-               "keep_checkpoints")
+               "keep_checkpoints", "mesh", "sharding_rules", "distributed")
 
 
 @flax.struct.dataclass
@@ -95,11 +104,15 @@ def target_batch(target: models.Model, params, head, tokens, mask, stored=None
 
 
 def make_steps(target: models.Model, head, tx, seed: int, sim_depth: int,
-               total_steps: int | None = None):
+               total_steps: int | None = None, state_shardings: Any = None,
+               plan: sharding.Plan | None = None):
   """(train_step, eval_step), jitted; the target's params are an argument. The batch's
-  `progress` is micro-step / `total_steps` (1 when not given)."""
+  `progress` is micro-step / `total_steps` (1 when not given). With a plan, the state
+  keeps `state_shardings` and metrics come back replicated (every process reads them)."""
+  replicated = None if plan is None else plan.replicated()
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
+  @functools.partial(jax.jit, donate_argnums=(0,),
+                     out_shardings=None if plan is None else (state_shardings, replicated))
   def train_step(state: TrainState, target_params, tokens, mask, stored=None):
     batch = target_batch(target, target_params, head, tokens, mask, stored)
     if total_steps:
@@ -115,7 +128,7 @@ def make_steps(target: models.Model, head, tx, seed: int, sim_depth: int,
     metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
     return TrainState(state.step + 1, params, opt_state), metrics
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=replicated)
   def eval_step(params, target_params, tokens, mask, stored=None):
     batch = target_batch(target, target_params, head, tokens, mask, stored)
     loss, metrics = head.loss(params, batch, jax.random.key(0))
@@ -141,13 +154,13 @@ def walk(accepted_T: np.ndarray, rows_T: np.ndarray) -> tuple[int, int]:
 
 
 def evaluate(eval_step, params, target_params, data: data_lib.Data, batch_size: int,
-             store=None) -> dict[str, float]:
+             store=None, plan: sharding.Plan | None = None) -> dict[str, float]:
   """Held-out loss and metrics (row-weighted means) and the simulated tau (a greedy
   decode walked over the held-out rows with the head's teacher-forced acceptance)."""
   sums, n, tokens_steps, rows, per_depth = {}, 0, np.zeros(2), 0.0, 0.0
   for tokens, mask, idx, width in data.eval_batches(batch_size):
-    stored = None if store is None else store.get(idx, width)
-    m, a = eval_step(params, target_params, tokens, mask, stored)
+    m, a = eval_step(params, target_params, *feed(plan, len(tokens), lambda r: (
+        tokens[r], mask[r], None if store is None else store.get(idx[r], width))))
     for k, v in m.items():
       sums[k] = sums.get(k, 0.0) + float(v) * len(tokens)
     n += len(tokens)
@@ -161,6 +174,15 @@ def evaluate(eval_step, params, target_params, data: data_lib.Data, batch_size: 
   for k, v in enumerate(np.atleast_1d(per_depth)):
     out[f"sim_accept/{k + 1}"] = float(v) / max(rows, 1.0)  # P(first k + 1 drafts accepted)
   return out
+
+
+def feed(plan: sharding.Plan | None, n: int, read) -> tuple:
+  """A global batch of n rows: `read(positions)` gives the arrays (tokens, mask, stored
+  features or None) of the batch's rows at those positions; each process reads only its
+  own share (all of them without a plan or on one process)."""
+  if plan is None:
+    return read(np.arange(n))
+  return jax.tree.map(plan.global_batch, read(np.arange(n)[plan.local_rows(n)]))
 
 
 def load_data(c: ml_collections.ConfigDict, target: models.Model) -> data_lib.Data:
@@ -190,35 +212,57 @@ def _check_config(workdir: str, c: ml_collections.ConfigDict) -> None:
 
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the head `c.head` against `c.target`; returns the last eval."""
-  os.makedirs(workdir, exist_ok=True)
   registry.HEADS.check(c.head, None, **c.head_kwargs)
-  _check_config(workdir, c)
-  target = models.load(c.target, c.dtype)
+  plan = sharding.from_config(c) or sharding.Plan.create(
+      sharding.make_mesh("data=1", jax.local_devices()[:1]))
+  _check_batches(c, plan)
+  lead = jax.process_index() == 0  # the process that writes files
+  os.makedirs(workdir, exist_ok=True)
+  if lead:
+    _check_config(workdir, c)
+  target = models.load(c.target, c.dtype, plan=plan)
   head = registry.HEADS.build(c.head, target.config, **c.head_kwargs)
   data = load_data(c, target)
   print(f"data: {data_lib.describe(data)}")
-  params = head.init(jax.random.key(c.seed), target.dtype)
-  if hasattr(head, "fit"):  # heads shaped by the data (EAGLE-3's draft vocabulary)
-    head, params = head.fit(params, data.tokens, data.mask,
-                            models.shared_params(target.config, target.params))
-  n_params = sum(x.size for x in jax.tree.leaves(params))
-  tx = optimizer(c, params)
-  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  shared = models.shared_params(target.config, target.params)
+  key = jax.random.key(c.seed)
+  fits = hasattr(head, "fit")  # heads shaped by the data (EAGLE-3's draft vocabulary)
+  if fits:  # the data decides the head's static shape; params come below
+    head, _ = head.fit(jax.eval_shape(lambda: head.init(key, target.dtype)), data.tokens,
+                       data.mask, shared)
+  tx = optimizer(c, jax.eval_shape(lambda: head.init(key, target.dtype)))
+
+  def init_state(shared):
+    params = head.init(key, target.dtype)
+    if fits:
+      params = head.fit(params, data.tokens, data.mask, shared)[1]
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+  # Built by shape, sharded at creation: no full copy of the state on any one device.
+  abstract = jax.eval_shape(init_state, shared)
+  shardings = plan.param_shardings(abstract)
+  n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
   total = c.steps * c.grad_accum  # micro-steps
   mngr = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
       options=ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints,
                                            enable_async_checkpointing=False))
   if mngr.latest_step() is not None:
+    # Onto this run's shardings, whatever mesh wrote it.
+    target_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract, shardings)
     try:
-      state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(state))
+      state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(target_state))
     except Exception as e:  # corrupt or from another head: say where and why
       raise ValueError(f"Could not restore the checkpoint at step {mngr.latest_step()} in "
                        f"{workdir}: {type(e).__name__}: {e}") from e
     print(f"resumed from micro-step {int(state.step)}")
-  train_step, eval_step = make_steps(target, head, tx, c.seed, c.sim_depth, total)
+  else:
+    state = jax.jit(init_state, out_shardings=shardings)(shared)
+  train_step, eval_step = make_steps(target, head, tx, c.seed, c.sim_depth, total,
+                                     shardings, plan)
   start_step = int(state.step)
-  log = metrics_lib.Log(workdir, start_step)
+  log = metrics_lib.Log(workdir, start_step, write=lead)
   bar = tqdm.tqdm(total=total, initial=start_step, unit="step", desc=f"train {c.head}",
                   disable=not c.progress, dynamic_ncols=True)
   print(f"head {c.head}: {n_params / 1e6:.2f}M trainable params; target {target.name} "
@@ -227,17 +271,21 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   step = start_step
   store = None
   if c.offline_features:
+    if jax.process_count() > 1:
+      raise ValueError("offline_features is single-process for now: build the store with "
+                       "one process first (same config, steps=0), then train on it.")
     store = features_lib.build(target, data, head.features, c.offline_features,
                                dtype=c.offline_dtype, progress=c.progress)
-  run_eval = lambda: evaluate(eval_step, state.params, target.params, data, c.batch_size, store)
+  run_eval = lambda: evaluate(eval_step, state.params, target.params, data, c.batch_size, store,
+                              plan)
   if step == 0:  # the fresh head's numbers: where the curves start
     log.write({"step": 0, "split": "eval", **run_eval()})
   while step < total:
     idx, width = data.batch_rows(step, c.batch_size)
-    tokens, mask = data.tokens[idx, :width], data.mask[idx, :width]
-    window_tokens += tokens.size
-    stored = None if store is None else store.get(idx, width)
-    state, m = train_step(state, target.params, tokens, mask, stored)
+    window_tokens += len(idx) * width
+    state, m = train_step(state, target.params, *feed(plan, len(idx), lambda r: (
+        data.tokens[idx[r], :width], data.mask[idx[r], :width],
+        None if store is None else store.get(idx[r], width))))
     m = {k: float(v) for k, v in m.items()}
     if not np.isfinite(m["loss"]):
       bar.close()
@@ -271,9 +319,25 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   sim_accept = []  # sim_depth entries, or fewer for heads that draft fewer (Medusa)
   while f"sim_accept/{len(sim_accept) + 1}" in last_eval:
     sim_accept.append(last_eval[f"sim_accept/{len(sim_accept) + 1}"])
-  head_io.save(os.path.join(workdir, HEAD_DIR), c.head, dict(c.head_kwargs), state.params,
-               target.config, dict(c.decode), target_name=target.name,
-               trained_tokens=int(total * c.batch_size * data.train_tokens / len(data.tokens)),
-               sim_accept=sim_accept, buffers=getattr(head, "buffers", dict)())
+  # Every process holds a full copy after this; one writes it.
+  params = jax.jit(lambda p: p, out_shardings=plan.replicated())(state.params)
+  if lead:
+    head_io.save(os.path.join(workdir, HEAD_DIR), c.head, dict(c.head_kwargs), params,
+                 target.config, dict(c.decode), target_name=target.name,
+                 trained_tokens=int(total * c.batch_size * data.train_tokens / len(data.tokens)),
+                 sim_accept=sim_accept, buffers=getattr(head, "buffers", dict)())
   return last_eval
+
+
+def _check_batches(c: ml_collections.ConfigDict, plan: sharding.Plan) -> None:
+  """Training and held-out batches must split evenly over the batch axes and processes."""
+  m = plan.batch_size_multiple * jax.process_count() // math.gcd(plan.batch_size_multiple,
+                                                                  jax.process_count())
+  bad = {k: v for k, v in (("batch_size", c.batch_size), ("data.eval_rows", c.data.eval_rows))
+         if v % m}
+  if bad:
+    raise sharding.ShardingError(
+        f"{bad} must be multiples of {m}: batches split over the mesh's batch axes "
+        f"({plan.batch_size_multiple} shards, mesh {dict(plan.mesh.shape)}) and "
+        f"{jax.process_count()} process(es).")
 

@@ -29,6 +29,12 @@ RANDOM = {
     "tiny-random": ModelConfig("llama", vocab_size=512, hidden_size=64, intermediate_size=128,
                                num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                                tie_embeddings=True, max_position_embeddings=2048),
+    # Head counts that split over 2, 4 and 8 tensor shards (KV heads over up to 4): the
+    # sharding tests' target.
+    "tiny-random-8h": ModelConfig("llama", vocab_size=512, hidden_size=64,
+                                  intermediate_size=128, num_layers=2, num_heads=8,
+                                  num_kv_heads=4, head_dim=8, tie_embeddings=True,
+                                  max_position_embeddings=2048),
 }
 
 
@@ -38,14 +44,20 @@ def preset_path(name: str) -> str:
   return assets.package_file(package, file, install, f"Preset {name!r}")
 
 
-def load(name_or_path: str = DEFAULT, dtype: str = "float32") -> Model:
-  """Loads a preset, a Hugging Face folder or a GGUF file as a `Model`."""
+def load(name_or_path: str = DEFAULT, dtype: str = "float32", plan=None) -> Model:
+  """Loads a preset, a Hugging Face folder or a GGUF file as a `Model`. With a
+  `sharding.Plan` every weight is placed on its shards as it is read."""
   from specjax.models.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
 
   jdtype = parse_dtype(dtype)
   if name_or_path in RANDOM:
     cfg = RANDOM[name_or_path]
-    params = init_params(cfg, jax.random.key(0), jdtype)
+
+    init = lambda: init_params(cfg, jax.random.key(0), jdtype)
+    if plan is None:
+      params = init()
+    else:  # built by shape, created on its shards (the same values as unsharded)
+      params = jax.jit(init, out_shardings=plan.param_shardings(jax.eval_shape(init)))()
     # A larger embedding (tied: the LM head too) peaks the next-token distributions the
     # way a trained LM's are, so heads have something to learn.
     params["embed_tokens"]["embedding"] = params["embed_tokens"]["embedding"] * 3
@@ -61,11 +73,11 @@ def load(name_or_path: str = DEFAULT, dtype: str = "float32") -> Model:
                      f"{sorted(PRESETS) + sorted(RANDOM)}, "
                      "or pass a Hugging Face folder or a .gguf file.")
   if os.path.isdir(path):
-    cfg, params = load_hf_dir(path, jdtype)
+    cfg, params = load_hf_dir(path, jdtype, plan)
     has_tok = os.path.exists(os.path.join(path, "tokenizer.json"))
     tokenizer = Tokenizer.from_hf_dir(path) if has_tok else None
   elif path.endswith(".gguf"):
-    cfg, params, reader = load_gguf(path, jdtype)
+    cfg, params, reader = load_gguf(path, jdtype, plan)
     tokenizer = Tokenizer.from_gguf(reader)
   else:
     raise ValueError(f"{path!r} is neither a Hugging Face folder nor a .gguf file.")

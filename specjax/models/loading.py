@@ -62,27 +62,35 @@ def _flax_name(cfg: ModelConfig, hf_name: str) -> tuple[str, bool] | None:
   raise ValueError(f"Unexpected tensor {hf_name!r} in a {cfg.model_type} checkpoint.")
 
 
-def params_from_hf(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]],
-                   dtype=jnp.float32) -> Any:
-  """Builds the flax params pytree from (HF name, array) pairs; checks names and shapes."""
+def params_from_hf(cfg: ModelConfig, tensors: Iterable[tuple[str, Any]], dtype=jnp.float32,
+                   plan=None) -> Any:
+  """Builds the flax params pytree from (HF name, array) pairs; checks names and shapes.
+
+  An array may be lazy (anything with `.shape` and numpy-style slicing, e.g. a safetensors
+  slice). With a `sharding.Plan`, each weight goes straight onto its shards: every local
+  device reads only its own slice (`jax.make_array_from_callback`), so a target larger
+  than one host's memory never materialises whole; without one, on the default device.
+  """
   want = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0), dtype))
-  flat_want = {"/".join(k.key for k in path): leaf
-               for path, leaf in jax.tree_util.tree_flatten_with_path(want)[0]}
+  shardings = None if plan is None else plan.param_shardings(want)
+  flat = lambda tree: {"/".join(k.key for k in path): leaf
+                       for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  flat_want = flat(want)
+  flat_shardings = None if shardings is None else flat(shardings)
   got = {}
   for hf_name, array in tensors:
     mapped = _flax_name(cfg, hf_name)
     if mapped is None:
       continue
     path, transpose = mapped
-    array = np.asarray(array, np.float32)
-    if transpose:
-      array = array.T
+    shape = tuple(array.shape)[::-1] if transpose else tuple(array.shape)
     if path not in flat_want:
       raise ValueError(f"Tensor {hf_name!r} maps to {path!r}, which the model does not have.")
-    if array.shape != flat_want[path].shape:
-      raise ValueError(f"Tensor {hf_name!r} has shape {array.shape}; the config implies "
+    if shape != flat_want[path].shape:
+      raise ValueError(f"Tensor {hf_name!r} has shape {shape}; the config implies "
                        f"{flat_want[path].shape}.")
-    got[path] = jnp.asarray(array, dtype)
+    got[path] = _place(array, transpose, dtype,
+                       None if flat_shardings is None else flat_shardings[path])
   missing = sorted(set(flat_want) - set(got))
   if missing:
     raise ValueError(f"Checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}.")
@@ -94,6 +102,21 @@ def params_from_hf(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]],
       node = node.setdefault(p, {})
     node[leaf] = array
   return params
+
+
+def _place(array, transpose: bool, dtype, sharding) -> jax.Array:
+  """One weight as a jax.Array in our layout (transposed when HF stores it [out, in]),
+  read whole onto the default device, or slice by slice onto `sharding`'s devices."""
+  def read(index=None):
+    # Our index (i, j) of a transposed weight is the stored tensor's (j, i).
+    src = array if index is None else array[tuple(index[::-1] if transpose else index)]
+    src = np.asarray(src, np.float32)
+    return src.T if transpose else src
+  if sharding is None:
+    return jnp.asarray(read(), dtype)
+  shape = tuple(array.shape)[::-1] if transpose else tuple(array.shape)
+  return jax.make_array_from_callback(shape, sharding,
+                                      lambda index: read(index).astype(dtype))
 
 
 # ----------------------------------------------------------------------------------------
@@ -112,8 +135,9 @@ def _safetensors_files(path: str) -> list[str]:
   raise FileNotFoundError(f"No model.safetensors or model.safetensors.index.json in {path}.")
 
 
-def load_hf_dir(path: str, dtype=jnp.float32) -> tuple[ModelConfig, Any]:
-  """Reads a Hugging Face checkpoint folder (config.json + safetensors, sharded or not)."""
+def load_hf_dir(path: str, dtype=jnp.float32, plan=None) -> tuple[ModelConfig, Any]:
+  """Reads a Hugging Face checkpoint folder (config.json + safetensors, sharded or not).
+  Tensors are read lazily: with a `plan`, each device reads only its slice."""
   from safetensors.numpy import safe_open  # pylint: disable=g-import-not-at-top
 
   config_path = os.path.join(path, "config.json")
@@ -126,9 +150,24 @@ def load_hf_dir(path: str, dtype=jnp.float32) -> tuple[ModelConfig, Any]:
     for file in _safetensors_files(path):
       with safe_open(file, framework="numpy") as st:
         for name in st.keys():
-          yield name, st.get_tensor(name)
+          yield name, _Slice(st.get_slice(name))
 
-  return cfg, params_from_hf(cfg, tensors(), dtype)
+  return cfg, params_from_hf(cfg, tensors(), dtype, plan)
+
+
+class _Slice:
+  """A safetensors tensor read on demand: `.shape`, and numpy slicing that reads only the
+  requested part of the file."""
+
+  def __init__(self, handle):
+    self._handle = handle
+    self.shape = tuple(handle.get_shape())
+
+  def __getitem__(self, index):
+    return self._handle[index]
+
+  def __array__(self, dtype=None, copy=None):
+    return np.asarray(self._handle[tuple(slice(None) for _ in self.shape)], dtype)
 
 
 # ----------------------------------------------------------------------------------------
@@ -220,11 +259,13 @@ def open_gguf(path: str):
     raise ValueError(f"{path} is not a readable GGUF file (corrupt or truncated?): {e}") from e
 
 
-def load_gguf(path: str, dtype=jnp.float32):
-  """Reads a GGUF file: (ModelConfig, params, the GGUFReader for the tokenizer)."""
+def load_gguf(path: str, dtype=jnp.float32, plan=None):
+  """Reads a GGUF file: (ModelConfig, params, the GGUFReader for the tokenizer). Quantized
+  blocks dequantize a tensor at a time (one tensor on the host, not the model); with a
+  `plan`, each device then takes its slice."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"GGUF file not found: {path}")
   reader = open_gguf(path)
   hf = gguf_hf_config(reader)
   cfg = from_hf_config(hf)
-  return cfg, params_from_hf(cfg, gguf_hf_tensors(reader, hf), dtype), reader
+  return cfg, params_from_hf(cfg, gguf_hf_tensors(reader, hf), dtype, plan), reader
