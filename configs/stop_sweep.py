@@ -5,8 +5,8 @@ its predictors were trained at): fixed K in (1, 2, 4, 8) up to the cap, confiden
 and the trained SpecDec++ and PACER predictors committed in assets/stop (`specjax-train
 --config configs/stop.py:KIND,drafter=D`, thresholds calibrated to this CPU's costs).
 MT-Bench and HumanEval, greedy and T=1, batch 1, 128 new tokens; one prompt of each (both
-turns of MT-Bench's): 16 methods x 6 prompt-turns x 2 temperatures is ~1.5 h on the 2-core
-CPU, most of it compiling the 16 programs per cache size and temperature.
+turns of MT-Bench's): 16 methods x 3 prompt-turns x 2 temperatures = 96 rows, about an
+hour on the 2-core CPU, much of it compiling 16 programs per cache size and temperature.
 """
 
 import os
