@@ -36,6 +36,7 @@ test-slow: install
 bench: install
 	$(BIN)/python -m specjax.evaluation.bench --out workdir/bench
 	$(BIN)/specjax-eval --config configs/bench.py --workdir workdir/bench_sweep
+	$(BIN)/python -m specjax.kernels.bench
 
 lint: install
 	$(BIN)/python -m compileall -q specjax train eval kernels configs tests

@@ -31,6 +31,7 @@ EXTRAS = {
         "pytest==9.2.0",
         "pytest-xdist==3.8.0",
         "hypothesis==6.170.15",
+        "flatbuffers==25.12.19",  # jax.export serialization (the kernels' export tests)
         "torch==2.13.0",
         "accelerate==1.15.0",
         # What `speculators` (installed --no-deps by the Makefile: it pins older transformers

@@ -1,10 +1,11 @@
 """specjax.kernels: attention for tree verification.
 
-`attention_reference` (pure jnp, dense masked softmax over the preallocated cache) is what
-the models call today; Pallas tree-attention kernels for TPU and GPU will sit beside it with
-the same signature, and it stays as their reference.
+`attention` (dispatch.py) is what the models call: the pure-jnp `attention_reference`
+(dense masks, XLA) by default, or the Pallas tree-attention kernels of tree_attention.py
+(TPU Mosaic, GPU Triton; each beside its jnp reference) with impl="pallas".
 """
 
 from .attention import attention_reference
+from .dispatch import IMPLS, attention, check_impl
 
-__all__ = ["attention_reference"]
+__all__ = ["IMPLS", "attention", "attention_reference", "check_impl"]

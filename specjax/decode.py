@@ -135,8 +135,19 @@ def _decode(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_len_B, 
             eos: tuple[int, ...], trace: bool = False,
             plan: sharding.Plan | None = None) -> Output:
   """The whole decode, one program per cache size L (= the history's width). With a
-  `plan`, the KV cache is laid out over its mesh (batch and KV heads) and XLA's SPMD
-  partitioner shards the rest from the placed arguments."""
+  `plan`, the KV cache is laid out over its mesh (batch and KV heads), kernels run per
+  device (`sharding.use`), and XLA's SPMD partitioner shards the rest from the placed
+  arguments."""
+  with sharding.use(plan):
+    return _decode_loop(cfg, params, drafter, stop, history_BxL, prompt_len_B, key,
+                        sampling=sampling, rule=rule, max_new_tokens=max_new_tokens, eos=eos,
+                        trace=trace, plan=plan)
+
+
+def _decode_loop(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_len_B, key, *,
+                 sampling: Sampling, rule: verify_lib.Acceptance, max_new_tokens: int,
+                 eos: tuple[int, ...], trace: bool = False,
+                 plan: sharding.Plan | None = None) -> Output:
   b, max_len = history_BxL.shape
   n = 0 if drafter is None else drafter.num_nodes
   feats = () if drafter is None else tuple(drafter.features)

@@ -24,6 +24,8 @@ environment; each process then feeds its own rows (`Plan.global_batch`).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import os
@@ -251,6 +253,24 @@ class Plan:
       raise ShardingError(f"A batch of {global_rows} rows does not split over "
                           f"{jax.process_count()} processes.")
     return slice(jax.process_index() * n, (jax.process_index() + 1) * n)
+
+
+_ACTIVE: contextvars.ContextVar[Plan | None] = contextvars.ContextVar("plan", default=None)
+
+
+@contextlib.contextmanager
+def use(plan: Plan | None):
+  """Makes `plan` the one `active()` returns while a sharded program traces (kernels read
+  it to run per device under `jax.shard_map`)."""
+  token = _ACTIVE.set(plan)
+  try:
+    yield plan
+  finally:
+    _ACTIVE.reset(token)
+
+
+def active() -> Plan | None:
+  return _ACTIVE.get()
 
 
 def constrain(tree: Any, shardings: Any) -> Any:

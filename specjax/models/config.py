@@ -44,10 +44,15 @@ class ModelConfig:
   sliding_window: int | None = None  # Mistral; None = full attention.
   max_position_embeddings: int = 4096
   model_type: str = "llama"  # the Hugging Face name, for messages and export.
+  # How the forward attends over a cache: "xla" (dense masks) or a Pallas tree-attention
+  # kernel ("pallas", "pallas_tpu", "pallas_gpu"; `specjax.kernels.attention`).
+  attention_impl: str = "xla"
 
   def __post_init__(self):
     if self.arch not in ARCHS:
       raise ValueError(f"Unsupported architecture {self.arch!r}; supported: {ARCHS}.")
+    from specjax.kernels import check_impl  # pylint: disable=g-import-not-at-top
+    check_impl(self.attention_impl)
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}.")

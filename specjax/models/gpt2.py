@@ -27,7 +27,7 @@ class Block(nn.Module):
     qkv = dense(3 * cfg.hidden_size, "c_attn")(norm("ln_1")(x_BxTxH))
     q, k, v = (a.reshape(b, t, cfg.num_heads, cfg.head_dim) for a in jnp.split(qkv, 3, -1))
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, T, D]
-    o, kv = attend(q, k, v, visible_BxTxT, prefix_BxTxS, kv, start_B)
+    o, kv = attend(q, k, v, visible_BxTxT, prefix_BxTxS, kv, start_B, cfg.attention_impl)
     o = o.reshape(b, t, -1)
     x_BxTxH = x_BxTxH + dense(cfg.hidden_size, "c_proj")(o)
     h = nn.gelu(dense(cfg.intermediate_size, "c_fc")(norm("ln_2")(x_BxTxH)), approximate=True)

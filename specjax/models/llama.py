@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.kernels import attention_reference
+from specjax import kernels
 from specjax.models import cache as cache_lib
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
@@ -64,11 +64,13 @@ class RMSNorm(nn.Module):
     return scale * x32.astype(self.dtype)
 
 
-def in_window(cfg: ModelConfig, positions_BxT, visible_BxTxT, prefix_BxTxS):
+def in_window(cfg: ModelConfig, positions_BxT, visible_BxTxT, prefix_BxTxS, cache=None):
   """The masks cut to a sliding window, when the config has one (committed cache slot
-  index == position)."""
+  index == position; an implicit prefix becomes the explicit committed one first)."""
   if cfg.sliding_window is None:
     return visible_BxTxT, prefix_BxTxS
+  if prefix_BxTxS is None and cache is not None:
+    prefix_BxTxS = cache.prefix_mask(positions_BxT.shape[1])
   near = lambda key_pos: positions_BxT[..., None] - key_pos < cfg.sliding_window
   visible_BxTxT = visible_BxTxT & near(positions_BxT[:, None, :])
   if prefix_BxTxS is not None:
@@ -76,9 +78,12 @@ def in_window(cfg: ModelConfig, positions_BxT, visible_BxTxT, prefix_BxTxS):
   return visible_BxTxT, prefix_BxTxS
 
 
-def attend(q_BxTxHxD, k_BxKxTxD, v_BxKxTxD, visible_BxTxT, prefix_BxTxS, kv, start_B):
+def attend(q_BxTxHxD, k_BxKxTxD, v_BxKxTxD, visible_BxTxT, prefix_BxTxS, kv, start_B,
+           impl: str = "xla"):
   """Attention of the new tokens over the cache prefix and themselves, then the write of
   their keys/values into the cache (kv = (k, v) of one layer, or None). Returns (o, kv).
+  The prefix is `prefix_BxTxS`, or the committed slots [0, start_B) when that is None;
+  `impl` picks the kernel (`specjax.kernels.attention`).
 
   The write must come after attention's read of the cache for XLA to update the cache in
   place; nothing orders them otherwise (XLA's CPU backend dropped an optimization barrier
@@ -87,9 +92,9 @@ def attend(q_BxTxHxD, k_BxKxTxD, v_BxKxTxD, visible_BxTxT, prefix_BxTxS, kv, sta
   batch or heads are sharded).
   """
   if kv is None:
-    return attention_reference(q_BxTxHxD, k_BxKxTxD, v_BxKxTxD, visible_BxTxT), None
-  o_BxTxHxD = attention_reference(q_BxTxHxD, k_BxKxTxD, v_BxKxTxD, visible_BxTxT, kv[0], kv[1],
-                                  prefix_BxTxS)
+    return kernels.attention(q_BxTxHxD, k_BxKxTxD, v_BxKxTxD, visible_BxTxT), None
+  o_BxTxHxD = kernels.attention(q_BxTxHxD, k_BxKxTxD, v_BxKxTxD, visible_BxTxT, kv[0], kv[1],
+                                prefix_BxTxS, start_B, impl)
   b, t, h, d = o_BxTxHxD.shape
   kvh = k_BxKxTxD.shape[1]
   zero_BxKx1x1 = (o_BxTxHxD.reshape(b, t, kvh, h // kvh, d)[:, 0, :, 0, :1, None] * 0).astype(
@@ -135,7 +140,7 @@ class Attention(nn.Module):
     k_BxKxTxD = apply_rope(k_BxTxKxD, cos, sin).transpose(0, 2, 1, 3)
     v_BxKxTxD = v_BxTxKxD.transpose(0, 2, 1, 3)
     o_BxTxHxD, kv = attend(q_BxTxHxD, k_BxKxTxD, v_BxKxTxD, visible_BxTxT, prefix_BxTxS, kv,
-                           start_B)
+                           start_B, cfg.attention_impl)
     out = dense(cfg.hidden_size, "o_proj", False)(o_BxTxHxD.reshape(b, t, -1))
     return out, kv
 
@@ -182,7 +187,8 @@ class Llama(nn.Module):
                      param_dtype=self.dtype, name="embed_tokens")
     x = embed(tokens_BxT)
     cos, sin = rope_cos_sin(cfg, positions_BxT, self.dtype)
-    visible_BxTxT, prefix_BxTxS = in_window(cfg, positions_BxT, visible_BxTxT, prefix_BxTxS)
+    visible_BxTxT, prefix_BxTxS = in_window(cfg, positions_BxT, visible_BxTxT, prefix_BxTxS,
+                                            cache)
     start_B = None if cache is None else cache.lengths
     block = lambda i, x, kv: Block(cfg, self.dtype, name=f"layers_{i}")(
         x, cos, sin, visible_BxTxT, prefix_BxTxS, kv, start_B)

@@ -77,14 +77,13 @@ def forward(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array, positions_BxT:
 
   New token t sees new token t' when `visible_BxTxT[b, t, t']` (`causal(T)` for a chain, an
   ancestor mask for a tree). With a cache it also sees the committed slots
-  `[0, cache.lengths)` (or the slots `prefix_BxTxS` marks, see `KVCache.prefix_mask`),
+  `[0, cache.lengths)` (or the slots `prefix_BxTxS` marks, see `KVCache.prefix_mask`; only
+  the committed form reaches a tree-attention kernel, `cfg.attention_impl`),
   and its key/value is written at slot `cache.lengths + t`; the returned cache has the same
   `lengths` (commit or advance afterwards). `features` names hidden states to return
   (layer inputs, or FINAL), in that order.
   """
   layers = tuple(sorted({f for f in features if f != FINAL}))
-  if cache is not None and prefix_BxTxS is None:
-    prefix_BxTxS = cache.prefix_mask(tokens_BxT.shape[1])
   logits, hidden, layer_inputs, cache = module(cfg, param_dtype(params)).apply(
       {"params": params}, tokens_BxT, positions_BxT, visible_BxTxT, cache, prefix_BxTxS, layers)
   picked = tuple(hidden if f == FINAL else layer_inputs[layers.index(f)] for f in features)
@@ -205,6 +204,11 @@ class Model:
 
   def lm_head(self, hidden_BxTxH) -> jax.Array:
     return lm_head(self.config, self.params, hidden_BxTxH)
+
+  def with_attention(self, impl: str) -> "Model":
+    """The same model (same params) whose forward uses attention `impl` ("xla",
+    "pallas", ...: `specjax.kernels.attention`)."""
+    return dataclasses.replace(self, config=self.config.replace(attention_impl=impl))
 
   def truncated(self, num_layers: int) -> "Model":
     """The first `num_layers` layers + the final norm and LM head, sharing these params
