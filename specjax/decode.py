@@ -394,17 +394,16 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
   history_BxL = np.zeros((len(tokens), max_len), np.int32)
   for i, t in enumerate(tokens):
     history_BxL[i, :len(t)] = t
-  args = (model.params, drafter, stop, history_BxL, np.asarray(lens, np.int32),
-          jax.random.key(seed))
+  lens_B, key = np.asarray(lens, np.int32), jax.random.key(seed)
   kwargs = dict(sampling=sampling, rule=rule, max_new_tokens=max_new_tokens,
                 eos=_eos_ids(model, eos), trace=trace)
   if plan is None:
-    return _generate(model.config, *args[:3], jnp.asarray(history_BxL), jnp.asarray(args[4]),
-                     args[5], **kwargs)
-  params, drafter, stop = (_place_tree(plan, t) for t in args[:3])
+    return _generate(model.config, model.params, drafter, stop, jnp.asarray(history_BxL),
+                     jnp.asarray(lens_B), key, **kwargs)
+  params, drafter, stop = (_place_tree(plan, t) for t in (model.params, drafter, stop))
   out = _sharded_decode(plan)(model.config, params, drafter, stop,
-                              plan.global_batch(history_BxL), plan.global_batch(args[4]),
-                              args[5], plan=plan, **kwargs)
+                              plan.global_batch(history_BxL), plan.global_batch(lens_B), key,
+                              plan=plan, **kwargs)
   return jax.tree.map(lambda x: _local_rows(plan, x)[:rows], out)
 
 

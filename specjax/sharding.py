@@ -125,17 +125,6 @@ def param_axes(path: str, ndim: int) -> tuple[str | None, ...]:
   return (None,) * ndim
 
 
-def path_str(path) -> str:
-  """A pytree key path as "a/b/c" (dict keys, attributes and indices alike)."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-  return "/".join(parts)
-
-
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """A mesh and the logical rules over it: every sharding specjax uses comes from here.
@@ -211,7 +200,7 @@ class Plan:
     state, a drafter): by `PARAM_AXES` on each leaf's path; scalars replicate."""
     def one(path, leaf):
       shape = np.shape(leaf)
-      name = path_str(path)
+      name = jax.tree_util.keystr(path, simple=True, separator="/")
       return self.sharding(self.checked_spec(f"Parameter {name!r}", shape,
                                              param_axes(name, len(shape))))
     return jax.tree_util.tree_map_with_path(one, tree)
@@ -233,11 +222,6 @@ class Plan:
 
   def replicated(self) -> NamedSharding:
     return self.sharding(P())
-
-  def place(self, tree: Any, shardings: Any) -> Any:
-    """`tree` on its shardings: arrays of this process (jax.device_put; a no-op for an
-    array already placed so)."""
-    return jax.device_put(tree, shardings)
 
   def global_batch(self, local: np.ndarray) -> jax.Array:
     """A global [B, ...] array from this process's rows (its share of B, in process order):
