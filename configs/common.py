@@ -123,6 +123,9 @@ def base() -> ml_collections.ConfigDict:
   # axes) pairs, () = sharding.DEFAULT_RULES.
   c.mesh = ""
   c.sharding_rules = ()
+  # The target's attention: "xla" or a Pallas tree-attention kernel ("pallas": the
+  # backend's; `specjax.kernels`). On CPU the kernels only run interpreted (slow).
+  c.attention = "xla"
   # Several processes (multi-host, `sharding.initialize`): each runs the same sweep and
   # process 0 writes the results. Empty: from the environment if set, else one process.
   c.distributed = ml_collections.ConfigDict({

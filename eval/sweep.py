@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import jax
 import tqdm
 
-from specjax import decode, models, registry, stopping
+from specjax import decode, kernels, models, registry, stopping
 from specjax import sharding as sharding_lib
 from specjax.drafters import budget as budget_lib
 from specjax.drafters import io as head_io
@@ -91,6 +91,7 @@ class Plan:
   target_lora: str = ""
   # The mesh every method decodes on (`specjax.sharding`; None: one device).
   sharding: sharding_lib.Plan | None = None
+  attention: str = "xla"  # the target's attention (`specjax.kernels.attention`)
 
   @property
   def target_name(self) -> str:
@@ -202,7 +203,8 @@ def plan(config: Any) -> Plan:
               max_new_tokens=c["max_new_tokens"], warmup=c["warmup"],
               cache_bucket=c["cache_bucket"],
               peers=tuple(c["peers"]), progress=bool(c["progress"]),
-              target_lora=c.get("target_lora", ""), sharding=sharding_lib.from_config(c))
+              target_lora=c.get("target_lora", ""), sharding=sharding_lib.from_config(c),
+              attention=kernels.check_impl(c.get("attention", "xla")))
 
 
 # ------------------------------------------------------------------------------------------
@@ -268,7 +270,7 @@ def make_row(plan: Plan, spec: Mapping[str, Any], cell: Mapping[str, Any], promp
   greedy = cell["temperature"] == 0
   return {
       **spec, **cell, "target": plan.target_name, "max_new_tokens": plan.max_new_tokens,
-      "mesh": _mesh_name(plan), "prompt_tokens": prompt_tokens, "new_tokens": new,
+      **_setup(plan), "prompt_tokens": prompt_tokens, "new_tokens": new,
       "target_calls": measured["target_calls"],
       "draft_calls": measured["draft_calls"],
       "tau": metrics.tau(new, measured["target_calls"]),
@@ -352,19 +354,21 @@ def _key(cell: Mapping[str, Any], method: str) -> tuple:
   return report.row_key({"method": method, **cell})
 
 
-def _mesh_name(plan: Plan) -> str:
-  """The mesh rows were measured on ("" = one device)."""
-  return "" if plan.sharding is None else plan.sharding.name
+def _setup(plan: Plan) -> dict[str, str]:
+  """How rows were run: the mesh ("" = one device) and the target's attention."""
+  return {"mesh": "" if plan.sharding is None else plan.sharding.name,
+          "attention": plan.attention}
 
 
 def _check_resumable(rows: Sequence[Mapping[str, Any]], plan: Plan, workdir: str) -> None:
+  setup = _setup(plan)
   for r in rows:
-    if (r["target"], r["max_new_tokens"], r.get("mesh", "")) != (
-        plan.target_name, plan.max_new_tokens, _mesh_name(plan)):
+    mine = (plan.target_name, plan.max_new_tokens, *setup.values())
+    theirs = (r["target"], r["max_new_tokens"], r.get("mesh", ""), r.get("attention", "xla"))
+    if theirs != mine:
       raise ValueError(
-          f"{workdir} holds results of target={r['target']!r}, max_new_tokens="
-          f"{r['max_new_tokens']}, mesh={r.get('mesh', '')!r}, not of this sweep; use "
-          "another --workdir.")
+          f"{workdir} holds results of (target, max_new_tokens, mesh, attention) = {theirs},"
+          f" not {mine} of this sweep; use another --workdir.")
 
 
 def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
@@ -386,7 +390,8 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
           for p, temp, seed in _cells(plan, prompt_sets) for t in range(len(p.turns))
           for name in names]
   todo = [k for k in keys if k not in done]
-  target = models.load(plan.target, plan.dtype, plan=plan.sharding)
+  target = models.load(plan.target, plan.dtype, plan=plan.sharding).with_attention(
+      plan.attention)
   if plan.target_lora:  # Medusa-2: every method, AR included, decodes the merged model
     target = head_io.merged_target(plan.target_lora, target)
   if target.tokenizer is None:
@@ -434,7 +439,7 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
           for spec, _ in jobs:
             if _key(cell, spec["method"]) not in done:
               row = {**spec, **cell, "target": plan.target_name, "skipped": reason,
-                     "mesh": _mesh_name(plan),
+                     **_setup(plan),
                      "max_new_tokens": plan.max_new_tokens, "prompt_tokens": len(ids)}
               report.append_row(f, row)
               done[report.row_key(row)] = row
