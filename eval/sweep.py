@@ -361,14 +361,14 @@ def _setup(plan: Plan) -> dict[str, str]:
 
 
 def _check_resumable(rows: Sequence[Mapping[str, Any]], plan: Plan, workdir: str) -> None:
-  setup = _setup(plan)
+  mine = {"target": plan.target_name, "max_new_tokens": plan.max_new_tokens, **_setup(plan)}
   for r in rows:
-    mine = (plan.target_name, plan.max_new_tokens, *setup.values())
-    theirs = (r["target"], r["max_new_tokens"], r.get("mesh", ""), r.get("attention", "xla"))
+    theirs = {"target": r["target"], "max_new_tokens": r["max_new_tokens"],
+              "mesh": r.get("mesh", ""), "attention": r.get("attention", "xla")}
     if theirs != mine:
-      raise ValueError(
-          f"{workdir} holds results of (target, max_new_tokens, mesh, attention) = {theirs},"
-          f" not {mine} of this sweep; use another --workdir.")
+      show = lambda d: ", ".join(f"{k}={v!r}" for k, v in d.items())
+      raise ValueError(f"{workdir} holds results of {show(theirs)}, not of this sweep "
+                       f"({show(mine)}); use another --workdir.")
 
 
 def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
