@@ -84,6 +84,8 @@ def forward(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array, positions_BxT:
   (layer inputs, or FINAL), in that order.
   """
   layers = tuple(sorted({f for f in features if f != FINAL}))
+  if cache is not None and prefix_BxTxS is None and cfg.attention_impl == "xla":
+    prefix_BxTxS = cache.prefix_mask(tokens_BxT.shape[1])  # once, not per layer
   logits, hidden, layer_inputs, cache = module(cfg, param_dtype(params)).apply(
       {"params": params}, tokens_BxT, positions_BxT, visible_BxTxT, cache, prefix_BxTxS, layers)
   picked = tuple(hidden if f == FINAL else layer_inputs[layers.index(f)] for f in features)
