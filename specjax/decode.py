@@ -244,7 +244,7 @@ def _decode_loop(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_le
   return Output(tokens, lengths, st.stats, st.trace)
 
 
-_STATIC = ("cfg", "sampling", "rule", "max_new_tokens", "eos", "trace", "plan")
+_STATIC = ("cfg", "rule", "max_new_tokens", "eos", "trace", "plan")
 _generate = jax.jit(_decode, static_argnames=_STATIC)
 
 
@@ -358,7 +358,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}.")
-  sampling = Sampling(temperature, top_k, top_p)
+  sampling = Sampling.create(temperature, top_k, top_p)
   rule = None if acceptance is None else verify_lib.get(acceptance)
   registry.check_combination(
       takes_stop_policy=None if drafter is None else bool(drafter.takes_stop_policy),

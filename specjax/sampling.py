@@ -6,32 +6,40 @@ is warped the same way, so target and drafters both call `probs(logits, sampling
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class Sampling:
-  """temperature 0 means greedy; top_k / top_p apply after the temperature."""
+  """How the next token is drawn: temperature, then a top-k cut (0 = none), then a top-p
+  cut (1 = none). Build it with `Sampling.create`, which checks the numbers.
 
-  temperature: float = 0.0
-  top_k: int | None = None
-  top_p: float | None = None
+  Only `greedy` (temperature 0: argmax everywhere) shapes a compiled decode. The three
+  numbers are pytree leaves, traced inside `jax.jit`: one program serves every temperature,
+  top-k and top-p, so a sweep over them compiles once.
+  """
 
-  def __post_init__(self):
-    if not math.isfinite(self.temperature) or self.temperature < 0:
-      raise ValueError(f"temperature must be a finite number >= 0; got {self.temperature}.")
-    if self.top_k is not None and self.top_k < 1:
-      raise ValueError(f"top_k must be >= 1; got {self.top_k}.")
-    if self.top_p is not None and not 0 < self.top_p <= 1:  # also refuses nan
-      raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}.")
+  temperature: Any = 0.0
+  top_k: Any = 0
+  top_p: Any = 1.0
+  greedy: bool = flax.struct.field(pytree_node=False, default=True)
 
-  @property
-  def greedy(self) -> bool:
-    return self.temperature == 0
+  @classmethod
+  def create(cls, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None) -> "Sampling":
+    if not math.isfinite(temperature) or temperature < 0:
+      raise ValueError(f"temperature must be a finite number >= 0; got {temperature}.")
+    if top_k is not None and top_k < 1:
+      raise ValueError(f"top_k must be >= 1; got {top_k}.")
+    if top_p is not None and not 0 < top_p <= 1:  # also refuses nan
+      raise ValueError(f"top_p must be in (0, 1]; got {top_p}.")
+    return cls(float(temperature), 0 if top_k is None else int(top_k),
+               1.0 if top_p is None else float(top_p), greedy=temperature == 0)
 
 
 def probs(logits_xV: jax.Array, s: Sampling) -> jax.Array:
@@ -40,17 +48,25 @@ def probs(logits_xV: jax.Array, s: Sampling) -> jax.Array:
   if s.greedy:
     return jax.nn.one_hot(jnp.argmax(logits_xV, -1), logits_xV.shape[-1], dtype=jnp.float32)
   logits_xV = logits_xV / s.temperature
-  if s.top_k is not None and s.top_k < logits_xV.shape[-1]:
-    kth = jax.lax.top_k(logits_xV, s.top_k)[0][..., -1:]
-    logits_xV = jnp.where(logits_xV < kth, -jnp.inf, logits_xV)
-  if s.top_p is not None and s.top_p < 1:
-    sorted_xV = jnp.sort(logits_xV, axis=-1)[..., ::-1]
-    cum_xV = jnp.cumsum(jax.nn.softmax(sorted_xV, -1), -1)
-    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    keep_xV = (cum_xV - jax.nn.softmax(sorted_xV, -1)) < s.top_p
-    cutoff = jnp.min(jnp.where(keep_xV, sorted_xV, jnp.inf), -1, keepdims=True)
-    logits_xV = jnp.where(logits_xV < cutoff, -jnp.inf, logits_xV)
-  return jax.nn.softmax(logits_xV, -1)
+  # The cuts sort the vocabulary: skipped at run time when neither is set.
+  cut = ((s.top_k > 0) & (s.top_k < logits_xV.shape[-1])) | (s.top_p < 1)
+  return jax.nn.softmax(jax.lax.cond(cut, _cut, lambda x, _: x, logits_xV, s), -1)
+
+
+def _cut(logits_xV: jax.Array, s: Sampling) -> jax.Array:
+  """`logits_xV` with -inf outside the top-k, then outside the top-p nucleus (ties with
+  the last kept logit stay; the most likely token always stays)."""
+  v = logits_xV.shape[-1]
+  sorted_xV = jnp.sort(logits_xV, axis=-1)[..., ::-1]
+  k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, v), v)
+  kth = jax.lax.dynamic_index_in_dim(sorted_xV, k - 1, axis=-1)
+  sorted_xV = jnp.where(sorted_xV < kth, -jnp.inf, sorted_xV)
+  p_xV = jax.nn.softmax(sorted_xV, -1)
+  # The smallest prefix whose mass reaches top_p (none of it cut when top_p is 1).
+  keep_xV = ((jnp.cumsum(p_xV, -1) - p_xV) < s.top_p) | (s.top_p >= 1)
+  cutoff = jnp.min(jnp.where(keep_xV & (sorted_xV > -jnp.inf), sorted_xV, jnp.inf), -1,
+                   keepdims=True)
+  return jnp.where(logits_xV < cutoff, -jnp.inf, logits_xV)
 
 
 def entropy(p_xV: jax.Array) -> jax.Array:

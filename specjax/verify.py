@@ -152,7 +152,7 @@ def verify(rule: Acceptance, tree: DraftTree, target_logits_BxTxV: jax.Array,
     return Verdict(path, num, sampling_lib.sample(next_key, p_final, s))
 
   if rule.name == "typical":  # Medusa thresholds the (temperature) softmax, not its top-k cut
-    p_raw_BxTxV = jax.nn.softmax(target_logits_BxTxV / max(s.temperature, 1e-6), -1)
+    p_raw_BxTxV = jax.nn.softmax(target_logits_BxTxV / jnp.maximum(s.temperature, 1e-6), -1)
     ok_BxT = jnp.minimum(rule.eps, rule.delta * jnp.exp(-sampling_lib.entropy(p_raw_BxTxV)))
 
     def accept(i, cur_B, tried_B, c):

@@ -2,10 +2,11 @@
 per-sequence stopping, and clear errors."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from specjax import decode, stopping
+from specjax import decode, sampling, stopping
 from specjax.drafters import DraftModel, PromptLookup
 from specjax.models import Model, ModelConfig, init_params
 
@@ -227,3 +228,49 @@ def test_low_map_count_is_reported(tmp_path, monkeypatch):
   assert runtime.check_map_count() is None
   monkeypatch.setattr(runtime, "MAP_COUNT", str(tmp_path / "absent"))
   assert runtime.check_map_count() is None
+
+
+def cut_reference(logits, temperature, top_k, top_p):
+  """numpy: temperature, then keep the logits >= the k-th largest, then the smallest set of
+  the largest whose mass reaches top_p (ties with its last logit kept)."""
+  x = logits / temperature
+  if top_k:
+    x = np.where(x < np.sort(x)[::-1][top_k - 1], -np.inf, x)
+  if top_p < 1:
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    order = np.argsort(-x, kind="stable")
+    mass_before = np.cumsum(p[order]) - p[order]
+    cutoff = x[order][mass_before < top_p].min()
+    x = np.where(x < cutoff, -np.inf, x)
+  p = np.exp(x - x.max())
+  return p / p.sum()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, None, None), (0.7, 3, None), (1.3, None, 0.6), (0.8, 5, 0.9), (1.0, 1, None),
+    (2.0, 40, 0.3), (0.5, None, 1.0)])
+def test_warped_distribution(temperature, top_k, top_p):
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 32)).astype(np.float32)
+  logits[:, 7] = logits[:, 3]  # ties
+  s = sampling.Sampling.create(temperature, top_k, top_p)
+  got = np.asarray(jax.jit(sampling.probs)(jnp.asarray(logits), s))
+  want = np.stack([cut_reference(row, temperature, top_k or 0, top_p or 1.0)
+                   for row in logits])
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  # A cut changes something in every case that sets one.
+  assert (top_k in (None, 32) and top_p in (None, 1.0)) or (got == 0).any()
+
+
+def test_sampling_settings_share_one_compiled_program():
+  """Only greedy-or-not shapes the program: other temperatures, top-k and top-p reuse it."""
+  drafter = DraftModel.truncated(TARGET, 1, num_draft=3)
+  kw = dict(max_new_tokens=4, eos=None, drafter=drafter, max_len=64)
+  before = decode._generate._cache_size()  # pylint: disable=protected-access
+  outs = [decode.generate(TARGET, PROMPTS, temperature=t, top_k=k, top_p=p, seed=3, **kw)
+          for t, k, p in ((1.0, None, None), (0.6, 5, 0.9), (1.4, 2, None))]
+  assert decode._generate._cache_size() == before + 1  # pylint: disable=protected-access
+  assert outs[0].token_lists() != outs[1].token_lists()  # the settings do reach the program
+  with pytest.raises(ValueError, match="top_p must be in"):
+    decode.generate(TARGET, PROMPTS, temperature=1.0, top_p=0.0, **kw)

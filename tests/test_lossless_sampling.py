@@ -50,7 +50,9 @@ def counts_of(tokens_Nx2):
   return np.bincount(tokens_Nx2[:, 0] * V + tokens_Nx2[:, 1], minlength=V * V).reshape(V, V)
 
 
-SAMPLINGS = [sampling_lib.Sampling(1.0), sampling_lib.Sampling(0.8, top_k=5, top_p=0.9)]
+# generate() keyword arguments. Both share one compiled program per drafter: only greedy
+# or not is static (`Sampling`); the numbers are traced.
+SAMPLINGS = [dict(temperature=1.0), dict(temperature=0.8, top_k=5, top_p=0.9)]
 DRAFTERS = {
     "chain": lambda: DraftModel.from_model(DRAFT, num_draft=3),
     # Children sampled i.i.d. from the draft, several per node: SpecInfer's rule.
@@ -64,16 +66,16 @@ def test_generate_speculative_sampling_matches_target(s, drafter):
   check_generate_matches_target(s, DRAFTERS[drafter]())
 
 
-def check_generate_matches_target(s, drafter):
+def check_generate_matches_target(sampling_kw, drafter):
   """Two generated tokens of 40k sequences against the exact table, and the biased
   control (accept every draft) must fail the same bound."""
+  s = sampling_lib.Sampling.create(**sampling_kw)
   n = 40_000
   prompts = [PROMPTS[i % 2] for i in range(n)]
   exact = [exact_two_tokens(p, s) for p in PROMPTS]
   bound = max(tv_bound(e, n // 2) for e in exact)
   # A tight cache (and so prefill chunk): 40k sequences.
-  kw = dict(max_new_tokens=2, eos=None, temperature=s.temperature, top_k=s.top_k,
-            top_p=s.top_p, seed=1, drafter=drafter, max_len=24)
+  kw = dict(max_new_tokens=2, eos=None, seed=1, drafter=drafter, max_len=24, **sampling_kw)
 
   def tvs(out):
     toks = np.asarray(out.tokens)
@@ -144,7 +146,7 @@ def test_tree_speculative_sampling_matches_target(sampled):
   tree = draw_tree(k_tree, q, n, root, sampled)
   nodes = jnp.concatenate([jnp.full((n, 1), root), tree.tokens], 1)
   logits = jnp.log(p[nodes])  # the target's next-token logits at root and every node
-  s = sampling_lib.Sampling(1.0)
+  s = sampling_lib.Sampling.create(1.0)
   verdict = verify.verify(verify.get("speculative"), tree, logits, s, k_verify)
   got = tv(counts_of(first_two(tree, verdict, p, k_after)), exact)
   assert got < bound, (got, bound)

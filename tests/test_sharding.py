@@ -144,7 +144,7 @@ def test_sharded_greedy_generate_equals_single_device(mesh, runs):
                           drafter=drafter_of(target), plan=plan)
     assert out.token_lists() == ref.token_lists()
     np.testing.assert_array_equal(out.stats.target_calls, ref.stats.target_calls)
-  # The program really is partitioned: its cache lives on every device.
+  # The target really is placed across the mesh (the cache layout: test_param_and_cache_layouts).
   assert len(target.params["embed_tokens"]["embedding"].sharding.device_set) == 8
 
 

@@ -224,7 +224,8 @@ def _first_chain(target, head, depth: int, prompt_len: int):
   ctx = Context(hist, jnp.asarray([len(prompt)], jnp.int32))
   f = causal_forward(target.config, target.params, hist, features=(models.FINAL,)).features[0]
   state = drafter.init(ctx, max_len, (f,))
-  tree, _, calls = drafter.propose(state, ctx, get_stop(None), Sampling(0.0), jax.random.key(0))
+  tree, _, calls = drafter.propose(state, ctx, get_stop(None), Sampling.create(0.0),
+                                   jax.random.key(0))
   return params, shared, prompt, f, tree, calls
 
 
@@ -279,7 +280,7 @@ def test_eagle3_never_drafts_outside_its_vocabulary():
   for knobs in ({"depth": 4}, {"top_k": 4, "depth": 3, "num_nodes": 9}):
     drafter = head.drafter(params, shared, **knobs)
     state = drafter.init(ctx, 64, feats)
-    for s in (Sampling(0.0), Sampling(1.0)):
+    for s in (Sampling.create(0.0), Sampling.create(1.0)):
       tree, _, _ = drafter.propose(state, ctx, get_stop(None), s, jax.random.key(1))
       drafted += np.asarray(tree.tokens).ravel().tolist()
   assert set(drafted) <= allowed and len(set(drafted)) > 8

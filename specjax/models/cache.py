@@ -19,6 +19,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from specjax.kernels import tree_attention
+
 
 def write(cache_BxKxSxD: jax.Array, new_BxKxTxD: jax.Array, start_B: jax.Array) -> jax.Array:
   """Writes each sequence's T new entries at its own offset, slots [start, start + T).
@@ -63,11 +65,10 @@ class KVCache:
     slot `lengths + n` when `pending_BxTxN[b, t, n]` (entries written past the committed
     ones by earlier forwards that are not committed yet, e.g. a draft tree's upper levels).
     """
-    rel_BxS = jnp.arange(self.max_len)[None, :] - self.lengths[:, None]  # index past lengths
-    committed_BxTxS = jnp.broadcast_to((rel_BxS < 0)[:, None, :], (rel_BxS.shape[0], t,
-                                                                     self.max_len))
+    committed_BxTxS = tree_attention.prefix_mask(self.lengths, t, self.max_len)
     if pending_BxTxN is None:
       return committed_BxTxS
+    rel_BxS = jnp.arange(self.max_len)[None, :] - self.lengths[:, None]  # index past lengths
     n = pending_BxTxN.shape[-1]
     pending_BxTxS = jnp.take_along_axis(
         jnp.broadcast_to(pending_BxTxN, (rel_BxS.shape[0], t, n)),
