@@ -29,6 +29,11 @@ class Sampling:
   top_p: Any = 1.0
   greedy: bool = flax.struct.field(pytree_node=False, default=True)
 
+  def __post_init__(self):
+    if isinstance(self.temperature, (int, float)) and self.greedy != (self.temperature == 0):
+      raise ValueError(f"Sampling(temperature={self.temperature}) says greedy={self.greedy}; "
+                       "build it with Sampling.create.")
+
   @classmethod
   def create(cls, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None) -> "Sampling":

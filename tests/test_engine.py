@@ -272,5 +272,7 @@ def test_sampling_settings_share_one_compiled_program():
           for t, k, p in ((1.0, None, None), (0.6, 5, 0.9), (1.4, 2, None))]
   assert decode._generate._cache_size() == before + 1  # pylint: disable=protected-access
   assert outs[0].token_lists() != outs[1].token_lists()  # the settings do reach the program
+  with pytest.raises(ValueError, match="build it with Sampling.create"):
+    sampling.Sampling(1.0)  # greedy would disagree with the temperature
   with pytest.raises(ValueError, match="top_p must be in"):
     decode.generate(TARGET, PROMPTS, temperature=1.0, top_p=0.0, **kw)
