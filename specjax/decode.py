@@ -256,11 +256,21 @@ def _sharded_decode(plan: sharding.Plan):
                  out_shardings=plan.sharding(plan.spec(("batch",))))
 
 
+def _is_number(x) -> bool:
+  return np.isscalar(x) and not isinstance(x, (str, bytes))
+
+
 def _encode_prompts(model: Model, prompts) -> list[list[int]]:
-  """Token-id lists from one prompt or a list of prompts (strings or integer ids)."""
-  if isinstance(prompts, str) or (isinstance(prompts, np.ndarray) and prompts.ndim == 1) or (
-      isinstance(prompts, (list, tuple)) and prompts and np.isscalar(prompts[0])):
+  """Token-id lists from one prompt (a string, or a flat list / 1-D array of token ids)
+  or a list of prompts (strings and token-id lists, mixed as you like)."""
+  if isinstance(prompts, str) or (
+      isinstance(prompts, np.ndarray) and prompts.ndim == 1 and prompts.dtype.kind not in "US"
+  ) or (isinstance(prompts, (list, tuple)) and prompts and _is_number(prompts[0])):
     prompts = [prompts]
+  if isinstance(prompts, np.ndarray) and prompts.ndim != 2:
+    raise ValueError(f"generate() got a {prompts.ndim}-D array of prompts (shape "
+                     f"{prompts.shape}): pass one prompt as a 1-D array of token ids, or "
+                     "a batch as a 2-D array or a list of prompts.")
   if len(prompts) == 0:
     raise ValueError("generate() got no prompts: pass a prompt or a non-empty list of them.")
   out = []
@@ -269,6 +279,14 @@ def _encode_prompts(model: Model, prompts) -> list[list[int]]:
       if model.tokenizer is None:
         raise ValueError("String prompts need a model with a tokenizer; pass token ids.")
       pr = model.tokenizer.encode(pr)
+    elif isinstance(pr, (list, tuple, np.ndarray)) and any(
+        isinstance(t, (str, list, tuple, np.ndarray)) for t in pr):
+      raise ValueError(f"Prompt {i} is itself a list of prompts ({_show(pr)}): a prompt is "
+                       "a string or a flat list of token ids, and generate() takes one "
+                       "prompt or a list of them, not a list of lists of prompts.")
+    elif not isinstance(pr, (list, tuple, np.ndarray)):
+      raise ValueError(f"Prompt {i} is {_show(pr)}: a prompt is a string or a list of "
+                       "token ids.")
     arr = np.asarray(pr)
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
       raise ValueError(f"Prompt {i} holds {arr.dtype} values, not integer token ids "
@@ -284,12 +302,28 @@ def _encode_prompts(model: Model, prompts) -> list[list[int]]:
   return out
 
 
+def _show(x, limit: int = 60) -> str:
+  text = repr(x)
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _eos_ids(model: Model, eos) -> tuple[int, ...]:
-  if eos == "default":
+  """The stop ids `eos` names: "default" (the tokenizer's), None (none), an id or ids."""
+  if isinstance(eos, str) and eos == "default":
     return tuple(model.tokenizer.eos_ids) if model.tokenizer is not None else ()
   if eos is None:
     return ()
-  return (int(eos),) if isinstance(eos, (int, np.integer)) else tuple(int(e) for e in eos)
+  ids = [eos] if not isinstance(eos, (list, tuple, set, frozenset, np.ndarray)) else list(
+      np.asarray(eos).reshape(-1) if isinstance(eos, np.ndarray) else eos)
+  bad = [e for e in ids if not _is_int(e)]
+  if bad or isinstance(eos, (str, bytes)):
+    raise ValueError(f"eos must be \"default\" (the tokenizer's stop ids), None (never stop "
+                     f"early), a token id or a list of token ids; got {eos!r}.")
+  return tuple(int(e) for e in ids)
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def context_overflow(prompt_tokens: int, max_new_tokens: int, num_nodes: int,
@@ -356,8 +390,9 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
   Returns:
     Output(tokens [B, max_new_tokens], lengths [B], stats, trace or None).
   """
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}.")
+  if not _is_int(max_new_tokens) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}.")
+  eos_ids = _eos_ids(model, eos)
   sampling = Sampling.create(temperature, top_k, top_p)
   rule = None if acceptance is None else verify_lib.get(acceptance)
   registry.check_combination(
@@ -396,7 +431,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
     history_BxL[i, :len(t)] = t
   lens_B, key = np.asarray(lens, np.int32), jax.random.key(seed)
   kwargs = dict(sampling=sampling, rule=rule, max_new_tokens=max_new_tokens,
-                eos=_eos_ids(model, eos), trace=trace)
+                eos=eos_ids, trace=trace)
   if plan is None:
     return _generate(model.config, model.params, drafter, stop, jnp.asarray(history_BxL),
                      jnp.asarray(lens_B), key, **kwargs)

@@ -12,6 +12,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @flax.struct.dataclass
@@ -39,8 +40,9 @@ class Sampling:
              top_p: float | None = None) -> "Sampling":
     if not math.isfinite(temperature) or temperature < 0:
       raise ValueError(f"temperature must be a finite number >= 0; got {temperature}.")
-    if top_k is not None and top_k < 1:
-      raise ValueError(f"top_k must be >= 1; got {top_k}.")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer))
+                              or isinstance(top_k, (bool, np.bool_)) or top_k < 1):
+      raise ValueError(f"top_k must be an integer >= 1 (or None: no cut); got {top_k!r}.")
     if top_p is not None and not 0 < top_p <= 1:  # also refuses nan
       raise ValueError(f"top_p must be in (0, 1]; got {top_p}.")
     return cls(float(temperature), 0 if top_k is None else int(top_k),

@@ -1,0 +1,73 @@
+"""Bad input (issue 22): each case fails with a message that names the problem, before
+anything compiles or loads weights, or works as documented. Fast: the tiny random target,
+small files, no real model."""
+
+import dataclasses
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from specjax import decode, models
+from specjax.sampling import Sampling
+
+
+class ByteTokenizer:
+  """Text as its UTF-8 bytes: enough of a tokenizer for `generate`'s string prompts."""
+
+  eos_ids = ()
+
+  def encode(self, text):
+    return list(text.encode())
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """The tiny random target (no weights read) with a byte tokenizer."""
+  return dataclasses.replace(models.load("tiny-random"), tokenizer=ByteTokenizer())
+
+
+def _never_compile(monkeypatch):
+  """Fails the test if `generate` reaches its compiled decode."""
+  monkeypatch.setattr(decode, "_generate", lambda *a, **k: pytest.fail("compiled"))
+
+
+# ------------------------------------------------------------------------------------------
+# generate()
+
+
+def test_list_of_strings_is_a_batch_of_prompts(tiny):
+  assert decode._encode_prompts(tiny, ["a", "bc"]) == [[97], [98, 99]]
+  assert decode._encode_prompts(tiny, ("a", [5, 6])) == [[97], [5, 6]]
+  assert decode._encode_prompts(tiny, "ab") == [[97, 98]]
+  assert decode._encode_prompts(tiny, [1, 2]) == [[1, 2]]
+  out = decode.generate(tiny, ["a", "bc"], max_new_tokens=1, eos=None)
+  assert np.asarray(out.lengths).tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("prompts", [[["a", "b"]], [[[1, 2]]], [np.zeros((2, 2), int)]])
+def test_a_list_of_lists_of_prompts_is_refused(tiny, prompts, monkeypatch):
+  _never_compile(monkeypatch)
+  with pytest.raises(ValueError, match="Prompt 0 is itself a list of prompts"):
+    decode.generate(tiny, prompts, max_new_tokens=1)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 1; got 2.5"),
+    (dict(max_new_tokens=2, eos="foo"), "eos must be \"default\".*got 'foo'"),
+    (dict(max_new_tokens=2, eos=[2, 2.5]), "eos must be .*got \\[2, 2.5\\]"),
+    (dict(max_new_tokens=2, temperature=1.0, top_k=2.7),
+     "top_k must be an integer >= 1 .*got 2.7"),
+])
+def test_bad_generate_numbers_are_refused(tiny, kw, match, monkeypatch):
+  _never_compile(monkeypatch)
+  with pytest.raises(ValueError, match=match):
+    decode.generate(tiny, [[1, 2]], **kw)
+
+
+def test_top_k_must_be_an_integer():
+  with pytest.raises(ValueError, match="top_k must be an integer"):
+    Sampling.create(1.0, top_k=2.7)
+  assert Sampling.create(1.0, top_k=np.int64(3)).top_k == 3
