@@ -90,10 +90,59 @@ def names() -> list[str]:
 
 def _load_file(path: str) -> list[Prompt]:
   """Load a local .json/.jsonl file; one row is one prompt (see `_from_rows`)."""
-  import datasets  # heavy; only needed for local files
+  rows, lines = _read_local(path)
+  return _from_rows(rows, os.path.basename(path).split(".")[0], path, lines)
 
-  rows = datasets.load_dataset("json", data_files=path, split="train")
-  return _from_rows(rows, os.path.basename(path).split(".")[0], path)
+
+def _read_local(path: str) -> tuple[list[dict[str, Any]], list[int] | None]:
+  """(rows, the file line of each row, or None for an array) of a local file: JSON lines,
+  a JSON array of objects, or one JSON object of equal-length columns. Errors name the
+  file and the line."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt", encoding="utf-8") as f:
+    text = f.read()
+  if not text.strip():
+    raise ValueError(f"Prompt file {path!r} is empty: it needs one JSON object per line "
+                     "(or a JSON array of them).")
+  if text.lstrip().startswith("["):
+    try:
+      rows = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: line {e.lineno} is not valid JSON ({e.msg}).") from None
+    for i, row in enumerate(rows):
+      if not isinstance(row, dict):
+        raise ValueError(f"{path}: row {i} of the array is a JSON {type(row).__name__}, "
+                         f"not an object with a prompt field: {json.dumps(row)[:80]}.")
+    return rows, None
+  rows, lines = [], []
+  for n, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      if not rows:  # perhaps one JSON object over several lines: a table of columns
+        try:
+          return _columns(json.loads(text), path), None
+        except json.JSONDecodeError:
+          pass
+      raise ValueError(f"{path}: line {n} is not valid JSON ({e.msg}): {line[:80]!r}."
+                       ) from None
+    if not isinstance(row, dict):
+      raise ValueError(f"{path}: line {n} is a JSON {type(row).__name__}, not an object "
+                       f"with a prompt field: {line[:80]!r}.")
+    rows.append(row)
+    lines.append(n)
+  return rows, lines
+
+
+def _columns(data: Any, path: str) -> list[dict[str, Any]]:
+  """The rows of one JSON object of equal-length columns ({"prompt": [...], ...})."""
+  if not (isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values())
+          and len({len(v) for v in data.values()}) == 1):
+    raise ValueError(f"{path} holds one JSON document that is not a table of equal-length "
+                     "columns; expected one JSON object per line or a JSON array of them.")
+  return [dict(zip(data, values)) for values in zip(*data.values())]
 
 
 def _load_hub(spec: str) -> list[Prompt]:
@@ -111,21 +160,28 @@ def _load_hub(spec: str) -> list[Prompt]:
   return _from_rows(rows, name.split("/")[-1], f"hf:{spec}")
 
 
-def _from_rows(rows, stem: str, where: str) -> list[Prompt]:
+def _from_rows(rows, stem: str, where: str, lines: list[int] | None = None) -> list[Prompt]:
   """Rows to prompts. Turns come from `turns` (a list of strings, or one string), else from the first
   non-null field of `PROMPT_FIELDS`. The id is the first non-null of `ID_FIELDS`,
-  else `<file stem>/<row index>`. An optional `category` field is kept.
+  else `<file stem>/<row index>`; two rows with one id are an error (results are keyed by
+  it). An optional `category` field is kept. `lines`: the file line of each row, for
+  errors.
   """
-  prompts = []
+  at = lambda i: f"line {lines[i]}" if lines else f"row {i}"
+  prompts, first = [], {}
   for i, row in enumerate(rows):
     turns = row.get("turns")
     if turns is None:
       turns = next((row[k] for k in PROMPT_FIELDS if row.get(k) is not None), None)
     if turns is None:
-      raise ValueError(f"{where}: row {i} has none of the fields {('turns',) + PROMPT_FIELDS}")
+      raise ValueError(f"{where}: {at(i)} has none of the fields {('turns',) + PROMPT_FIELDS}")
     turns = (turns,) if isinstance(turns, str) else tuple(turns)
-    pid = next((row[k] for k in ID_FIELDS if row.get(k) is not None), f"{stem}/{i}")
-    prompts.append(Prompt(str(pid), turns, stem, row.get("category")))
+    pid = str(next((row[k] for k in ID_FIELDS if row.get(k) is not None), f"{stem}/{i}"))
+    if pid in first:
+      raise ValueError(f"{where}: {at(i)} repeats the id {pid!r} of {at(first[pid])}; every "
+                       "prompt needs its own id (rows are keyed by it).")
+    first[pid] = i
+    prompts.append(Prompt(pid, turns, stem, row.get("category")))
   return prompts
 
 

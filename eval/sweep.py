@@ -126,6 +126,8 @@ def _check_dataset(name: str) -> None:
     kind = FileNotFoundError if name.endswith((".json", ".jsonl")) else ValueError
     raise kind(f"Unknown dataset {name!r}: not a file and not one of "
                f"{prompts_lib.names()}.")
+  else:  # a local file: read it all (bad lines, repeated ids) before any weights load
+    prompts_lib.load(name)
 
 
 def _method(spec: Mapping[str, Any], temperatures: Sequence[float]) -> Method:

@@ -71,3 +71,49 @@ def test_top_k_must_be_an_integer():
   with pytest.raises(ValueError, match="top_k must be an integer"):
     Sampling.create(1.0, top_k=2.7)
   assert Sampling.create(1.0, top_k=np.int64(3)).top_k == 3
+
+
+# ------------------------------------------------------------------------------------------
+# Prompt files and sweeps.
+
+
+def sweep_config(tmp_path, prompts_file, **overrides):
+  """configs/tiny.py on `prompts_file`; the target is an empty folder: plan() only checks
+  that it exists, so any load would fail."""
+  from specjax.configs import tiny as tiny_config  # pylint: disable=g-import-not-at-top
+
+  target = tmp_path / "target"
+  target.mkdir(exist_ok=True)
+  c = tiny_config.get_config(f"target={target},prompts={prompts_file}")
+  for k, v in overrides.items():
+    setattr(c, k, v)
+  return c
+
+
+def test_repeated_prompt_id_is_refused(tmp_path):
+  from specjax.evaluation import prompts, sweep  # pylint: disable=g-import-not-at-top
+
+  path = tmp_path / "dup.jsonl"
+  path.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n'
+                  '{"id": "a", "prompt": "z"}\n')
+  with pytest.raises(ValueError, match=f"{path}: line 3 repeats the id 'a' of line 1"):
+    prompts.load(str(path))
+  with pytest.raises(ValueError, match="repeats the id 'a'"):  # in plan(): before weights
+    sweep.plan(sweep_config(tmp_path, str(path)))
+
+
+@pytest.mark.parametrize("text,match", [
+    ("", "Prompt file '.*empty.jsonl' is empty"),
+    ("  \n", "Prompt file '.*empty.jsonl' is empty"),
+    ('{"prompt": "x"}\n{"prompt": "y", oops}\n', "empty.jsonl: line 2 is not valid JSON"),
+    ('{"prompt": "x"}\n["y"]\n', "empty.jsonl: line 2 is a JSON list, not an object"),
+])
+def test_empty_or_malformed_prompt_file_names_file_and_line(tmp_path, text, match):
+  from specjax.evaluation import prompts, sweep  # pylint: disable=g-import-not-at-top
+
+  path = tmp_path / "empty.jsonl"
+  path.write_text(text)
+  with pytest.raises(ValueError, match=match):
+    prompts.load(str(path))
+  with pytest.raises(ValueError, match=match):
+    sweep.plan(sweep_config(tmp_path, str(path)))
