@@ -8,8 +8,10 @@ are appended and fsynced one by one so an interrupted sweep loses nothing it fin
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
+import sys
 from typing import IO, Any, Iterable, Mapping, Sequence
 
 import matplotlib
@@ -31,21 +33,41 @@ def row_key(row: Mapping[str, Any]) -> tuple:
   return tuple(row[k] for k in KEY)
 
 
-def read_rows(path: str) -> list[dict[str, Any]]:
+def read_rows(path: str, repair: bool = True) -> list[dict[str, Any]]:
   """The rows of a results file ([] if absent).
 
-  A torn last line (the process died mid-write) is cut off the file, so that appending
-  resumes on a clean line.
+  A last row without its final newline that is whole JSON is kept, and with `repair` the
+  newline is added so that appending resumes on a clean line. A torn last line (the
+  process died mid-write) is dropped, said on stderr, and with `repair` cut off the file.
+  The file is opened for writing only to repair it.
   """
   if not os.path.exists(path):
     return []
-  with open(path, "rb+") as f:
+  with open(path, "rb") as f:
     data = f.read()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-      f.truncate(end)
+  end = data.rfind(b"\n") + 1
+  tail = data[end:]
+  kept_tail = False
+  if tail.strip():
+    try:
+      kept_tail = isinstance(json.loads(tail), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      pass
+    if not kept_tail:
+      print(f"{path}: dropped its torn last line ({len(tail)} bytes, not whole JSON: the "
+            "sweep stopped mid-write); that row is measured again.", file=sys.stderr)
+  if repair and end < len(data):
+    try:
+      if kept_tail:  # a whole row missing only its newline: add the newline, keep the row
+        with open(path, "ab") as f:
+          f.write(b"\n")
+      else:
+        with open(path, "rb+") as f:
+          f.truncate(end)
+    except OSError as e:
+      print(f"{path}: could not repair its last line ({e.strerror}).", file=sys.stderr)
   rows = []
-  for i, line in enumerate(data[:end].decode("utf-8").splitlines()):
+  for i, line in enumerate((data if kept_tail else data[:end]).decode("utf-8").splitlines()):
     if line.strip():
       try:
         rows.append(json.loads(line))
@@ -182,10 +204,25 @@ def _plot_budget(curves: Mapping[str, Mapping[int, float]], path: str) -> None:
 
 def write(workdir: str) -> list[dict[str, Any]]:
   """Regenerates summary.csv, summary.md and the plots from results.jsonl; returns the
-  summary. tau_vs_budget.png appears only when some drafter ran with several budgets."""
+  summary. tau_vs_budget.png appears only when some drafter ran with several budgets.
+  A workdir that cannot be written (read-only) still gives its summary: the files are
+  skipped with a note on stderr."""
   # Prompts the sweep could not run (e.g. longer than the context) keep a row saying why.
-  rows = [r for r in read_rows(os.path.join(workdir, RESULTS)) if not r.get("skipped")]
+  rows = [r for r in read_rows(os.path.join(workdir, RESULTS), repair=False)
+          if not r.get("skipped")]
   summary = metrics.summarize(rows)
+  try:
+    _write_files(workdir, rows, summary)
+  except OSError as e:
+    if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+      raise
+    print(f"note: {workdir} is not writable ({e.strerror}: {e.filename}); the summary "
+          "files and plots were not written.", file=sys.stderr)
+  return summary
+
+
+def _write_files(workdir: str, rows: Sequence[Mapping[str, Any]],
+                 summary: Sequence[Mapping[str, Any]]) -> None:
   _write_csv(summary, os.path.join(workdir, "summary.csv"))
   with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:
     f.write(markdown(summary) + "\n")
@@ -194,4 +231,3 @@ def write(workdir: str) -> list[dict[str, Any]]:
   curves = budget_curves(rows)
   if curves:
     _plot_budget(curves, os.path.join(workdir, "tau_vs_budget.png"))
-  return summary

@@ -373,18 +373,29 @@ def _check_resumable(rows: Sequence[Mapping[str, Any]], plan: Plan, workdir: str
                        f"({show(mine)}); use another --workdir.")
 
 
+def _check_methods(rows: Sequence[Mapping[str, Any]], plan: Plan, workdir: str) -> None:
+  """Stored rows must be of methods (and peers) this sweep runs: one summary per sweep."""
+  names = [m.name for m in plan.methods] + list(plan.peers)
+  other = sorted({r["method"] for r in rows} - set(names))
+  if other:
+    raise ValueError(f"{workdir} holds rows of methods {other} that this sweep does not "
+                     f"run (it runs {names}); their rows would mix into its summary. Use "
+                     "another --workdir, or add them back to the config's methods.")
+
+
 def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
   """Measures every row missing from `workdir`/results.jsonl; returns the new rows.
 
   Rows are keyed by (method, dataset, prompt_id, temperature, seed) and appended (and
   fsynced) as they finish; stored rows supply the AR tokens of the cells they cover.
-  Rows of a method whose knobs or head weights (`checkpoint_sha`) changed since are
-  refused, not mixed in.
+  Rows of a method whose knobs or head weights (`checkpoint_sha`) changed since, or of a
+  method this sweep does not run, are refused, not mixed in.
   """
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, report.RESULTS)
   stored = report.read_rows(path)
   _check_resumable(stored, plan, workdir)
+  _check_methods(stored, plan, workdir)
   done = {report.row_key(r): r for r in stored}
   prompt_sets = [prompts_lib.load(d, limit=plan.num_prompts) for d in plan.datasets]
   names = [m.name for m in plan.methods] + list(plan.peers)

@@ -117,3 +117,70 @@ def test_empty_or_malformed_prompt_file_names_file_and_line(tmp_path, text, matc
     prompts.load(str(path))
   with pytest.raises(ValueError, match=match):
     sweep.plan(sweep_config(tmp_path, str(path)))
+
+
+def _row(method, prompt, **kw):
+  """A results.jsonl row, as the summary reads it."""
+  return {"method": method, "drafter": method, "num_draft": 0, "dataset": "d",
+          "prompt_id": prompt, "temperature": 0.0, "seed": 0, "new_tokens": 8,
+          "target_calls": 8, "draft_calls": 0, "tokens_per_s": 10.0, "equal_to_ar": True,
+          "lossy": False, **kw}
+
+
+def test_last_results_row_without_its_newline_is_kept(tmp_path, capsys):
+  from specjax.evaluation import report  # pylint: disable=g-import-not-at-top
+
+  path = tmp_path / report.RESULTS
+  rows = [_row("ar", "a"), _row("ar", "b")]
+  path.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1]))  # no final newline
+  assert report.read_rows(str(path)) == rows
+  assert path.read_text() == "".join(json.dumps(r) + "\n" for r in rows)  # newline added
+  assert capsys.readouterr().err == ""
+  # A torn last line is dropped, and said so on stderr.
+  path.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1])[:30])
+  assert report.read_rows(str(path)) == rows[:1]
+  assert path.read_text() == json.dumps(rows[0]) + "\n"
+  assert "dropped its torn last line" in capsys.readouterr().err
+
+
+def _read_only(monkeypatch, module):
+  """Every open for writing in `module` fails as in a read-only folder (tests run as
+  root, whom chmod does not stop)."""
+  import builtins  # pylint: disable=g-import-not-at-top
+  import errno  # pylint: disable=g-import-not-at-top
+
+  def guarded(file, mode="r", *args, **kwargs):
+    if set(mode) & set("wax+"):
+      raise PermissionError(errno.EACCES, "Permission denied", str(file))
+    return builtins.open(file, mode, *args, **kwargs)
+  monkeypatch.setattr(module, "open", guarded, raising=False)
+
+
+def test_finished_read_only_workdir_prints_its_summary(tmp_path, monkeypatch, capsys):
+  from specjax.evaluation import report  # pylint: disable=g-import-not-at-top
+
+  (tmp_path / report.RESULTS).write_text(
+      "".join(json.dumps(_row(m, p)) + "\n" for m in ("ar", "pl") for p in "ab"))
+  _read_only(monkeypatch, report)
+  summary = report.write(str(tmp_path))
+  assert [s["method"] for s in summary] == ["ar", "pl"]
+  assert "is not writable" in capsys.readouterr().err
+  assert not (tmp_path / "summary.md").exists()
+
+
+def test_rows_of_methods_the_sweep_does_not_run_are_refused(tmp_path, monkeypatch):
+  from specjax.evaluation import report, sweep  # pylint: disable=g-import-not-at-top
+
+  prompts_file = tmp_path / "p.jsonl"
+  prompts_file.write_text('{"id": "a", "prompt": "x"}\n')
+  p = sweep.plan(sweep_config(tmp_path, str(prompts_file)))
+  workdir = tmp_path / "work"
+  workdir.mkdir()
+  stored = {"target": p.target_name, "max_new_tokens": p.max_new_tokens, "mesh": "",
+            "attention": "xla"}
+  (workdir / report.RESULTS).write_text("".join(
+      json.dumps(_row(m, "a", dataset="p", **stored)) + "\n" for m in ("ar", "eagle_old")))
+  monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("loaded weights"))
+  with pytest.raises(ValueError, match="holds rows of methods \\['eagle_old'\\] that this "
+                                       "sweep does not run"):
+    sweep.run(p, str(workdir))
