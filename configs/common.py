@@ -94,9 +94,18 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
                        f"{sorted(defaults)}.")
     kind = type(defaults[key])
     if kind is bool:
+      if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(f"Bad config argument {item!r}: {key} is true or false (1/0, "
+                         "yes/no).")
       out[key] = value.lower() in ("1", "true", "yes")
+    elif defaults[key] is None or kind is str:
+      out[key] = value
     else:
-      out[key] = value if defaults[key] is None or kind is str else kind(value)
+      try:
+        out[key] = kind(value)
+      except ValueError:
+        raise ValueError(f"Bad config argument {item!r}: {key} is a {kind.__name__}."
+                         ) from None
   return out
 
 

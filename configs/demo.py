@@ -14,7 +14,8 @@ from specjax.configs import common
 
 
 def get_config(arg: str | None = None):
-  del arg
+  if arg:
+    raise ValueError(f"Unknown argument {arg!r}: configs/demo.py takes none (use nothing).")
   c = common.base()
   c.costs = common.CPU_COSTS
   c.methods = [

@@ -22,7 +22,8 @@ def predictor(kind: str, drafter: str) -> str:
 
 
 def get_config(arg: str | None = None):
-  del arg
+  if arg:
+    raise ValueError(f"Unknown argument {arg!r}: configs/stop_sweep.py takes none (use nothing).")
   c = common.base()
   c.methods = [common.method("ar")]
   for name, drafter, size, cap, kw in (

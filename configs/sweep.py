@@ -10,7 +10,8 @@ BUDGETS = (2, 4, 8)
 
 
 def get_config(arg: str | None = None):
-  del arg
+  if arg:
+    raise ValueError(f"Unknown argument {arg!r}: configs/sweep.py takes none (use nothing).")
   c = common.base()
   c.self_draft_layers = 20
   layers = c.get_ref("self_draft_layers")

@@ -184,3 +184,31 @@ def test_rows_of_methods_the_sweep_does_not_run_are_refused(tmp_path, monkeypatc
   with pytest.raises(ValueError, match="holds rows of methods \\['eagle_old'\\] that this "
                                        "sweep does not run"):
     sweep.run(p, str(workdir))
+
+
+# ------------------------------------------------------------------------------------------
+# Config files.
+
+
+def _config_modules():
+  import importlib  # pylint: disable=g-import-not-at-top
+  import pkgutil  # pylint: disable=g-import-not-at-top
+  from specjax import configs  # pylint: disable=g-import-not-at-top
+
+  mods = [importlib.import_module(f"specjax.configs.{m.name}")
+          for m in pkgutil.iter_modules(configs.__path__)]
+  return [m for m in mods if hasattr(m, "get_config")]
+
+
+@pytest.mark.parametrize("module", _config_modules(), ids=lambda m: m.__name__.split(".")[-1])
+def test_every_config_refuses_an_unknown_argument(module):
+  with pytest.raises(ValueError, match="ANYTHING.*(use|expected|key in)"):
+    module.get_config("ANYTHING")
+
+
+def test_config_argument_values_are_checked():
+  from specjax.configs import stop  # pylint: disable=g-import-not-at-top
+
+  with pytest.raises(ValueError, match="'tiny=maybe': tiny is true or false"):
+    stop.get_config("pacer,tiny=maybe")
+  assert stop.get_config("pacer,tiny=0").target == "smollm2-135m"
