@@ -44,7 +44,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console entry point (`specjax-eval`)."""
-  app.run(main)
+  app.run(main, flags_parser=runtime.parse_config_flags)
 
 
 if __name__ == "__main__":

@@ -212,3 +212,19 @@ def test_config_argument_values_are_checked():
   with pytest.raises(ValueError, match="'tiny=maybe': tiny is true or false"):
     stop.get_config("pacer,tiny=maybe")
   assert stop.get_config("pacer,tiny=0").target == "smollm2-135m"
+
+
+def test_mistyped_config_key_is_one_plain_sentence(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  train = os.path.join(os.path.dirname(sys.executable), "specjax-train")
+  out = subprocess.run([train, "--config=configs/eagle.py:tiny",
+                        f"--workdir={tmp_path / 'w'}", "--config.optim.lrr=1"],
+                       capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.returncode == 2
+  # One sentence: no traceback, no escaped repr.
+  assert out.stderr.strip() == ("error: --config.optim.lrr: the config has no key "
+                                "'optim.lrr'. Did you mean 'optim.lr'?")
+  assert not (tmp_path / "w").exists()
