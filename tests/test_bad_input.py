@@ -228,3 +228,136 @@ def test_mistyped_config_key_is_one_plain_sentence(tmp_path):
   assert out.stderr.strip() == ("error: --config.optim.lrr: the config has no key "
                                 "'optim.lrr'. Did you mean 'optim.lr'?")
   assert not (tmp_path / "w").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Training.
+
+
+def tiny_train_config(**overrides):
+  from specjax.configs import eagle  # pylint: disable=g-import-not-at-top
+
+  c = eagle.get_config("tiny")
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = v
+  return c
+
+
+class Reached(Exception):
+  """Raised by a stub: the run got this far."""
+
+
+def _reached(*args, **kwargs):
+  raise Reached
+
+
+def test_failed_run_does_not_block_its_corrected_rerun(tmp_path, monkeypatch):
+  from specjax.training import trainer  # pylint: disable=g-import-not-at-top
+
+  workdir = str(tmp_path / "run")
+  with pytest.raises(FileNotFoundError, match="'slef:96:48' is not a file"):
+    trainer.train(tiny_train_config(**{"data.source": "slef:96:48"}), workdir)
+  assert not os.path.exists(os.path.join(workdir, trainer.CONFIG_FILE))
+  # The corrected rerun passes the config check (and goes on to load its target).
+  monkeypatch.setattr(trainer.models, "load", _reached)
+  with pytest.raises(Reached):
+    trainer.train(tiny_train_config(), workdir)
+  # A workdir an older version left a config in, with no checkpoint or metrics, likewise.
+  with open(os.path.join(workdir, trainer.CONFIG_FILE), "w") as f:
+    f.write(tiny_train_config(**{"data.source": "slef:96:48"}).to_json())
+  with pytest.raises(Reached):
+    trainer.train(tiny_train_config(), workdir)
+  # Once a run has metrics, its config holds.
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    f.write('{"step": 0, "split": "eval", "loss": 1.0}\n')
+  with pytest.raises(ValueError, match="keys \\['data'\\] differ"):
+    trainer.train(tiny_train_config(), workdir)
+
+
+@pytest.mark.parametrize("key,value", [("batch_size", 0), ("log_every", 0),
+                                       ("data.seq_len", 0), ("grad_accum", -1)])
+def test_zero_sizes_are_refused_before_loading(tmp_path, monkeypatch, key, value):
+  from specjax.training import trainer  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(trainer.models, "load", lambda *a, **k: pytest.fail("loaded"))
+  with pytest.raises(ValueError, match=f"Config key {key} must be an integer >= .*got "
+                                       f"{value}"):
+    trainer.train(tiny_train_config(**{key: value}), str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_float_token_ids_are_refused(tmp_path):
+  from specjax.training import data  # pylint: disable=g-import-not-at-top
+
+  path = tmp_path / "rows.jsonl"
+  path.write_text('{"input_ids": [1, 2, 3]}\n{"input_ids": [4, 5.7, 6]}\n')
+  with pytest.raises(ValueError, match="rows.jsonl: row 1 has input_ids that are not a list "
+                                       "of integer token ids \\(e.g. \\[5.7\\]\\)"):
+    data.load(str(path), seq_len=8, vocab=512, eval_rows=0)
+  # Whole numbers read as floats (the column of a file with one float) are exact ids.
+  path.write_text("".join('{"input_ids": [1, 2.0, 3]}\n' for _ in range(3)))
+  assert data.load(str(path), seq_len=8, vocab=512, eval_rows=1).tokens[0, :3].tolist() == [
+      1, 2, 3]
+
+
+def test_data_source_error_lists_what_is_accepted(tmp_path):
+  from specjax.training import data  # pylint: disable=g-import-not-at-top
+
+  with pytest.raises(FileNotFoundError) as e:
+    data.load("rnd:10:8", seq_len=8, vocab=512)
+  assert "self:ROWS:LEN" in str(e.value) and "random:ROWS:LEN" in str(e.value)
+  # What the message lists is accepted.
+  assert len(data.load("random:12:8", seq_len=8, vocab=512, eval_rows=2).tokens) == 10
+
+
+def test_torn_metrics_line_is_dropped_and_a_corrupt_one_named(tmp_path, capsys):
+  from specjax.training import metrics  # pylint: disable=g-import-not-at-top
+
+  path = tmp_path / metrics.METRICS
+  rows = [{"step": s, "split": "train", "loss": 1.0} for s in (1, 2, 3)]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "spl')
+  metrics.Log(str(tmp_path), resume_step=2)  # resuming from the checkpoint at step 2
+  assert [json.loads(l) for l in path.read_text().splitlines()] == rows[:2]
+  err = capsys.readouterr().err
+  assert f"{path}: dropped its torn last line 4" in err and "dropped 1 rows past" in err
+  path.write_text(json.dumps(rows[0]) + "\n{oops\n" + json.dumps(rows[1]) + "\n")
+  with pytest.raises(ValueError, match=f"{path}: line 2 is not JSON"):
+    metrics.Log(str(tmp_path), resume_step=2)
+  assert path.read_text().count("\n") == 3  # left as it was
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from specjax.training import trainer  # pylint: disable=g-import-not-at-top
+
+  def manager():
+    return ocp.CheckpointManager(str(tmp_path / "checkpoints"),
+                                 options=ocp.CheckpointManagerOptions(
+                                     max_to_keep=3, enable_async_checkpointing=False))
+  mngr = manager()
+  for step in (10, 20):
+    mngr.save(step, args=ocp.args.StandardSave({"w": np.full(3, step, np.float32)}))
+  mngr.wait_until_finished()
+  for root, _, files in os.walk(tmp_path / "checkpoints" / "20"):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  abstract = {"w": jax.ShapeDtypeStruct((3,), np.float32)}
+  mngr = manager()
+  state = trainer._restore(mngr, abstract, str(tmp_path))
+  assert np.asarray(state["w"]).tolist() == [10, 10, 10]
+  assert "checkpoint at step 20" in capsys.readouterr().err
+  assert mngr.all_steps() == [10]  # step 20 can be written again
+  assert os.path.isdir(tmp_path / "corrupt_checkpoints" / "20")  # kept, not deleted
+  # No checkpoint restores: the error names the newest.
+  for root, _, files in os.walk(tmp_path / "checkpoints" / "10"):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  with pytest.raises(ValueError, match="Could not restore the checkpoint at step 10"):
+    trainer._restore(manager(), abstract, str(tmp_path))

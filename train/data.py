@@ -77,8 +77,9 @@ def _read(source: str, target, seed: int):
   elif os.path.isfile(source):
     files = [source]
   else:
-    raise FileNotFoundError(f"Data source {source!r} is not a file, a folder, hf:NAME, "
-                            "tfds:NAME or random:ROWS:LEN.")
+    raise FileNotFoundError(f"Data source {source!r} is not a file, a folder, "
+                            "hf:NAME[:SPLIT], tfds:NAME[:SPLIT], random:ROWS:LEN or "
+                            "self:ROWS:LEN.")
   if all(os.path.getsize(f) == 0 for f in files):
     raise ValueError(f"Data source {source!r} is empty.")
   kind = "parquet" if files[0].endswith(".parquet") else "json"
@@ -95,7 +96,18 @@ def _tokens(row: dict[str, Any], i: int, source: str, encode: Callable | None, v
     ids = rng.integers(0, vocab, row["length"])
     return ids, np.ones_like(ids)
   if row.get("input_ids") is not None:
-    ids = np.asarray(row["input_ids"], np.int64)
+    ids = np.asarray(row["input_ids"])
+    # A column read as floats (one row held a float): whole numbers are exact ids; any
+    # other value would be truncated into a wrong id.
+    whole = np.issubdtype(ids.dtype, np.integer) or (
+        np.issubdtype(ids.dtype, np.floating) and np.all(np.mod(ids, 1) == 0))
+    if ids.ndim != 1 or (ids.size and not whole):
+      flat = ids.reshape(-1).tolist()
+      bad = ([x for x in flat if not float(x).is_integer()] if ids.ndim == 1 and
+             ids.dtype.kind == "f" else flat)
+      raise ValueError(f"{source}: row {i} has input_ids that are not a list of integer "
+                       f"token ids (e.g. {bad[:3]}).")
+    ids = ids.astype(np.int64)
     mask = np.asarray(row["loss_mask"] if row.get("loss_mask") is not None
                       else np.ones_like(ids))
     if mask.shape != ids.shape:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 METRICS = "metrics.jsonl"
@@ -20,7 +21,11 @@ class Log:
     self.png = os.path.join(workdir, PLOT)
     self.enabled = write  # False: a process other than the one that writes files
     if write and resume_step is not None and os.path.exists(self.path):
-      kept = [r for r in read(self.path) if r["step"] <= resume_step]
+      rows = read(self.path)
+      kept = [r for r in rows if r["step"] <= resume_step]
+      if len(kept) < len(rows):
+        print(f"{self.path}: dropped {len(rows) - len(kept)} rows past micro-step "
+              f"{resume_step}, where the run resumes (it logs them again).", file=sys.stderr)
       with open(self.path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
 
@@ -39,8 +44,22 @@ class Log:
 
 
 def read(path: str) -> list[dict[str, Any]]:
+  """The rows of a metrics file. A torn last line (the run died mid-write) is dropped with
+  a warning; a line before it that is not JSON is an error naming the file and line."""
   with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+  rows = []
+  for k, (n, line) in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if k == len(lines) - 1:
+        print(f"warning: {path}: dropped its torn last line {n} (not JSON: the run stopped "
+              "mid-write).", file=sys.stderr)
+        break
+      raise ValueError(f"{path}: line {n} is not JSON ({e.msg}); fix or remove it to "
+                       "resume.") from None
+  return rows
 
 
 def summary(row: dict[str, Any]) -> str:

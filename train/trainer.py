@@ -28,6 +28,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -194,24 +195,86 @@ def load_data(c: ml_collections.ConfigDict, target: models.Model) -> data_lib.Da
 
 
 def _check_config(workdir: str, c: ml_collections.ConfigDict) -> None:
-  """Saves the config beside the checkpoints; a rerun must use the same one, except for
-  keys that do not change the trajectory (`RESUME_FREE`)."""
+  """A rerun must use the config saved beside the checkpoints, except for keys that do
+  not change the trajectory (`RESUME_FREE`). A workdir with neither a checkpoint nor
+  metrics holds no run yet (one that failed before training): its config may change."""
   path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path) or not _has_run(workdir):
+    return
   mine = json.loads(c.to_json())
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
-    diff = sorted(k for k in set(saved) | set(mine)
-                  if k not in RESUME_FREE and saved.get(k) != mine.get(k))
-    if diff:
-      raise ValueError(f"{workdir} holds a run with another config (keys {diff} differ); "
-                       "use a new workdir or the saved config.")
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(mine, f, indent=1)
+  with open(path, encoding="utf-8") as f:
+    saved = json.load(f)
+  diff = sorted(k for k in set(saved) | set(mine)
+                if k not in RESUME_FREE and saved.get(k) != mine.get(k))
+  if diff:
+    raise ValueError(f"{workdir} holds a run with another config (keys {diff} differ); "
+                     "use a new workdir or the saved config.")
+
+
+def _has_run(workdir: str) -> bool:
+  """Whether `workdir` holds a checkpoint or metrics (training started there)."""
+  ckpts = os.path.join(workdir, "checkpoints")
+  metrics = os.path.join(workdir, metrics_lib.METRICS)
+  return (os.path.isdir(ckpts) and bool(os.listdir(ckpts))) or (
+      os.path.exists(metrics) and os.path.getsize(metrics) > 0)
+
+
+def _save_config(workdir: str, c: ml_collections.ConfigDict) -> None:
+  """Saves the config beside the checkpoints (once its target and data have loaded)."""
+  with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
+    json.dump(json.loads(c.to_json()), f, indent=1)
+
+
+def _check_numbers(c: ml_collections.ConfigDict) -> None:
+  """Counts and sizes are integers in range (before anything loads)."""
+  at_least = {"batch_size": 1, "grad_accum": 1, "steps": 0, "log_every": 1,
+              "eval_every": 1, "checkpoint_every": 1, "keep_checkpoints": 1, "sim_depth": 1,
+              "data.seq_len": 2, "data.bucket": 1, "data.eval_rows": 0}
+  for key, low in at_least.items():
+    value = c
+    for part in key.split("."):
+      value = value.get(part) if hasattr(value, "get") else None
+    if value is None:
+      continue  # a key this config does not have: whatever reads it says so
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise ValueError(f"Config key {key} must be an integer >= {low}; got {value!r}.")
+
+
+def _restore(mngr: ocp.CheckpointManager, target_state, workdir: str):
+  """The newest checkpoint that restores. Newer ones that do not (corrupt: the run died
+  while writing one) are moved to workdir/corrupt_checkpoints/STEP, with a warning, so
+  the run resumes from the one before and rewrites them; if none restores, the error
+  names the newest."""
+  steps = sorted(mngr.all_steps(), reverse=True)
+  errors = {}
+  for step in steps:
+    try:
+      state = mngr.restore(step, args=ocp.args.StandardRestore(target_state))
+    except Exception as e:  # pylint: disable=broad-except
+      errors[step] = e
+      continue
+    if errors:
+      aside = os.path.join(workdir, "corrupt_checkpoints")
+      os.makedirs(aside, exist_ok=True)
+      for bad, e in errors.items():
+        src = os.path.join(mngr.directory, str(bad))
+        dst = os.path.join(aside, str(bad))
+        while os.path.exists(dst):
+          dst += "_"
+        os.rename(src, dst)
+        print(f"warning: the checkpoint at step {bad} in {workdir} does not restore "
+              f"({type(e).__name__}: {str(e)[:200]}); moved to {dst}, resuming from step "
+              f"{step}.", file=sys.stderr)
+      mngr.reload()
+    return state
+  e = errors[steps[0]]
+  raise ValueError(f"Could not restore the checkpoint at step {steps[0]} in {workdir}: "
+                   f"{type(e).__name__}: {e}") from e
 
 
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the head `c.head` against `c.target`; returns the last eval."""
+  _check_numbers(c)
   registry.HEADS.check(c.head, None, **c.head_kwargs)
   plan = sharding.from_config(c) or sharding.Plan.create(
       sharding.make_mesh("data=1", jax.local_devices()[:1]))
@@ -223,6 +286,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   target = models.load(c.target, c.dtype, plan=plan)
   head = registry.HEADS.build(c.head, target.config, **c.head_kwargs)
   data = load_data(c, target)
+  if lead:  # only now: a run that failed on its target or data leaves no config behind
+    _save_config(workdir, c)
   print(f"data: {data_lib.describe(data)}")
   shared = models.shared_params(target.config, target.params)
   key = jax.random.key(c.seed)
@@ -251,11 +316,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # Onto this run's shardings, whatever mesh wrote it.
     target_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract, shardings)
-    try:
-      state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(target_state))
-    except Exception as e:  # corrupt or from another head: say where and why
-      raise ValueError(f"Could not restore the checkpoint at step {mngr.latest_step()} in "
-                       f"{workdir}: {type(e).__name__}: {e}") from e
+    state = _restore(mngr, target_state, workdir)
     print(f"resumed from micro-step {int(state.step)}")
   else:
     state = jax.jit(init_state, out_shardings=shardings)(shared)
