@@ -361,3 +361,14 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys
         f.write(b"garbage")
   with pytest.raises(ValueError, match="Could not restore the checkpoint at step 10"):
     trainer._restore(manager(), abstract, str(tmp_path))
+
+
+def test_stop_predictor_batch_size_zero_is_refused_before_loading(tmp_path, monkeypatch):
+  from specjax.configs import stop as stop_config  # pylint: disable=g-import-not-at-top
+  from specjax.training import stop  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("loaded"))
+  c = stop_config.get_config("pacer,tiny=1")
+  c.batch_size = 0
+  with pytest.raises(ValueError, match="Config key batch_size must be an integer >= 1; got 0"):
+    stop.train(c, str(tmp_path))

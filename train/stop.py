@@ -273,9 +273,14 @@ def train(c, workdir: str) -> dict:
   from specjax import models, registry  # pylint: disable=g-import-not-at-top
   from specjax.training import data as data_lib  # pylint: disable=g-import-not-at-top
 
+  from specjax.training import trainer  # pylint: disable=g-import-not-at-top
+
   kind = c.stop_predictor
   if kind not in ("specdecpp", "pacer"):
     raise ValueError(f"Unknown stop_predictor {kind!r}: use 'specdecpp' or 'pacer'.")
+  trainer.check_numbers(c, {"batch_size": 1, "num_prompts": 1, "max_new_tokens": 1,
+                            "block": 1, "fit.steps": 1, "fit.batch_size": 1,
+                            "data.seq_len": 2, "data.eval_rows": 1})
   target = models.load(c.target, c.dtype)
   drafter = registry.DRAFTERS.build(c.drafter, target, **c.drafter_kwargs)
   drafter.validate(target.config)

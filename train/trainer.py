@@ -225,11 +225,14 @@ def _save_config(workdir: str, c: ml_collections.ConfigDict) -> None:
     json.dump(json.loads(c.to_json()), f, indent=1)
 
 
-def _check_numbers(c: ml_collections.ConfigDict) -> None:
-  """Counts and sizes are integers in range (before anything loads)."""
-  at_least = {"batch_size": 1, "grad_accum": 1, "steps": 0, "log_every": 1,
-              "eval_every": 1, "checkpoint_every": 1, "keep_checkpoints": 1, "sim_depth": 1,
-              "data.seq_len": 2, "data.bucket": 1, "data.eval_rows": 0}
+# Config keys that are counts or sizes -> their smallest value.
+SIZES = {"batch_size": 1, "grad_accum": 1, "steps": 0, "log_every": 1, "eval_every": 1,
+         "checkpoint_every": 1, "keep_checkpoints": 1, "sim_depth": 1, "data.seq_len": 2,
+         "data.bucket": 1, "data.eval_rows": 0}
+
+
+def check_numbers(c: ml_collections.ConfigDict, at_least: dict[str, int] = SIZES) -> None:
+  """Counts and sizes are integers in range (checked before anything loads)."""
   for key, low in at_least.items():
     value = c
     for part in key.split("."):
@@ -274,7 +277,7 @@ def _restore(mngr: ocp.CheckpointManager, target_state, workdir: str):
 
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the head `c.head` against `c.target`; returns the last eval."""
-  _check_numbers(c)
+  check_numbers(c)
   registry.HEADS.check(c.head, None, **c.head_kwargs)
   plan = sharding.from_config(c) or sharding.Plan.create(
       sharding.make_mesh("data=1", jax.local_devices()[:1]))
