@@ -372,3 +372,19 @@ def test_stop_predictor_batch_size_zero_is_refused_before_loading(tmp_path, monk
   c.batch_size = 0
   with pytest.raises(ValueError, match="Config key batch_size must be an integer >= 1; got 0"):
     stop.train(c, str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoint folders and exported files.
+
+
+def test_hf_folder_missing_a_config_key_names_folder_and_key(tmp_path):
+  cfg = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+         "num_hidden_layers": 1}  # no num_attention_heads
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'} lacks the key "
+                                       "'num_attention_heads'"):
+    models.load(str(tmp_path))
+  (tmp_path / "config.json").write_text('{"model_type": "llama",')
+  with pytest.raises(ValueError, match="config.json is not valid JSON"):
+    models.load(str(tmp_path))

@@ -135,6 +135,26 @@ def _safetensors_files(path: str) -> list[str]:
   raise FileNotFoundError(f"No model.safetensors or model.safetensors.index.json in {path}.")
 
 
+def read_hf_config(path: str) -> ModelConfig:
+  """The ModelConfig of a Hugging Face folder's config.json; errors name the file and the
+  missing or bad key."""
+  config_path = os.path.join(path, "config.json")
+  try:
+    with open(config_path, encoding="utf-8") as f:
+      hf = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{config_path} is not valid JSON (line {e.lineno}: {e.msg}).") from None
+  if not isinstance(hf, dict):
+    raise ValueError(f"{config_path} holds a JSON {type(hf).__name__}, not an object.")
+  try:
+    return from_hf_config(hf)
+  except KeyError as e:
+    raise ValueError(f"{config_path} lacks the key {e.args[0]!r}, which a "
+                     f"model_type={hf.get('model_type')!r} config needs.") from None
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{config_path}: {e}") from None
+
+
 def load_hf_dir(path: str, dtype=jnp.float32, plan=None) -> tuple[ModelConfig, Any]:
   """Reads a Hugging Face checkpoint folder (config.json + safetensors, sharded or not).
   Tensors are read lazily: with a `plan`, each device reads only its slice."""
@@ -143,8 +163,7 @@ def load_hf_dir(path: str, dtype=jnp.float32, plan=None) -> tuple[ModelConfig, A
   config_path = os.path.join(path, "config.json")
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"No config.json in {path}.")
-  with open(config_path) as f:
-    cfg = from_hf_config(json.load(f))
+  cfg = read_hf_config(path)
 
   def tensors():
     for file in _safetensors_files(path):
