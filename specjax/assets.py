@@ -28,9 +28,25 @@ def package_file(package: str, relpath: str, install: str, what: str) -> str:
 
 
 def save_arrays(path: str, arrays: dict[str, Any]) -> None:
-  """A safetensors file of named arrays, written atomically."""
+  """A safetensors file of named arrays, written atomically, with the mode any new file
+  gets (0644 under the usual umask): safetensors alone writes 0600."""
   safetensors.numpy.save_file({k: np.asarray(v) for k, v in arrays.items()}, path + ".tmp")
+  os.chmod(path + ".tmp", 0o666 & ~_umask())
   os.replace(path + ".tmp", path)
+
+
+def _umask() -> int:
+  """The process's umask, read without changing it where Linux shows it."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  mask = os.umask(0o022)  # elsewhere: set and restore
+  os.umask(mask)
+  return mask
 
 
 def save_json(path: str, obj: Any) -> None:

@@ -388,3 +388,19 @@ def test_hf_folder_missing_a_config_key_names_folder_and_key(tmp_path):
   (tmp_path / "config.json").write_text('{"model_type": "llama",')
   with pytest.raises(ValueError, match="config.json is not valid JSON"):
     models.load(str(tmp_path))
+
+
+def test_written_params_files_get_the_usual_mode(tmp_path):
+  from specjax import assets  # pylint: disable=g-import-not-at-top
+
+  old = os.umask(0o022)
+  try:
+    assets.save_arrays(str(tmp_path / "params.safetensors"), {"w": np.zeros(3, np.float32)})
+    assets.save_json(str(tmp_path / "meta.json"), {"a": 1})
+    os.umask(0o027)
+    assets.save_arrays(str(tmp_path / "group.safetensors"), {"w": np.zeros(3, np.float32)})
+  finally:
+    os.umask(old)
+  mode = lambda name: stat.S_IMODE(os.stat(tmp_path / name).st_mode)
+  assert mode("params.safetensors") == mode("meta.json") == 0o644
+  assert mode("group.safetensors") == 0o640  # the umask decides, as for any new file
