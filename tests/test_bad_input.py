@@ -259,8 +259,12 @@ def test_failed_run_does_not_block_its_corrected_rerun(tmp_path, monkeypatch):
   from specjax.training import trainer  # pylint: disable=g-import-not-at-top
 
   workdir = str(tmp_path / "run")
-  with pytest.raises(FileNotFoundError, match="'slef:96:48' is not a file"):
+  with pytest.raises(FileNotFoundError, match="'slef:96:48' is not a file"):  # before loading
     trainer.train(tiny_train_config(**{"data.source": "slef:96:48"}), workdir)
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("")
+  with pytest.raises(ValueError, match="empty"):  # once the target has loaded
+    trainer.train(tiny_train_config(**{"data.source": str(empty)}), workdir)
   assert not os.path.exists(os.path.join(workdir, trainer.CONFIG_FILE))
   # The corrected rerun passes the config check (and goes on to load its target).
   monkeypatch.setattr(trainer.models, "load", _reached)

@@ -31,17 +31,32 @@ import numpy as np
 TEXT_FIELDS = ("text", "content")
 
 
+def check_source(source: str) -> None:
+  """Errors for a source that names nothing readable (see the module docstring), before
+  any target loads: a mistyped kind, a bad ROWS:LEN, a missing path."""
+  if source.startswith(("random:", "self:")):
+    _rows_and_length(source)
+  elif not source.startswith(("hf:", "tfds:")) and not os.path.exists(source):
+    raise FileNotFoundError(f"Data source {source!r} is not a file, a folder, "
+                            "hf:NAME[:SPLIT], tfds:NAME[:SPLIT], random:ROWS:LEN or "
+                            "self:ROWS:LEN.")
+
+
+def _rows_and_length(source: str) -> tuple[str, int, int]:
+  try:
+    kind, rows, length = source.split(":")
+    return kind, int(rows), int(length)
+  except ValueError:
+    raise ValueError(f"Bad data source {source!r}: expected {source.split(':')[0]}:ROWS:LEN."
+                     ) from None
+
+
 def _read(source: str, target, seed: int):
   """A `datasets.Dataset` (or a list of dicts for tfds/random/self) of raw rows."""
   import datasets  # pylint: disable=g-import-not-at-top
 
   if source.startswith(("random:", "self:")):
-    try:
-      kind, rows, length = source.split(":")
-      rows, length = int(rows), int(length)
-    except ValueError:
-      raise ValueError(f"Bad data source {source!r}: expected {source.split(':')[0]}:ROWS:LEN."
-                       ) from None
+    kind, rows, length = _rows_and_length(source)
     if kind == "random":
       return [{"random": True, "index": i, "length": length} for i in range(rows)]
     from specjax import decode  # pylint: disable=g-import-not-at-top
@@ -77,9 +92,7 @@ def _read(source: str, target, seed: int):
   elif os.path.isfile(source):
     files = [source]
   else:
-    raise FileNotFoundError(f"Data source {source!r} is not a file, a folder, "
-                            "hf:NAME[:SPLIT], tfds:NAME[:SPLIT], random:ROWS:LEN or "
-                            "self:ROWS:LEN.")
+    check_source(source)  # raises: names nothing readable
   if all(os.path.getsize(f) == 0 for f in files):
     raise ValueError(f"Data source {source!r} is empty.")
   kind = "parquet" if files[0].endswith(".parquet") else "json"

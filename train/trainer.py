@@ -279,6 +279,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the head `c.head` against `c.target`; returns the last eval."""
   check_numbers(c)
   registry.HEADS.check(c.head, None, **c.head_kwargs)
+  data_lib.check_source(c.data.source)
   plan = sharding.from_config(c) or sharding.Plan.create(
       sharding.make_mesh("data=1", jax.local_devices()[:1]))
   _check_batches(c, plan)
