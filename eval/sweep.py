@@ -173,11 +173,12 @@ def plan(config: Any) -> Plan:
   if not temperatures or min(temperatures) < 0:
     raise ValueError(f"temperatures must be a non-empty list of values >= 0; got "
                      f"{temperatures}.")
-  for field in ("max_new_tokens", "num_prompts", "cache_bucket"):
-    if c[field] < 1:
-      raise ValueError(f"{field} must be >= 1; got {c[field]}.")
-  if c["warmup"] < 0 or not c["seeds"] or not c["datasets"]:
-    raise ValueError("warmup must be >= 0, seeds and datasets non-empty.")
+  for field, low in (("max_new_tokens", 1), ("num_prompts", 1), ("cache_bucket", 1),
+                     ("warmup", 0)):
+    if isinstance(c[field], bool) or not isinstance(c[field], int) or c[field] < low:
+      raise ValueError(f"{field} must be an integer >= {low}; got {c[field]!r}.")
+  if not c["seeds"] or not c["datasets"]:
+    raise ValueError("seeds and datasets must be non-empty.")
   methods = tuple(_method(m, temperatures) for m in c["methods"])
   names = [m.name for m in methods] + list(c["peers"])
   if len(set(names)) != len(names):

@@ -391,7 +391,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
     Output(tokens [B, max_new_tokens], lengths [B], stats, trace or None).
   """
   if not _is_int(max_new_tokens) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}.")
+    raise ValueError(f"max_new_tokens must be >= 1 and an integer; got {max_new_tokens!r}.")
   eos_ids = _eos_ids(model, eos)
   sampling = Sampling.create(temperature, top_k, top_p)
   rule = None if acceptance is None else verify_lib.get(acceptance)

@@ -55,7 +55,7 @@ def test_a_list_of_lists_of_prompts_is_refused(tiny, prompts, monkeypatch):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 1; got 2.5"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be >= 1 and an integer; got 2.5"),
     (dict(max_new_tokens=2, eos="foo"), "eos must be \"default\".*got 'foo'"),
     (dict(max_new_tokens=2, eos=[2, 2.5]), "eos must be .*got \\[2, 2.5\\]"),
     (dict(max_new_tokens=2, temperature=1.0, top_k=2.7),
@@ -117,6 +117,19 @@ def test_empty_or_malformed_prompt_file_names_file_and_line(tmp_path, text, matc
     prompts.load(str(path))
   with pytest.raises(ValueError, match=match):
     sweep.plan(sweep_config(tmp_path, str(path)))
+
+
+@pytest.mark.parametrize("field,value", [("max_new_tokens", 2.5), ("num_prompts", 0),
+                                         ("warmup", -1)])
+def test_sweep_sizes_must_be_integers_in_range(tmp_path, field, value):
+  from specjax.evaluation import sweep  # pylint: disable=g-import-not-at-top
+
+  path = tmp_path / "p.jsonl"
+  path.write_text('{"prompt": "x"}\n')
+  c = sweep_config(tmp_path, str(path)).to_dict()
+  c[field] = value
+  with pytest.raises(ValueError, match=f"{field} must be an integer >= .*got {value}"):
+    sweep.plan(c)
 
 
 def _row(method, prompt, **kw):
