@@ -51,7 +51,8 @@ setup(
     description="Speculative decoding in JAX: draft heads, lossless verification, sweeps.",
     python_requires=">=3.11",
     packages=[
-        "specjax", "specjax.models", "specjax.drafters", "specjax.stopping",
+        "specjax", "specjax.models", "specjax.drafters", "specjax.drafters.heads",
+        "specjax.drafters.retrieval", "specjax.drafters.selfdraft", "specjax.stopping",
         "specjax.training", "specjax.evaluation", "specjax.kernels", "specjax.configs",
     ],
     package_dir={
@@ -67,6 +68,6 @@ setup(
         "specjax-eval=specjax.evaluation.cli:run",
         "specjax-train=specjax.training.cli:run",
         "specjax-distill=specjax.training.distill:cli",
-        "specjax-export=specjax.drafters.io:main",
+        "specjax-export=specjax.drafters.export:main",
     ]},
 )

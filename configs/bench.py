@@ -17,7 +17,7 @@ def get_config(arg: str | None = None):
   c = common.base()
   c.costs = common.CPU_COSTS  # what the heads' draft sizes are chosen from
   lookup = [] if arg == "heads" else [
-      common.method("prompt_lookup_k4", drafter="prompt_lookup", num_draft=4),
-      common.method("prompt_lookup_k10", drafter="prompt_lookup", num_draft=10)]
+      common.method("prompt_lookup_k4", drafter="prompt_lookup", depth=4),
+      common.method("prompt_lookup_k10", drafter="prompt_lookup", depth=10)]
   c.methods = [common.method("ar")] + lookup + common.trained_heads(c.get_ref("costs"))
   return common.table_protocol(c)

@@ -30,7 +30,7 @@ def method(name: str, drafter: str = "ar", *, stop: str | None = None,
   Args:
     name: the row label (unique within a sweep; results are keyed by it).
     drafter: "ar" (the baseline) or a name in `specjax.registry.DRAFTERS`: "prompt_lookup",
-      "self_draft" (the target's first `layers` layers, a chain of `num_draft` or a `tree`
+      "self_draft" (the target's first `layers` layers, a chain of `depth` or a `tree`
       of choice paths), "draft_model" (the model at `checkpoint`, sharing the vocab),
       "eagle" / "eagle3" / "falcon" / "hydra" / "medusa" (a trained head folder at
       `checkpoint`; `depth`, `top_k`, `num_nodes`, `tree`, or `budget=COSTS_JSON` to size
@@ -40,7 +40,7 @@ def method(name: str, drafter: str = "ar", *, stop: str | None = None,
     acceptance: "greedy", "speculative", or the LOSSY "typical" / "fuzzy"; None picks
       greedy at temperature 0 and speculative when sampling.
     acceptance_kwargs: the rule's knobs, e.g. {"threshold": 0.3} for fuzzy.
-    **drafter_kwargs: the drafter's knobs (num_draft, layers, tree, checkpoint, ...); values
+    **drafter_kwargs: the drafter's knobs (depth, top_k, tree, num_nodes, layers, checkpoint, ...); values
       may be FieldReferences.
   """
   return ml_collections.ConfigDict({

@@ -20,7 +20,7 @@ def get_config(arg: str | None = None):
   c.costs = common.CPU_COSTS
   c.methods = [
       common.method("ar"),
-      common.method("prompt_lookup", drafter="prompt_lookup", num_draft=4),
+      common.method("prompt_lookup", drafter="prompt_lookup", depth=4),
   ] + common.trained_heads(c.get_ref("costs"))
   c.datasets = ("mt_bench", "humaneval")
   c.num_prompts = 2

@@ -31,7 +31,7 @@ def get_config(arg: str | None = None):
   if a.drafter == "eagle3":
     c.drafter, c.drafter_kwargs = "eagle3", {"checkpoint": common.EAGLE3_SMOLLM2, "depth": 8}
   elif a.drafter == "self_draft":
-    c.drafter, c.drafter_kwargs = "self_draft", {"layers": 20, "num_draft": 8}
+    c.drafter, c.drafter_kwargs = "self_draft", {"layers": 20, "depth": 8}
   else:
     raise ValueError(f"Unknown drafter {a.drafter!r}: use 'eagle3' or 'self_draft'.")
   # Where the collected labels go: shared by the SpecDec++ and PACER runs of one drafter
@@ -59,13 +59,13 @@ def get_config(arg: str | None = None):
     # A draft forward here costs 73% of a verification (20 of 30 layers + the LM head, by
     # weights: ~0.73 x the cost file's one-token 40.0 ms), so this CPU wants short chains:
     # a cap of 4, and half the prompts and tokens (collecting at 8 x 128 took ~2 h here).
-    c.drafter_kwargs["num_draft"] = 4
+    c.drafter_kwargs["depth"] = 4
     c.num_prompts, c.max_new_tokens = 32, 64
     c.calibrate.draft_ms = 0.73 * 40.0
   if a.tiny:
     c.target = "tiny-random"
     c.labels = ""
-    c.drafter, c.drafter_kwargs = "self_draft", {"layers": 1, "num_draft": 6}
+    c.drafter, c.drafter_kwargs = "self_draft", {"layers": 1, "depth": 6}
     c.data.source, c.data.seq_len, c.data.eval_rows = "self:96:48", 48, 32
     c.max_new_tokens = 40
     c.batch_size = 32

@@ -26,11 +26,11 @@ def get_config(arg: str | None = None):
     raise ValueError(f"Unknown argument {arg!r}: configs/stop_sweep.py takes none (use nothing).")
   c = common.base()
   c.methods = [common.method("ar")]
-  for name, drafter, size, cap, kw in (
-      ("eagle3", "eagle3", "depth", 8, {"checkpoint": common.EAGLE3_SMOLLM2, "top_k": 1}),
-      ("self_draft", "self_draft", "num_draft", 4, {"layers": 20})):
-    one = lambda label, k, **m: common.method(f"{name}_{label}", drafter=drafter,
-                                              **{size: k}, **kw, **m)
+  for name, drafter, cap, kw in (
+      ("eagle3", "eagle3", 8, {"checkpoint": common.EAGLE3_SMOLLM2, "top_k": 1}),
+      ("self_draft", "self_draft", 4, {"layers": 20})):
+    one = lambda label, k, **m: common.method(f"{name}_{label}", drafter=drafter, depth=k,
+                                              **kw, **m)
     c.methods += [one(f"k{k}", k) for k in FIXED if k <= cap]
     c.methods += [
         one("confidence", cap, stop="confidence", stop_kwargs={"threshold": 0.4}),

@@ -17,14 +17,14 @@ def get_config(arg: str | None = None):
   layers = c.get_ref("self_draft_layers")
   c.methods = [
       common.method("ar"),
-      common.method("prompt_lookup", drafter="prompt_lookup", num_draft=10),
-      *[common.method(f"self_draft_k{k}", drafter="self_draft", num_draft=k, layers=layers)
+      common.method("prompt_lookup", drafter="prompt_lookup", depth=10),
+      *[common.method(f"self_draft_k{k}", drafter="self_draft", depth=k, layers=layers)
         for k in BUDGETS],
-      common.method("self_draft_confidence", drafter="self_draft", num_draft=8,
+      common.method("self_draft_confidence", drafter="self_draft", depth=8,
                     layers=layers, stop="confidence", stop_kwargs={"threshold": 0.4}),
-      common.method("self_draft_svip", drafter="self_draft", num_draft=8, layers=layers,
+      common.method("self_draft_svip", drafter="self_draft", depth=8, layers=layers,
                     stop="svip"),
-      common.method("self_draft_typical", drafter="self_draft", num_draft=4, layers=layers,
+      common.method("self_draft_typical", drafter="self_draft", depth=4, layers=layers,
                     acceptance="typical"),
   ]
   c.datasets = ("mt_bench", "humaneval", "gsm8k")

@@ -12,7 +12,7 @@ def get_config(arg: str | None = None):
   c = common.base()
   c.target = a.target
   c.methods = [common.method("ar"),
-               common.method("prompt_lookup", drafter="prompt_lookup", num_draft=4)]
+               common.method("prompt_lookup", drafter="prompt_lookup", depth=4)]
   c.datasets = (a.prompts,)
   c.num_prompts = 2
   c.max_new_tokens = 8

@@ -60,3 +60,30 @@ def attention_reference(q_BxTxHxD: jax.Array, k_BxKxTxD: jax.Array, v_BxKxTxD: j
     o_BxKxMxD = weighted(p[..., :s_len], cache_v_BxKxSxD) + weighted(p[..., s_len:], v_BxKxTxD)
   return o_BxKxMxD.astype(q_BxTxHxD.dtype).reshape(b, kvh, g, t, d).transpose(
       0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+# ---- tree structure (what the kernels take instead of masks) ----------------------------
+
+BITS = 32  # ancestor bits per int32 word
+
+
+def pack_ancestors(visible_BxTxT: jax.Array) -> jax.Array:
+  """int32[B, T, W]: the boolean visibility of tree keys packed 32 to a word."""
+  b, t, _ = visible_BxTxT.shape
+  w = -(-t // BITS)
+  bits = jnp.pad(visible_BxTxT, ((0, 0), (0, 0), (0, w * BITS - t))).reshape(b, t, w, BITS)
+  weights = jnp.left_shift(jnp.uint32(1), jnp.arange(BITS, dtype=jnp.uint32))
+  return jnp.sum(bits.astype(jnp.uint32) * weights, axis=-1, dtype=jnp.uint32).view(jnp.int32)
+
+
+def unpack_ancestors(ancestors_BxTxW: jax.Array, t: int) -> jax.Array:
+  """bool[B, T, T]: the inverse of `pack_ancestors`."""
+  key = jnp.arange(t)
+  words = ancestors_BxTxW[:, :, key // BITS]  # [B, T, T]
+  return ((words >> (key % BITS)) & 1) == 1
+
+
+def prefix_mask(lengths_B: jax.Array, t: int, s: int) -> jax.Array:
+  """bool[B, T, S]: every query sees the committed slots [0, lengths)."""
+  return jnp.broadcast_to((jnp.arange(s)[None, :] < lengths_B[:, None])[:, None, :],
+                          (lengths_B.shape[0], t, s))

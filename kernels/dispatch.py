@@ -26,8 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from specjax import sharding
 
-from . import tree_attention
-from .attention import attention_reference
+from .attention import attention_reference, pack_ancestors, prefix_mask
 
 IMPLS = ("xla", "pallas", "pallas_tpu", "pallas_gpu")
 _PLATFORM = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}
@@ -41,6 +40,8 @@ def check_impl(impl: str) -> str:
 
 def kernel(impl: str):
   """The tree-attention function `impl` names, interpreted off its hardware."""
+  from . import tree_attention  # pylint: disable=g-import-not-at-top  (Pallas, on first use)
+
   backend = _PLATFORM.get(jax.default_backend(), "cpu")
   name = {"pallas": "tpu" if backend == "cpu" else backend,
           "pallas_tpu": "tpu", "pallas_gpu": "gpu"}[check_impl(impl)]
@@ -59,11 +60,11 @@ def attention(q_BxTxHxD, k_BxKxTxD, v_BxKxTxD, visible_BxTxT, cache_k_BxKxSxD=No
   t, s = q_BxTxHxD.shape[1], cache_k_BxKxSxD.shape[2]
   if impl == "xla" or prefix_BxTxS is not None:
     if prefix_BxTxS is None:
-      prefix_BxTxS = tree_attention.prefix_mask(lengths_B, t, s)
+      prefix_BxTxS = prefix_mask(lengths_B, t, s)
     return attention_reference(q_BxTxHxD, k_BxKxTxD, v_BxKxTxD, visible_BxTxT,
                                cache_k_BxKxSxD, cache_v_BxKxSxD, prefix_BxTxS)
   b = q_BxTxHxD.shape[0]
-  ancestors = tree_attention.pack_ancestors(jax.numpy.broadcast_to(visible_BxTxT, (b, t, t)))
+  ancestors = pack_ancestors(jax.numpy.broadcast_to(visible_BxTxT, (b, t, t)))
   args = (q_BxTxHxD, k_BxKxTxD, v_BxKxTxD, cache_k_BxKxSxD, cache_v_BxKxSxD, lengths_B,
           ancestors)
   fn = kernel(impl)

@@ -31,35 +31,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from .attention import attention_reference
+from .attention import (BITS, attention_reference, pack_ancestors, prefix_mask,  # noqa: F401
+                        unpack_ancestors)
 
 _MASKED = -1e30  # as attention_reference: finite, so a row with nothing visible gives no NaN
-BITS = 32  # ancestor bits per int32 word
-
-
-# ---- structure ------------------------------------------------------------------------------
-
-
-def pack_ancestors(visible_BxTxT: jax.Array) -> jax.Array:
-  """int32[B, T, W]: the boolean visibility of tree keys packed 32 to a word."""
-  b, t, _ = visible_BxTxT.shape
-  w = -(-t // BITS)
-  bits = jnp.pad(visible_BxTxT, ((0, 0), (0, 0), (0, w * BITS - t))).reshape(b, t, w, BITS)
-  weights = jnp.left_shift(jnp.uint32(1), jnp.arange(BITS, dtype=jnp.uint32))
-  return jnp.sum(bits.astype(jnp.uint32) * weights, axis=-1, dtype=jnp.uint32).view(jnp.int32)
-
-
-def unpack_ancestors(ancestors_BxTxW: jax.Array, t: int) -> jax.Array:
-  """bool[B, T, T]: the inverse of `pack_ancestors`."""
-  key = jnp.arange(t)
-  words = ancestors_BxTxW[:, :, key // BITS]  # [B, T, T]
-  return ((words >> (key % BITS)) & 1) == 1
-
-
-def prefix_mask(lengths_B: jax.Array, t: int, s: int) -> jax.Array:
-  """bool[B, T, S]: every query sees the committed slots [0, lengths)."""
-  return jnp.broadcast_to((jnp.arange(s)[None, :] < lengths_B[:, None])[:, None, :],
-                          (lengths_B.shape[0], t, s))
 
 
 def reference(q_BxTxHxD, k_BxKxTxD, v_BxKxTxD, cache_k_BxKxSxD, cache_v_BxKxSxD, lengths_B,

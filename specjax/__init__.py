@@ -3,10 +3,11 @@
   target = specjax.load("smollm2-135m")
   out = specjax.generate(target, prompts, max_new_tokens=64, drafter=..., stop=...)
 
-Drafters, stop policies and acceptance rules are registered by name in `specjax.registry`.
+Drafters, stop policies and acceptance rules are registered by name in `specjax.registry`
+and imported on first use, so `import specjax` loads only the decode loop and the models.
 """
 
-from specjax import drafters, stopping  # registers the built-in parts
+from specjax import drafters, stopping
 from specjax.decode import Output, generate
 from specjax.models import Model, load
 

@@ -103,6 +103,12 @@ def verify_widths(n: int) -> tuple[int, ...]:
   return tuple(sorted({0, n} | {1 << i for i in range(max(n, 1).bit_length()) if 1 << i < n}))
 
 
+def _drafts_vary(drafter, stop) -> bool:
+  """Whether a step's drafts can be narrower than the drafter's tree: a stop policy cuts
+  them, or the drafter's own drafts vary (`Drafter.drafts_vary`: prompt lookup)."""
+  return drafter.drafts_vary or not isinstance(stop, stopping.Fixed)
+
+
 def _write(buf_BxL, rows_BxW, start_B):
   return jax.vmap(lambda r, x, i: jax.lax.dynamic_update_slice_in_dim(r, x, i, 0))(
       buf_BxL, rows_BxW, start_B)
@@ -199,7 +205,8 @@ def _decode_loop(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_le
     if n:
       # The narrowest width that holds every sequence's last valid node: a step whose
       # stop policy drafted little verifies little, and one without drafts is an AR step.
-      widths = verify_widths(n)
+      # A drafter that always fills its tree compiles one width (fewer target forwards).
+      widths = verify_widths(n) if _drafts_vary(drafter, stop) else (n,)
       last = jnp.max(jnp.where(tree.valid, jnp.arange(1, n + 1), 0))
       cache, features, verdict, label, width = jax.lax.switch(
           jnp.searchsorted(jnp.asarray(widths), last),
@@ -406,7 +413,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
     check_features(model.config, drafter.features)
   stop = stopping.get(stop)
   if drafter is not None:
-    stopping.check(stop, drafter)
+    stop.check(drafter)
   if trace and drafter is None:
     raise ValueError("trace=True records draft nodes; pass a drafter.")
   tokens = _encode_prompts(model, prompts)

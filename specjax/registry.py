@@ -1,27 +1,33 @@
 """Registries: drafters, stop policies and acceptance rules, built from config by name.
 
-Each pluggable part registers a builder under a name in the module that defines it:
+Each pluggable part registers a builder with an explicit signature in the module that
+defines it:
 
   @registry.DRAFTERS.register("prompt_lookup", takes_stop_policy=False)
-  def _build(target, *, num_draft=10, max_ngram=3, min_ngram=1): ...
+  def _build(target, *, depth=10, max_ngram=3, min_ngram=1): ...
 
 `build(name, ...)` calls it; `check(name, ...)` binds the keyword arguments without
-building anything, so a sweep finds a mistyped knob before any weights load. Adding a
-drafter is one new module plus its registration. `check_combination` is the one place
-that says which drafter / stop policy / acceptance rule / temperature combinations work.
+building anything, so a sweep finds a mistyped knob before any weights load. Names
+resolve lazily: each registry knows which module defines each built-in name and imports
+it on first use, so `import specjax` loads only what a program uses. Adding a part is one
+new module, its registration, and its name in the table below. `check_combination` is the
+one place that says which drafter / stop policy / acceptance rule / temperature
+combinations work.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Any, Callable, Mapping
 
-
 class Registry:
-  """Named builders of one kind of part, each with static metadata."""
+  """Named builders of one kind of part, each with static metadata; built-in names are
+  imported from their modules on first use."""
 
-  def __init__(self, kind: str):
+  def __init__(self, kind: str, modules: Mapping[str, str]):
     self.kind = kind
+    self._modules = dict(modules)  # built-in name -> the module that registers it
     self._builders: dict[str, Callable[..., Any]] = {}
     self._meta: dict[str, dict[str, Any]] = {}
 
@@ -35,12 +41,14 @@ class Registry:
     return deco
 
   def names(self) -> tuple[str, ...]:
-    return tuple(sorted(self._builders))
+    return tuple(sorted(set(self._modules) | set(self._builders)))
 
   def __contains__(self, name: str) -> bool:
-    return name in self._builders
+    return name in self._modules or name in self._builders
 
   def _builder(self, name: str) -> Callable[..., Any]:
+    if name not in self._builders and name in self._modules:
+      importlib.import_module(self._modules[name])
     if name not in self._builders:
       raise ValueError(f"Unknown {self.kind} {name!r}; choose from {list(self.names())}.")
     return self._builders[name]
@@ -49,24 +57,45 @@ class Registry:
     self._builder(name)
     return self._meta[name]
 
+  def knobs(self, name: str) -> tuple[str, ...]:
+    """The keyword arguments `name`'s builder takes."""
+    return tuple(p.name for p in inspect.signature(self._builder(name)).parameters.values()
+                 if p.kind == p.KEYWORD_ONLY or p.default is not p.empty)
+
   def check(self, name: str, *args, **kwargs) -> None:
-    """Raises ValueError if `name` is unknown or does not take these keyword arguments."""
+    """Raises ValueError if `name` is unknown or does not take these keyword arguments
+    (naming the knobs it does not take)."""
+    builder = self._builder(name)
     try:
-      inspect.signature(self._builder(name)).bind(*args, **kwargs)
+      inspect.signature(builder).bind(*args, **kwargs)
     except TypeError as e:
-      knobs = list(inspect.signature(self._builder(name)).parameters)[len(args):]
-      raise ValueError(f"Bad arguments {sorted(kwargs)} for {self.kind} {name!r}: {e}. It "
-                       f"takes {knobs}.") from None
+      takes = self.knobs(name)
+      unknown = sorted(set(kwargs) - set(takes))
+      what = f"unknown knobs {unknown}" if unknown else str(e)
+      raise ValueError(f"Bad arguments for {self.kind} {name!r}: {what}. It takes "
+                       f"{list(takes)}.") from None
 
   def build(self, name: str, *args, **kwargs) -> Any:
     self.check(name, *args, **kwargs)
     return self._builders[name](*args, **kwargs)
 
 
-DRAFTERS = Registry("drafter")  # builder(target: Model, **knobs) -> drafter
-STOP_POLICIES = Registry("stop policy")  # builder(**knobs) -> policy
-ACCEPTANCE = Registry("acceptance rule")  # builder(**knobs) -> verify.Acceptance
-HEADS = Registry("draft head")  # builder(target_config, **knobs) -> drafters.TrainableHead
+_HEADS = {k: f"specjax.drafters.heads.{k}" for k in ("eagle", "eagle3", "falcon", "hydra",
+                                                      "medusa")}
+# builder(target: Model, **knobs) -> drafter
+DRAFTERS = Registry("drafter", {
+    **_HEADS, "prompt_lookup": "specjax.drafters.retrieval.prompt_lookup",
+    "self_draft": "specjax.drafters.selfdraft.draft_model",
+    "draft_model": "specjax.drafters.selfdraft.draft_model"})
+# builder(**knobs) -> policy
+STOP_POLICIES = Registry("stop policy", {
+    **{k: "specjax.stopping.training_free" for k in ("fixed", "confidence", "svip")},
+    **{k: "specjax.stopping.learned" for k in ("specdecpp", "pacer")}})
+# builder(**knobs) -> a `verify` rule
+ACCEPTANCE = Registry("acceptance rule", {k: "specjax.verify" for k in (
+    "greedy", "speculative", "typical", "fuzzy")})
+# builder(target_config, **knobs) -> drafters.TrainableHead
+HEADS = Registry("draft head", _HEADS)
 
 AR = "ar"  # the drafter name of plain autoregressive decoding (no drafter)
 

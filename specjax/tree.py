@@ -152,8 +152,28 @@ class StaticTree:
   @classmethod
   def chain(cls, n: int) -> "StaticTree":
     if n < 1:
-      raise ValueError(f"A draft chain needs at least 1 token; got num_draft={n}.")
+      raise ValueError(f"A draft chain needs at least 1 token; got depth={n}.")
     return cls(tuple(range(-1, n - 1)), (0,) * n)
+
+  @classmethod
+  def build(cls, depth: int, top_k: int = 1,
+            tree: Sequence[Sequence[int]] | None = None) -> "StaticTree":
+    """The static tree of the draft-size knobs every drafter takes: the choice paths
+    `tree` when given, else the full `top_k`-ary tree `depth` levels deep (a chain of
+    `depth` tokens when top_k = 1)."""
+    if tree is not None:
+      return cls.from_choices(tree)
+    if top_k < 1:
+      raise ValueError(f"A draft tree needs top_k >= 1; got top_k={top_k}.")
+    if top_k == 1:
+      return cls.chain(depth)
+    if depth < 1:
+      raise ValueError(f"A draft tree needs depth >= 1; got depth={depth}.")
+    paths, level = [], [()]
+    for _ in range(depth):
+      level = [p + (r,) for p in level for r in range(top_k)]
+      paths += level
+    return cls.from_choices(paths)
 
   @classmethod
   def from_choices(cls, choices: Sequence[Sequence[int]]) -> "StaticTree":

@@ -20,7 +20,7 @@ rejection; when no child of the current node survives, the next token is drawn f
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,45 +30,59 @@ from specjax import sampling as sampling_lib
 from specjax.tree import DraftTree
 
 
-@dataclasses.dataclass(frozen=True)
-class Acceptance:
-  """An acceptance rule and its knobs. Build with `get(name, **kw)`."""
-
-  name: str = "greedy"
-  eps: float = 0.09  # typical
-  delta: float = 0.3  # typical
-  divergence: str = "js"  # fuzzy: "kl", "js" or "tv"
-  threshold: float = 0.4  # fuzzy
-
-  @property
-  def lossless(self) -> bool:
-    return self.name in ("greedy", "speculative")
-
-
 DIVERGENCES = ("kl", "js", "tv")
 RULES = registry.ACCEPTANCE
 
 
-def _rule(name: str, doc: str):
-  def build(**kw) -> Acceptance:
-    rule = Acceptance(name, **kw)
-    if rule.divergence not in DIVERGENCES:
-      raise ValueError(f"Unknown divergence {rule.divergence!r}; choose from {DIVERGENCES}.")
-    return rule
-  build.__doc__ = doc
-  RULES.register(name)(build)
+@RULES.register("greedy")
+@dataclasses.dataclass(frozen=True)
+class Greedy:
+  """Exact match with the target's argmax (lossless, temperature 0)."""
+  name: ClassVar[str] = "greedy"
+  lossless: ClassVar[bool] = True
 
 
-_rule("greedy", "Exact match with the target's argmax (lossless, temperature 0).")
-_rule("speculative", "Speculative sampling, SpecInfer on trees (lossless).")
-_rule("typical", "Medusa's typical acceptance (LOSSY; knobs eps, delta).")
-_rule("fuzzy", "Fuzzy SD: accept while Div(p, q) <= threshold (LOSSY; knobs divergence, "
-      "threshold).")
+@RULES.register("speculative")
+@dataclasses.dataclass(frozen=True)
+class Speculative:
+  """Speculative sampling; SpecInfer's multi-round rule on trees (lossless)."""
+  name: ClassVar[str] = "speculative"
+  lossless: ClassVar[bool] = True
+
+
+@RULES.register("typical")
+@dataclasses.dataclass(frozen=True)
+class Typical:
+  """Medusa's typical acceptance: p(x) > min(eps, delta * exp(-H(p))). LOSSY."""
+  eps: float = 0.09
+  delta: float = 0.3
+  name: ClassVar[str] = "typical"
+  lossless: ClassVar[bool] = False
+
+
+@RULES.register("fuzzy")
+@dataclasses.dataclass(frozen=True)
+class Fuzzy:
+  """Fuzzy SD: accept while Div(p, q) <= threshold (KL, JS or TV). LOSSY."""
+  divergence: str = "js"
+  threshold: float = 0.4
+  name: ClassVar[str] = "fuzzy"
+  lossless: ClassVar[bool] = False
+
+  def __post_init__(self):
+    if self.divergence not in DIVERGENCES:
+      raise ValueError(f"Unknown divergence {self.divergence!r}; choose from {DIVERGENCES}.")
+
+
+Acceptance = Greedy | Speculative | Typical | Fuzzy
+RULE_TYPES = (Greedy, Speculative, Typical, Fuzzy)
 
 
 def get(name: str | Acceptance, **kw) -> Acceptance:
-  """A rule by registered name (with its knobs), or an `Acceptance` as is."""
-  if isinstance(name, Acceptance):
+  """A rule by registered name (with its knobs), or a rule instance as is."""
+  if isinstance(name, RULE_TYPES):
+    if kw:
+      raise ValueError(f"Knobs {sorted(kw)} were given with a built {name.name} rule.")
     return name
   return RULES.build(name, **kw)
 

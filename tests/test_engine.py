@@ -25,10 +25,10 @@ OTHER = tiny(layers=1, seed=7)
 PROMPTS = [[5, 9, 3, 5, 9, 3, 5, 9], [1, 2], [7, 7, 7, 8, 7, 7, 7, 8, 7, 7, 7], [11, 12, 13]]
 
 DRAFTERS = {
-    "prompt_lookup": lambda: PromptLookup(num_draft=5),
-    "self": lambda: DraftModel.from_model(TARGET, num_draft=4),
-    "truncated": lambda: DraftModel.truncated(TARGET, 1, num_draft=3),
-    "other": lambda: DraftModel.from_model(OTHER, num_draft=3),
+    "prompt_lookup": lambda: PromptLookup(depth=5),
+    "self": lambda: DraftModel.from_model(TARGET, depth=4),
+    "truncated": lambda: DraftModel.truncated(TARGET, 1, depth=3),
+    "other": lambda: DraftModel.from_model(OTHER, depth=3),
     # Top-k branching of the layer-truncated self-drafter: a training-free tree.
     "tree": lambda: DraftModel.truncated(TARGET, 1, tree=TREE),
 }
@@ -126,12 +126,12 @@ def test_gpt2_target_with_truncated_drafter():
   gpt = tiny(arch="gpt2", seed=3)
   want = ar(PROMPTS, model=gpt)
   out = gen(gpt, PROMPTS, max_new_tokens=24, eos=None,
-                        drafter=DraftModel.truncated(gpt, 1, num_draft=3))
+                        drafter=DraftModel.truncated(gpt, 1, depth=3))
   assert out.token_lists() == want
 
 
 def test_stop_policies_shorten_drafts():
-  d = DraftModel.from_model(OTHER, num_draft=6)
+  d = DraftModel.from_model(OTHER, depth=6)
   fixed = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None, drafter=d)
   svip = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None, drafter=d,
              stop=stopping.SVIP(threshold=0.0, min_len=1))
@@ -150,7 +150,7 @@ def test_lossy_rules_are_labelled_and_never_default():
   assert not verify.get("typical").lossless and not verify.get("fuzzy").lossless
   # Without an explicit rule, a drafter at temperature 0 gives exactly AR's tokens; the
   # lossy typical rule with a zero threshold ignores the target and keeps every draft.
-  d = DraftModel.from_model(OTHER, num_draft=4)
+  d = DraftModel.from_model(OTHER, depth=4)
   default = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None, drafter=d)
   assert default.token_lists() == ar(PROMPTS)
   lenient = verify.get("typical", eps=0.0, delta=0.0)
@@ -163,7 +163,7 @@ def test_lossy_rules_are_labelled_and_never_default():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(drafter=DraftModel.from_model(tiny(vocab=32))), "vocab size 32 != target vocab"),
-    (dict(drafter=PromptLookup(num_draft=8), max_len=30), "cache slots; max_len is 30"),
+    (dict(drafter=PromptLookup(depth=8), max_len=30), "cache slots; max_len is 30"),
     (dict(acceptance="medusa"), "Unknown acceptance rule 'medusa'"),
     (dict(drafter=DraftModel.from_model(OTHER), stop="sometimes"), "Unknown stop policy"),
     (dict(drafter=PromptLookup(), stop="svip"), "stop policies do not apply"),
@@ -185,10 +185,10 @@ def test_bad_prompts():
     decode.generate(TARGET, [[1.5, 2.7]], max_new_tokens=4)
   with pytest.raises(ValueError, match="temperature must be a finite number"):
     decode.generate(TARGET, [[1, 2]], max_new_tokens=4, temperature=float("nan"))
-  with pytest.raises(ValueError, match="num_draft >= 1"):
-    decode.generate(TARGET, [[1, 2]], max_new_tokens=4, drafter=PromptLookup(num_draft=0))
+  with pytest.raises(ValueError, match="depth >= 1"):
+    decode.generate(TARGET, [[1, 2]], max_new_tokens=4, drafter=PromptLookup(depth=0))
   with pytest.raises(ValueError, match="at least 1 token"):
-    DraftModel.from_model(OTHER, num_draft=0)
+    DraftModel.from_model(OTHER, depth=0)
   with pytest.raises(ValueError, match="node 1 has parent 1"):
     from specjax.tree import check_parents_first
     check_parents_first([-1, 1])
@@ -265,7 +265,7 @@ def test_warped_distribution(temperature, top_k, top_p):
 
 def test_sampling_settings_share_one_compiled_program():
   """Only greedy-or-not shapes the program: other temperatures, top-k and top-p reuse it."""
-  drafter = DraftModel.truncated(TARGET, 1, num_draft=3)
+  drafter = DraftModel.truncated(TARGET, 1, depth=3)
   kw = dict(max_new_tokens=4, eos=None, drafter=drafter, max_len=64)
   before = decode._generate._cache_size()  # pylint: disable=protected-access
   outs = [decode.generate(TARGET, PROMPTS, temperature=t, top_k=k, top_p=p, seed=3, **kw)

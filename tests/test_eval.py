@@ -76,7 +76,7 @@ def test_metric_functions():
 
 
 def _row(method, prompt, tps, temperature=0.0, drafter=None, equal=True, new=8, calls=4):
-  return {"method": method, "drafter": drafter or method, "num_draft": 4, "dataset": "d",
+  return {"method": method, "drafter": drafter or method, "num_nodes": 4, "dataset": "d",
           "prompt_id": prompt, "temperature": temperature, "seed": 0, "new_tokens": new,
           "target_calls": calls, "draft_calls": 0, "tokens_per_s": tps,
           "equal_to_ar": equal if temperature == 0 else None, "lossy": method == "typ"}
@@ -102,10 +102,10 @@ def test_report_from_results_file(tmp_path):
   """Summary files and all three plots, tau vs budget included, from a results file."""
   extra = {"layers": 2, "stop": None, "acceptance": None, "checkpoint": None,
            "accepted_hist": [1, 2, 1]}
-  rows = [{**_row("ar", p, 10.0, calls=8), **extra, "num_draft": 0, "accepted_hist": [8]}
+  rows = [{**_row("ar", p, 10.0, calls=8), **extra, "num_nodes": 0, "accepted_hist": [8]}
           for p in "ab"]
   rows += [{**_row(f"k{k}", p, 15.0, drafter="self_draft", calls=8 // k), **extra,
-            "num_draft": k} for k in (2, 4) for p in "ab"]
+            "num_nodes": k} for k in (2, 4) for p in "ab"]
   with open(tmp_path / report.RESULTS, "w") as f:
     for r in rows:
       report.append_row(f, r)
@@ -117,9 +117,9 @@ def test_report_from_results_file(tmp_path):
 
 
 def test_budget_curves_need_two_budgets():
-  rows = [{**_row("k2", "a", 1.0, drafter="self_draft", new=8, calls=4), "num_draft": 2},
-          {**_row("k4", "a", 1.0, drafter="self_draft", new=8, calls=2), "num_draft": 4},
-          {**_row("pl", "a", 1.0, drafter="prompt_lookup"), "num_draft": 10}]
+  rows = [{**_row("k2", "a", 1.0, drafter="self_draft", new=8, calls=4), "num_nodes": 2},
+          {**_row("k4", "a", 1.0, drafter="self_draft", new=8, calls=2), "num_nodes": 4},
+          {**_row("pl", "a", 1.0, drafter="prompt_lookup"), "num_nodes": 10}]
   assert report.budget_curves(rows) == {"self_draft T=0": {2: 2.0, 4: 4.0}}
 
 
@@ -260,7 +260,7 @@ def test_shipped_configs_are_valid(name):
   p = sweep.plan(get_config(name))
   assert p.baseline.name == "ar"
   if name == "sweep":
-    budgets = {m.drafter_kwargs.get("num_draft") for m in p.methods if m.drafter == "self_draft"}
+    budgets = {m.drafter_kwargs.get("depth") for m in p.methods if m.drafter == "self_draft"}
     assert p.peers and budgets >= {2, 4, 8}
 
 
@@ -369,9 +369,9 @@ def test_rows_of_a_changed_method_are_refused(swept, prompt_file, tmp_path):
   workdir = str(tmp_path / "work")
   shutil.copytree(swept[0], workdir)
   c = tiny_config(prompt_file)
-  c.methods[1].drafter_kwargs.num_draft += 1
+  c.methods[1].drafter_kwargs.depth += 1
   with pytest.raises(ValueError, match="rows of method 'prompt_lookup' measured with other "
-                                       "\\['drafter_kwargs', 'num_draft'\\]"):
+                                       "\\['drafter_kwargs', 'depth'\\]"):
     sweep.run(sweep.plan(c), workdir)
 
 
@@ -387,7 +387,7 @@ def test_sweep_with_a_trained_stop_predictor(prompt_file, tmp_path):
   learned.save(path, "specdecpp", params, "DraftModel")
   c = tiny_config(prompt_file)
   c.methods = [common.method("ar"),
-               common.method("self_specdecpp", drafter="self_draft", layers=1, num_draft=4,
+               common.method("self_specdecpp", drafter="self_draft", layers=1, depth=4,
                              stop="specdecpp", stop_kwargs={"checkpoint": path,
                                                             "threshold": 0.5})]
   rows = sweep.run(sweep.plan(c), str(tmp_path / "work"))

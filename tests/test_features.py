@@ -21,7 +21,7 @@ class Recorder:
   """Prompt lookup that records, on the host, every feature vector it is handed, keyed
   by (sequence, position of the token it belongs to)."""
 
-  lookup: PromptLookup = PromptLookup(num_draft=4)
+  lookup: PromptLookup = PromptLookup(depth=4)
   features = FEATURES
   takes_stop_policy = False
   seen = {}  # (row, position) -> list of feature vectors; shared, cleared per test

@@ -13,8 +13,8 @@ import transformers
 
 from specjax import decode, models
 from specjax.drafters import io, load_drafter
-from specjax.drafters import eagle as eagle_lib
-from specjax.drafters import medusa as medusa_lib
+from specjax.drafters.heads import eagle as eagle_lib
+from specjax.drafters.heads import medusa as medusa_lib
 from specjax.models import causal
 
 import doubles

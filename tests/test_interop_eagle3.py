@@ -14,7 +14,8 @@ import torch
 import transformers
 
 from specjax import decode, models
-from specjax.drafters import Eagle3Head, EagleHead, eagle, io, load_drafter
+from specjax.drafters import Eagle3Head, EagleHead, export, io, load_drafter
+from specjax.drafters.heads import runtime
 
 import doubles
 
@@ -98,7 +99,7 @@ def _our_logits(head, params, target, hidden, ids):
   feats = tuple(jnp.asarray(hidden[..., i * h:(i + 1) * h]) for i in range(3))
   tokens = jnp.concatenate([jnp.zeros((1, 1), jnp.int32), jnp.asarray(ids, jnp.int32)], 1)
   shared = models.shared_params(target.config, target.params)
-  gs = eagle.unroll(head, params, shared, head.fuse(params, feats), tokens, STEPS)
+  gs = runtime.unroll(head, params, shared, head.fuse(params, feats), tokens, STEPS)
   return [np.asarray(head.draft_logits(params, g)) for g in gs]
 
 
@@ -150,7 +151,7 @@ def test_specjax_head_exports_to_speculators_with_same_logits(verifier, tmp_path
   path, target = verifier
   head, params = _specjax_head(target, str(tmp_path / "ours"))
   out = str(tmp_path / "served")
-  io.main(["--to-speculators", str(tmp_path / "ours"), out, "--target", path, "--verifier", path])
+  export.main(["--to-speculators", str(tmp_path / "ours"), out, "--target", path, "--verifier", path])
   model = _speculators_model(out)
   assert model.t2d.sum() == DRAFT_VOCAB
   np.testing.assert_array_equal(np.flatnonzero(model.t2d.numpy()), np.asarray(head.draft_ids))
@@ -171,7 +172,7 @@ def test_specforge_layout_loads(verifier, tmp_path):
   config.json with draft_vocab_size; the same weights give the same logits."""
   path, target = verifier
   head, params = _specjax_head(target, str(tmp_path / "ours"))
-  io.export_speculators(str(tmp_path / "ours"), str(tmp_path / "served"), target)
+  export.export_speculators(str(tmp_path / "ours"), str(tmp_path / "served"), target)
   sd = safetensors.numpy.load_file(str(tmp_path / "served" / "model.safetensors"))
   forge = tmp_path / "forge"
   forge.mkdir()
@@ -196,10 +197,10 @@ def test_specforge_layout_loads(verifier, tmp_path):
 def test_eagle3_head_for_another_target_is_refused(verifier, tmp_path):
   path, target = verifier
   _specjax_head(target, str(tmp_path / "ours"))
-  io.export_speculators(str(tmp_path / "ours"), str(tmp_path / "served"), target)
+  export.export_speculators(str(tmp_path / "ours"), str(tmp_path / "served"), target)
   with pytest.raises(ValueError, match="was made for a target with hidden_size"):
     io.load(str(tmp_path / "served"), models.RANDOM["tiny-random"])
   io.save(str(tmp_path / "eagle1"), "eagle", {}, EagleHead(target.config).init(
       jax.random.key(0)), target.config)
   with pytest.raises(ValueError, match="only EAGLE-3 heads export"):
-    io.export_speculators(str(tmp_path / "eagle1"), str(tmp_path / "y"), target)
+    export.export_speculators(str(tmp_path / "eagle1"), str(tmp_path / "y"), target)

@@ -134,7 +134,7 @@ def test_generate_with_pallas_equals_xla(prompts, drafter):
   xla = models.load("tiny-random")
   pallas = xla.with_attention("pallas")
   make = {None: lambda m: None,
-          "chain": lambda m: DraftModel.truncated(m, 1, num_draft=3),
+          "chain": lambda m: DraftModel.truncated(m, 1, depth=3),
           "tree": lambda m: DraftModel.truncated(m, 1, tree=[(0,), (1,), (0, 0), (1, 0)])}
   want = decode.generate(xla, prompts, max_new_tokens=10, eos=None, drafter=make[drafter](xla))
   got = decode.generate(pallas, prompts, max_new_tokens=10, eos=None,

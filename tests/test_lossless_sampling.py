@@ -54,7 +54,7 @@ def counts_of(tokens_Nx2):
 # or not is static (`Sampling`); the numbers are traced.
 SAMPLINGS = [dict(temperature=1.0), dict(temperature=0.8, top_k=5, top_p=0.9)]
 DRAFTERS = {
-    "chain": lambda: DraftModel.from_model(DRAFT, num_draft=3),
+    "chain": lambda: DraftModel.from_model(DRAFT, depth=3),
     # Children sampled i.i.d. from the draft, several per node: SpecInfer's rule.
     "tree": lambda: DraftModel.from_model(DRAFT, tree=[(0,), (1,), (0, 0), (0, 1), (1, 0)]),
 }

@@ -26,9 +26,9 @@ def setup(smollm2):
 def test_greedy_speculative_equals_ar_on_smollm2(smollm2, setup, name):
   prompts, gen, want = setup
   if name == "prompt_lookup":
-    kw = dict(drafter=PromptLookup(num_draft=6))
+    kw = dict(drafter=PromptLookup(depth=6))
   else:
-    kw = dict(drafter=DraftModel.truncated(smollm2, 15, num_draft=4), stop="svip")
+    kw = dict(drafter=DraftModel.truncated(smollm2, 15, depth=4), stop="svip")
   batch = gen(prompts, **kw)
   assert batch.token_lists() == want
   alone = gen(prompts[2:3], **kw)

@@ -60,7 +60,7 @@ def falcon_chain():
 
 POLICIES = {"specdecpp": lambda w: random_specdecpp(threshold=0.5, min_len=1, width=w),
             "pacer": lambda w: random_pacer(threshold=0.5, width=w)}
-DRAFTERS = {"chain": lambda: DraftModel.from_model(OTHER, num_draft=6),
+DRAFTERS = {"chain": lambda: DraftModel.from_model(OTHER, depth=6),
             "eagle2_dynamic": eagle_tree, "falcon_chain": falcon_chain}
 
 
@@ -87,10 +87,10 @@ def test_specdecpp_forced_to_stop_at_k_is_fixed_k(k):
   accepted lengths and target calls equal a fixed-k drafter's; the policy costs one more
   draft forward a step (the k-th token's hidden state, which its decision reads)."""
   forced = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None,
-               drafter=DraftModel.from_model(OTHER, num_draft=6),
+               drafter=DraftModel.from_model(OTHER, depth=6),
                stop=random_specdecpp(threshold=-1.0, min_len=k))
   fixed = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None,
-              drafter=DraftModel.from_model(OTHER, num_draft=k))
+              drafter=DraftModel.from_model(OTHER, depth=k))
   assert forced.token_lists() == fixed.token_lists()
   np.testing.assert_array_equal(forced.stats.gained, fixed.stats.gained)
   np.testing.assert_array_equal(forced.stats.target_calls, fixed.stats.target_calls)
@@ -115,10 +115,10 @@ def test_pacer_stops_only_where_a_block_closes():
   p = learned.pacer_init(jax.random.key(2), H, 3)
   p["out"]["bias"] = p["out"]["bias"] - 100.0  # P(block accepted) ~ 0
   out = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None,
-            drafter=DraftModel.from_model(OTHER, num_draft=6),
+            drafter=DraftModel.from_model(OTHER, depth=6),
             stop=stopping.get("pacer", params=p, block=3))
   fixed = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None,
-              drafter=DraftModel.from_model(OTHER, num_draft=3))
+              drafter=DraftModel.from_model(OTHER, depth=3))
   np.testing.assert_array_equal(out.stats.gained, fixed.stats.gained)
   with pytest.raises(ValueError, match="blocks of 3 tokens; block=4"):
     stopping.get("pacer", params=p, block=4)
@@ -130,7 +130,7 @@ def test_trace_labels_agree_with_verification(temperature):
   Sampling: labels are probabilities, 1 where the draft was drawn from the target itself
   (a self-drafter), and accepted nodes have labels > 0. Hidden states match the drafter's
   width and are real wherever the drafter forwarded the node."""
-  d = DraftModel.from_model(OTHER if temperature == 0 else TARGET, num_draft=4)
+  d = DraftModel.from_model(OTHER if temperature == 0 else TARGET, depth=4)
   out = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None, drafter=d, trace=True,
             temperature=temperature)
   tr = jax.tree.map(np.asarray, out.trace)
@@ -183,7 +183,7 @@ def test_trained_predictor_decodes_and_refuses_other_drafters(trained, tmp_path)
     assert policy.threshold == json.load(f)["calibration"]["threshold"]
   assert stopping.get(kind, checkpoint=os.path.join(workdir, "predictor"),
                       threshold=0.123).threshold == 0.123
-  chain = DraftModel.truncated(target, 1, num_draft=6)
+  chain = DraftModel.truncated(target, 1, depth=6)
   prompts = [[1, 2, 3], list(range(40, 60))]
   want = decode.generate(target, prompts, max_new_tokens=16, eos=None).token_lists()
   got = decode.generate(target, prompts, max_new_tokens=16, eos=None, drafter=chain,
@@ -197,7 +197,7 @@ def test_trained_predictor_decodes_and_refuses_other_drafters(trained, tmp_path)
     decode.generate(target, prompts, max_new_tokens=4, drafter=eagle, stop=policy)
   with pytest.raises(ValueError, match="reads hidden states of width 64"):
     decode.generate(TARGET, PROMPTS, max_new_tokens=4, eos=None,
-                    drafter=DraftModel.from_model(OTHER, num_draft=4), stop=policy)
+                    drafter=DraftModel.from_model(OTHER, depth=4), stop=policy)
   with pytest.raises(FileNotFoundError, match="No stop predictor"):
     stopping.get(kind, checkpoint=str(tmp_path))
   bad = tmp_path / "bad"
@@ -211,7 +211,7 @@ def test_trained_predictor_decodes_and_refuses_other_drafters(trained, tmp_path)
 
 
 def test_labels_made_with_other_settings_are_refused(tmp_path):
-  d = DraftModel.from_model(OTHER, num_draft=4)
+  d = DraftModel.from_model(OTHER, depth=4)
   stop_training.collect(TARGET, d, [], str(tmp_path), temperature=0.0, max_new_tokens=8,
                         spec={"drafter": "other"})
   with pytest.raises(ValueError, match=r"other settings \(\['max_new_tokens'\] differ\)"):

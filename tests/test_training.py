@@ -26,8 +26,9 @@ from specjax.configs import eagle3 as eagle3_config
 from specjax.configs import falcon as falcon_config
 from specjax.configs import hydra as hydra_config
 from specjax.configs import medusa as medusa_config
-from specjax.drafters import (Eagle3Head, EagleHead, FalconHead, HydraHead, MedusaHead, eagle,
-                              falcon, io, load_drafter)
+from specjax.drafters import (Eagle3Head, EagleHead, FalconHead, HydraHead, MedusaHead, io,
+                              load_drafter)
+from specjax.drafters.heads import eagle, falcon, medusa
 from specjax.drafters.base import Context, TargetBatch
 from specjax.models import ModelConfig, causal, causal_forward, shared_params
 from specjax.sampling import Sampling
@@ -520,7 +521,7 @@ def test_medusa2_lora_trains_jointly_and_decodes_with_merged_target(tmp_path):
   assert float(jnp.abs(params["lora"]["layers_0"]["self_attn"]["q_proj"]["b"]).max()) > 0
   with pytest.raises(ValueError, match="merged_target"):
     load_drafter(path, target)
-  merged = io.merged_target(path, target)
+  merged = medusa.merged_target(path, target)
   assert "+lora:" in merged.name
   prompts = [[1, 2, 3, 4, 5], list(range(30, 60))]
   ar = decode.generate(merged, prompts, max_new_tokens=16, eos=None)

@@ -295,16 +295,14 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   print(f"data: {data_lib.describe(data)}")
   shared = models.shared_params(target.config, target.params)
   key = jax.random.key(c.seed)
-  fits = hasattr(head, "fit")  # heads shaped by the data (EAGLE-3's draft vocabulary)
-  if fits:  # the data decides the head's static shape; params come below
-    head, _ = head.fit(jax.eval_shape(lambda: head.init(key, target.dtype)), data.tokens,
-                       data.mask, shared)
+  # A head shaped by its data (EAGLE-3's draft vocabulary) decides its static shape here;
+  # params come below.
+  head, _ = head.fit(jax.eval_shape(lambda: head.init(key, target.dtype)), data.tokens,
+                     data.mask, shared)
   tx = optimizer(c, jax.eval_shape(lambda: head.init(key, target.dtype)))
 
   def init_state(shared):
-    params = head.init(key, target.dtype)
-    if fits:
-      params = head.fit(params, data.tokens, data.mask, shared)[1]
+    params = head.fit(head.init(key, target.dtype), data.tokens, data.mask, shared)[1]
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
   # Built by shape, sharded at creation: no full copy of the state on any one device.
@@ -390,7 +388,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     head_io.save(os.path.join(workdir, HEAD_DIR), c.head, dict(c.head_kwargs), params,
                  target.config, dict(c.decode), target_name=target.name,
                  trained_tokens=int(total * c.batch_size * data.train_tokens / len(data.tokens)),
-                 sim_accept=sim_accept, buffers=getattr(head, "buffers", dict)())
+                 sim_accept=sim_accept, buffers=head.buffers())
   return last_eval
 
 

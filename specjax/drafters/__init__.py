@@ -1,17 +1,38 @@
-"""Drafters: one module each, registered by name in `registry.DRAFTERS`. See `base.py` for
-the interface the decode loop calls. Trainable heads (EAGLE-1/3, Falcon, Hydra, Medusa) also register in
-`registry.HEADS`; `io.load_drafter` loads a trained one from its folder."""
+"""Drafters, one module each, grouped by family and registered by name in
+`registry.DRAFTERS` (imported on first use):
+
+  heads/       trained heads that read the target's features: EAGLE-1/2 (`eagle`),
+               EAGLE-3 (`eagle3`), Hydra/Hydra++ (`hydra`), Falcon (`falcon`), Medusa-1/2
+               (`medusa`), and what they share (`runtime`)
+  retrieval/   drafters that copy from text already seen: prompt lookup
+  selfdraft/   language models that draft: an independent draft model or the target's own
+               first layers
+
+Shared modules beside them: `base` (the interface the decode loop calls), `static_tree` /
+`dynamic_tree` (tree drafting), `budget` (draft sizes from measured costs), `io` (head
+folders: save, load, foreign layouts), `export` (to the speculators format).
+"""
+
+from __future__ import annotations
+
+import importlib
 
 from specjax.drafters.base import Context, Drafter, TargetBatch, TrainableHead
-from specjax.drafters.draft_model import DraftModel
-from specjax.drafters.eagle import Eagle, EagleHead
-from specjax.drafters.eagle3 import Eagle3Head
-from specjax.drafters.falcon import Falcon, FalconHead
-from specjax.drafters.hydra import Hydra, HydraHead
-from specjax.drafters.io import load_drafter
-from specjax.drafters.medusa import Medusa, MedusaHead
-from specjax.drafters.prompt_lookup import PromptLookup
 
-__all__ = ["Context", "DraftModel", "Drafter", "Eagle", "Eagle3Head", "EagleHead", "Falcon",
-           "FalconHead", "Hydra", "HydraHead", "Medusa", "MedusaHead",
-           "PromptLookup", "TargetBatch", "TrainableHead", "load_drafter"]
+# Public names -> the module that defines them (imported on first access).
+_LAZY = {
+    "DraftModel": "selfdraft.draft_model", "PromptLookup": "retrieval.prompt_lookup",
+    "FeatureDrafter": "heads.runtime", "EagleHead": "heads.eagle",
+    "Eagle3Head": "heads.eagle3", "Falcon": "heads.falcon", "FalconHead": "heads.falcon",
+    "Hydra": "heads.hydra", "HydraHead": "heads.hydra", "Medusa": "heads.medusa",
+    "MedusaHead": "heads.medusa", "load_drafter": "io",
+}
+
+
+def __getattr__(name: str):
+  if name in _LAZY:
+    return getattr(importlib.import_module(f"specjax.drafters.{_LAZY[name]}"), name)
+  raise AttributeError(f"module 'specjax.drafters' has no attribute {name!r}")
+
+
+__all__ = ["Context", "Drafter", "TargetBatch", "TrainableHead", *sorted(_LAZY)]

@@ -8,6 +8,9 @@ implements
   features: tuple[int, ...]                       target features it reads (may be empty):
                                                   layer inputs i >= 0, or models.FINAL
   takes_stop_policy: bool                         whether it drafts from a distribution
+  drafts_vary: bool                               whether its drafts can fill less than its
+                                                  tree without a stop policy (then each step
+                                                  verifies the narrowest width holding them)
   validate(target_config) -> None                 clear errors before anything compiles
   init(ctx, max_len, features) -> state
   propose(state, ctx, stop, sampling, key) -> (DraftTree, state, draft_calls[B])
@@ -30,6 +33,7 @@ from typing import Any, Protocol
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from specjax.tree import DraftTree
 
@@ -58,6 +62,7 @@ class Drafter(Protocol):
   num_nodes: int
   features: tuple[int, ...]
   takes_stop_policy: bool
+  drafts_vary: bool
 
   def validate(self, target_config) -> None:
     ...
@@ -89,29 +94,52 @@ class TargetBatch:
   progress: Any = 1.0
 
 
-class TrainableHead(Protocol):
-  """A draft head `specjax-train` trains against a frozen target (registry.HEADS).
+class TrainableHead:
+  """Base of the draft heads `specjax-train` trains against a frozen target
+  (`registry.HEADS`); heads are `flax.struct` dataclasses that subclass it. Each one
+  implements
 
     features                        target features its loss and drafter read
-    init(key) -> params             a fresh params pytree
+    init(key, dtype) -> params      a fresh params pytree
     loss(params, batch, key) -> (loss, metrics)   metrics: dict of scalars ("top1/k", ...)
     accept(params, batch, depth) -> (bool[B, T, depth], float32[B, T])   greedy chain
         acceptance, teacher-forced on the data: [b, t, k] when draft k of a chain drafted
         from position t matches the target's argmax (and is a response token), and which
         rows count; the offline "simulated tau" is 1 + the mean accepted prefix
-    drafter(params, shared, **decode_knobs) -> Drafter
+    drafter(params, shared, *, <draft-size knobs>) -> Drafter
+
+  and may override the data hooks, whose defaults do nothing: `fit` (a head shaped by its
+  training data), `buffers` / `with_buffers` (arrays saved beside the params).
   """
 
   features: tuple[int, ...]
 
-  def init(self, key) -> Any:
-    ...
+  def init(self, key, dtype=jnp.float32) -> Any:
+    raise NotImplementedError
 
   def loss(self, params, batch: TargetBatch, key) -> tuple[jax.Array, dict[str, jax.Array]]:
-    ...
+    raise NotImplementedError
 
   def accept(self, params, batch: TargetBatch, depth: int) -> tuple[jax.Array, jax.Array]:
-    ...
+    raise NotImplementedError
 
   def drafter(self, params, shared, **knobs) -> Drafter:
-    ...
+    raise NotImplementedError
+
+  def fit(self, params, tokens, mask, shared) -> tuple["TrainableHead", Any]:
+    """(head, params) ready to train on this data (token ids [N, T] and their loss mask);
+    EAGLE-3 picks its draft vocabulary here. Default: unchanged."""
+    del tokens, mask, shared
+    return self, params
+
+  def buffers(self) -> dict[str, np.ndarray]:
+    """Arrays the head derived from its data and saves beside its params. Default: none."""
+    return {}
+
+  def with_buffers(self, buffers: dict[str, np.ndarray], path: str) -> "TrainableHead":
+    """This head with its saved `buffers` (from the folder at `path`, {} when it has none),
+    checked against its shapes. Default: it takes none."""
+    if buffers:
+      raise ValueError(f"{path!r} holds buffers {sorted(buffers)}; a "
+                       f"{type(self).__name__} takes none.")
+    return self

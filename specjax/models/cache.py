@@ -19,7 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from specjax.kernels import tree_attention
+from specjax.kernels.attention import prefix_mask
 
 
 def write(cache_BxKxSxD: jax.Array, new_BxKxTxD: jax.Array, start_B: jax.Array) -> jax.Array:
@@ -65,7 +65,7 @@ class KVCache:
     slot `lengths + n` when `pending_BxTxN[b, t, n]` (entries written past the committed
     ones by earlier forwards that are not committed yet, e.g. a draft tree's upper levels).
     """
-    committed_BxTxS = tree_attention.prefix_mask(self.lengths, t, self.max_len)
+    committed_BxTxS = prefix_mask(self.lengths, t, self.max_len)
     if pending_BxTxN is None:
       return committed_BxTxS
     rel_BxS = jnp.arange(self.max_len)[None, :] - self.lengths[:, None]  # index past lengths

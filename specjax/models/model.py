@@ -5,8 +5,9 @@ specjax runs a network: full causal passes (no cache), prefill, one-token decode
 the verification of a whole draft tree (explicit positions + ancestor mask) all go through
 it.
 
-Heads that share the target's weights reach them through `embed` and `lm_head` (and a
-self-drafter through `Model.truncated`), never by picking parameter names themselves.
+Heads that share the target's weights reach them through `shared_params`, `embed` and
+`lm_head` (and a self-drafter through `Model.truncated`), never by picking parameter names
+themselves.
 """
 
 from __future__ import annotations
@@ -184,6 +185,9 @@ class Model:
   params: Any
   tokenizer: Any = None
   name: str = ""
+  # The Medusa-2 head folder whose LoRA is merged into these params (`medusa.merged_target`):
+  # that head decodes losslessly relative to this model only. None for a plain model.
+  merged_head: str | None = None
 
   @property
   def dtype(self):
@@ -195,17 +199,6 @@ class Model:
     if tokens_BxT.ndim != 2:
       raise ValueError(f"tokens must be [batch, time]; got shape {tokens_BxT.shape}.")
     return causal_forward(self.config, self.params, tokens_BxT).logits
-
-  def forward(self, params, tokens_BxT, positions_BxT, visible_BxTxT, cache=None,
-              features=(), prefix_BxTxS=None) -> Forward:
-    return forward(self.config, params, tokens_BxT, positions_BxT, visible_BxTxT, cache,
-                   features, prefix_BxTxS)
-
-  def embed(self, tokens_BxT) -> jax.Array:
-    return embed(self.config, self.params, tokens_BxT)
-
-  def lm_head(self, hidden_BxTxH) -> jax.Array:
-    return lm_head(self.config, self.params, hidden_BxTxH)
 
   def with_attention(self, impl: str) -> "Model":
     """The same model (same params) whose forward uses attention `impl` ("xla",

@@ -4,6 +4,7 @@ A policy is a `flax.struct.dataclass`: its knobs are static fields and learned p
 keep their weights in a `params` pytree field, so the whole policy passes through `jax.jit`
 as an argument. Every policy implements
 
+  check(drafter) -> None                        clear errors before anything compiles
   init(batch) -> state                          state of the root; leaves [B, 1, ...]
   stop(state, depth, q_BxKxV, hidden_BxKxH) -> (bool[B, K], state)
 
@@ -13,7 +14,7 @@ depth of those children, `q_BxKxV` the draft's raw (temperature-1) next-token
 distributions at the K nodes and `hidden_BxKxH` the drafter's hidden states there. True
 means: do not expand that node (its children are not proposed). Per-node state carries
 down the tree with `gather(state, parent_BxK)` (identity for chains); the drafter's size
-(`num_draft`, its tree) is the hard cap.
+(its `depth`, its tree) is the hard cap.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import jax.numpy as jnp
 
 
 class StopPolicy(Protocol):
+
+  def check(self, drafter) -> None:
+    ...
 
   def init(self, batch: int) -> Any:
     ...

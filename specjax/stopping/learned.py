@@ -86,6 +86,9 @@ class SpecDecPP:
   min_len: int = static(2)
   drafter: str = static("")  # what it was trained on (`drafter_id`); "" = not checked
 
+  def check(self, drafter) -> None:
+    _check_drafter(self.drafter, drafter)
+
   def init(self, batch):
     return jnp.ones((batch, 1), jnp.float32)  # P(every node so far accepted); root: 1
 
@@ -140,6 +143,9 @@ class Pacer:
   threshold: float = static(0.5)
   drafter: str = static("")  # what it was trained on (`drafter_id`); "" = not checked
 
+  def check(self, drafter) -> None:
+    _check_drafter(self.drafter, drafter)
+
   def init(self, batch):
     dim = self.params["pos"].shape[-1]
     return jnp.zeros((batch, 1, self.block, dim), jnp.float32)  # the last `block` vectors
@@ -170,11 +176,10 @@ def drafter_id(drafter) -> str:
   return type(getattr(drafter, "head", drafter)).__name__
 
 
-def check(policy, drafter) -> None:
-  """A learned policy trained for another kind of drafter is an error (the width is
-  checked when the loop is traced)."""
-  trained = getattr(policy, "drafter", "")
-  if isinstance(policy, (SpecDecPP, Pacer)) and trained and trained != drafter_id(drafter):
+def _check_drafter(trained: str, drafter) -> None:
+  """A predictor trained for another kind of drafter is an error (the width is checked
+  when the loop is traced)."""
+  if trained and trained != drafter_id(drafter):
     raise ValueError(f"This stop predictor was trained for a {trained} drafter; it was given "
                      f"a {drafter_id(drafter)}. Train one for it (configs/stop.py).")
 

@@ -16,6 +16,9 @@ static = lambda default: flax.struct.field(pytree_node=False, default=default)
 class Fixed:
   """Always draft the drafter's full size."""
 
+  def check(self, drafter) -> None:
+    del drafter  # drives any drafter with a distribution
+
   def init(self, batch):
     return ()
 
@@ -31,6 +34,9 @@ class Confidence:
   threshold: float = static(0.4)
   min_len: int = static(1)
 
+  def check(self, drafter) -> None:
+    del drafter  # drives any drafter with a distribution
+
   def init(self, batch):
     return ()
 
@@ -43,12 +49,15 @@ class Confidence:
 class SVIP:
   """SVIP (Zhang et al. 2025): stop when sqrt(gamma * H(q)) > threshold, H = draft entropy.
 
-  Paper defaults: gamma 0.15, threshold 0.3, cap 40 (set the drafter's num_draft).
+  Paper defaults: gamma 0.15, threshold 0.3, cap 40 (set the drafter's depth).
   """
 
   gamma: float = static(0.15)
   threshold: float = static(0.3)
   min_len: int = static(1)
+
+  def check(self, drafter) -> None:
+    del drafter  # drives any drafter with a distribution
 
   def init(self, batch):
     return ()

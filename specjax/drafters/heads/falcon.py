@@ -1,6 +1,6 @@
 """Falcon: semi-autoregressive drafting, k tokens per forward, glancing distillation.
 
-Pair i of a sequence is (f_i, x_{i+1}) as in EAGLE (`eagle.py`): the target's final normed
+Pair i of a sequence is (f_i, x_{i+1}) as in EAGLE (`runtime.py`): the target's final normed
 state at i and the token after it. The head
 
   u_i = fc(concat(f_i, embed(x_{i+1})))             2H -> H with bias
@@ -44,9 +44,9 @@ import optax
 import numpy as np
 
 from specjax import registry
-from specjax.drafters import eagle, static_tree
-from specjax.drafters.base import TargetBatch, check_target
-from specjax.drafters.hydra import PrefixLayer
+from specjax.drafters import io, static_tree
+from specjax.drafters.base import TargetBatch, TrainableHead, check_target
+from specjax.drafters.heads import runtime
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
 from specjax.models.model import FINAL, causal, embed, lm_head, param_dtype
@@ -83,7 +83,7 @@ def relaxed(t: int, k: int, shift: int = 0) -> jax.Array:
 
 
 @flax.struct.dataclass
-class FalconHead:
+class FalconHead(TrainableHead):
   """Falcon as a trainable head (see `base.TrainableHead`)."""
 
   config: ModelConfig = flax.struct.field(pytree_node=False)  # the target's
@@ -102,8 +102,8 @@ class FalconHead:
     z = jnp.zeros((1, 1, h), dtype)
     return {"lstm": FalconLSTM(h, dtype=dtype).init(k_lstm, jnp.zeros((1, 1, 2 * h), dtype))[
                 "params"],
-            "layer": PrefixLayer(self.config, dtype).init(k_layer, z, jnp.zeros((1, 1), jnp.int32),
-                                                          causal(1))["params"]}
+            "layer": runtime.FeatureBlock(self.config, dtype).init(
+                k_layer, z, jnp.zeros((1, 1), jnp.int32), causal(1))["params"]}
 
   def validate(self, target_config: ModelConfig) -> None:
     check_target("This Falcon head", self.config.hidden_size, self.config.vocab_size,
@@ -121,9 +121,10 @@ class FalconHead:
         {"params": params["lstm"]}, x_BxTx2H, carry, lengths_B)
 
   def layer(self, params, l_BxTxH, positions_BxT, visible_BxTxT, cache=None, prefix_BxTxS=None):
-    """The decoder layer on LSTM outputs (`eagle.run_layer`): (g [B, T, H], cache)."""
-    return eagle.run_layer(PrefixLayer(self.config, self._dtype(params)), params["layer"],
-                           (l_BxTxH,), positions_BxT, visible_BxTxT, cache, prefix_BxTxS)
+    """The decoder layer on LSTM outputs (`runtime.run_layer`): (g [B, T, H], cache)."""
+    return runtime.run_layer(runtime.FeatureBlock(self.config, self._dtype(params)),
+                             params["layer"], (l_BxTxH,), positions_BxT, visible_BxTxT, cache,
+                             prefix_BxTxS)
 
   def _targets(self, batch: TargetBatch):
     """Per pair i: the index of its target feature (i + k) and its weight (x_{i+k+1} is a
@@ -265,6 +266,7 @@ class Falcon:
   shared: Any
   tree: StaticTree = flax.struct.field(pytree_node=False, default=StaticTree.chain(4))
   takes_stop_policy = True
+  drafts_vary = False
   features = (FINAL,)
 
   @property
@@ -289,20 +291,18 @@ class Falcon:
   def init(self, ctx, max_len: int, features) -> FalconState:
     (f,) = features
     head, k = self.head, self.head.block
-    b, h = f.shape[0], f.shape[-1]
+    b = f.shape[0]
     cfg = head.config
     cache = KVCache.create(1, b, max_len + self._pending() + self.tree.depth + k,
                            cfg.num_kv_heads, cfg.head_dim, param_dtype(self.params["layer"]))
-    n_B = jnp.maximum(ctx.length - 2, 0)  # pairs 0 .. P-3 committed; P-2 (the root's) pending
+    n_B = runtime.committed_pairs(ctx)
     nxt = jnp.pad(ctx.history[:, 1:], ((0, 0), (0, 1)))
     l, carry = head.lstm(self.params, head.pairs(self.params, self.shared, f, nxt), lengths_B=n_B)
     run = lambda l_, _nxt, positions, visible, cache: head.layer(self.params, l_, positions,
                                                                   visible, cache)
-    cache = eagle.prefill_layer(run, cache, l, nxt, n_B, max_len)
+    cache = runtime.prefill_layer(run, cache, l, nxt, n_B, max_len)
     recent = jnp.take_along_axis(l, jnp.maximum(n_B[:, None] - k + jnp.arange(k), 0)[..., None], 1)
-    last = jnp.take_along_axis(f, n_B[:, None, None], 1)
-    pending = jnp.zeros((b, self._pending(), h), f.dtype).at[:, :1].set(last)
-    return FalconState(cache, carry, recent, pending)
+    return FalconState(cache, carry, recent, runtime.pending_init(f, ctx, self._pending()))
 
   def _catch_up(self, state: FalconState, ctx):
     """The LSTM and the layer over the pending pairs; returns (cache, carry, recent, lag)."""
@@ -377,7 +377,7 @@ class Falcon:
   def commit(self, state: FalconState, ctx, verdict, features) -> FalconState:
     """The new pending pairs: the root's and the accepted nodes' real target features."""
     (f,) = features
-    return state.replace(pending_BxCxH=eagle.accepted_features(f, verdict, self._pending()))
+    return state.replace(pending_BxCxH=runtime.accepted_features(f, verdict, self._pending()))
 
 
 def _backbone_slots(tree: StaticTree) -> np.ndarray:
@@ -402,3 +402,13 @@ def _head(target_cfg: ModelConfig, *, block: int = 2, glance: float = 0.4, noise
   if not 0.0 <= glance <= 1.0:
     raise ValueError(f"glance={glance} must be in [0, 1].")
   return FalconHead(target_cfg, block, glance, noise, ce_weight)
+
+
+@registry.DRAFTERS.register("falcon", takes_stop_policy=True)
+def _drafter(target, *, checkpoint: str, budget: str | None = None, depth: int | None = None,
+             top_k: int | None = None, tree: Sequence[Sequence[int]] | None = None) -> Falcon:
+  """A trained Falcon head folder as Falcon's decoding tree (`tree_paths`) or choice paths;
+  unset knobs come from the head's folder, or `budget=COSTS_JSON` sizes the draft from
+  measured costs."""
+  return io.trained_drafter("falcon", target, checkpoint, budget, depth=depth, top_k=top_k,
+                            tree=tree)

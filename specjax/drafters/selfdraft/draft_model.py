@@ -1,6 +1,6 @@
 """Draft model: an independent LM sharing the target's vocabulary, or the target's own
 first layers (`DraftModel.truncated`, a training-free self-speculative drafter). It drafts
-a chain (`num_draft` tokens) or a static tree (a Medusa-style choice list: top-k branching).
+a chain (`depth` tokens) or a static tree (a Medusa-style choice list: top-k branching).
 
 The drafter keeps its own KV cache. Its invariant: the cache holds a prefix of the
 committed history. Each draft first "catches up" on the 1 or 2 committed tokens it has not
@@ -43,20 +43,21 @@ class DraftModel:
   config: ModelConfig = flax.struct.field(pytree_node=False)
   tree: StaticTree = flax.struct.field(pytree_node=False, default=StaticTree.chain(4))
   takes_stop_policy = True
+  drafts_vary = False
   features = ()
 
   @classmethod
-  def from_model(cls, model: Model, num_draft: int = 4,
+  def from_model(cls, model: Model, depth: int = 4, top_k: int = 1,
                  tree: Sequence[Sequence[int]] | None = None) -> "DraftModel":
-    """Drafts with `model`: a chain of `num_draft` tokens, or the tree of choice paths."""
-    shape = StaticTree.chain(num_draft) if tree is None else StaticTree.from_choices(tree)
-    return cls(model.params, model.config, shape)
+    """Drafts with `model`: a chain of `depth` tokens, the full top_k-ary tree `depth`
+    levels deep, or the tree of choice paths `tree` (`StaticTree.build`)."""
+    return cls(model.params, model.config, StaticTree.build(depth, top_k, tree))
 
   @classmethod
-  def truncated(cls, target: Model, num_layers: int, num_draft: int = 4,
+  def truncated(cls, target: Model, num_layers: int, depth: int = 4, top_k: int = 1,
                 tree: Sequence[Sequence[int]] | None = None) -> "DraftModel":
     """The target's first `num_layers` layers + its final norm and LM head."""
-    return cls.from_model(target.truncated(num_layers), num_draft, tree)
+    return cls.from_model(target.truncated(num_layers), depth, top_k, tree)
 
   @property
   def num_nodes(self) -> int:
@@ -110,16 +111,16 @@ class DraftModel:
 
 
 @registry.DRAFTERS.register("self_draft", takes_stop_policy=True)
-def _self_draft(target: Model, *, layers: int, num_draft: int = 4,
+def _self_draft(target: Model, *, layers: int, depth: int = 4, top_k: int = 1,
                 tree: Sequence[Sequence[int]] | None = None) -> DraftModel:
   """The target's first `layers` layers (training-free), as a chain or a top-k tree."""
-  return DraftModel.truncated(target, layers, num_draft, tree)
+  return DraftModel.truncated(target, layers, depth, top_k, tree)
 
 
 @registry.DRAFTERS.register("draft_model", takes_stop_policy=True)
-def _draft_model(target: Model, *, checkpoint: str, num_draft: int = 4,
+def _draft_model(target: Model, *, checkpoint: str, depth: int = 4, top_k: int = 1,
                  tree: Sequence[Sequence[int]] | None = None) -> DraftModel:
   """An independent model sharing the vocabulary (a preset, HF folder or .gguf file)."""
   from specjax import models  # pylint: disable=g-import-not-at-top
   model = models.load(checkpoint, target.dtype)
-  return DraftModel.from_model(model, num_draft, tree)
+  return DraftModel.from_model(model, depth, top_k, tree)

@@ -16,14 +16,17 @@ the lowest float, so the drafter never proposes a token outside the map and veri
 stays lossless (it only ever sees a draft distribution with zero mass there).
 
 Training-time test (`loss`): unroll `ttt_steps` draft steps from every position at once
-(`eagle.unroll`), each step feeding back the head's own g, and sum 0.8^(j-1) x soft
+(`runtime.unroll`), each step feeding back the head's own g, and sum 0.8^(j-1) x soft
 cross-entropy of step j against the target's distribution over the draft vocabulary.
-Decoding reuses the EAGLE drafter (`eagle.Eagle`): a chain, a static tree or EAGLE-2's
-dynamic tree. Parameter names follow the `speculators` layout (`io` converts both ways).
+Decoding uses the drafter every feature-level head shares (`runtime.FeatureDrafter`): a
+chain, a static tree or EAGLE-2's dynamic tree. Parameter names follow the `speculators`
+layout: `from_speculators` and `from_specforge` read those heads, `drafters.export`
+writes ours.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -33,10 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from specjax import registry
-from specjax.drafters import eagle
-from specjax.drafters.base import TargetBatch, check_target, soft_ce
+from specjax.drafters import io
+from specjax.drafters.base import TargetBatch, TrainableHead, check_target, soft_ce
+from specjax.drafters.heads import runtime
 from specjax.models import llama
-from specjax.models.config import ModelConfig
+from specjax.models.config import ModelConfig, from_hf_config
 from specjax.models.model import FINAL, causal, check_features, embed, lm_head_rows, param_dtype
 
 
@@ -67,8 +71,8 @@ def default_aux_layers(num_layers: int) -> tuple[int, ...]:
 
 
 @flax.struct.dataclass
-class Eagle3Head:
-  """EAGLE-3 as a trainable head (see `base.TrainableHead`)."""
+class Eagle3Head(TrainableHead):
+  """EAGLE-3 as a trainable head (`base.TrainableHead`, `runtime.FeatureHead`)."""
 
   config: ModelConfig = flax.struct.field(pytree_node=False)  # the target's
   aux_layers: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
@@ -123,6 +127,21 @@ class Eagle3Head:
     """The arrays saved beside the params (`io.save`): the vocabulary map."""
     return {} if self.draft_ids is None else {"draft_ids": np.asarray(self.draft_ids)}
 
+  def with_buffers(self, buffers: dict[str, np.ndarray], path: str) -> "Eagle3Head":
+    """This head with its draft-to-target id map, checked against its shapes."""
+    ids = buffers.get("draft_ids")
+    if not self.draft_vocab and ids is None:
+      return self
+    where = os.path.join(path, io.BUFFERS)
+    if ids is None:
+      raise ValueError(f"{path!r} holds an EAGLE-3 head with a {self.draft_vocab}-token draft "
+                       f"vocabulary but no draft-to-target map ({where} is missing or "
+                       "lacks draft_ids).")
+    if ids.shape != (self.draft_vocab,) or ids.min() < 0 or ids.max() >= self.config.vocab_size:
+      raise ValueError(f"{where} does not hold a draft-to-target map of {self.draft_vocab} "
+                       f"target ids for this head (got shape {ids.shape}).")
+    return self.replace(draft_ids=jnp.asarray(ids, jnp.int32))
+
   def validate(self, target_config: ModelConfig) -> None:
     check_target("This EAGLE-3 head", self.config.hidden_size, self.config.vocab_size,
                  target_config)
@@ -135,9 +154,9 @@ class Eagle3Head:
 
   def net(self, params, shared, feat_BxTxH, next_BxT, positions_BxT, visible_BxTxT, cache=None,
           prefix_BxTxS=None):
-    return eagle.run_layer(Eagle3Layer(self.layer_config, param_dtype(params)), params["layer"],
-                           (embed(self.config, shared, next_BxT), feat_BxTxH), positions_BxT,
-                           visible_BxTxT, cache, prefix_BxTxS)
+    return runtime.run_layer(Eagle3Layer(self.layer_config, param_dtype(params)),
+                             params["layer"], (embed(self.config, shared, next_BxT), feat_BxTxH),
+                             positions_BxT, visible_BxTxT, cache, prefix_BxTxS)
 
   def draft_logits(self, params, g_BxTxH):
     """float32[..., vocab]: logits over the draft vocabulary."""
@@ -168,7 +187,7 @@ class Eagle3Head:
     target = batch.logits if self.draft_ids is None else batch.logits[..., self.draft_ids]
     target_top = batch.logits.argmax(-1)
     ids = jnp.arange(self.vocab) if self.draft_ids is None else self.draft_ids
-    gs = eagle.unroll(self, params, batch.shared, self._inputs(params, batch, key), batch.tokens,
+    gs = runtime.unroll(self, params, batch.shared, self._inputs(params, batch, key), batch.tokens,
                       self.ttt_steps)
     total, metrics = 0.0, {}
     for j, g in enumerate(gs, 1):  # step j from pair t drafts token t + j + 1
@@ -184,11 +203,14 @@ class Eagle3Head:
     return total, metrics
 
   def accept(self, params, batch: TargetBatch, depth: int):
-    return eagle.chain_accept(self, params, batch, self._inputs(params, batch), depth)
+    return runtime.chain_accept(self, params, batch, self._inputs(params, batch), depth)
 
-  def drafter(self, params, shared, **knobs) -> eagle.Eagle:
-    """An EAGLE drafter with these weights (knobs: `eagle.drafter`)."""
-    return eagle.drafter(self, params, shared, **knobs)
+  def drafter(self, params, shared, *, depth: int = 4, top_k: int = 1,
+              tree: Sequence[Sequence[int]] | None = None,
+              num_nodes: int | None = None) -> runtime.FeatureDrafter:
+    """An EAGLE drafter with these weights (knobs: `runtime.drafter`)."""
+    return runtime.drafter(self, params, shared, depth=depth, top_k=top_k, tree=tree,
+                           num_nodes=num_nodes)
 
 
 @registry.HEADS.register("eagle3")
@@ -212,3 +234,77 @@ def _head(target_cfg: ModelConfig, *, aux_layers: Sequence[int] | None = None,
     raise ValueError(f"ttt_steps={ttt_steps} must be >= 1.")
   return Eagle3Head(target_cfg, aux, 0 if draft_vocab == target_cfg.vocab_size else draft_vocab,
                     ttt_steps, decay, noise)
+
+
+@registry.DRAFTERS.register("eagle3", takes_stop_policy=True)
+def _drafter(target, *, checkpoint: str, budget: str | None = None, depth: int | None = None,
+             top_k: int | None = None, tree: Sequence[Sequence[int]] | None = None,
+             num_nodes: int | None = None) -> runtime.FeatureDrafter:
+  """A trained EAGLE-3 head folder (specjax, speculators or SpecForge layout) as a chain, a
+  static tree or EAGLE-2's dynamic tree (`num_nodes`); unset knobs come from the head's
+  folder, or `budget=COSTS_JSON` sizes the draft from measured costs."""
+  return io.trained_drafter("eagle3", target, checkpoint, budget, depth=depth, top_k=top_k,
+                            tree=tree, num_nodes=num_nodes)
+
+
+def _from_state_dict(path: str, target_cfg: ModelConfig, sd: dict, layer_hf: dict,
+                     prefix: str, aux) -> tuple[str, Eagle3Head, Any]:
+  """("eagle3", head, params) from a PyTorch EAGLE-3 state dict (speculators' names; the
+  decoder layer under `prefix`; Linear weights are [out, in]; d2t holds target id - draft
+  id)."""
+  layer = from_hf_config(layer_hf)
+  check_target(f"The head in {path!r}", layer.hidden_size, layer.vocab_size, target_cfg)
+  if layer_hf.get("num_hidden_layers", 1) != 1:
+    raise ValueError(f"{path!r}: only one-layer EAGLE-3 heads load.")
+  aux = tuple(aux) if aux else default_aux_layers(target_cfg.num_layers)
+  if any(not 0 <= a < target_cfg.num_layers for a in aux):
+    raise ValueError(f"{path!r} reads target layers {list(aux)}; this {target_cfg.num_layers}"
+                     "-layer target has layer inputs 0.."
+                     f"{target_cfg.num_layers - 1} (the final hidden state is not supported).")
+  try:
+    dense = lambda n: {"kernel": sd[f"{n}.weight"].T, **(
+        {"bias": sd[f"{n}.bias"]} if f"{n}.bias" in sd else {})}
+    norm = lambda n: {"scale": sd[f"{n}.weight"]}
+    attn = {p: dense(f"{prefix}self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    if layer.qk_norm:
+      attn.update(q_norm=norm(f"{prefix}self_attn.q_norm"),
+                  k_norm=norm(f"{prefix}self_attn.k_norm"))
+    params = {"fc": dense("fc"), "norm": norm("norm"), "lm_head": dense("lm_head"), "layer": {
+        "input_layernorm": norm(f"{prefix}input_layernorm"),
+        "hidden_norm": norm(f"{prefix}hidden_norm"), "self_attn": attn,
+        "mlp": {p: dense(f"{prefix}mlp.{p}") for p in ("gate_proj", "up_proj", "down_proj")},
+        "post_attention_layernorm": norm(f"{prefix}post_attention_layernorm")}}
+  except KeyError as e:
+    raise ValueError(f"{path!r} is missing EAGLE-3 weight {e}.") from None
+  vocab = params["lm_head"]["kernel"].shape[1]
+  head = Eagle3Head(target_cfg, aux, 0 if vocab == target_cfg.vocab_size else vocab,
+                    layer=layer)
+  if head.draft_vocab:
+    if "d2t" not in sd:
+      raise ValueError(f"{path!r}: a {vocab}-token draft vocabulary needs the d2t map.")
+    head = head.with_buffers({"draft_ids": np.arange(vocab) + sd["d2t"].astype(np.int64)},
+                             path)
+  return "eagle3", head, params
+
+
+def from_speculators(path: str, target_cfg: ModelConfig):
+  """An EAGLE-3 head in the `speculators` format (what vLLM serves)."""
+  hf = io.read_json(os.path.join(path, "config.json"))
+  odd = [k for k in ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output")
+         if hf.get(k)]
+  if odd:
+    raise ValueError(f"{path!r} uses EAGLE-3 variants specjax does not implement: {odd}.")
+  return _from_state_dict(path, target_cfg, io.state_dict(path, ("model.safetensors",)),
+                          hf["transformer_layer_config"], "layers.0.",
+                          hf.get("eagle_aux_hidden_state_layer_ids"))
+
+
+def from_specforge(path: str, target_cfg: ModelConfig):
+  """An EAGLE-3 head as SafeAILab's EAGLE-3 and SGLang's SpecForge save it: a Llama
+  config.json with draft_vocab_size, the decoder layer as midlayer.*, d2t/t2d maps."""
+  hf = io.read_json(os.path.join(path, "config.json"))
+  sd = io.state_dict(path, io.EAGLE_FILES)
+  prefix = "midlayer." if any(k.startswith("midlayer.") for k in sd) else "layers.0."
+  aux = (hf.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+  return _from_state_dict(path, target_cfg, sd,
+                          {"model_type": "llama", **hf, "num_hidden_layers": 1}, prefix, aux)

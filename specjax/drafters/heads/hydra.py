@@ -14,7 +14,7 @@ extends (E = the target's token embedding, frozen). Plain Hydra reads h_t = f_t 
 with cross-entropy against the data's next tokens, teacher-forced. Hydra++ adds a decoder
 layer over the target's hidden states (causal over the context, with its own KV cache in
 decoding) whose output is h_t, uses 4-block heads, and trains against the target's
-distribution (teacher distillation; DESIGN.md section 4).
+distribution (teacher distillation; docs/training.md, "Training recipes").
 
 Decoding drafts level by level with `static_tree.draft` (a chain or a static tree): a
 node's state is its z (the root's with the root's embedding, zeros beyond), a level's
@@ -26,33 +26,18 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from specjax import registry
-from specjax.drafters import eagle, static_tree
-from specjax.drafters.base import TargetBatch, check_target, soft_ce
-from specjax.models import llama
+from specjax.drafters import io, static_tree
+from specjax.drafters.base import TargetBatch, TrainableHead, check_target, soft_ce
+from specjax.drafters.heads import runtime
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
 from specjax.models.model import FINAL, causal, embed, lm_head, param_dtype
 from specjax.tree import StaticTree
-
-
-class PrefixLayer(nn.Module):
-  """Hydra++'s decoder layer over the target's hidden states (a Llama block)."""
-
-  cfg: ModelConfig
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, f_BxTxH, positions_BxT, visible_BxTxT, kv=None, start_B=None,
-               prefix_BxTxS=None):
-    cos, sin = llama.rope_cos_sin(self.cfg, positions_BxT, self.dtype)
-    return llama.Block(self.cfg, self.dtype, name="block")(f_BxTxH, cos, sin, visible_BxTxT,
-                                                           prefix_BxTxS, kv, start_B)
 
 
 def head_out(params, k: int, z):
@@ -65,7 +50,7 @@ def head_out(params, k: int, z):
 
 
 @flax.struct.dataclass
-class HydraHead:
+class HydraHead(TrainableHead):
   """Hydra / Hydra++ as a trainable head (see `base.TrainableHead`)."""
 
   config: ModelConfig = flax.struct.field(pytree_node=False)  # the target's
@@ -88,7 +73,7 @@ class HydraHead:
                                    c=jnp.zeros((self.mlp_layers - 1, h), dtype))
     if self.prefix_layer:
       z = jnp.zeros((1, 1, h), dtype)
-      params["prefix"] = PrefixLayer(self.config, dtype).init(
+      params["prefix"] = runtime.FeatureBlock(self.config, dtype).init(
           key, z, jnp.zeros((1, 1), jnp.int32), causal(1))["params"]
     return params
 
@@ -96,8 +81,9 @@ class HydraHead:
     """h: Hydra++'s layer over the target's features (with its cache), or f itself."""
     if not self.prefix_layer:
       return f_BxTxH, cache
-    return eagle.run_layer(PrefixLayer(self.config, param_dtype(params)), params["prefix"],
-                           (f_BxTxH,), positions_BxT, visible_BxTxT, cache, prefix_BxTxS)
+    return runtime.run_layer(runtime.FeatureBlock(self.config, param_dtype(params)),
+                             params["prefix"], (f_BxTxH,), positions_BxT, visible_BxTxT, cache,
+                             prefix_BxTxS)
 
   def _hidden(self, params, batch: TargetBatch):
     f = batch.features[0]
@@ -155,12 +141,11 @@ class HydraHead:
       matches.append(jnp.pad(ok, ((0, 0), (0, k))))
     return jnp.stack(matches, -1), jnp.pad(batch.mask[:, 2:], ((0, 0), (0, 2)))
 
-  def drafter(self, params, shared, *, depth: int | None = None,
+  def drafter(self, params, shared, *, depth: int | None = None, top_k: int = 1,
               tree: Sequence[Sequence[int]] | None = None) -> "Hydra":
-    """A chain of `depth` tokens (default: one per head) or the tree of choice paths."""
-    shape = (StaticTree.chain(depth or self.num_heads) if tree is None
-             else StaticTree.from_choices(tree))
-    return Hydra(self, params, shared, shape)
+    """A chain of `depth` tokens (default: one per head), the full top_k-ary tree, or the
+    tree of choice paths (`StaticTree.build`)."""
+    return Hydra(self, params, shared, StaticTree.build(depth or self.num_heads, top_k, tree))
 
 
 @flax.struct.dataclass
@@ -179,6 +164,7 @@ class Hydra:
   shared: Any
   tree: StaticTree = flax.struct.field(pytree_node=False, default=StaticTree.chain(4))
   takes_stop_policy = True
+  drafts_vary = False
   features = (FINAL,)
 
   @property
@@ -201,25 +187,23 @@ class Hydra:
 
   def init(self, ctx, max_len: int, features) -> HydraState:
     (f,) = features
-    b, h = f.shape[0], f.shape[-1]
-    last = jnp.take_along_axis(f, jnp.maximum(ctx.length - 2, 0)[:, None, None], 1)
+    b = f.shape[0]
+    pending = runtime.pending_init(f, ctx, self._pending())
     cache = None
     if self.head.prefix_layer:
       cfg = self.head.config
       cache = KVCache.create(1, b, max_len + self._pending(), cfg.num_kv_heads, cfg.head_dim,
                              param_dtype(self.params))
-      # Positions 0 .. P-3 into the cache; P-2 (before the root) is pending.
-      cache = eagle.prefill_layer(self._layer, cache, f, ctx.history, jnp.maximum(
-          ctx.length - 2, 0), max_len)
-    pending = jnp.zeros((b, self._pending(), h), f.dtype).at[:, :1].set(last)
-    return HydraState(cache, pending, last[:, 0])
+      cache = runtime.prefill_layer(self._layer, cache, f, ctx.history,
+                                    runtime.committed_pairs(ctx), max_len)
+    return HydraState(cache, pending, pending[:, 0])
 
   def propose(self, state: HydraState, ctx, stop, sampling, key):
     cfg, head = self.head.config, self.head
     b = ctx.history.shape[0]
     pos_B = ctx.length - 1
     if head.prefix_layer:
-      h, cache, lag_B = eagle.catch_up(self._layer, state.cache, state.pending_BxCxH, ctx)
+      h, cache, lag_B = runtime.catch_up(self._layer, state.cache, state.pending_BxCxH, ctx)
       known_B = lag_B > 0
     else:
       h, cache, known_B = state.h_BxH[:, None], state.cache, ctx.length >= 2
@@ -250,7 +234,7 @@ class Hydra:
     """The features of the root and the accepted path (Hydra++ catches its layer up on
     them next step); plain Hydra keeps the last one."""
     (f,) = features
-    pending = eagle.accepted_features(f, verdict, self._pending())
+    pending = runtime.accepted_features(f, verdict, self._pending())
     a_B = verdict.accepted_drafts
     return HydraState(state.cache, pending,
                       jnp.take_along_axis(pending, a_B[:, None, None], 1)[:, 0])
@@ -265,3 +249,12 @@ def _head(target_cfg: ModelConfig, *, num_heads: int = 4, mlp_layers: int = 1,
     raise ValueError(f"Hydra needs num_heads >= 1 and mlp_layers >= 1 (got {num_heads}, "
                      f"{mlp_layers}).")
   return HydraHead(target_cfg, num_heads, mlp_layers, prefix_layer, teacher, decay)
+
+
+@registry.DRAFTERS.register("hydra", takes_stop_policy=True)
+def _drafter(target, *, checkpoint: str, budget: str | None = None, depth: int | None = None,
+             top_k: int | None = None, tree: Sequence[Sequence[int]] | None = None) -> Hydra:
+  """A trained Hydra / Hydra++ head folder as a chain or a static tree; unset knobs come
+  from the head's folder, or `budget=COSTS_JSON` sizes the chain from measured costs."""
+  return io.trained_drafter("hydra", target, checkpoint, budget, depth=depth, top_k=top_k,
+                            tree=tree)

@@ -1,66 +1,98 @@
-"""EAGLE-1/2: feature-level drafting with one decoder layer over the target's own features.
+"""What every feature-level head shares: the head protocol, its layer runtime and the
+EAGLE drafter that decodes any head following the protocol.
 
-Pair t of a sequence is (f_t, x_{t+1}): the target's final normed hidden state at
-position t (the `FINAL` feature, what its LM head reads) and the token after it. The head
+A feature-level head reads the target's hidden states (`features`) and drafts from them.
+Pair t of a sequence is (f_t, x_{t+1}): the head's per-position feature at t and the token
+after it. While decoding, the head keeps its own one-layer KV cache over the pairs of the
+committed context, built from the target's *real* features: the prompt's at `init`, then
+those the verification forward returns for the root and the accepted tokens (`commit`
+keeps them *pending*; the next `propose` runs the layer over them first: `catch_up`).
+Entries made from the head's own predicted features while drafting are dropped after
+each verification.
 
-  h_t = fc(concat(embed(x_{t+1}), f_t))         2H -> H with bias; embedding = target's
-  g_t = decoder_layer(h_t)                      Llama layer without its input norm,
-                                                causal over pairs, RoPE at position t
-  p(x_{t+2}) = softmax(lm_head(g_t))            the target's frozen LM head
-
-predicts f_{t+1} (g_t) and through it the token after next. Drafting feeds a drafted
-token back with the head's own predicted feature; training regresses g_t on f_{t+1}
-(SmoothL1) plus 0.1 x soft cross-entropy against the target's distribution, with uniform
-noise on the input features (EAGLE-1's recipe, DESIGN.md section 4).
-
-Decoding keeps the head's own KV cache over the pairs of the committed context, built
-from the target's *real* features (prefilled from the prompt's, then the features the
-verification forward returns for the accepted tokens); draft-time entries made from
-predicted features are dropped after each verification. A step: catch up on the pending
-pairs (1 + accepted drafts), which gives the root's distribution, then expand a static
-tree (`static_tree.draft`, a chain when top_k = 1) or EAGLE-2's dynamic tree
-(`dynamic_tree.draft`, same weights).
+  FeatureHead                 the protocol `FeatureDrafter` decodes (EAGLE-1, EAGLE-3)
+  FeatureBlock                a Llama decoder block over features (Hydra++, Falcon)
+  run_layer / prefill_layer   one head layer on T positions with its cache / the prompt
+  pending_init / catch_up /   the pending pairs: the root's at init, the layer over them,
+    accepted_features           and the next ones from a verdict
+  unroll / chain_accept       training-time unrolled drafting and offline acceptance
+  FeatureDrafter / drafter    EAGLE's drafter: a chain, a static tree or EAGLE-2's
+                              dynamic tree from any `FeatureHead`
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
 
-from specjax import registry
 from specjax.drafters import dynamic_tree, static_tree
-from specjax.drafters.base import TargetBatch, check_target, soft_ce
+from specjax.drafters.base import TargetBatch
 from specjax.models import llama
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
-from specjax.models.model import FINAL, causal, embed, lm_head, param_dtype
+from specjax.models.model import causal, param_dtype
 from specjax.tree import StaticTree
 
 
-class EagleNet(nn.Module):
-  """fc + one decoder layer (no input norm), named as eagle-llm names its weights."""
+class FeatureHead(Protocol):
+  """A head `FeatureDrafter` decodes (besides `base.TrainableHead`):
+
+    features                      the target features it reads
+    layer_config                  the shape of its one decoder layer (KV heads, head dim)
+    fuse(params, features)        [B, T, H]: the per-position feature from the target's
+    net(params, shared, f, next, positions, visible, cache=None, prefix=None)
+                                  (g [B, T, H], cache): the layer on T pairs
+    logits(params, shared, g)     [B, T, V]: draft logits over the target's vocabulary
+    validate(target_config)       clear errors before anything compiles
+  """
+
+  features: tuple[int, ...]
+  layer_config: ModelConfig
+
+  def fuse(self, params, features: tuple) -> jax.Array:
+    ...
+
+  def net(self, params, shared, *args) -> tuple[jax.Array, KVCache | None]:
+    ...
+
+  def logits(self, params, shared, g_BxTxH) -> jax.Array:
+    ...
+
+  def validate(self, target_config: ModelConfig) -> None:
+    ...
+
+
+class FeatureBlock(nn.Module):
+  """A Llama decoder block over feature vectors, with RoPE at the given positions (the
+  layer of Hydra++ and Falcon; its weights live under "block")."""
 
   cfg: ModelConfig
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, emb_BxTxH, feat_BxTxH, positions_BxT, visible_BxTxT, kv=None,
-               start_B=None, prefix_BxTxS=None):
-    cfg = self.cfg
-    x = nn.Dense(cfg.hidden_size, use_bias=True, dtype=self.dtype, param_dtype=self.dtype,
-                 name="fc")(jnp.concatenate([emb_BxTxH, feat_BxTxH], -1).astype(self.dtype))
-    cos, sin = llama.rope_cos_sin(cfg, positions_BxT, self.dtype)
-    h, kv = llama.Attention(cfg, self.dtype, name="self_attn")(
-        x, cos, sin, visible_BxTxT, prefix_BxTxS, kv, start_B)
-    x = x + h
-    x = x + llama.MLP(cfg, self.dtype, name="mlp")(
-        llama.RMSNorm(cfg.norm_eps, self.dtype, name="post_attention_layernorm")(x))
-    return x, kv
+  def __call__(self, f_BxTxH, positions_BxT, visible_BxTxT, kv=None, start_B=None,
+               prefix_BxTxS=None):
+    cos, sin = llama.rope_cos_sin(self.cfg, positions_BxT, self.dtype)
+    return llama.Block(self.cfg, self.dtype, name="block")(f_BxTxH, cos, sin, visible_BxTxT,
+                                                           prefix_BxTxS, kv, start_B)
+
+
+def committed_pairs(ctx) -> jax.Array:
+  """int32[B]: pairs whose features are known at `init`: 0 .. P-3 of a P-token prompt
+  (pair P-2, the root's, is the first pending one; the root's own feature comes with the
+  first verification)."""
+  return jnp.maximum(ctx.length - 2, 0)
+
+
+def pending_init(f_BxLxH, ctx, c: int) -> jax.Array:
+  """[B, c, H]: the pending-pairs buffer at `init`: the root pair's feature first."""
+  last = jnp.take_along_axis(f_BxLxH, committed_pairs(ctx)[:, None, None], 1)
+  b, _, h = f_BxLxH.shape
+  return jnp.zeros((b, c, h), f_BxLxH.dtype).at[:, :1].set(last)
 
 
 def run_layer(module: nn.Module, params, inputs: tuple, positions_BxT, visible_BxTxT,
@@ -121,14 +153,6 @@ def accepted_features(f_BxNxH, verdict, c: int):
   return jnp.take_along_axis(f_BxNxH, idx[..., None], 1)
 
 
-def net(cfg: ModelConfig, layer: ModelConfig, params, shared, feat_BxTxH, next_BxT,
-        positions_BxT, visible_BxTxT, cache: KVCache | None = None, prefix_BxTxS=None):
-  """The EAGLE-1 head (decoder layer shaped by `layer`) on T pairs (f, next token) of the
-  target `cfg` (see `run_layer`). Returns (predicted features [B, T, H], cache)."""
-  return run_layer(EagleNet(layer, param_dtype(params)), params,
-                   (embed(cfg, shared, next_BxT), feat_BxTxH), positions_BxT, visible_BxTxT,
-                   cache, prefix_BxTxS)
-
 
 def unroll(head, params, shared, feat_BxNxH, tokens_BxT, depth: int):
   """The head's predicted features [B, N, H] for draft steps 1..depth from every pair at
@@ -185,95 +209,27 @@ def chain_accept(head, params, batch: TargetBatch, feat_BxNxH, depth: int):
 
 
 @flax.struct.dataclass
-class EagleHead:
-  """EAGLE-1 as a trainable head (see `base.TrainableHead`)."""
-
-  config: ModelConfig = flax.struct.field(pytree_node=False)  # the target's
-  noise: float = flax.struct.field(pytree_node=False, default=0.2)
-  ce_weight: float = flax.struct.field(pytree_node=False, default=0.1)
-  # The decoder layer's shape (heads, MLP width, RoPE); None = the target's. Heads made
-  # elsewhere bring their own (eagle-llm's RoPE base is always 10000).
-  layer: ModelConfig | None = flax.struct.field(pytree_node=False, default=None)
-  # Start from the identity (the head's first guess is the target's own next-token
-  # distribution at the right scale) instead of a random fc whose logits start ~10x off.
-  init_identity: bool = flax.struct.field(pytree_node=False, default=False)
-  features = (FINAL,)
-
-  @property
-  def layer_config(self) -> ModelConfig:
-    return self.layer or self.config
-
-  def net(self, params, shared, *args):
-    return net(self.config, self.layer_config, params, shared, *args)
-
-  def fuse(self, params, features):
-    """The per-position feature the head reads: the target's final state itself."""
-    return features[0]
-
-  def logits(self, params, shared, g_BxTxH):
-    return lm_head(self.config, shared, g_BxTxH)
-
-  def validate(self, target_config: ModelConfig) -> None:
-    check_target("This EAGLE head", self.config.hidden_size, self.config.vocab_size,
-                 target_config)
-
-  def init(self, key, dtype=jnp.float32):
-    z = jnp.zeros((1, 1), jnp.int32)
-    h = jnp.zeros((1, 1, self.config.hidden_size), dtype)
-    params = EagleNet(self.layer_config, dtype).init(key, h, h, z, causal(1))["params"]
-    if self.init_identity:  # start as g = f: fc passes the feature, the layer adds nothing
-      hs = self.config.hidden_size
-      params["fc"]["kernel"] = 0.01 * params["fc"]["kernel"] + jnp.concatenate(
-          [jnp.zeros((hs, hs), dtype), jnp.eye(hs, dtype=dtype)])
-      params["self_attn"]["o_proj"]["kernel"] *= 0
-      params["mlp"]["down_proj"]["kernel"] *= 0
-    return params
-
-  def loss(self, params, batch: TargetBatch, key):
-    cfg = self.config
-    f = batch.features[0]
-    b, t = batch.tokens.shape
-    f_in = f[:, :-1] + self.noise * jax.random.uniform(key, f[:, :-1].shape, f.dtype, -0.5, 0.5)
-    positions = jnp.broadcast_to(jnp.arange(t - 1), (b, t - 1))
-    g, _ = self.net(params, batch.shared, f_in, batch.tokens[:, 1:], positions, causal(t - 1))
-    logits = lm_head(cfg, batch.shared, g)
-    target = batch.logits[:, 1:]
-    # Pair t drafts token t + 2: it counts where that token is a training target.
-    w = jnp.pad(batch.mask[:, 2:], ((0, 0), (0, 1)))
-    denom = jnp.maximum(w.sum(), 1.0)
-    reg = jnp.sum(w * optax.losses.huber_loss(g, f[:, 1:]).mean(-1)) / denom
-    ce = jnp.sum(w * soft_ce(target, logits)) / denom
-    top1 = jnp.sum(w * (logits.argmax(-1) == target.argmax(-1))) / denom
-    return reg + self.ce_weight * ce, {"reg": reg, "ce": ce, "top1/1": top1}
-
-  def accept(self, params, batch: TargetBatch, depth: int):
-    """Greedy chain acceptance of `depth` draft steps from every position (`unroll`)."""
-    return chain_accept(self, params, batch, batch.features[0][:, :-1], depth)
-
-  def drafter(self, params, shared, **knobs) -> "Eagle":
-    """A drafter with these weights (`drafter` below has the knobs)."""
-    return drafter(self, params, shared, **knobs)
-
-
-@flax.struct.dataclass
-class EagleState:
+class FeatureState:
   cache: KVCache  # the head's cache over committed pairs (real features only)
   pending_BxCxH: jax.Array  # features of the pairs [cache.lengths, ctx.length - 1)
 
 
 @flax.struct.dataclass
-class Eagle:
-  """The EAGLE drafter (see the module docstring) for any feature-level head: the head
-  (`EagleHead`, `Eagle3Head`) says how target features fuse into the per-position
-  feature, how the decoder layer runs and how its output becomes logits."""
+class FeatureDrafter:
+  """EAGLE's drafter for any `FeatureHead` (EAGLE-1's and EAGLE-3's): the head says how
+  target features fuse into the per-position feature, how its layer runs and how its
+  output becomes logits. A step catches the head's cache up on the pending pairs, which
+  gives the root's distribution, then expands a static tree (`static_tree.draft`, a
+  chain when top_k = 1) or EAGLE-2's dynamic tree (`dynamic_tree.draft`)."""
 
-  head: Any  # a pytree: EAGLE-3's vocabulary map travels with it
+  head: FeatureHead  # a pytree: EAGLE-3's vocabulary map travels with it
   params: Any
   shared: Any
   tree: StaticTree = flax.struct.field(pytree_node=False, default=StaticTree.chain(4))
   # (top_k, depth, num_nodes) of an EAGLE-2 dynamic tree; None = draft the static `tree`.
   dynamic: tuple[int, int, int] | None = flax.struct.field(pytree_node=False, default=None)
   takes_stop_policy = True
+  drafts_vary = False
 
   @property
   def features(self) -> tuple[int, ...]:
@@ -302,20 +258,17 @@ class Eagle:
     depth = self.dynamic[1] if self.dynamic else self.tree.depth
     return depth + 1  # the root + every draft accepted
 
-  def init(self, ctx, max_len: int, features) -> EagleState:
+  def init(self, ctx, max_len: int, features) -> FeatureState:
     f = self.head.fuse(self.params, features)
     b = ctx.history.shape[0]
     layer = self.head.layer_config
     cache = KVCache.create(1, b, max_len + self._pending() + self._draft_room(),
                            layer.num_kv_heads, layer.head_dim, param_dtype(self.params))
-    # Pairs 0 .. P-3 into the cache; pair P-2 (the root's) is pending.
     cache = prefill_layer(self._net, cache, f, jnp.pad(ctx.history[:, 1:], ((0, 0), (0, 1))),
-                          jnp.maximum(ctx.length - 2, 0), max_len)
-    last = jnp.take_along_axis(f, jnp.maximum(ctx.length - 2, 0)[:, None, None], 1)
-    pending = jnp.zeros((b, self._pending(), f.shape[-1]), f.dtype).at[:, :1].set(last)
-    return EagleState(cache, pending)
+                          committed_pairs(ctx), max_len)
+    return FeatureState(cache, pending_init(f, ctx, self._pending()))
 
-  def propose(self, state: EagleState, ctx, stop, sampling, key):
+  def propose(self, state: FeatureState, ctx, stop, sampling, key):
     g_root, cache, lag_B = catch_up(self._net, state.cache, state.pending_BxCxH, ctx)
 
     def step(tokens_BxW, parent_g, positions_BxW, cache, prefix):
@@ -334,16 +287,17 @@ class Eagle:
       tree, cache, _, calls = static_tree.draft(self.tree, step, logits_root, g_root, cache,
                                                 ctx.length - 1, stop, sampling, key,
                                                 valid_B=lag_B > 0)
-    return tree, EagleState(cache, state.pending_BxCxH), calls
+    return tree, FeatureState(cache, state.pending_BxCxH), calls
 
-  def commit(self, state: EagleState, ctx, verdict, features) -> EagleState:
+  def commit(self, state: FeatureState, ctx, verdict, features) -> FeatureState:
     """The new pending pairs: the root's and the accepted nodes' real target features."""
     f = self.head.fuse(self.params, features)
-    return EagleState(state.cache, accepted_features(f, verdict, self._pending()))
+    return FeatureState(state.cache, accepted_features(f, verdict, self._pending()))
 
 
-def drafter(head, params, shared, *, top_k: int = 1, depth: int = 4,
-            tree: Sequence[Sequence[int]] | None = None, num_nodes: int | None = None) -> "Eagle":
+def drafter(head: FeatureHead, params, shared, *, depth: int = 4, top_k: int = 1,
+            tree: Sequence[Sequence[int]] | None = None,
+            num_nodes: int | None = None) -> FeatureDrafter:
   """An EAGLE drafter with a feature-level head's weights (EAGLE-1 or EAGLE-3): a chain of
   `depth` tokens (top_k = 1), the full top_k-ary tree of `depth` levels, the tree of
   choice paths `tree`, or, with `num_nodes`, EAGLE-2's dynamic tree (the best num_nodes
@@ -353,18 +307,7 @@ def drafter(head, params, shared, *, top_k: int = 1, depth: int = 4,
       raise ValueError(f"num_nodes={num_nodes} must be in [1, "
                        f"{dynamic_tree.num_candidates(top_k, depth)}] for top_k={top_k}, "
                        f"depth={depth}.")
-    return Eagle(head, params, shared, StaticTree.chain(depth), (top_k, depth, num_nodes))
-  if tree is None:
-    paths, level = [], [()]
-    for _ in range(depth):
-      level = [p + (r,) for p in level for r in range(top_k)]
-      paths += level
-    tree = paths
-  return Eagle(head, params, shared, StaticTree.from_choices(tree))
+    return FeatureDrafter(head, params, shared, StaticTree.chain(depth),
+                          (top_k, depth, num_nodes))
+  return FeatureDrafter(head, params, shared, StaticTree.build(depth, top_k, tree))
 
-
-@registry.HEADS.register("eagle")
-def _head(target_cfg: ModelConfig, *, noise: float = 0.2, ce_weight: float = 0.1,
-          init_identity: bool = False) -> EagleHead:
-  """EAGLE-1: fc + one decoder layer on the target's final features (EAGLE-2 decodes it)."""
-  return EagleHead(target_cfg, noise, ce_weight, init_identity=init_identity)

@@ -1,7 +1,7 @@
 """Prompt lookup (model-free): copy what followed an earlier occurrence of the last n-gram.
 
 For n from `max_ngram` down to `min_ngram`, find the earliest earlier position where the
-last n tokens of prompt + output occur, and propose the (up to) `num_draft` tokens that
+last n tokens of prompt + output occur, and propose the (up to) `depth` tokens that
 followed it (the rule of transformers' `prompt_lookup_num_tokens`). Deterministic, no
 distribution: verification treats q as one-hot. Stop policies do not apply (no q).
 """
@@ -17,19 +17,20 @@ from specjax.tree import DraftTree
 
 @flax.struct.dataclass
 class PromptLookup:
-  num_draft: int = flax.struct.field(pytree_node=False, default=10)
+  depth: int = flax.struct.field(pytree_node=False, default=10)
   max_ngram: int = flax.struct.field(pytree_node=False, default=3)
   min_ngram: int = flax.struct.field(pytree_node=False, default=1)
   takes_stop_policy = False
+  drafts_vary = True  # no match: no drafts
   features = ()
 
   @property
   def num_nodes(self) -> int:
-    return self.num_draft
+    return self.depth
 
   def validate(self, target_config) -> None:
-    if self.num_draft < 1:
-      raise ValueError(f"PromptLookup needs num_draft >= 1; got {self.num_draft}.")
+    if self.depth < 1:
+      raise ValueError(f"PromptLookup needs depth >= 1; got {self.depth}.")
     if not 1 <= self.min_ngram <= self.max_ngram:
       raise ValueError(f"Need 1 <= min_ngram <= max_ngram; got {self.min_ngram}, "
                        f"{self.max_ngram}.")
@@ -40,7 +41,7 @@ class PromptLookup:
   def propose(self, state, ctx, stop, sampling, key):
     hist_BxL, len_B = ctx.history, ctx.length
     b, l = hist_BxL.shape
-    k = self.num_draft
+    k = self.depth
     pos_L = jnp.arange(l)
     found_B = jnp.zeros(b, bool)
     start_B = jnp.zeros(b, jnp.int32)  # first continuation token of the chosen match
@@ -65,7 +66,7 @@ class PromptLookup:
 
 
 @registry.DRAFTERS.register("prompt_lookup", takes_stop_policy=False)
-def _build(target, *, num_draft: int = 10, max_ngram: int = 3, min_ngram: int = 1):
+def _build(target, *, depth: int = 10, max_ngram: int = 3, min_ngram: int = 1):
   """Model-free n-gram lookup in prompt + output."""
   del target
-  return PromptLookup(num_draft, max_ngram, min_ngram)
+  return PromptLookup(depth, max_ngram, min_ngram)

@@ -20,20 +20,25 @@ Medusa-2 (`lora_rank > 0`): the target is fine-tuned jointly through LoRA adapte
 attention projections (`models.lora`). The adapted target reads the same tokens; its loss
 is the soft cross-entropy against the original target (self-distillation, weight
 `lm_weight`), the heads read its features (weight `head_weight` = 0.2 x 0.8^k). Decoding
-uses the LoRA-merged target (`io.merged_target`): LOSSLESS RELATIVE TO THAT MODEL, not
-the original one.
+uses the LoRA-merged target (`merged_target`): LOSSLESS RELATIVE TO THAT MODEL, not
+the original one. `from_medusa_llm` reads medusa-llm's heads.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Any, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from specjax import registry
-from specjax.drafters.base import TargetBatch, check_target, soft_ce
+from specjax.drafters import io
+from specjax.drafters.base import TargetBatch, TrainableHead, check_target, soft_ce
+from specjax.drafters.heads import runtime
 from specjax.models.config import ModelConfig
 from specjax.models import lora
 from specjax.models.model import FINAL, causal, forward, lm_head
@@ -55,7 +60,7 @@ def head_logits(cfg: ModelConfig, params, shared, x_xKxH: jax.Array) -> jax.Arra
 
 
 @flax.struct.dataclass
-class MedusaHead:
+class MedusaHead(TrainableHead):
   """Medusa-1 as a trainable head (see `base.TrainableHead`)."""
 
   config: ModelConfig = flax.struct.field(pytree_node=False)
@@ -133,13 +138,13 @@ class MedusaHead:
     ok &= jnp.take(batch.mask, jnp.minimum(i + 1, t - 1), axis=1) > 0
     return ok, jnp.pad(batch.mask[:, 2:], ((0, 0), (0, 2)))
 
-  def drafter(self, params, shared, *, depth: int | None = None,
+  def drafter(self, params, shared, *, depth: int | None = None, top_k: int = 1,
               tree: Sequence[Sequence[int]] | None = None) -> "Medusa":
-    """A chain of `depth` tokens (default: one per head) or the tree of choice paths."""
-    shape = (StaticTree.chain(depth or self.num_heads) if tree is None
-             else StaticTree.from_choices(tree))
+    """A chain of `depth` tokens (default: one per head), the full top_k-ary tree, or the
+    tree of choice paths (`StaticTree.build`)."""
     heads_only = {k: v for k, v in params.items() if k != "lora"}
-    return Medusa(heads_only, shared, self.config, shape)
+    return Medusa(heads_only, shared, self.config,
+                  StaticTree.build(depth or self.num_heads, top_k, tree))
 
 
 @flax.struct.dataclass
@@ -157,6 +162,7 @@ class Medusa:
   config: ModelConfig = flax.struct.field(pytree_node=False)
   tree: StaticTree = flax.struct.field(pytree_node=False, default=StaticTree.chain(4))
   takes_stop_policy = False
+  drafts_vary = False
   features = (FINAL,)
 
   @property
@@ -173,8 +179,7 @@ class Medusa:
 
   def init(self, ctx, max_len: int, features) -> MedusaState:
     (f,) = features
-    last = jnp.take_along_axis(f, jnp.maximum(ctx.length - 2, 0)[:, None, None], 1)[:, 0]
-    return MedusaState(last, ctx.length >= 2)
+    return MedusaState(runtime.pending_init(f, ctx, 1)[:, 0], ctx.length >= 2)
 
   def propose(self, state: MedusaState, ctx, stop, sampling, key):
     del ctx, stop, sampling, key
@@ -207,3 +212,42 @@ def _head(target_cfg: ModelConfig, *, num_heads: int = 4, decay: float = 0.8,
   lora_rank > 0 (the target fine-tuned jointly through LoRA)."""
   return MedusaHead(target_cfg, num_heads, decay, False, lora_rank, lora_alpha, lm_weight,
                     head_weight)
+
+
+@registry.DRAFTERS.register("medusa", takes_stop_policy=False)
+def _drafter(target, *, checkpoint: str, budget: str | None = None, depth: int | None = None,
+             top_k: int | None = None, tree: Sequence[Sequence[int]] | None = None) -> Medusa:
+  """A trained Medusa head folder (specjax or medusa-llm layout) as a chain or a static
+  tree; unset knobs come from the head's folder, or `budget=COSTS_JSON` sizes the chain
+  from measured costs. A Medusa-2 head needs its `merged_target` as the target."""
+  return io.trained_drafter("medusa", target, checkpoint, budget, depth=depth, top_k=top_k,
+                            tree=tree)
+
+
+def merged_target(path: str, target):
+  """The target a Medusa-2 head decodes with: `target` with the head's LoRA folded in.
+  Speculative decoding with that head is lossless relative to this model, NOT to
+  `target`: its `merged_head` names the head and its name says so."""
+  _, head, params, _ = io.load(path, target.config, target.dtype)
+  if "lora" not in params:
+    raise ValueError(f"The head in {path!r} has no LoRA adapters: decode with the target "
+                     "itself.")
+  where = os.path.abspath(path)
+  return dataclasses.replace(target, params=head.merged(target.params, params),
+                             name=f"{target.name}+lora:{where}", merged_head=where)
+
+
+def from_medusa_llm(path: str, target_cfg: ModelConfig):
+  """("medusa", MedusaHead with its own LM heads, params) from medusa-llm's layout
+  ("{k}.0.linear.*" residual blocks, "{k}.1.weight" per-head LM heads)."""
+  hf = io.read_json(os.path.join(path, "config.json"))
+  k = hf["medusa_num_heads"]
+  if hf.get("medusa_num_layers", 1) != 1:
+    raise ValueError(f"{path!r}: only Medusa heads with one residual block load "
+                     f"(medusa_num_layers={hf['medusa_num_layers']}).")
+  sd = io.state_dict(path, io.MEDUSA_FILES)
+  lm = np.stack([sd[f"{i}.1.weight"] for i in range(k)])  # [K, V, H]
+  check_target(f"The head in {path!r}", lm.shape[2], lm.shape[1], target_cfg)
+  params = {"w": np.stack([sd[f"{i}.0.linear.weight"].T for i in range(k)]),
+            "b": np.stack([sd[f"{i}.0.linear.bias"] for i in range(k)]), "lm_head": lm}
+  return "medusa", MedusaHead(target_cfg, num_heads=k, own_lm_head=True), params
