@@ -10,7 +10,7 @@ step's cost does not grow with the cache beyond attention's own read.
 
 Keys and values are kept as one array per layer (not one stacked array): on XLA's CPU
 backend an unrolled layer loop over separate buffers decodes ~2x faster than a scan
-over a stacked cache (DESIGN.md section 6).
+over a stacked cache (docs/design.md, "Layers unrolled, not scanned").
 """
 
 from __future__ import annotations
