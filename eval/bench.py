@@ -16,6 +16,11 @@ In one process, after warm-up, medians of several runs:
              `drafters.budget` weighs against the verify costs
   train      tokens/s of the EAGLE train step (frozen target forward + head loss + update)
              beside the target's matmul-only forward at the same rows
+  compile    seconds to compile one decode program (AR, the committed EAGLE-3 head as a
+             chain of 3, the committed EAGLE head as an EAGLE-2 tree), persistent cache off,
+             beside the run time of that call
+  AR floor   the AR step of `generate` after a 300-token prompt beside both matmul floors
+             (chained as a forward's layers are, and independent)
 Writes bench.json and costs.json (the verify and draft costs `drafters.budget` sizes drafts
 from; `--costs-only` measures just those) and prints the tables.
 """
@@ -167,6 +172,49 @@ def train_tokens_per_s(model: models.Model, batch: int, seq: int, runs: int) -> 
   return batch * seq / _median_time(run, runs)
 
 
+def compile_seconds(model: models.Model, prompt: list[int], new_tokens: int,
+                    **generate_kwargs) -> tuple[float, float]:
+  """(seconds to compile the decode program of this `generate` call, seconds of a call once
+  compiled), with JAX's persistent compilation cache off and no program in memory: the
+  compile is the first call's time less a compiled call's."""
+  jax.clear_caches()
+  was = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    run = lambda: decode.generate(model, [prompt], max_new_tokens=new_tokens, eos=None,
+                                  **generate_kwargs)
+    start = time.perf_counter()
+    jax.block_until_ready(run())
+    first = time.perf_counter() - start
+    again = _median_time(run, 3)
+  finally:
+    jax.config.update("jax_enable_compilation_cache", was)
+    jax.clear_caches()
+  return first - again, again
+
+
+def compile_table(model: models.Model, prompt: list[int], new_tokens: int) -> list[dict]:
+  """`compile_seconds` of the decode programs a sweep compiles most: AR, an EAGLE-3 chain of
+  3 and an EAGLE-2 tree (the committed SmolLM2 heads; random heads of the same shape for
+  another target)."""
+  from specjax import registry  # pylint: disable=g-import-not-at-top
+  from specjax.configs import common  # pylint: disable=g-import-not-at-top
+
+  programs = [("AR", None)]
+  if model.name.startswith(models.DEFAULT):
+    programs += [
+        ("EAGLE-3 chain of 3", registry.DRAFTERS.build(
+            "eagle3", model, checkpoint=common.EAGLE3_SMOLLM2, depth=3, top_k=1)),
+        ("EAGLE-2 tree (top_k 3, depth 4, 7 nodes)", registry.DRAFTERS.build(
+            "eagle", model, checkpoint=common.EAGLE_SMOLLM2, top_k=3, depth=4, num_nodes=7))]
+  rows = []
+  for name, drafter in programs:
+    compile_s, run_s = compile_seconds(model, prompt, new_tokens, drafter=drafter)
+    rows.append({"program": name, "compile_s": compile_s, "run_s": run_s})
+    print(f"| {name} | {compile_s:.1f} | {run_s:.2f} |", flush=True)
+  return rows
+
+
 def verify_cost(model: models.Model, sizes, runs: int, context: int = 256) -> dict:
   """Median ms of one cached forward of T tokens, for each T."""
   return {t: forward_ms(model, 1, t, context, runs) for t in sizes}
@@ -212,6 +260,16 @@ def main(argv=None):
   write_costs(res, args.out)
   if args.costs_only:
     return
+  print("\n| decode program | compile s | run s |\n|---|---|---|")
+  res["compile"] = compile_table(model, prompt, args.new_tokens)
+  long_prompt = (prompt * (300 // len(prompt) + 1))[:300]
+  ar_ms = decode_ms(model, long_prompt, 1, args.new_tokens, args.runs)[0]
+  chained, independent = (matmul_ms(model, 1, args.runs * 4, chain=c) for c in (True, False))
+  res["ar_floor"] = {"step_ms": ar_ms, "chained_matmul_ms": chained,
+                     "matmul_ms": independent}
+  print(f"\n| AR step after 300 prompt tokens | ms | x chained floor | x independent floor |"
+        f"\n|---|---|---|---|\n| generate | {ar_ms:.1f} | {ar_ms / chained:.2f} | "
+        f"{ar_ms / independent:.2f} |", flush=True)
   rows = 4 * 512
   res["train_tokens_per_s"] = train_tokens_per_s(model, 4, 512, max(2, args.runs // 2))
   res["matmul_tokens_per_s"] = rows / (1e-3 * matmul_ms(model, rows, 3, chain=True))
