@@ -35,15 +35,15 @@ def per_token(calls: int | None, new_tokens: int) -> float | None:
   return calls / new_tokens
 
 
-def accepted_histogram(gained_per_step: Iterable[int], num_draft: int) -> list[int]:
-  """`hist[k]` = target calls that accepted k draft tokens (gained k + 1), k in 0..num_draft.
+def accepted_histogram(gained_per_step: Iterable[int], num_nodes: int) -> list[int]:
+  """`hist[k]` = target calls that accepted k draft tokens (gained k + 1), k in 0..num_nodes.
 
   `gained_per_step` is a row of `Stats.accepted`; 0 marks steps after the sequence ended.
   """
-  hist = [0] * (num_draft + 1)
+  hist = [0] * (num_nodes + 1)
   for gained in gained_per_step:
     if gained > 0:
-      hist[min(gained - 1, num_draft)] += 1
+      hist[min(gained - 1, num_nodes)] += 1
   return hist
 
 
@@ -76,7 +76,7 @@ def _summarize_group(rows: Sequence[Row], ar_tps: Mapping[tuple, float]) -> dict
   return {
       **{k: first[k] for k in GROUP},
       "drafter": first["drafter"],
-      "num_draft": first["num_draft"],
+      "num_nodes": first["num_nodes"],
       "rows": len(rows),
       "new_tokens": new,
       "tau": tau(new, target),

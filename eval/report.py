@@ -23,7 +23,7 @@ from . import metrics
 
 RESULTS = "results.jsonl"
 KEY = ("method", "dataset", "prompt_id", "temperature", "seed")
-SUMMARY_FIELDS = ("method", "dataset", "temperature", "drafter", "num_draft", "rows",
+SUMMARY_FIELDS = ("method", "dataset", "temperature", "drafter", "num_nodes", "rows",
                   "new_tokens", "tau", "tokens_per_s", "speedup", "target_per_token",
                   "draft_per_token", "draft_per_accepted", "all_equal", "lossy")
 
@@ -170,20 +170,21 @@ def _plot_accepted(rows: Iterable[Mapping[str, Any]], path: str) -> None:
 
 def _family(row: Mapping[str, Any]) -> str:
   """A method up to its draft budget: drafter, its other knobs, stop policy, acceptance."""
-  knobs = sorted((k, v) for k, v in (row.get("drafter_kwargs") or {}).items() if k != "num_draft")
+  knobs = sorted((k, v) for k, v in (row.get("drafter_kwargs") or {}).items()
+                 if k not in ("depth", "num_nodes"))
   parts = [row["drafter"], *(f"{k}={os.path.basename(str(v))}" for k, v in knobs),
            row.get("stop"), row.get("acceptance")]
   return "/".join(str(p) for p in parts if p)
 
 
 def budget_curves(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[int, float]]:
-  """tau by num_draft, for every (family, temperature) run with at least two budgets."""
+  """tau by num_nodes (the draft tree's size), for every (family, temperature) run with at least two budgets."""
   totals: dict[str, dict[int, list[int]]] = {}
   for r in rows:
-    if r["drafter"] == "ar" or r["target_calls"] is None or not r["num_draft"]:
+    if r["drafter"] == "ar" or r["target_calls"] is None or not r["num_nodes"]:
       continue
     label = f"{_family(r)} T={r['temperature']:g}"
-    new_calls = totals.setdefault(label, {}).setdefault(r["num_draft"], [0, 0])
+    new_calls = totals.setdefault(label, {}).setdefault(r["num_nodes"], [0, 0])
     new_calls[0] += r["new_tokens"]
     new_calls[1] += r["target_calls"]
   return {label: {k: metrics.tau(n, c) for k, (n, c) in sorted(by_k.items())}
@@ -194,7 +195,7 @@ def _plot_budget(curves: Mapping[str, Mapping[int, float]], path: str) -> None:
   fig, ax = plt.subplots(figsize=(6, 4))
   for label, by_k in curves.items():
     ax.plot(list(by_k), list(by_k.values()), marker="o", label=label)
-  ax.set_xlabel("num_draft (tree budget)")
+  ax.set_xlabel("num_nodes (draft tree size)")
   ax.set_ylabel("tau (tokens per target call)")
   ax.legend(fontsize="small")
   fig.tight_layout()

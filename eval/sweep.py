@@ -8,6 +8,9 @@ Protocol (Spec-Bench): batch size 1; for each prompt the AR baseline runs first,
 method and peer, in one process, so drift cancels; the first call of each compiled shape
 (plus `warmup` more) is not timed; cache sizes round up to `cache_bucket` so prompts of
 different lengths share one compiled program (the prompt's width is not a static shape).
+Prompts run in order of their cache size, every turn of a prompt at one size, and only the
+current size's programs stay compiled (`LivePrograms`): a sweep of any size stays within
+Linux's default memory-map limit, and each program compiles once.
 Prompts are rendered with the target's chat template; a later turn of a multi-turn prompt
 (MT-Bench) follows the AR answer to the earlier turns at the same temperature and
 seed, and every turn is its own row ("81/t1", "81/t2").
@@ -18,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import itertools
 import json
 import os
 import time
@@ -30,7 +32,7 @@ import tqdm
 from specjax import decode, kernels, models, registry, stopping
 from specjax import sharding as sharding_lib
 from specjax.drafters import budget as budget_lib
-from specjax.drafters import io as head_io
+from specjax.drafters.heads import medusa
 from specjax import verify as verify_lib
 from specjax.models import Model
 
@@ -98,7 +100,7 @@ class Plan:
     """What rows record: the target, marked when a Medusa-2 head's LoRA is merged in."""
     if not self.target_lora:
       return self.target
-    return f"{self.target}{head_io.LORA_MARK}{os.path.abspath(self.target_lora)}"
+    return f"{self.target}{medusa.LORA_MARK}{os.path.abspath(self.target_lora)}"
 
   @property
   def baseline(self) -> Method:
@@ -241,10 +243,9 @@ class Timer:
 
 
 def _measure_method(plan: Plan, timer: Timer, target: Model, method: Method, drafter: Any,
-                    ids: list[int], temperature: float, seed: int) -> dict[str, Any]:
+                    ids: list[int], temperature: float, seed: int,
+                    max_len: int) -> dict[str, Any]:
   num_nodes = 0 if drafter is None else drafter.num_nodes
-  max_len = decode.bucketed_cache_size(len(ids), plan.max_new_tokens, num_nodes,
-                                       plan.cache_bucket)
   call = functools.partial(
       decode.generate, target, [ids], max_new_tokens=plan.max_new_tokens,
       temperature=temperature, seed=seed, drafter=drafter, stop=method.stop_policy(),
@@ -257,7 +258,9 @@ def _measure_method(plan: Plan, timer: Timer, target: Model, method: Method, dra
 
 
 def _measure_peer(plan: Plan, timer: Timer, hf: Any, name: str, ids: list[int],
-                  temperature: float, seed: int, eos_ids: Sequence[int]) -> dict[str, Any]:
+                  temperature: float, seed: int, max_len: int,
+                  eos_ids: Sequence[int]) -> dict[str, Any]:
+  del max_len  # transformers sizes its own cache
   call = functools.partial(peers_lib.generate, hf, name, ids,
                            max_new_tokens=plan.max_new_tokens, temperature=temperature,
                            seed=seed, eos_ids=eos_ids)
@@ -289,7 +292,7 @@ def make_row(plan: Plan, spec: Mapping[str, Any], cell: Mapping[str, Any], promp
 def _spec(method: Method, drafter: Any) -> dict[str, Any]:
   spec = {"method": method.name, "drafter": method.drafter,
           "drafter_kwargs": dict(method.drafter_kwargs),
-          "num_draft": 0 if drafter is None else drafter.num_nodes, "stop": method.stop,
+          "num_nodes": 0 if drafter is None else drafter.num_nodes, "stop": method.stop,
           "acceptance": method.acceptance, "lossy": method.lossy}
   checkpoint = method.drafter_kwargs.get("checkpoint")
   if checkpoint:  # a retrained head in the same folder is another method
@@ -332,7 +335,7 @@ def _check_specs(stored: Sequence[Mapping[str, Any]], specs: Sequence[Mapping[st
 
 def _peer_spec(name: str) -> dict[str, Any]:
   return {"method": name, "drafter": name, "drafter_kwargs": {},
-          "num_draft": peers_lib.PEERS[name] or 0, "stop": None, "acceptance": None,
+          "num_nodes": peers_lib.PEERS[name] or 0, "stop": None, "acceptance": None,
           "lossy": False}
 
 
@@ -340,13 +343,43 @@ def _peer_spec(name: str) -> dict[str, Any]:
 # The sweep.
 
 
-def _cells(plan: Plan, prompt_sets: Sequence[Sequence[prompts_lib.Prompt]]
+def _cells(plan: Plan, prompts: Sequence[prompts_lib.Prompt]
            ) -> Iterator[tuple[prompts_lib.Prompt, float, int]]:
-  for prompts in prompt_sets:
-    for p in prompts:
-      for temperature in plan.temperatures:
-        for seed in plan.seeds:
-          yield p, temperature, seed
+  for p in prompts:
+    for temperature in plan.temperatures:
+      for seed in plan.seeds:
+        yield p, temperature, seed
+
+
+def _prompt_cache_size(plan: Plan, tok, p: prompts_lib.Prompt, room: int) -> int:
+  """The cache size every turn of prompt `p` decodes with (one compiled program per method
+  for all of them): its user turns, room for the answers before the last (re-encoded,
+  give or take a few tokens), the budget and the widest tree, rounded up to a bucket."""
+  messages = []
+  for turn in p.turns[:-1]:
+    messages += [{"role": "user", "content": turn}, {"role": "assistant", "content": ""}]
+  messages.append({"role": "user", "content": p.turns[-1]})
+  answers = (len(p.turns) - 1) * (plan.max_new_tokens + 16)
+  return decode.bucketed_cache_size(len(tok.encode_chat(messages)) + answers,
+                                    plan.max_new_tokens, room, plan.cache_bucket)
+
+
+@dataclasses.dataclass
+class LivePrograms:
+  """Keeps the compiled decode programs of one cache size alive at a time: XLA:CPU maps
+  thousands of memory regions per program of a real model, and a process holding the
+  programs of every method for several sizes passes Linux's default vm.max_map_count
+  and aborts. Prompts run ordered by size, so each program compiles once."""
+
+  timer: Timer
+  size: int | None = None
+
+  def use(self, max_len: int) -> None:
+    if max_len != self.size:
+      if self.size is not None:
+        jax.clear_caches()  # the previous size's programs; their timing warm-up goes too
+        self.timer.seen.clear()
+      self.size = max_len
 
 
 def _turn_id(p: prompts_lib.Prompt, turn: int) -> str:
@@ -398,16 +431,16 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
   _check_resumable(stored, plan, workdir)
   _check_methods(stored, plan, workdir)
   done = {report.row_key(r): r for r in stored}
-  prompt_sets = [prompts_lib.load(d, limit=plan.num_prompts) for d in plan.datasets]
+  prompts = [p for d in plan.datasets for p in prompts_lib.load(d, limit=plan.num_prompts)]
   names = [m.name for m in plan.methods] + list(plan.peers)
   keys = [(name, p.dataset, _turn_id(p, t), temp, seed)
-          for p, temp, seed in _cells(plan, prompt_sets) for t in range(len(p.turns))
+          for p, temp, seed in _cells(plan, prompts) for t in range(len(p.turns))
           for name in names]
   todo = [k for k in keys if k not in done]
   target = models.load(plan.target, plan.dtype, plan=plan.sharding).with_attention(
       plan.attention)
   if plan.target_lora:  # Medusa-2: every method, AR included, decodes the merged model
-    target = head_io.merged_target(plan.target_lora, target)
+    target = medusa.merged_target(plan.target_lora, target)
   if target.tokenizer is None:
     raise ValueError(f"Target {plan.target!r} has no tokenizer: sweeps render chat prompts.")
   tok = target.tokenizer
@@ -425,20 +458,25 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
     hf = peers_lib.load(_checkpoint_path(plan.target))
     jobs += [(_peer_spec(n), functools.partial(_measure_peer, plan, timer, hf, n,
                                                eos_ids=tok.eos_ids)) for n in plan.peers]
-  room = max([0] + [spec["num_draft"] for spec, _ in jobs])  # tree nodes past the budget
-  long = [f"{p.dataset}/{p.id}" for p in itertools.chain(*prompt_sets)
+  room = max([0] + [spec["num_nodes"] for spec, _ in jobs])  # tree nodes past the budget
+  long = [f"{p.dataset}/{p.id}" for p in prompts
           if decode.context_overflow(
               len(tok.encode_chat([{"role": "user", "content": p.turns[0]}])),
               plan.max_new_tokens, room, target.config)]
   if long:
     print(f"{len(long)} prompts do not fit the target's context with max_new_tokens="
           f"{plan.max_new_tokens}; they are skipped with a recorded reason: {long[:10]}")
+  # Prompts in order of their cache size: each size's programs compile once, and only one
+  # size's are held at a time.
+  sizes = {id(p): _prompt_cache_size(plan, tok, p, room) for p in prompts}
+  prompts = sorted(prompts, key=lambda p: sizes[id(p)])
+  live = LivePrograms(timer)
   new_rows = []
   # Every process measures every row (they decode together); process 0 writes them.
   with open(path if jax.process_index() == 0 else os.devnull, "a", encoding="utf-8") as f, tqdm.tqdm(
           total=len(keys), initial=len(keys) - len(todo), unit="row", desc="sweep",
           disable=not plan.progress) as bar:
-    for p, temperature, seed in _cells(plan, prompt_sets):
+    for p, temperature, seed in _cells(plan, prompts):
       messages: list[dict[str, str]] = []
       skipped = False
       for t, turn in enumerate(p.turns):  # AR, then every method and peer, per turn
@@ -460,11 +498,15 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
               bar.update(1)
           skipped = True
           continue
+        # Re-encoded answers can run a few tokens past the estimate: then a larger size.
+        max_len = max(sizes[id(p)], decode.bucketed_cache_size(
+            len(ids), plan.max_new_tokens, room, plan.cache_bucket))
         for spec, measure in jobs:
           if _key(cell, spec["method"]) in done:
             continue
           bar.set_postfix_str(f"{spec['method']} {cell['prompt_id']}")
-          m = measure(ids, temperature, seed)
+          live.use(max_len)
+          m = measure(ids, temperature, seed, max_len)
           ar = done.get(_key(cell, base.name), m)["tokens"]  # AR runs first
           row = make_row(plan, spec, cell, len(ids), m, ar)
           report.append_row(f, row)

@@ -134,7 +134,7 @@ def test_sweep_sizes_must_be_integers_in_range(tmp_path, field, value):
 
 def _row(method, prompt, **kw):
   """A results.jsonl row, as the summary reads it."""
-  return {"method": method, "drafter": method, "num_draft": 0, "dataset": "d",
+  return {"method": method, "drafter": method, "num_nodes": 0, "dataset": "d",
           "prompt_id": prompt, "temperature": 0.0, "seed": 0, "new_tokens": 8,
           "target_calls": 8, "draft_calls": 0, "tokens_per_s": 10.0, "equal_to_ar": True,
           "lossy": False, **kw}

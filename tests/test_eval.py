@@ -153,6 +153,37 @@ def test_sweep_rows_and_outputs(swept):
     assert os.path.getsize(os.path.join(workdir, png)) > 0
 
 
+def test_sweep_holds_one_cache_size_of_programs_at_a_time(prompt_file, tmp_path, monkeypatch):
+  """Prompts of three cache sizes: they run in order of size (each program compiles once),
+  every turn of a prompt at one size, and no more than one size's programs (2 methods x
+  2 kinds of temperature) are ever compiled at once."""
+  path = tmp_path / "sizes.jsonl"
+  rows = [{"id": "long", "prompt": "x" * 150}, {"id": "short", "prompt": "hi"},
+          {"id": "chat", "turns": ["hey", "again"]}, {"id": "mid", "prompt": "y" * 70}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  c = tiny_config(str(path), cache_bucket=64, temperatures=(0.0, 1.0), num_prompts=4)
+  held, sizes, by_length, generate = [], [], {}, decode.generate
+
+  def counting(*args, **kw):
+    out = generate(*args, **kw)
+    held.append(decode._generate._cache_size())  # pylint: disable=protected-access
+    sizes.append(kw["max_len"])
+    by_length.setdefault(len(args[1][0]), set()).add(kw["max_len"])
+    return out
+
+  monkeypatch.setattr(decode, "generate", counting)
+  done = sweep.run(sweep.plan(c), str(tmp_path / "w"))
+  assert len(done) == 2 * 2 * 5  # methods x temperatures x prompt turns
+  assert sizes == sorted(sizes) and len(set(sizes)) >= 3, sizes
+  size_of = {}
+  for row in done:
+    size_of.setdefault(row["prompt_id"].split("/")[0], set()).update(
+        by_length[row["prompt_tokens"]])
+  assert all(len(v) == 1 for v in size_of.values()), size_of  # both chat turns at one size
+  assert size_of["short"] == {sizes[0]} and size_of["long"] == {sizes[-1]}, size_of
+  assert max(held) <= 2 * 2, held
+
+
 def test_second_turn_follows_the_ar_answer(swept):
   _, rows, _ = swept
   ar = {r["prompt_id"]: r["tokens"] for r in rows if r["method"] == "ar"}

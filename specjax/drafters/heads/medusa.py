@@ -234,7 +234,10 @@ def merged_target(path: str, target):
                      "itself.")
   where = os.path.abspath(path)
   return dataclasses.replace(target, params=head.merged(target.params, params),
-                             name=f"{target.name}+lora:{where}", merged_head=where)
+                             name=f"{target.name}{LORA_MARK}{where}", merged_head=where)
+
+
+LORA_MARK = "+lora:"  # a merged target's name: "<target>+lora:<head folder>"
 
 
 def from_medusa_llm(path: str, target_cfg: ModelConfig):
