@@ -20,6 +20,9 @@ if "SPECJAX_TEST_COMPILE_CACHE" not in os.environ:
 else:
   _OWN_CACHE = False
 os.environ["SPECJAX_COMPILE_CACHE"] = os.environ["SPECJAX_TEST_COMPILE_CACHE"]
+# Tiny training runs, one per config for the whole run, shared by the workers (`shared_run`).
+if "SPECJAX_TEST_RUNS" not in os.environ:
+  os.environ["SPECJAX_TEST_RUNS"] = tempfile.mkdtemp(prefix="specjax-test-runs-")
 # 8 CPU devices for the sharding tests (set before JAX starts); everything else runs on the
 # first, as on a 1-device machine.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -32,8 +35,25 @@ runtime.enable_compilation_cache()
 
 def pytest_unconfigure(config):
   del config
-  if _OWN_CACHE:
+  if _OWN_CACHE:  # the controller (or a run without workers) made both folders
     shutil.rmtree(os.environ["SPECJAX_TEST_COMPILE_CACHE"], ignore_errors=True)
+    shutil.rmtree(os.environ["SPECJAX_TEST_RUNS"], ignore_errors=True)
+
+
+def shared_run(name: str, train) -> str:
+  """The workdir of the finished run `name`, made once per test run by `train(workdir)`
+  whichever worker asks first (the others wait on a lock) and then read by every test
+  that needs it: what a tiny trained head costs is paid once."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+
+  workdir = os.path.join(os.environ["SPECJAX_TEST_RUNS"], name)
+  with open(workdir + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(workdir + ".done"):
+      shutil.rmtree(workdir, ignore_errors=True)  # a run a failed test left half-made
+      train(workdir)
+      open(workdir + ".done", "w").close()
+  return workdir
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 from specjax import decode, models, registry
 from specjax.configs import eagle as eagle_config
 from specjax.configs import eagle3 as eagle3_config
@@ -52,15 +53,10 @@ def tiny_config(kind, **overrides):
   return c
 
 
-_RUNS = {}
-
-
-def run_dir(kind, tmp_path_factory):
-  """The workdir of a finished tiny run of `kind` (trained once per test session)."""
-  if kind not in _RUNS:
-    _RUNS[kind] = str(tmp_path_factory.mktemp(kind))
-    trainer.train(tiny_config(kind), _RUNS[kind])
-  return _RUNS[kind]
+def run_dir(kind, tmp_path_factory=None):
+  """The workdir of a finished tiny run of `kind` (trained once per test run)."""
+  del tmp_path_factory
+  return conftest.shared_run(f"train-{kind}", lambda w: trainer.train(tiny_config(kind), w))
 
 
 def fitted_eagle3(target):
