@@ -27,10 +27,12 @@ def package_file(package: str, relpath: str, install: str, what: str) -> str:
   return path
 
 
-def save_arrays(path: str, arrays: dict[str, Any]) -> None:
+def save_arrays(path: str, arrays: dict[str, Any], metadata: dict[str, str] | None = None
+                ) -> None:
   """A safetensors file of named arrays, written atomically, with the mode any new file
   gets (0644 under the usual umask): safetensors alone writes 0600."""
-  safetensors.numpy.save_file({k: np.asarray(v) for k, v in arrays.items()}, path + ".tmp")
+  safetensors.numpy.save_file({k: np.asarray(v) for k, v in arrays.items()}, path + ".tmp",
+                              metadata=metadata)
   os.chmod(path + ".tmp", 0o666 & ~_umask())
   os.replace(path + ".tmp", path)
 

@@ -4,6 +4,7 @@ is the reference); SpecForge's layout (midlayer.*, d2t/t2d) loads too; every loa
 decodes losslessly on a tiny random 8-layer target."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -173,7 +174,11 @@ def test_specforge_layout_loads(verifier, tmp_path):
   path, target = verifier
   head, params = _specjax_head(target, str(tmp_path / "ours"))
   export.export_speculators(str(tmp_path / "ours"), str(tmp_path / "served"), target)
-  sd = safetensors.numpy.load_file(str(tmp_path / "served" / "model.safetensors"))
+  served = tmp_path / "served" / "model.safetensors"
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(served).st_mode & 0o777 == 0o666 & ~umask  # not safetensors' own 0600
+  sd = safetensors.numpy.load_file(str(served))
   forge = tmp_path / "forge"
   forge.mkdir()
   safetensors.numpy.save_file({k.replace("layers.0.", "midlayer."): v for k, v in sd.items()},

@@ -9,8 +9,8 @@ from typing import Any
 
 import jax
 import numpy as np
-import safetensors.numpy
 
+from specjax import assets
 from specjax.drafters import io
 from specjax.models import model as model_lib
 from specjax.models.model import FINAL
@@ -77,8 +77,7 @@ def export_speculators(path: str, out: str, target: Any, verifier: str | None = 
                                 "speculative_tokens": speculative_tokens}],
           "verifier": {"name_or_path": verifier, "architectures": ["LlamaForCausalLM"]}}}
   os.makedirs(out, exist_ok=True)
-  safetensors.numpy.save_file(sd, os.path.join(out, "model.safetensors"),
-                              metadata={"format": "pt"})
+  assets.save_arrays(os.path.join(out, "model.safetensors"), sd, metadata={"format": "pt"})
   with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
     json.dump(config, f, indent=1)
 
