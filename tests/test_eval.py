@@ -155,13 +155,14 @@ def test_sweep_rows_and_outputs(swept):
 
 def test_sweep_holds_one_cache_size_of_programs_at_a_time(prompt_file, tmp_path, monkeypatch):
   """Prompts of three cache sizes: they run in order of size (each program compiles once),
-  every turn of a prompt at one size, and no more than one size's programs (2 methods x
-  2 kinds of temperature) are ever compiled at once."""
+  every turn of a prompt at one size, and no more than one size's programs (2 methods) are
+  ever compiled at once."""
+  import jax  # pylint: disable=g-import-not-at-top
   path = tmp_path / "sizes.jsonl"
   rows = [{"id": "long", "prompt": "x" * 150}, {"id": "short", "prompt": "hi"},
-          {"id": "chat", "turns": ["hey", "again"]}, {"id": "mid", "prompt": "y" * 70}]
+          {"id": "chat", "turns": ["hey", "again"]}]
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  c = tiny_config(str(path), cache_bucket=64, temperatures=(0.0, 1.0), num_prompts=4)
+  c = tiny_config(str(path), cache_bucket=64, num_prompts=3)
   held, sizes, by_length, generate = [], [], {}, decode.generate
 
   def counting(*args, **kw):
@@ -172,16 +173,17 @@ def test_sweep_holds_one_cache_size_of_programs_at_a_time(prompt_file, tmp_path,
     return out
 
   monkeypatch.setattr(decode, "generate", counting)
+  jax.clear_caches()  # what earlier tests compiled
   done = sweep.run(sweep.plan(c), str(tmp_path / "w"))
-  assert len(done) == 2 * 2 * 5  # methods x temperatures x prompt turns
-  assert sizes == sorted(sizes) and len(set(sizes)) >= 3, sizes
+  assert len(done) == 2 * 4  # methods x prompt turns
+  assert sizes == sorted(sizes) and len(set(sizes)) == 3, sizes
   size_of = {}
   for row in done:
     size_of.setdefault(row["prompt_id"].split("/")[0], set()).update(
         by_length[row["prompt_tokens"]])
   assert all(len(v) == 1 for v in size_of.values()), size_of  # both chat turns at one size
   assert size_of["short"] == {sizes[0]} and size_of["long"] == {sizes[-1]}, size_of
-  assert max(held) <= 2 * 2, held
+  assert max(held) <= 2 and held[-1] == 2, held
 
 
 def test_second_turn_follows_the_ar_answer(swept):
@@ -238,7 +240,7 @@ def _method(**kw):
     ({"drafter": "self_draft", "drafter_kwargs": {"layers": 1}, "stop": "sometimes"},
      ValueError, "Unknown stop policy 'sometimes'"),
     ({"drafter": "self_draft", "drafter_kwargs": {"layers": 1, "nmu_draft": 3}}, ValueError,
-     "Bad arguments.*nmu_draft.*'self_draft'"),
+     "Bad arguments for drafter 'self_draft': unknown knobs \\['nmu_draft'\\]"),
     ({"drafter": "self_draft", "drafter_kwargs": {"layers": 1}, "stop": "svip",
       "stop_kwargs": {"treshold": 1}}, ValueError, "treshold"),
     ({"drafter": "prompt_lookup", "acceptance": "lenient"}, ValueError,
@@ -402,7 +404,7 @@ def test_rows_of_a_changed_method_are_refused(swept, prompt_file, tmp_path):
   c = tiny_config(prompt_file)
   c.methods[1].drafter_kwargs.depth += 1
   with pytest.raises(ValueError, match="rows of method 'prompt_lookup' measured with other "
-                                       "\\['drafter_kwargs', 'depth'\\]"):
+                                       "\\['drafter_kwargs', 'num_nodes'\\]"):
     sweep.run(sweep.plan(c), workdir)
 
 

@@ -24,6 +24,7 @@ class Recorder:
   lookup: PromptLookup = PromptLookup(depth=4)
   features = FEATURES
   takes_stop_policy = False
+  drafts_vary = True
   seen = {}  # (row, position) -> list of feature vectors; shared, cleared per test
 
   @property
@@ -82,5 +83,7 @@ def test_features_are_checked_against_the_target():
 def test_embed_and_lm_head_reproduce_the_forward():
   tokens = np.asarray([PROMPTS[0]])
   out = models.causal_forward(TARGET.config, TARGET.params, tokens, features=(0, FINAL))
-  np.testing.assert_allclose(TARGET.embed(tokens), out.features[0], atol=1e-6)
-  np.testing.assert_allclose(TARGET.lm_head(out.features[1]), out.logits, atol=1e-4)
+  np.testing.assert_allclose(models.embed(TARGET.config, TARGET.params, tokens), out.features[0],
+                             atol=1e-6)
+  np.testing.assert_allclose(models.lm_head(TARGET.config, TARGET.params, out.features[1]),
+                             out.logits, atol=1e-4)
