@@ -24,13 +24,29 @@ os.environ["SPECJAX_COMPILE_CACHE"] = os.environ["SPECJAX_TEST_COMPILE_CACHE"]
 if "SPECJAX_TEST_RUNS" not in os.environ:
   os.environ["SPECJAX_TEST_RUNS"] = tempfile.mkdtemp(prefix="specjax-test-runs-")
 # 8 CPU devices for the sharding tests (set before JAX starts); everything else runs on the
-# first, as on a 1-device machine.
+# first, as on a 1-device machine. LLVM's lowest optimisation level: most of the suite's
+# time is XLA:CPU compiling small programs, which this halves (tests time nothing).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0").strip()
 
 from specjax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 runtime.enable_compilation_cache()
+
+
+# Modules whose tests share nothing costly in memory (their trained runs are on disk:
+# `shared_run`), so xdist may spread them over the workers test by test. Every other
+# module runs whole on one worker (`--dist loadgroup`): its module-scoped fixtures are made
+# once.
+SPREAD = ("test_training.py", "test_lossless_heads.py", "test_lossless_sampling.py",
+          "test_engine.py")
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if item.path.name not in SPREAD:
+      item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
 def pytest_unconfigure(config):

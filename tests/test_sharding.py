@@ -181,6 +181,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_decode(runs, tmp_path):
   """Two processes on localhost (4 CPU devices each, one 8-device mesh) train the tiny
   run, each feeding its own half of every batch, then decode, each its own prompts:

@@ -79,6 +79,7 @@ def test_greedy_batched_matches_transformers(hf_smollm2, prompts, batched):
                   f"(its top-2 margin {float(top2[0] - top2[1]):.2e})")
 
 
+@pytest.mark.slow
 def test_greedy_one_at_a_time_matches_batched(smollm2, prompts, batched):
   """Each prompt alone gives the batched continuation (so transformers' too)."""
   # One cache size: the five calls share one compilation whatever their prompt lengths.

@@ -1,4 +1,5 @@
-"""Greedy speculative decoding on the real SmolLM2 equals greedy AR, batched and alone."""
+"""Greedy speculative decoding on the real SmolLM2 equals greedy AR, batched and alone
+(`make test-slow`: every drafter's greedy == AR runs in `make test` on tiny targets)."""
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ def setup(smollm2):
   return prompts, gen, gen(prompts).token_lists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["prompt_lookup", "self_draft_svip"])
 def test_greedy_speculative_equals_ar_on_smollm2(smollm2, setup, name):
   prompts, gen, want = setup
