@@ -39,14 +39,28 @@ runtime.enable_compilation_cache()
 # `shared_run`), so xdist may spread them over the workers test by test. Every other
 # module runs whole on one worker (`--dist loadgroup`): its module-scoped fixtures are made
 # once.
-SPREAD = ("test_training.py", "test_lossless_heads.py", "test_lossless_sampling.py",
-          "test_engine.py")
+SPREAD = ("test_lossless_heads.py", "test_lossless_sampling.py", "test_engine.py")
 
 
 def pytest_collection_modifyitems(items):
   for item in items:
     if item.path.name not in SPREAD:
       item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
+@pytest.fixture(scope="module")
+def optimized_decode():
+  """`decode.generate` compiled at LLVM's usual optimisation level, for the modules whose
+  time is spent running programs (tens of thousands of sampled sequences), not compiling
+  them (the rest of the suite compiles at -O0, see XLA_FLAGS above)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from specjax import decode  # pylint: disable=g-import-not-at-top
+
+  plain = decode._generate  # pylint: disable=protected-access
+  decode._generate = jax.jit(decode._decode, static_argnames=decode._STATIC,  # pylint: disable=protected-access
+                             compiler_options={"xla_backend_optimization_level": 2})
+  yield
+  decode._generate = plain  # pylint: disable=protected-access
 
 
 def pytest_unconfigure(config):

@@ -14,6 +14,8 @@ from specjax.models import FINAL, shared_params
 
 from test_lossless_sampling import SAMPLINGS, TARGET, check_generate_matches_target
 
+pytestmark = pytest.mark.usefixtures("optimized_decode")  # run-bound, not compile-bound
+
 DRAFTERS = {
     "eagle_chain": lambda: EagleHead(TARGET.config).drafter(
         *head_params(EagleHead(TARGET.config)), depth=3),

@@ -24,7 +24,9 @@ from specjax.training import metrics, trainer
 import doubles
 
 TARGET = "tiny-random-8h"  # 8 query heads, 4 KV heads: tensor=8 keeps the cache's heads whole
-MESHES = ["data=8", "tensor=8", "data=2,tensor=4", "data=2,fsdp=2,tensor=2"]
+# Two meshes in `make test`, all four in `make test-slow`.
+MESHES = ["data=8", pytest.param("tensor=8", marks=pytest.mark.slow), "data=2,tensor=4",
+          pytest.param("data=2,fsdp=2,tensor=2", marks=pytest.mark.slow)]
 WORKER = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
 
 

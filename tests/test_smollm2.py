@@ -66,6 +66,7 @@ def test_logits_match_transformers(smollm2, hf_smollm2, prompts):
   np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
 
 
+@pytest.mark.slow
 def test_greedy_batched_matches_transformers(hf_smollm2, prompts, batched):
   """All five ragged prompts in one specjax call; transformers sees each prompt alone."""
   for i, (p, new) in enumerate(zip(prompts, batched)):

@@ -176,7 +176,13 @@ def test_sigkill_resume_matches_uninterrupted(kind, tmp_path_factory):
   jax.tree.map(np.testing.assert_array_equal, ha, hb)  # EAGLE-3's vocabulary map
 
 
-@pytest.mark.parametrize("kind", KINDS)
+# EAGLE-3 (features from three depths) and Falcon (LSTM + block) in `make test`; every
+# kind in `make test-slow`.
+SOME_KINDS = [k if k in ("eagle3", "falcon") else pytest.param(k, marks=pytest.mark.slow)
+              for k in KINDS]
+
+
+@pytest.mark.parametrize("kind", SOME_KINDS)
 def test_no_gradient_reaches_target(kind):
   c = tiny_config(kind)
   target = models.load("tiny-random")
@@ -536,7 +542,7 @@ def test_unreachable_hub_and_unprepared_tfds_are_clear_errors():
     data_lib.load("tfds:mnist", seq_len=8, vocab=512)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", SOME_KINDS)
 def test_simulated_tau_predicts_measured_tau(kind, tmp_path_factory):
   """On rows that are the target's own greedy output, the simulated tau (the head's
   teacher-forced acceptance walked like a decode) equals what `generate` measures: no
