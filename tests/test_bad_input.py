@@ -421,3 +421,41 @@ def test_written_params_files_get_the_usual_mode(tmp_path):
   mode = lambda name: stat.S_IMODE(os.stat(tmp_path / name).st_mode)
   assert mode("params.safetensors") == mode("meta.json") == 0o644
   assert mode("group.safetensors") == 0o640  # the umask decides, as for any new file
+
+
+# ------------------------------------------------------------------------------------------
+# Head folders
+
+
+def _eagle3_folder(path, target):
+  """A specjax EAGLE-3 head folder with a reduced (100-token) draft vocabulary."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from specjax import registry  # pylint: disable=g-import-not-at-top
+  from specjax.drafters import io  # pylint: disable=g-import-not-at-top
+
+  kwargs = {"aux_layers": [0, 1], "draft_vocab": 100}
+  head = registry.HEADS.build("eagle3", target.config, **kwargs)
+  tokens = np.random.default_rng(0).integers(0, target.config.vocab_size, (4, 64))
+  head, params = head.fit(head.init(jax.random.key(0)), tokens,
+                          np.ones(tokens.shape, np.float32),
+                          models.shared_params(target.config, target.params))
+  io.save(path, "eagle3", kwargs, params, target.config, buffers=head.buffers())
+  return path
+
+
+def test_eagle3_folder_without_its_vocabulary_map_is_refused_at_load(tmp_path, capsys):
+  from specjax.drafters import export, io  # pylint: disable=g-import-not-at-top
+
+  target = models.load("tiny-random")
+  path = _eagle3_folder(str(tmp_path / "head"), target)
+  assert io.load(path, target.config)[1].draft_ids.shape == (100,)  # whole, it loads
+  os.remove(os.path.join(path, io.BUFFERS))
+  with pytest.raises(ValueError, match="100-token draft vocabulary but no draft-to-target "
+                                       "map .*buffers.safetensors is missing"):
+    io.load(path, target.config)
+  # specjax-export says the same in one line (exit 2), not a TypeError later on.
+  with pytest.raises(SystemExit) as e:
+    export.main(["--to-speculators", path, str(tmp_path / "out"), "--target", "tiny-random"])
+  assert e.value.code == 2
+  assert "no draft-to-target map" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "out")
