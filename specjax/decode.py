@@ -320,10 +320,11 @@ def _eos_ids(model: Model, eos) -> tuple[int, ...]:
     return tuple(model.tokenizer.eos_ids) if model.tokenizer is not None else ()
   if eos is None:
     return ()
-  ids = [eos] if not isinstance(eos, (list, tuple, set, frozenset, np.ndarray)) else list(
-      np.asarray(eos).reshape(-1) if isinstance(eos, np.ndarray) else eos)
-  bad = [e for e in ids if not _is_int(e)]
-  if bad or isinstance(eos, (str, bytes)):
+  if isinstance(eos, np.ndarray):
+    ids = list(eos.ravel())
+  else:
+    ids = list(eos) if isinstance(eos, (list, tuple, set, frozenset)) else [eos]
+  if not all(_is_int(e) for e in ids):
     raise ValueError(f"eos must be \"default\" (the tokenizer's stop ids), None (never stop "
                      f"early), a token id or a list of token ids; got {eos!r}.")
   return tuple(int(e) for e in ids)
