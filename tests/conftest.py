@@ -24,11 +24,14 @@ os.environ["SPECJAX_COMPILE_CACHE"] = os.environ["SPECJAX_TEST_COMPILE_CACHE"]
 if "SPECJAX_TEST_RUNS" not in os.environ:
   os.environ["SPECJAX_TEST_RUNS"] = tempfile.mkdtemp(prefix="specjax-test-runs-")
 # 8 CPU devices for the sharding tests (set before JAX starts); everything else runs on the
-# first, as on a 1-device machine. LLVM's lowest optimisation level: most of the suite's
-# time is XLA:CPU compiling small programs, which this halves (tests time nothing).
+# first, as on a 1-device machine. Most of the suite's time is XLA:CPU compiling small
+# programs (tests time nothing): LLVM's lowest optimisation level halves it, and XLA's
+# classic fusion emitters take another quarter off a tiny target's programs (the MLIR
+# emitters cost more per kernel, and a tiny decode program is about 900 small kernels).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0").strip()
+                           " --xla_backend_optimization_level=0"
+                           " --xla_cpu_use_fusion_emitters=false").strip()
 
 from specjax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -42,6 +45,7 @@ runtime.enable_compilation_cache()
 SPREAD = ("test_lossless_heads.py", "test_lossless_sampling.py", "test_engine.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
 def pytest_collection_modifyitems(items):
   for item in items:
     if item.path.name not in SPREAD:

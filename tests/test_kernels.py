@@ -2,6 +2,8 @@
 the jnp reference on random trees; both kernels lower and export for their hardware;
 `generate` with impl="pallas" gives the XLA path's tokens (alone and sharded)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,7 +54,7 @@ def make_inputs(b, t, kvh, g, d, s, lengths, parents, dtype, seed):
   arr = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)
   visible = jnp.asarray(np.stack([ancestor_mask(p) for p in parents]))
   return (arr(b, t, kvh * g, d), arr(b, kvh, t, d), arr(b, kvh, t, d), arr(b, kvh, s, d),
-          arr(b, kvh, s, d), jnp.asarray(lengths, jnp.int32), ta.pack_ancestors(visible))
+          arr(b, kvh, s, d), jnp.asarray(lengths, jnp.int32), jax.jit(ta.pack_ancestors)(visible))
 
 
 def test_ancestor_bits_round_trip():
@@ -68,8 +70,9 @@ def test_ancestor_bits_round_trip():
 def test_interpreted_kernel_matches_reference(name, case):
   args = make_inputs(*case)
   dtype = case[-2]
-  want = ta.reference(*args).astype(jnp.float32)
-  got = ta.IMPLS[name](*args, block=8, interpret=True)
+  # Each under one jit: op by op, every random shape would compile dozens of small ops.
+  want = jax.jit(ta.reference)(*args).astype(jnp.float32)
+  got = jax.jit(functools.partial(ta.IMPLS[name], block=8, interpret=True))(*args)
   assert got.dtype == dtype and got.shape == want.shape
   np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), np.asarray(want),
                              atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
