@@ -97,11 +97,16 @@ def _their_logits(model, hidden, ids):
 def _our_logits(head, params, target, hidden, ids):
   """The same steps through specjax: pair t = (fused features t, token ids[t])."""
   h = target.config.hidden_size
-  feats = tuple(jnp.asarray(hidden[..., i * h:(i + 1) * h]) for i in range(3))
-  tokens = jnp.concatenate([jnp.zeros((1, 1), jnp.int32), jnp.asarray(ids, jnp.int32)], 1)
-  shared = models.shared_params(target.config, target.params)
-  gs = runtime.unroll(head, params, shared, head.fuse(params, feats), tokens, STEPS)
-  return [np.asarray(head.draft_logits(params, g)) for g in gs]
+
+  @jax.jit  # one program, not hundreds of op-by-op ones
+  def steps(head, params, hidden, ids):
+    feats = tuple(hidden[..., i * h:(i + 1) * h] for i in range(3))
+    tokens = jnp.concatenate([jnp.zeros((1, 1), jnp.int32), ids.astype(jnp.int32)], 1)
+    shared = models.shared_params(target.config, target.params)
+    gs = runtime.unroll(head, params, shared, head.fuse(params, feats), tokens, STEPS)
+    return [head.draft_logits(params, g) for g in gs]
+
+  return [np.asarray(x) for x in steps(head, params, hidden, ids)]
 
 
 def _assert_same(ours, theirs):

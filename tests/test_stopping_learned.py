@@ -13,13 +13,16 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from specjax import decode, models, stopping
 from specjax.configs import stop as stop_config
 from specjax.drafters import DraftModel, EagleHead, FalconHead
+from specjax.drafters.base import Context
 from specjax.models import shared_params
+from specjax.sampling import Sampling
 from specjax.stopping import learned
 from specjax.training import stop as stop_training
 
@@ -64,14 +67,22 @@ DRAFTERS = {"chain": lambda: DraftModel.from_model(OTHER, depth=6),
             "eagle2_dynamic": eagle_tree, "falcon_chain": falcon_chain}
 
 
+def hidden_width(drafter) -> int:
+  """The width of the hidden states `drafter` puts in its trees, which a learned policy
+  reads (Falcon packs features, embeddings and its carry): shapes only, nothing compiled."""
+  ctx = Context(jnp.zeros((1, 32), jnp.int32), jnp.asarray([4], jnp.int32))
+  feats = tuple(jnp.zeros((1, 32, H)) for _ in drafter.features)
+  tree = jax.eval_shape(lambda: drafter.propose(drafter.init(ctx, 32, feats), ctx,
+                                                stopping.get(None), Sampling.create(0.0),
+                                                jax.random.key(0))[0])
+  return tree.hidden.shape[-1]
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("drafter", DRAFTERS)
 def test_learned_policies_keep_greedy_output(policy, drafter):
   d = DRAFTERS[drafter]()
-  # The width of the drafter's hidden states (Falcon packs features, embeddings, carry).
-  width = gen(TARGET, PROMPTS[:1], max_new_tokens=1, eos=None, drafter=d,
-              trace=True).trace.hidden.shape[-1]
-  stop = POLICIES[policy](width)
+  stop = POLICIES[policy](hidden_width(d))
   out = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None, drafter=d, stop=stop)
   assert out.token_lists() == ar(PROMPTS)
   if drafter == "chain":  # the policy really cut some drafts short (and not all)
