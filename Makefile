@@ -29,7 +29,7 @@ demo: install
 	$(BIN)/specjax-eval --config configs/demo.py --workdir workdir/demo
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope --durations=15
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow

@@ -39,17 +39,24 @@ runtime.enable_compilation_cache()
 
 
 # Modules whose tests share nothing costly in memory (their trained runs are on disk:
-# `shared_run`), so xdist may spread them over the workers test by test. Every other
-# module runs whole on one worker (`--dist loadgroup`): its module-scoped fixtures are made
-# once.
+# `shared_run`), so the workers may split them test by test. Every other module runs whole
+# on one worker: its module-scoped fixtures are made once.
 SPREAD = ("test_lossless_heads.py", "test_lossless_sampling.py", "test_engine.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
-def pytest_collection_modifyitems(items):
-  for item in items:
-    if item.path.name not in SPREAD:
-      item.add_marker(pytest.mark.xdist_group(item.path.stem))
+def pytest_xdist_make_scheduler(config, log):
+  """xdist's load-by-scope scheduler with a test module as the scope, except in SPREAD.
+  (xdist's own `loadgroup` marks a test by rewriting its node id, which pytest 9 no
+  longer reads: every module was spread and module fixtures made once per worker.)"""
+  from xdist.scheduler import LoadScopeScheduling  # pylint: disable=g-import-not-at-top
+
+  class ByModule(LoadScopeScheduling):
+
+    def _split_scope(self, nodeid: str) -> str:
+      module = nodeid.split("::", 1)[0]
+      return nodeid if os.path.basename(module) in SPREAD else module
+
+  return ByModule(config, log)
 
 
 @pytest.fixture(scope="module")
