@@ -74,6 +74,44 @@ def optimized_decode():
   decode._generate = plain  # pylint: disable=protected-access
 
 
+# SPECJAX_TEST_PROFILE=DIR: each worker writes DIR/WORKER.json, one row per test (wall
+# seconds of setup + call + teardown; JAX's trace, lowering and XLA compile seconds and
+# compile count); `python tests/profile_report.py DIR` sums them per module.
+if os.environ.get("SPECJAX_TEST_PROFILE"):
+  import collections  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+
+  from jax import monitoring  # pylint: disable=g-import-not-at-top
+
+  _SECONDS, _COUNTS, _ROWS = collections.Counter(), collections.Counter(), []
+
+  def _on_event(event, seconds, **_):
+    _SECONDS[event.rsplit("/", 1)[-1]] += seconds
+    _COUNTS[event.rsplit("/", 1)[-1]] += 1
+
+  monitoring.register_event_duration_secs_listener(_on_event)
+
+  @pytest.hookimpl(hookwrapper=True)
+  def pytest_runtest_protocol(item, nextitem):
+    del nextitem
+    seconds, counts, start = dict(_SECONDS), dict(_COUNTS), time.time()
+    yield
+    row = {"test": item.nodeid, "wall": time.time() - start}
+    for k in _SECONDS:
+      row[k] = _SECONDS[k] - seconds.get(k, 0.0)
+      row["n_" + k] = _COUNTS[k] - counts.get(k, 0)
+    _ROWS.append(row)
+
+  def pytest_sessionfinish(session):
+    del session
+    folder = os.environ["SPECJAX_TEST_PROFILE"]
+    os.makedirs(folder, exist_ok=True)
+    name = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with open(os.path.join(folder, f"{name}.json"), "w") as f:
+      json.dump(_ROWS, f)
+
+
 def pytest_unconfigure(config):
   del config
   if _OWN_CACHE:  # the controller (or a run without workers) made both folders
