@@ -237,10 +237,15 @@ def main(argv=None):
   ap.add_argument("--out", default="workdir/bench")
   ap.add_argument("--costs-only", action="store_true",
                   help="measure only the verify and draft costs (costs.json, minutes)")
+  ap.add_argument("--compile-only", action="store_true",
+                  help="print only the compile seconds per decode program (a few minutes)")
   args = ap.parse_args(argv)
   runtime.enable_compilation_cache()
   model = models.load(args.model)
   prompt = model.tokenizer.encode_chat([{"role": "user", "content": "Tell me about the sea."}])
+  if args.compile_only:
+    print("| decode program | compile s | run s |\n|---|---|---|")
+    return {"compile": compile_table(model, prompt, args.new_tokens)}
   res = {"model": args.model, "device": str(jax.devices()[0]),
          "floor_ms": matmul_ms(model, 1, args.runs * 4)}
   print(f"floor: {res['floor_ms']:.1f} ms/step", flush=True)
