@@ -28,10 +28,13 @@ if "SPECJAX_TEST_RUNS" not in os.environ:
 # programs (tests time nothing): LLVM's lowest optimisation level halves it, and XLA's
 # classic fusion emitters take another quarter off a tiny target's programs (the MLIR
 # emitters cost more per kernel, and a tiny decode program is about 900 small kernels).
+# An emitters setting already in XLA_FLAGS wins (to compare the two).
+_EMITTERS = "--xla_cpu_use_fusion_emitters"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0"
-                           " --xla_cpu_use_fusion_emitters=false").strip()
+                           " --xla_backend_optimization_level=0" +
+                           ("" if _EMITTERS in os.environ.get("XLA_FLAGS", "")
+                            else f" {_EMITTERS}=false")).strip()
 
 from specjax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -258,7 +258,7 @@ def test_eagle_drafts_as_a_cache_free_reference():
     g, tok = last_out(feats, nxt)
     tok = int(tok)
     drafted.append(tok)
-    feats = jnp.concatenate([feats, g[:, -1:]], 1)
+    feats = jnp.concatenate([feats, g], 1)
     nxt = jnp.concatenate([nxt, jnp.asarray([[tok]])], 1)
   assert np.asarray(tree.tokens)[0].tolist() == drafted
 
@@ -291,13 +291,13 @@ def test_eagle3_never_drafts_outside_its_vocabulary():
   hist = jnp.asarray(rng.integers(0, 512, (4, 64)), jnp.int32)
   ctx = Context(hist, jnp.asarray([9, 30, 2, 50], jnp.int32))
   feats = causal_forward(target.config, target.params, hist, features=head.features).features
+  propose = jax.jit(lambda d, s: d.propose(d.init(ctx, 64, feats), ctx, get_stop(None), s,
+                                            jax.random.key(1))[0])
   drafted = []
   for knobs in ({"depth": 4}, {"top_k": 4, "depth": 3, "num_nodes": 9}):
     drafter = head.drafter(params, shared, **knobs)
     for s in (Sampling.create(0.0), Sampling.create(1.0)):
-      tree = jax.jit(lambda d, c, f, s=s: d.propose(d.init(c, 64, f), c, get_stop(None), s,  # pylint: disable=cell-var-from-loop
-                                                    jax.random.key(1))[0])(drafter, ctx, feats)
-      drafted += np.asarray(tree.tokens).ravel().tolist()
+      drafted += np.asarray(propose(drafter, s).tokens).ravel().tolist()
   assert set(drafted) <= allowed and len(set(drafted)) > 8
 
 
@@ -568,8 +568,12 @@ def test_simulated_tau_predicts_measured_tau(kind, tmp_path_factory):
   ar = decode.generate(target, prompts, max_new_tokens=40, eos=None)
   tokens = jnp.asarray([p + r for p, r in zip(prompts, ar.token_lists())])
   mask = jnp.asarray([[0] * 20 + [1] * 40] * 8, jnp.float32)
-  batch, acc, rows = jax.jit(lambda: (lambda b: (b, *head.accept(params, b, 3)))(
-      trainer.target_batch(target, target.params, head, tokens, mask)))()
+  @jax.jit
+  def teacher_forced():
+    batch = trainer.target_batch(target, target.params, head, tokens, mask)
+    return (batch, *head.accept(params, batch, 3))
+
+  batch, acc, rows = teacher_forced()
   accepted = np.asarray(jnp.cumprod(acc, -1).sum(-1))
   done = np.sum([trainer.walk(accepted[b], np.asarray(rows[b])) for b in range(8)], 0)
   simulated = done[0] / done[1]
