@@ -67,6 +67,10 @@ class Output:
   lengths: jax.Array  # int32[B]
   stats: Stats
   trace: Trace | None = None
+  # The drafter's state after the last step, for drafters that learn across calls
+  # (`drafter.carry(output)` is the next call's drafter: Token Recycling's matrix,
+  # SuffixDecoding's corpus); None for the others and on a mesh (`plan`).
+  drafter_state: Any = None
 
   def token_lists(self) -> list[list[int]]:
     toks, lens = np.asarray(self.tokens), np.asarray(self.lengths)
@@ -176,6 +180,7 @@ def _decode_loop(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_le
     state = state.replace(trace=_empty_trace(tree_shape, max_new_tokens))
   rows = jnp.arange(b)
   eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
+  top_k = 0 if drafter is None else getattr(drafter, "target_top_k", 0)
 
   def body(st: _State) -> _State:
     ctx = Context(st.history, st.length)
@@ -191,6 +196,8 @@ def _decode_loop(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_le
       tokens, positions, tree_mask = tree.verify_inputs(root_B, st.length - 1)
       out = forward(cfg, params, tokens, positions, tree_mask, st.cache, feats)
       verdict = verify_lib.verify(rule, tree, out.logits, sampling, verify_key)
+      if top_k:  # what drafters that learn from the target's predictions read in commit
+        verdict = verdict._replace(target_top_k=jax.lax.top_k(out.logits, top_k)[1])
       label = (verify_lib.acceptance_probs(tree, out.logits, sampling) if trace
                else jnp.zeros(tree.tokens.shape))
       return out.cache, out.features, verdict, label
@@ -199,8 +206,9 @@ def _decode_loop(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_le
       """Verifies nodes [0, m) (none after them is valid), padded back to n nodes."""
       cache, features, verdict, label = verify_tree(tree.first(m))
       pad = lambda x: jnp.pad(x, ((0, 0), (0, n - m)) + ((0, 0),) * (x.ndim - 2))
-      return (cache, tuple(pad(f) for f in features),
-              verdict._replace(path=pad(verdict.path)), pad(label), jnp.int32(1 + m))
+      verdict = verdict._replace(path=pad(verdict.path), target_top_k=None if not top_k
+                                 else pad(verdict.target_top_k))
+      return (cache, tuple(pad(f) for f in features), verdict, pad(label), jnp.int32(1 + m))
 
     if n:
       # The narrowest width that holds every sequence's last valid node: a step whose
@@ -248,7 +256,14 @@ def _decode_loop(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_le
   idx = jnp.minimum(prompt_len_B[:, None] + jnp.arange(max_new_tokens), max_len - 1)
   tokens = jnp.take_along_axis(st.history, idx, 1)
   tokens = jnp.where(jnp.arange(max_new_tokens) < lengths[:, None], tokens, 0)
-  return Output(tokens, lengths, st.stats, st.trace)
+  carried = st.drafter if drafter is not None and plan is None and _carries(drafter) else None
+  return Output(tokens, lengths, st.stats, st.trace, carried)
+
+
+def _carries(drafter) -> bool:
+  """Whether a drafter learns across calls (`Drafter.carry`): then `generate` returns its
+  final state, which `carry` turns into the drafter of the next call (a hot start)."""
+  return callable(getattr(drafter, "carry", None))
 
 
 _STATIC = ("cfg", "rule", "max_new_tokens", "eos", "trace", "plan")

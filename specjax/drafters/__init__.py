@@ -4,7 +4,8 @@
   heads/       trained heads that read the target's features: EAGLE-1/2 (`eagle`),
                EAGLE-3 (`eagle3`), Hydra/Hydra++ (`hydra`), Falcon (`falcon`), Medusa-1/2
                (`medusa`), and what they share (`runtime`)
-  retrieval/   drafters that copy from text already seen: prompt lookup
+  retrieval/   drafters that copy from text already seen or from the target's past
+               predictions: prompt lookup, Token Recycling, SuffixDecoding
   selfdraft/   language models that draft: an independent draft model or the target's own
                first layers
 
@@ -22,7 +23,8 @@ from specjax.drafters.base import Context, Drafter, TargetBatch, TrainableHead
 # Public names -> the module that defines them (imported on first access).
 _LAZY = {
     "DraftModel": "selfdraft.draft_model", "PromptLookup": "retrieval.prompt_lookup",
-    "FeatureDrafter": "heads.runtime", "EagleHead": "heads.eagle",
+    "TokenRecycling": "retrieval.token_recycling",
+    "SuffixDecoding": "retrieval.suffix", "FeatureDrafter": "heads.runtime", "EagleHead": "heads.eagle",
     "Eagle3Head": "heads.eagle3", "Falcon": "heads.falcon", "FalconHead": "heads.falcon",
     "Hydra": "heads.hydra", "HydraHead": "heads.hydra", "Medusa": "heads.medusa",
     "MedusaHead": "heads.medusa", "load_drafter": "io",

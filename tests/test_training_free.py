@@ -1,0 +1,112 @@
+"""Training-free drafters that learn as they decode (Token Recycling, SuffixDecoding):
+greedy losslessness on ragged batches, hot starts, and what each one's data holds."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from specjax import decode, registry
+from specjax.drafters import Context, SuffixDecoding, TokenRecycling
+from specjax.sampling import Sampling
+from test_engine import PROMPTS, TARGET, gen
+
+V = TARGET.config.vocab_size
+# Ragged, with a 1-token prompt and one longer than a prefill chunk (64 tokens).
+LONG = np.random.default_rng(1).integers(0, V, 100).tolist()
+BATCH = PROMPTS + [[4], LONG]
+DRAFTERS = {
+    "token_recycling": lambda: registry.DRAFTERS.build("token_recycling", TARGET, num_nodes=12),
+    "suffix": lambda: registry.DRAFTERS.build("suffix", TARGET, depth=8, corpus_size=256),
+}
+
+
+@pytest.mark.parametrize("name", DRAFTERS)
+def test_greedy_equals_ar_cold_and_hot(name):
+  """Cold, then carried into a second call (the hot start): both equal AR token for token,
+  in a ragged batch and alone; the second call drafts from what the first learned."""
+  want = gen(TARGET, BATCH, max_new_tokens=24, eos=None).token_lists()
+  d = DRAFTERS[name]()
+  cold = gen(TARGET, BATCH, max_new_tokens=24, eos=None, drafter=d)
+  assert cold.token_lists() == want
+  hot = gen(TARGET, BATCH, max_new_tokens=24, eos=None, drafter=d.carry(cold))
+  assert hot.token_lists() == want
+  assert hot.tau.mean() > cold.tau.mean() > 1.0
+  alone = gen(TARGET, [[4]], max_new_tokens=24, eos=None, drafter=d.carry(hot))
+  assert alone.token_lists()[0] == want[len(PROMPTS)]
+
+
+def test_recycled_rows_are_the_targets_top_k():
+  """After one step, the row of the root and of every tree node holds the target's top-k
+  there (from a matrix whose tree has distinct tokens, so no row is written twice)."""
+  k = 8
+  matrix = jax.random.permutation(jax.random.key(3), jnp.tile(jnp.arange(V), (V, 1)), 1,
+                                  independent=True)[:, :k].astype(jnp.int32)
+  d = TokenRecycling.create(V, k, num_nodes=6).replace(matrix=matrix)
+  prompt = [5, 9, 3]
+  b = len(prompt)
+  ctx = Context(jnp.asarray([prompt + [0] * 5], jnp.int32), jnp.asarray([b], jnp.int32))
+  tree, _, _ = d.propose(d.init(ctx, 8, ()), ctx, None, Sampling.create(0.0), None)
+  tokens, parents = np.asarray(tree.tokens[0]).tolist(), np.asarray(tree.parents[0]).tolist()
+  assert len(set(tokens + [prompt[-1]])) == 1 + len(tokens)  # distinct rows
+  out = gen(TARGET, [prompt], max_new_tokens=1, eos=None, drafter=d)
+  learned = np.asarray(out.drafter_state.matrix)
+
+  def path(i):  # the tokens from the root's child down to node i
+    return [] if i < 0 else path(parents[i]) + [tokens[i]]
+
+  for token, context in [(prompt[-1], prompt)] + [(tokens[i], prompt + path(i))
+                                                  for i in range(len(tokens))]:
+    logits = np.asarray(TARGET.logits([context]))[0, -1]
+    np.testing.assert_array_equal(learned[token], np.argsort(-logits, kind="stable")[:k])
+  untouched = sorted(set(range(V)) - set(tokens) - {prompt[-1]})
+  np.testing.assert_array_equal(learned[untouched], np.asarray(matrix)[untouched])
+
+
+def _propose(d: SuffixDecoding, history):
+  ctx = Context(jnp.asarray([history + [0] * (32 - len(history))], jnp.int32),
+                jnp.asarray([len(history)], jnp.int32))
+  tree, _, _ = jax.jit(lambda d, ctx: d.propose((), ctx, None, Sampling.create(0.0), None))(
+      d, ctx)
+  return np.asarray(tree.tokens[0])[np.asarray(tree.valid[0])].tolist()
+
+
+def test_suffix_follows_the_most_frequent_continuation():
+  """In a hand-built corpus [5, 6] is followed by 7 three times in four and [5, 6, 7] by 8
+  twice: the draft after ...5, 6 is [7, 8] (two tokens: the budget of a 2-token match).
+  Within the request, the longest match's continuation wins."""
+  d = SuffixDecoding(jnp.full((64,), -1, jnp.int32), depth=8).with_corpus(
+      [[1, 5, 6, 7, 8], [5, 6, 7, 8, 2], [3, 5, 6, 7, 1], [5, 6, 9]])
+  assert _propose(d, [2, 4, 5, 6]) == [7, 8]
+  # [3, 5, 6] occurs once, followed by 7, 1: a longer match, probability 1, budget 3.
+  assert _propose(d, [2, 3, 5, 6]) == [7, 1]
+  assert _propose(d, [2, 3, 4]) == []  # no earlier 4 anywhere: no draft
+  empty = SuffixDecoding(jnp.full((64,), -1, jnp.int32), depth=8)
+  assert _propose(empty, [5, 6, 3, 4, 5, 6, 3, 4, 5, 6]) == [3, 4, 5, 6]
+
+
+def test_suffix_corpus_is_fifo_and_round_trips(tmp_path):
+  d = SuffixDecoding(jnp.full((8,), -1, jnp.int32))
+  d = d.with_corpus([[1, 2, 3]]).with_corpus([[4, 5, 6]], append=True)
+  assert np.asarray(d.corpus).tolist() == [-1, 1, 2, 3, -1, 4, 5, 6]
+  d = d.with_corpus([[7, 8]], append=True)  # the oldest tokens fall out
+  assert np.asarray(d.corpus).tolist() == [3, -1, 4, 5, 6, -1, 7, 8]
+  d.save_corpus(str(tmp_path / "c.npy"))
+  loaded = registry.DRAFTERS.build("suffix", TARGET, corpus_size=8,
+                                   corpus=str(tmp_path / "c.npy"))
+  np.testing.assert_array_equal(loaded.corpus, d.corpus)
+  with pytest.raises(ValueError, match="No SuffixDecoding corpus"):
+    registry.DRAFTERS.build("suffix", TARGET, corpus=str(tmp_path / "missing.npy"))
+
+
+@pytest.mark.parametrize("drafter,match", [
+    (lambda: TokenRecycling.create(V + 1), "matrix has 65 rows"),
+    (lambda: TokenRecycling.create(V, k=2), "uses rank 7"),
+    (lambda: SuffixDecoding(jnp.full((8,), V, jnp.int32)), "another tokenizer"),
+    (lambda: SuffixDecoding(jnp.full((8,), -1, jnp.int32), depth=0), "depth >= 1"),
+])
+def test_bad_drafters_are_refused_before_compiling(drafter, match):
+  with pytest.raises(ValueError, match=match):
+    decode.generate(TARGET, [[1, 2]], max_new_tokens=4, drafter=drafter())
+  with pytest.raises(ValueError, match="num_nodes must be in"):
+    TokenRecycling.create(V, num_nodes=81)
