@@ -23,8 +23,8 @@ CPU_COSTS = os.path.normpath(os.path.join(HEADS, "..", "costs", "cpu-2core.json"
 
 def method(name: str, drafter: str = "ar", *, stop: str | None = None,
            stop_kwargs: dict | None = None, acceptance: str | None = None,
-           acceptance_kwargs: dict | None = None, **drafter_kwargs: Any
-           ) -> ml_collections.ConfigDict:
+           acceptance_kwargs: dict | None = None, hot_start: bool = True,
+           **drafter_kwargs: Any) -> ml_collections.ConfigDict:
   """One decoding method of a sweep.
 
   Args:
@@ -40,13 +40,16 @@ def method(name: str, drafter: str = "ar", *, stop: str | None = None,
     acceptance: "greedy", "speculative", or the LOSSY "typical" / "fuzzy"; None picks
       greedy at temperature 0 and speculative when sampling.
     acceptance_kwargs: the rule's knobs, e.g. {"threshold": 0.3} for fuzzy.
+    hot_start: for drafters that learn across calls ("token_recycling", "suffix"): carry
+      what one prompt taught them to the next (per temperature and seed); False starts
+      every prompt cold.
     **drafter_kwargs: the drafter's knobs (depth, top_k, tree, num_nodes, layers, checkpoint, ...); values
       may be FieldReferences.
   """
   return ml_collections.ConfigDict({
       "name": name, "drafter": drafter, "drafter_kwargs": dict(drafter_kwargs),
       "stop": stop, "stop_kwargs": dict(stop_kwargs or {}), "acceptance": acceptance,
-      "acceptance_kwargs": dict(acceptance_kwargs or {}),
+      "acceptance_kwargs": dict(acceptance_kwargs or {}), "hot_start": hot_start,
   })
 
 

@@ -14,6 +14,9 @@ Linux's default memory-map limit, and each program compiles once.
 Prompts are rendered with the target's chat template; a later turn of a multi-turn prompt
 (MT-Bench) follows the AR answer to the earlier turns at the same temperature and
 seed, and every turn is its own row ("81/t1", "81/t2").
+Drafters that learn across calls (Token Recycling's matrix, SuffixDecoding's corpus) carry
+what each timed call taught them to the next prompt of the same method, temperature and
+seed (`Method.hot_start`); a resumed sweep restarts them cold at its first missing row.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ class Method:
   stop_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   acceptance: str | None = None
   acceptance_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # Drafters that learn across calls (`carry`: Token Recycling, SuffixDecoding) start each
+  # prompt from what the previous prompt left (per temperature and seed, in the sweep's
+  # prompt order); False: every prompt starts cold.
+  hot_start: bool = True
 
   @property
   def lossy(self) -> bool:
@@ -243,14 +250,22 @@ class Timer:
 
 
 def _measure_method(plan: Plan, timer: Timer, target: Model, method: Method, drafter: Any,
-                    ids: list[int], temperature: float, seed: int,
-                    max_len: int) -> dict[str, Any]:
+                    ids: list[int], temperature: float, seed: int, max_len: int,
+                    carried: dict | None = None) -> dict[str, Any]:
+  """One timed call. A drafter that learns across calls starts from `carried`'s entry for
+  (method, temperature, seed) and leaves there what the timed call taught it."""
   num_nodes = 0 if drafter is None else drafter.num_nodes
+  chain = (method.name, temperature, seed)
+  hot = carried is not None and method.hot_start and decode.carries(drafter)
+  if hot:
+    drafter = carried.get(chain, drafter)
   call = functools.partial(
       decode.generate, target, [ids], max_new_tokens=plan.max_new_tokens,
       temperature=temperature, seed=seed, drafter=drafter, stop=method.stop_policy(),
       acceptance=method.rule(), max_len=max_len, plan=plan.sharding)
   out, seconds = timer(call, (method.name, max_len, temperature))
+  if hot:
+    carried[chain] = drafter.carry(out)
   return {"tokens": out.token_lists()[0], "target_calls": int(out.stats.target_calls[0]),
           "draft_calls": int(out.stats.draft_calls[0]), "seconds": seconds,
           "accepted_hist": metrics.accepted_histogram(
@@ -294,6 +309,8 @@ def _spec(method: Method, drafter: Any) -> dict[str, Any]:
           "drafter_kwargs": dict(method.drafter_kwargs),
           "num_nodes": 0 if drafter is None else drafter.num_nodes, "stop": method.stop,
           "acceptance": method.acceptance, "lossy": method.lossy}
+  if decode.carries(drafter):  # a cold-started sweep of a learning drafter is another method
+    spec["hot_start"] = method.hot_start
   checkpoint = method.drafter_kwargs.get("checkpoint")
   if checkpoint:  # a retrained head in the same folder is another method
     spec["checkpoint_sha"] = _fingerprint(checkpoint)
@@ -446,11 +463,11 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
   tok = target.tokenizer
   timer = Timer(plan.warmup)
   base = plan.baseline
-  jobs = []
+  jobs, carried = [], {}
   for m in [base] + [m for m in plan.methods if m is not base]:
     drafter = m.build_drafter(target)
-    jobs.append((_spec(m, drafter),
-                 functools.partial(_measure_method, plan, timer, target, m, drafter)))
+    jobs.append((_spec(m, drafter), functools.partial(
+        _measure_method, plan, timer, target, m, drafter, carried=carried)))
   _check_specs(stored, [spec for spec, _ in jobs], workdir)
   if not todo:
     return []

@@ -256,11 +256,11 @@ def _decode_loop(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_le
   idx = jnp.minimum(prompt_len_B[:, None] + jnp.arange(max_new_tokens), max_len - 1)
   tokens = jnp.take_along_axis(st.history, idx, 1)
   tokens = jnp.where(jnp.arange(max_new_tokens) < lengths[:, None], tokens, 0)
-  carried = st.drafter if drafter is not None and plan is None and _carries(drafter) else None
+  carried = st.drafter if drafter is not None and plan is None and carries(drafter) else None
   return Output(tokens, lengths, st.stats, st.trace, carried)
 
 
-def _carries(drafter) -> bool:
+def carries(drafter) -> bool:
   """Whether a drafter learns across calls (`Drafter.carry`): then `generate` returns its
   final state, which `carry` turns into the drafter of the next call (a hot start)."""
   return callable(getattr(drafter, "carry", None))

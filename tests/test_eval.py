@@ -11,6 +11,7 @@ import ml_collections
 import pytest
 
 from specjax import decode, models, sharding
+from specjax.configs import common
 from specjax.evaluation import cli, metrics, report, sweep
 
 import doubles
@@ -151,6 +152,25 @@ def test_sweep_rows_and_outputs(swept):
     assert "| prompt_lookup | mini |" in f.read()
   for png in ("speedup.png", "accepted_hist.png"):
     assert os.path.getsize(os.path.join(workdir, png)) > 0
+
+
+def test_sweep_carries_learning_drafters_from_prompt_to_prompt(prompt_file, tmp_path):
+  """Two prompts with the same text: SuffixDecoding hot-started from the first prompt's
+  output drafts the second from it (a higher tau than cold), and both equal AR."""
+  path = tmp_path / "twice.jsonl"
+  path.write_text("".join(json.dumps({"id": i, "prompt": "the same words"}) + "\n"
+                          for i in ("a", "b")))
+  c = tiny_config(str(path), num_prompts=2, max_new_tokens=16, temperatures=(0.0,))
+  c.methods = [common.method("ar"),
+               common.method("hot", drafter="suffix", depth=8, corpus_size=512),
+               common.method("cold", drafter="suffix", depth=8, corpus_size=512,
+                             hot_start=False)]
+  rows = sweep.run(sweep.plan(c), str(tmp_path / "w"))
+  tau = {(r["method"], r["prompt_id"]): r["tau"] for r in rows}
+  assert all(r["equal_to_ar"] for r in rows)
+  assert tau["hot", "a"] == tau["cold", "a"]  # nothing to carry yet
+  assert tau["hot", "b"] > tau["cold", "b"]
+  assert {r["hot_start"] for r in rows if r["method"] != "ar"} == {True, False}
 
 
 def test_sweep_holds_one_cache_size_of_programs_at_a_time(prompt_file, tmp_path, monkeypatch):
