@@ -197,7 +197,8 @@ def _decode_loop(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_le
       out = forward(cfg, params, tokens, positions, tree_mask, st.cache, feats)
       verdict = verify_lib.verify(rule, tree, out.logits, sampling, verify_key)
       if top_k:  # what drafters that learn from the target's predictions read in commit
-        verdict = verdict._replace(target_top_k=jax.lax.top_k(out.logits, top_k)[1])
+        verdict = verdict._replace(scored_tokens=tokens,
+                                   target_top_k=jax.lax.top_k(out.logits, top_k)[1])
       label = (verify_lib.acceptance_probs(tree, out.logits, sampling) if trace
                else jnp.zeros(tree.tokens.shape))
       return out.cache, out.features, verdict, label
@@ -206,8 +207,11 @@ def _decode_loop(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_le
       """Verifies nodes [0, m) (none after them is valid), padded back to n nodes."""
       cache, features, verdict, label = verify_tree(tree.first(m))
       pad = lambda x: jnp.pad(x, ((0, 0), (0, n - m)) + ((0, 0),) * (x.ndim - 2))
-      verdict = verdict._replace(path=pad(verdict.path), target_top_k=None if not top_k
-                                 else pad(verdict.target_top_k))
+      verdict = verdict._replace(
+          path=pad(verdict.path),
+          **({} if not top_k else dict(scored_tokens=jnp.pad(  # -1: no token verified there
+              verdict.scored_tokens, ((0, 0), (0, n - m)), constant_values=-1),
+                                       target_top_k=pad(verdict.target_top_k))))
       return (cache, tuple(pad(f) for f in features), verdict, pad(label), jnp.int32(1 + m))
 
     if n:

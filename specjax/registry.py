@@ -86,7 +86,7 @@ _HEADS = {k: f"specjax.drafters.heads.{k}" for k in ("eagle", "eagle3", "falcon"
 DRAFTERS = Registry("drafter", {
     **_HEADS, "prompt_lookup": "specjax.drafters.retrieval.prompt_lookup",
     "token_recycling": "specjax.drafters.retrieval.token_recycling",
-    "suffix": "specjax.drafters.retrieval.suffix",
+    "suffix": "specjax.drafters.retrieval.suffix", "hybrid": "specjax.drafters.hybrid",
     "self_draft": "specjax.drafters.selfdraft.draft_model",
     "draft_model": "specjax.drafters.selfdraft.draft_model"})
 # builder(**knobs) -> policy

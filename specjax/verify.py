@@ -91,10 +91,10 @@ class Verdict(NamedTuple):
   path: jax.Array  # int32[B, N]: accepted node indices, in order; entries past the count are junk
   accepted_drafts: jax.Array  # int32[B]: accepted draft tokens (the next token not counted)
   next_token: jax.Array  # int32[B]: bonus (all accepted) or correction token
-  # int32[B, 1 + N, k]: the target's top-k token ids at [root, node_0, ...], set by the
-  # decode loop for drafters that read them (`target_top_k` > 0: Token Recycling); None
-  # otherwise.
-  target_top_k: jax.Array | None = None
+  # Set by the decode loop for drafters that read the target's predictions at every
+  # verified token (`target_top_k` > 0: Token Recycling); None otherwise.
+  scored_tokens: jax.Array | None = None  # int32[B, 1 + N]: [root, node_0, ...]; -1: none
+  target_top_k: jax.Array | None = None  # int32[B, 1 + N, k]: the target's top-k there
 
 
 def divergence(p_BxV, q_BxV, kind: str) -> jax.Array:

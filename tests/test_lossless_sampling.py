@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from specjax import decode, sampling as sampling_lib, verify
-from specjax.drafters import DraftModel, SuffixDecoding, TokenRecycling
-from specjax.models import Model, ModelConfig, init_params
+from specjax.drafters import DraftModel, EagleHead, Hybrid, SuffixDecoding, TokenRecycling
+from specjax.models import Model, ModelConfig, init_params, shared_params
 from specjax.tree import DraftTree, parents_from_choices
 
 pytestmark = pytest.mark.usefixtures("optimized_decode")  # run-bound, not compile-bound
@@ -84,8 +84,18 @@ def _suffix():
 
 
 # Deterministic drafters that learn from the target (q is one-hot on each pick).
+def _hybrid():
+  """A random EAGLE chain, Token Recycling and SuffixDecoding merged into one tree."""
+  head = EagleHead(TARGET.config)
+  params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(4), x.shape),
+                        head.init(jax.random.key(3)))
+  chain = head.drafter(params, shared_params(TARGET.config, TARGET.params), depth=2)
+  return Hybrid.create([chain, _recycling(), _suffix()])
+
+
 # (builder, min_gain): a suffix draft exists after few of these short random prompts.
-TRAINING_FREE = {"token_recycling": (_recycling, 1.2), "suffix": (_suffix, 1.1)}
+TRAINING_FREE = {"token_recycling": (_recycling, 1.2), "suffix": (_suffix, 1.1),
+                 "hybrid": (_hybrid, 1.2)}
 
 
 @pytest.mark.parametrize("drafter", TRAINING_FREE)

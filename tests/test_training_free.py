@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 from specjax import decode, registry
-from specjax.drafters import Context, SuffixDecoding, TokenRecycling
+from specjax.drafters import Context, EagleHead, Hybrid, SuffixDecoding, TokenRecycling
+from specjax.drafters.hybrid import merge
+from specjax.models import shared_params
+from specjax.tree import DraftTree
 from specjax.sampling import Sampling
 from test_engine import PROMPTS, TARGET, gen
 
@@ -15,9 +18,22 @@ V = TARGET.config.vocab_size
 # Ragged, with a 1-token prompt and one longer than a prefill chunk (64 tokens).
 LONG = np.random.default_rng(1).integers(0, V, 100).tolist()
 BATCH = PROMPTS + [[4], LONG]
+
+
+def eagle(depth=3):
+  """An EAGLE-1 chain with random (not zero) head weights."""
+  head = EagleHead(TARGET.config)
+  params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(4), x.shape),
+                        head.init(jax.random.key(3)))
+  return head.drafter(params, shared_params(TARGET.config, TARGET.params), depth=depth)
+
+
 DRAFTERS = {
     "token_recycling": lambda: registry.DRAFTERS.build("token_recycling", TARGET, num_nodes=12),
     "suffix": lambda: registry.DRAFTERS.build("suffix", TARGET, depth=8, corpus_size=256),
+    # A trained head's chain, Token Recycling's tree and SuffixDecoding's chain in one tree.
+    "hybrid": lambda: Hybrid.create([eagle(), DRAFTERS["token_recycling"](),
+                                     DRAFTERS["suffix"]()]),
 }
 
 
@@ -110,3 +126,39 @@ def test_bad_drafters_are_refused_before_compiling(drafter, match):
     decode.generate(TARGET, [[1, 2]], max_new_tokens=4, drafter=drafter())
   with pytest.raises(ValueError, match="num_nodes must be in"):
     TokenRecycling.create(V, num_nodes=81)
+
+
+def test_merge_drops_repeated_candidates_and_packs_the_rest():
+  """Two chains sharing their first token and a 2-node tree: the shared prefix is verified
+  once, the second chain's tail hangs from the first chain's node, survivors come first."""
+  a = DraftTree.chain(jnp.asarray([[7, 8]]), jnp.asarray([[True, True]]))
+  b = DraftTree.chain(jnp.asarray([[7, 9, 4]]), jnp.asarray([[True, True, False]]))
+  c = DraftTree(jnp.asarray([[8, 7]]), jnp.asarray([[-1, 0]]), jnp.asarray([[True, True]]))
+  m = merge([a, b, c])
+  n_valid = int(m.valid.sum())
+  got = [(int(t), int(p)) for t, p, v in zip(m.tokens[0], m.parents[0], m.valid[0]) if v]
+  # a: 7 (0), 8 under 7 (1); b: 7 is a copy of node 0, 9 under node 0 (2), 4 was invalid;
+  # c: 8 at the root (3), 7 under it (4).
+  assert got == [(7, -1), (8, 0), (9, 0), (8, -1), (7, 3)] and n_valid == 5
+  assert not bool(m.valid[0, n_valid:].any())
+
+
+def test_hybrid_refuses_parts_that_need_their_own_tree():
+  from specjax.drafters import DraftModel  # pylint: disable=g-import-not-at-top
+  h = Hybrid.create([DraftModel.truncated(TARGET, 1, depth=2), DRAFTERS["suffix"]()])
+  with pytest.raises(ValueError, match="cannot be part of a hybrid tree"):
+    decode.generate(TARGET, [[1, 2]], max_new_tokens=4, drafter=h)
+  with pytest.raises(ValueError, match="naming another drafter"):
+    registry.DRAFTERS.build("hybrid", TARGET, parts=[{"depth": 3}])
+
+
+def test_suffix_cut_by_costs_drafts_only_what_pays():
+  """With step costs, the draft keeps the length with the most expected tokens per ms:
+  free verification keeps all of it; verification dearer than its expected gain, none."""
+  corpus = [[1, 5, 6, 7, 8], [5, 6, 7, 8, 2], [3, 5, 6, 7, 1], [5, 6, 9]]
+  d = SuffixDecoding(jnp.full((64,), -1, jnp.int32), depth=4).with_corpus(corpus)
+  assert _propose(d.replace(step_ms=(1.0,) * 5), [2, 4, 5, 6]) == [7, 8]
+  # Expected tokens: 1 + 0.75 (one draft), 1 + 0.75 + 0.5 (two), against AR's 1 token.
+  assert _propose(d.replace(step_ms=(1.0, 2.0, 2.5, 3.0, 3.0)), [2, 4, 5, 6]) == []
+  assert _propose(d.replace(step_ms=(1.0, 1.5, 1.6, 3.0, 3.0)), [2, 4, 5, 6]) == [7, 8]
+  assert _propose(d.replace(step_ms=(1.0, 1.5, 2.5, 3.0, 3.0)), [2, 4, 5, 6]) == [7]

@@ -9,7 +9,8 @@
   selfdraft/   language models that draft: an independent draft model or the target's own
                first layers
 
-Shared modules beside them: `base` (the interface the decode loop calls), `static_tree` /
+`hybrid` merges the trees of several of them into one. Shared modules beside them: `base`
+(the interface the decode loop calls), `static_tree` /
 `dynamic_tree` (tree drafting), `budget` (draft sizes from measured costs), `io` (head
 folders: save, load, foreign layouts), `export` (to the speculators format).
 """
@@ -24,7 +25,7 @@ from specjax.drafters.base import Context, Drafter, TargetBatch, TrainableHead
 _LAZY = {
     "DraftModel": "selfdraft.draft_model", "PromptLookup": "retrieval.prompt_lookup",
     "TokenRecycling": "retrieval.token_recycling",
-    "SuffixDecoding": "retrieval.suffix", "FeatureDrafter": "heads.runtime", "EagleHead": "heads.eagle",
+    "SuffixDecoding": "retrieval.suffix", "Hybrid": "hybrid", "FeatureDrafter": "heads.runtime", "EagleHead": "heads.eagle",
     "Eagle3Head": "heads.eagle3", "Falcon": "heads.falcon", "FalconHead": "heads.falcon",
     "Hydra": "heads.hydra", "HydraHead": "heads.hydra", "Medusa": "heads.medusa",
     "MedusaHead": "heads.medusa", "load_drafter": "io",

@@ -85,3 +85,15 @@ def knobs(costs: Mapping, accept: Sequence[float], top_k: int = 1) -> tuple[dict
   if top_k == 1:
     return {"depth": depth}, speedup
   return {"depth": depth, "num_nodes": tree_nodes(costs["verify_ms"], depth)}, speedup
+
+
+def step_ms(verify_ms: Mapping, n: int) -> tuple[float, ...]:
+  """ms of one decode step that verifies d drafts, for d = 0..n: the loop compiles
+  verification for a few widths (`decode.verify_widths`) and runs the narrowest that holds
+  the drafts, so d drafts cost a forward of 1 + that width. Drafts that cost nothing to
+  make (lookup, suffix matching) are worth d tokens when the expected gain per ms beats
+  AR's."""
+  from specjax import decode  # pylint: disable=g-import-not-at-top
+  widths = decode.verify_widths(n)
+  return tuple(_verify_ms(verify_ms, 1 + min(w for w in widths if w >= d)) for d in range(n + 1))
+

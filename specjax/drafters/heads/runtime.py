@@ -228,8 +228,12 @@ class FeatureDrafter:
   tree: StaticTree = flax.struct.field(pytree_node=False, default=StaticTree.chain(4))
   # (top_k, depth, num_nodes) of an EAGLE-2 dynamic tree; None = draft the static `tree`.
   dynamic: tuple[int, int, int] | None = flax.struct.field(pytree_node=False, default=None)
+  # The longest path one step may accept: its own tree's depth (None), or a hybrid tree's
+  # (`drafters.hybrid`), which may hold deeper paths from other drafters.
+  accept_depth: int | None = flax.struct.field(pytree_node=False, default=None)
   takes_stop_policy = True
   drafts_vary = False
+  merges = True  # commit reads the verdict's path and features only (any verified tree)
 
   @property
   def features(self) -> tuple[int, ...]:
@@ -256,7 +260,7 @@ class FeatureDrafter:
 
   def _pending(self) -> int:
     depth = self.dynamic[1] if self.dynamic else self.tree.depth
-    return depth + 1  # the root + every draft accepted
+    return max(depth, self.accept_depth or 0) + 1  # the root + every draft accepted
 
   def init(self, ctx, max_len: int, features) -> FeatureState:
     f = self.head.fuse(self.params, features)

@@ -21,6 +21,7 @@ class PromptLookup:
   max_ngram: int = flax.struct.field(pytree_node=False, default=3)
   min_ngram: int = flax.struct.field(pytree_node=False, default=1)
   takes_stop_policy = False
+  merges = True  # commit needs no tree of its own (`drafters.hybrid`)
   drafts_vary = True  # no match: no drafts
   features = ()
 

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from specjax import registry
+from specjax.drafters import budget as budget_lib
 from specjax.tree import DraftTree
 
 _SEP = -1  # between documents of the corpus, and padding: never equals a token
@@ -59,7 +60,7 @@ def _match_lengths(x_P, end_P, suffix_M, suffix_len):
 
 def _walk(x_P, n_P, suffix_M, suffix_len, *, depth, occurrences, alpha, min_prob):
   """The best draft from one source `x_P` (valid before `n_P`): (tokens[depth],
-  count, score, match length) with `count` leading tokens valid."""
+  probs[depth], score, match length); probs[d] is node d's probability, 0 past the draft."""
   p = x_P.shape[0]
   m_max = suffix_M.shape[0]
   valid_P = jnp.arange(p) < n_P
@@ -86,17 +87,17 @@ def _walk(x_P, n_P, suffix_M, suffix_len, *, depth, occurrences, alpha, min_prob
     best_M = jnp.argmax(count_MxK, -1)
     tok_M = tok_K[best_M]
     prob_M = jnp.max(count_MxK, -1) / jnp.maximum(n0_M, 1)
-    alive_M = alive_M & (prob_M >= min_prob) & (d < budget_M)
-    score_M = score_M + jnp.where(alive_M, prob_M, 0.0)
+    alive_M = alive_M & (prob_M >= min_prob) & (prob_M > 0) & (d < budget_M)
+    prob_M = jnp.where(alive_M, prob_M, 0.0)
+    score_M = score_M + prob_M
     on_MxK = on_MxK & (tok_K[None] == tok_M[:, None])
-    return (on_MxK, alive_M, score_M), (tok_M, alive_M)
+    return (on_MxK, alive_M, score_M), (tok_M, prob_M)
 
   init = (on_MxK, n0_M > 0, jnp.zeros(m_max, jnp.float32))
-  (_, _, score_M), (tok_DxM, alive_DxM) = jax.lax.scan(step, init, jnp.arange(depth))
+  (_, _, score_M), (tok_DxM, prob_DxM) = jax.lax.scan(step, init, jnp.arange(depth))
   # Best score; among equals the longest match (the last index of the maximum).
   best = m_max - 1 - jnp.argmax(score_M[::-1])
-  count = jnp.sum(alive_DxM[:, best])
-  return tok_DxM[:, best], count, score_M[best], best + 1
+  return tok_DxM[:, best], prob_DxM[:, best], score_M[best], best + 1
 
 
 @flax.struct.dataclass
@@ -107,7 +108,12 @@ class SuffixDecoding:
   alpha: float = flax.struct.field(pytree_node=False, default=1.0)
   min_prob: float = flax.struct.field(pytree_node=False, default=0.1)
   occurrences: int = flax.struct.field(pytree_node=False, default=64)
+  # ms of a step verifying d = 0..depth drafts (`budget.step_ms`): when given, a draft is
+  # cut to the length with the most expected tokens per ms (1 + the sum of its nodes'
+  # probabilities, over the step's cost), 0 when AR's step is better. Ours, not the paper's.
+  step_ms: tuple[float, ...] | None = flax.struct.field(pytree_node=False, default=None)
   takes_stop_policy = False
+  merges = True  # commit needs no tree of its own (`drafters.hybrid`)
   drafts_vary = True  # no match, no draft: the step verifies the root alone
   features = ()
 
@@ -119,6 +125,9 @@ class SuffixDecoding:
     if self.depth < 1 or self.max_match < 2 or self.occurrences < 1:
       raise ValueError(f"SuffixDecoding needs depth >= 1, max_match >= 2 and occurrences "
                        f">= 1; got {self.depth}, {self.max_match}, {self.occurrences}.")
+    if self.step_ms is not None and len(self.step_ms) != self.depth + 1:
+      raise ValueError(f"step_ms needs the cost of verifying 0..{self.depth} drafts "
+                       f"({self.depth + 1} values); got {len(self.step_ms)}.")
     if not 0 <= self.min_prob <= 1 or self.alpha <= 0:
       raise ValueError(f"SuffixDecoding needs 0 <= min_prob <= 1 and alpha > 0; got "
                        f"{self.min_prob}, {self.alpha}.")
@@ -147,7 +156,13 @@ class SuffixDecoding:
     # The better score wins; ties go to the longer match, then to the request.
     use_glob_B = (glob[2] > own[2]) | ((glob[2] == own[2]) & (glob[3] > own[3]))
     pick = lambda o, g: jnp.where(use_glob_B.reshape((b,) + (1,) * (o.ndim - 1)), g, o)
-    tokens_BxD, count_B = pick(own[0], glob[0]), pick(own[1], glob[1])
+    tokens_BxD, probs_BxD = pick(own[0], glob[0]), pick(own[1], glob[1])
+    count_B = jnp.sum(probs_BxD > 0, -1)
+    if self.step_ms is not None:  # expected tokens per ms of drafting d = 0..depth
+      gain_BxD1 = 1 + jnp.pad(jnp.cumsum(probs_BxD, -1), ((0, 0), (1, 0)))
+      rate_BxD1 = gain_BxD1 / jnp.asarray(self.step_ms)
+      rate_BxD1 = jnp.where(jnp.arange(self.depth + 1) <= count_B[:, None], rate_BxD1, -1.0)
+      count_B = jnp.argmax(rate_BxD1, -1)
     valid_BxD = jnp.arange(self.depth) < count_B[:, None]
     return (DraftTree.chain(jnp.where(valid_BxD, tokens_BxD, 0), valid_BxD), state,
             jnp.zeros(b, jnp.int32))
@@ -191,12 +206,16 @@ def load_corpus(path: str) -> np.ndarray:
 @registry.DRAFTERS.register("suffix", takes_stop_policy=False)
 def _build(target, *, depth: int = 16, max_match: int = 64, alpha: float = 1.0,
            min_prob: float = 0.1, occurrences: int = 64, corpus_size: int = 16384,
-           corpus: str | None = None) -> SuffixDecoding:
+           corpus: str | None = None, budget: str | None = None) -> SuffixDecoding:
   """SuffixDecoding: suffix-match drafts from the request and a corpus of earlier outputs
-  (`corpus`: a file written by `save_corpus`; it grows as calls are carried)."""
+  (`corpus`: a file written by `save_corpus`; it grows as calls are carried). `budget`: a
+  cost file (`make bench`'s costs.json) to cut drafts to what pays on that device."""
   del target
+  step_ms = None
+  if budget:
+    step_ms = budget_lib.step_ms(budget_lib.read_costs(budget)["verify_ms"], depth)
   d = SuffixDecoding(jnp.full((corpus_size,), _SEP, jnp.int32), depth, max_match, alpha,
-                     min_prob, occurrences)
+                     min_prob, occurrences, step_ms)
   if corpus is not None:
     flat = load_corpus(corpus)
     d = d.replace(corpus=jnp.asarray(np.concatenate(

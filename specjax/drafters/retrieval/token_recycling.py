@@ -71,7 +71,6 @@ def cut_tree(paths: Sequence[Sequence[int]], num_nodes: int) -> tuple[tuple[int,
 @flax.struct.dataclass
 class RecyclingState:
   matrix: jax.Array  # int32[V, k]: the target's last top-k after each token
-  tokens: jax.Array  # int32[B, 1 + N]: the last proposal's root and nodes (for commit)
 
 
 @flax.struct.dataclass
@@ -79,6 +78,7 @@ class TokenRecycling:
   matrix: jax.Array  # int32[V, k]: the matrix a call starts from (zeros: a cold start)
   tree: StaticTree = flax.struct.field(pytree_node=False)
   takes_stop_policy = False
+  merges = True  # commit needs no tree of its own (`drafters.hybrid`)
   drafts_vary = False  # every node is drafted, always
   features = ()
 
@@ -111,8 +111,7 @@ class TokenRecycling:
                        f"keeps only the top {k} successors per token.")
 
   def init(self, ctx, max_len, features) -> RecyclingState:
-    b = ctx.history.shape[0]
-    return RecyclingState(self.matrix, jnp.zeros((b, 1 + self.num_nodes), jnp.int32))
+    return RecyclingState(self.matrix)
 
   def propose(self, state: RecyclingState, ctx, stop, sampling, key):
     b = ctx.history.shape[0]
@@ -128,15 +127,16 @@ class TokenRecycling:
       tokens_BxN = tokens_BxN.at[:, idx].set(state.matrix[par_BxW, ranks[idx]])
     tree = DraftTree(tokens_BxN, jnp.broadcast_to(jnp.asarray(parents), (b, self.num_nodes)),
                      jnp.ones((b, self.num_nodes), bool))
-    tokens = jnp.concatenate([root_B[:, None], tokens_BxN], 1)
-    return tree, RecyclingState(state.matrix, tokens), jnp.zeros(b, jnp.int32)
+    return tree, state, jnp.zeros(b, jnp.int32)
 
   def commit(self, state: RecyclingState, ctx, verdict, features) -> RecyclingState:
-    """Every scored token's row <- the target's top-k there (the root's and each node's)."""
+    """Every verified token's row <- the target's top-k there (the root's and each
+    node's; any verified tree's: inside a hybrid tree, the other drafters' nodes too)."""
     k = self.target_top_k
-    matrix = state.matrix.at[state.tokens.reshape(-1)].set(
-        verdict.target_top_k.reshape(-1, k).astype(jnp.int32))
-    return RecyclingState(matrix, state.tokens)
+    top = verdict.target_top_k[..., :k].reshape(-1, k).astype(jnp.int32)
+    rows = verdict.scored_tokens.reshape(-1)
+    rows = jnp.where(rows < 0, state.matrix.shape[0], rows)  # unverified slots: dropped
+    return RecyclingState(state.matrix.at[rows].set(top, mode="drop"))
 
   def carry(self, output) -> "TokenRecycling":
     """This drafter starting from the matrix `output`'s call ended with (a hot start)."""
