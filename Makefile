@@ -37,6 +37,8 @@ test-slow: install
 bench: install
 	$(BIN)/python -m specjax.evaluation.bench --out workdir/bench
 	$(BIN)/specjax-eval --config configs/bench.py --workdir workdir/bench_sweep
+	$(BIN)/specjax-eval --config configs/training_free.py:greedy --workdir workdir/training_free
+	$(BIN)/specjax-eval --config configs/training_free.py:repeat --workdir workdir/training_free_repeat
 	$(BIN)/python -m specjax.kernels.bench
 
 # On a GPU machine with JAX, flax and optax but no model packages nor `make install`: the

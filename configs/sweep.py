@@ -1,10 +1,11 @@
-"""The full sweep on SmolLM2-135M: three datasets, greedy and sampled decoding, draft
-budgets, stop policies, a lossy acceptance rule, and the transformers peers.
+"""The full sweep on SmolLM2-135M: three datasets, greedy and sampled decoding, the
+training-free drafters, draft budgets, stop policies, a lossy acceptance rule, and the
+transformers peers.
 
 Hours on a CPU; on an accelerator drop the peers (--config.peers="()").
 """
 
-from specjax.configs import common
+from specjax.configs import common, training_free
 
 BUDGETS = (2, 4, 8)
 
@@ -17,7 +18,7 @@ def get_config(arg: str | None = None):
   layers = c.get_ref("self_draft_layers")
   c.methods = [
       common.method("ar"),
-      common.method("prompt_lookup", drafter="prompt_lookup", depth=10),
+      *training_free.methods(),  # prompt lookup, Token Recycling, SuffixDecoding, hybrid
       *[common.method(f"self_draft_k{k}", drafter="self_draft", depth=k, layers=layers)
         for k in BUDGETS],
       common.method("self_draft_confidence", drafter="self_draft", depth=8,

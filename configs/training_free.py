@@ -1,20 +1,27 @@
 """Drafting with no training, side by side on SmolLM2-135M: AR, prompt lookup, Token
-Recycling (the paper's 80-node template and a cut sized for this CPU), SuffixDecoding.
+Recycling (the paper's 80-node template and a cut sized for this CPU), SuffixDecoding (as
+the paper drafts, and cut by this CPU's measured step costs) and a hybrid tree of the
+committed EAGLE-3 head's chain with Token Recycling's and SuffixDecoding's candidates.
 
-The README tables' protocol (`common.table_protocol`: MT-Bench and HumanEval, 2 prompts
-each, 128 new tokens, greedy and T=1). Learning drafters are hot-started from prompt to
-prompt (`method(hot_start=...)`). `:greedy` runs temperature 0 only.
+  (no argument)  the README tables' protocol (`common.table_protocol`: MT-Bench and
+                 HumanEval, 2 prompts each, 128 new tokens, greedy and T=1)
+  greedy         the same at temperature 0 only
+  repeat         a workload with repetition: 2 HumanEval problems each asked 4 times with
+                 the function renamed (`humaneval_renamed`), greedy; learning drafters
+                 hot-started from prompt to prompt, and SuffixDecoding cold for contrast
+
+`make bench` runs the greedy and repeat sweeps. Learning drafters carry what each prompt
+taught them to the next one (`method(hot_start=...)`).
 """
 
 from specjax.configs import common
 
-# Token Recycling's template cut to this many nodes for the CPU table (`make bench`'s
-# verify costs: 81 tokens cost ~10 AR steps here; see docs/methods.md for the measured
-# choice).
+# Token Recycling's template cut to this many nodes for the CPU rows: on this CPU
+# verifying 81 tokens costs ~10 AR steps, 9 tokens ~2.5 (assets/costs/cpu-2core.json).
 RECYCLING_NODES = 8
 
 
-def methods():
+def methods(costs=common.CPU_COSTS):
   """The training-free rows (configs/sweep.py shares them)."""
   return [
       common.method("prompt_lookup", drafter="prompt_lookup", depth=10),
@@ -22,14 +29,29 @@ def methods():
       common.method(f"token_recycling_n{RECYCLING_NODES}", drafter="token_recycling",
                     num_nodes=RECYCLING_NODES),
       common.method("suffix", drafter="suffix"),
+      common.method("suffix_costed", drafter="suffix", budget=costs),
+      common.method("hybrid_eagle3", drafter="hybrid", parts=[
+          {"drafter": "eagle3", "checkpoint": common.EAGLE3_SMOLLM2, "depth": 3},
+          {"drafter": "token_recycling", "num_nodes": RECYCLING_NODES},
+          {"drafter": "suffix", "depth": 8}]),
   ]
 
 
 def get_config(arg: str | None = None):
-  if arg not in (None, "", "greedy"):
-    raise ValueError(f"Unknown argument {arg!r}: use nothing or 'greedy'.")
+  if arg not in (None, "", "greedy", "repeat"):
+    raise ValueError(f"Unknown argument {arg!r}: use nothing, 'greedy' or 'repeat'.")
   c = common.table_protocol(common.base())
   c.methods = [common.method("ar")] + methods()
-  if arg == "greedy":
+  if arg in ("greedy", "repeat"):
     c.temperatures = (0.0,)
+  if arg == "repeat":
+    c.datasets = ("humaneval_renamed",)
+    c.num_prompts = 8
+    c.methods = [common.method("ar"),
+                 common.method("prompt_lookup", drafter="prompt_lookup", depth=10),
+                 common.method("suffix", drafter="suffix"),
+                 common.method("suffix_cold", drafter="suffix", hot_start=False),
+                 common.method("suffix_costed", drafter="suffix", budget=common.CPU_COSTS),
+                 common.method(f"token_recycling_n{RECYCLING_NODES}",
+                               drafter="token_recycling", num_nodes=RECYCLING_NODES)]
   return c

@@ -1,4 +1,5 @@
-"""Prompt sets for evaluation: MT-Bench, HumanEval, GSM8K, or any local JSON/JSONL file.
+"""Prompt sets for evaluation: MT-Bench, HumanEval, GSM8K, HumanEval with renamed
+functions (a workload with repetition), or any local JSON/JSONL file.
 
 A `Prompt` is a tuple of user turns (MT-Bench has two, the others one). The
 built-in sets are read from files shipped inside installed pip packages; they
@@ -12,6 +13,7 @@ import gzip
 import json
 import os
 import random
+import re
 from typing import Any, Callable, Iterator
 
 from specjax import assets
@@ -76,7 +78,26 @@ def _gsm8k() -> list[Prompt]:
           for i, r in enumerate(_read_jsonl(_package_file("gsm8k")))]
 
 
+# The names each HumanEval problem is asked under in `humaneval_renamed`.
+RENAMES = ("", "solve", "compute_answer", "task_function")
+
+
+def _humaneval_renamed() -> list[Prompt]:
+  """A workload with repetition: every HumanEval problem asked 4 times in a row, first as
+  is, then with its function renamed (`RENAMES`); ids are `HumanEval/0@solve`. What a
+  drafter that remembers earlier outputs (SuffixDecoding's corpus) is for."""
+  out = []
+  for r in _read_jsonl(_package_file("humaneval")):
+    for name in RENAMES:
+      code = r["prompt"] if not name else re.sub(rf"\b{re.escape(r['entry_point'])}\b",
+                                                  name, r["prompt"])
+      out.append(Prompt(r["task_id"] + (f"@{name}" if name else ""),
+                        (HUMANEVAL_TEMPLATE.format(prompt=code),), "humaneval_renamed"))
+  return out
+
+
 REGISTRY: dict[str, Callable[[], list[Prompt]]] = {
+    "humaneval_renamed": _humaneval_renamed,
     "mt_bench": _mt_bench,
     "humaneval": _humaneval,
     "gsm8k": _gsm8k,

@@ -64,7 +64,8 @@ class Registry:
 
   def check(self, name: str, *args, **kwargs) -> None:
     """Raises ValueError if `name` is unknown or does not take these keyword arguments
-    (naming the knobs it does not take)."""
+    (naming the knobs it does not take), or if its registered `check(**kwargs)` (a part
+    whose knobs name other parts: hybrid trees) refuses them."""
     builder = self._builder(name)
     try:
       inspect.signature(builder).bind(*args, **kwargs)
@@ -74,6 +75,8 @@ class Registry:
       what = f"unknown knobs {unknown}" if unknown else str(e)
       raise ValueError(f"Bad arguments for {self.kind} {name!r}: {what}. It takes "
                        f"{list(takes)}.") from None
+    if "check" in self._meta[name]:
+      self._meta[name]["check"](**kwargs)
 
   def build(self, name: str, *args, **kwargs) -> Any:
     self.check(name, *args, **kwargs)

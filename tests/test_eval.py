@@ -308,10 +308,15 @@ def test_greedy_rule_with_sampling_is_refused(prompt_file):
     sweep.plan(c)
 
 
-@pytest.mark.parametrize("name", ["demo", "bench", "sweep", "tiny"])
+@pytest.mark.parametrize("name", ["demo", "bench", "sweep", "tiny", "training_free",
+                                  "training_free:repeat"])
 def test_shipped_configs_are_valid(name):
-  p = sweep.plan(get_config(name))
+  p = sweep.plan(get_config(*name.split(":")))
   assert p.baseline.name == "ar"
+  if name.startswith(("sweep", "training_free")):  # every training-free drafter has a row
+    drafters = {m.drafter for m in p.methods}
+    assert drafters >= ({"suffix", "token_recycling"} if "repeat" in name
+                        else {"prompt_lookup", "token_recycling", "suffix", "hybrid"})
   if name == "sweep":
     budgets = {m.drafter_kwargs.get("depth") for m in p.methods if m.drafter == "self_draft"}
     assert p.peers and budgets >= {2, 4, 8}

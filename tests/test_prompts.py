@@ -8,7 +8,8 @@ from specjax.evaluation import prompts
 
 
 @pytest.mark.parametrize("name,count,n_turns", [("mt_bench", 80, 2), ("humaneval", 164, 1),
-                                                 ("gsm8k", 1319, 1)])
+                                                 ("gsm8k", 1319, 1),
+                                                 ("humaneval_renamed", 4 * 164, 1)])
 def test_builtin_sets(name, count, n_turns):
   ps = prompts.load(name)
   assert len(ps) == count
@@ -28,7 +29,18 @@ def test_contents():
 
 
 def test_names():
-  assert prompts.names() == sorted(["mt_bench", "humaneval", "gsm8k"])
+  assert prompts.names() == sorted(["mt_bench", "humaneval", "gsm8k", "humaneval_renamed"])
+
+
+def test_renamed_humaneval_asks_each_problem_four_times_in_a_row():
+  ps = prompts.load("humaneval_renamed", limit=8)
+  assert [p.id for p in ps[:4]] == ["HumanEval/0", "HumanEval/0@solve",
+                                    "HumanEval/0@compute_answer", "HumanEval/0@task_function"]
+  assert "def has_close_elements(" in ps[0].turns[0]
+  assert "def solve(" in ps[1].turns[0] and "has_close_elements" not in ps[1].turns[0]
+  # Only the name changes.
+  assert ps[1].turns[0].replace("solve", "has_close_elements") == ps[0].turns[0]
+  assert ps[4].id == "HumanEval/1"
 
 
 def test_limit_and_seed():

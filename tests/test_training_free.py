@@ -149,7 +149,12 @@ def test_hybrid_refuses_parts_that_need_their_own_tree():
   with pytest.raises(ValueError, match="cannot be part of a hybrid tree"):
     decode.generate(TARGET, [[1, 2]], max_new_tokens=4, drafter=h)
   with pytest.raises(ValueError, match="naming another drafter"):
-    registry.DRAFTERS.build("hybrid", TARGET, parts=[{"depth": 3}])
+    registry.DRAFTERS.check("hybrid", None, parts=[{"depth": 3}, {"drafter": "suffix"}])
+  with pytest.raises(ValueError, match="at least 2 drafters"):
+    registry.DRAFTERS.check("hybrid", None, parts=[{"drafter": "suffix"}])
+  with pytest.raises(ValueError, match=r"drafter 'suffix': unknown knobs \['nodes'\]"):
+    registry.DRAFTERS.check("hybrid", None, parts=[{"drafter": "suffix", "nodes": 3},
+                                                   {"drafter": "token_recycling"}])
 
 
 def test_suffix_cut_by_costs_drafts_only_what_pays():

@@ -127,14 +127,28 @@ class Hybrid:
     return self.replace(parts=parts)
 
 
-@registry.DRAFTERS.register("hybrid", takes_stop_policy=False)
-def _build(target, *, parts: Sequence[Mapping[str, Any]]) -> Hybrid:
-  """One tree from several drafters: `parts` is a list of {"drafter": name, **knobs}."""
-  built = []
+def _parts(parts: Sequence[Mapping[str, Any]]) -> list[tuple[str, dict]]:
+  """(name, knobs) of each part, checked against the registry (nothing is built)."""
+  out = []
   for spec in parts:
     spec = dict(spec)
-    if "drafter" not in spec or spec["drafter"] == "hybrid":
+    if spec.get("drafter") in (None, "hybrid"):
       raise ValueError(f"Each hybrid part is {{'drafter': name, **knobs}} naming another "
                        f"drafter; got {spec}.")
-    built.append(registry.DRAFTERS.build(spec.pop("drafter"), target, **spec))
-  return Hybrid.create(built)
+    name = spec.pop("drafter")
+    registry.DRAFTERS.check(name, None, **spec)
+    out.append((name, spec))
+  return out
+
+
+def _check(*, parts=()) -> None:
+  if len(parts) < 2:
+    raise ValueError(f"A hybrid tree merges at least 2 drafters; got {len(parts)}.")
+  _parts(parts)
+
+
+@registry.DRAFTERS.register("hybrid", takes_stop_policy=False, check=_check)
+def _build(target, *, parts: Sequence[Mapping[str, Any]]) -> Hybrid:
+  """One tree from several drafters: `parts` is a list of {"drafter": name, **knobs}."""
+  return Hybrid.create([registry.DRAFTERS.build(name, target, **knobs)
+                        for name, knobs in _parts(parts)])
