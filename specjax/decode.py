@@ -166,7 +166,7 @@ def _decode_loop(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_le
   # Prefill everything but the last prompt token (the first root).
   cache, prompt_features = prefill(cfg, params, sharding.constrain(cache, cache_shardings),
                                    history_BxL, prompt_len_B - 1, feats)
-  ctx = Context(history_BxL, prompt_len_B)
+  ctx = Context(history_BxL, prompt_len_B, cache)
   zeros = jnp.zeros((b,), jnp.int32)
   state = _State(
       cache=cache, history=history_BxL, length=prompt_len_B, new=zeros,
@@ -183,7 +183,7 @@ def _decode_loop(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_le
   top_k = 0 if drafter is None else getattr(drafter, "target_top_k", 0)
 
   def body(st: _State) -> _State:
-    ctx = Context(st.history, st.length)
+    ctx = Context(st.history, st.length, st.cache)
     live = ~st.done
     draft_key, verify_key = jax.random.split(jax.random.fold_in(key, st.step))
     if drafter is None:

@@ -91,7 +91,8 @@ DRAFTERS = Registry("drafter", {
     "token_recycling": "specjax.drafters.retrieval.token_recycling",
     "suffix": "specjax.drafters.retrieval.suffix", "hybrid": "specjax.drafters.hybrid",
     "self_draft": "specjax.drafters.selfdraft.draft_model",
-    "draft_model": "specjax.drafters.selfdraft.draft_model"})
+    "draft_model": "specjax.drafters.selfdraft.draft_model",
+    "swift": "specjax.drafters.selfdraft.swift"})
 # builder(**knobs) -> policy
 STOP_POLICIES = Registry("stop policy", {
     **{k: "specjax.stopping.training_free" for k in ("fixed", "confidence", "svip")},

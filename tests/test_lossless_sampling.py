@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from specjax import decode, sampling as sampling_lib, verify
-from specjax.drafters import DraftModel, EagleHead, Hybrid, SuffixDecoding, TokenRecycling
+from specjax.drafters import (DraftModel, EagleHead, Hybrid, SuffixDecoding, Swift,
+                              TokenRecycling)
 from specjax.models import Model, ModelConfig, init_params, shared_params
 from specjax.tree import DraftTree, parents_from_choices
 
@@ -30,9 +31,9 @@ def tv_bound(exact, n):
   return 4 * 0.5 * np.sum(np.sqrt(2 * exact * (1 - exact) / (np.pi * n)))
 
 
-def tiny(seed):
+def tiny(seed, layers=1):
   cfg = ModelConfig(arch="llama", vocab_size=V, hidden_size=32, intermediate_size=64,
-                    num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                    num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=8,
                     max_position_embeddings=64)
   return Model(cfg, init_params(cfg, jax.random.key(seed)))
 
@@ -41,10 +42,10 @@ TARGET, DRAFT = tiny(0), tiny(1)
 PROMPTS = ([3, 1, 4], [2, 7, 1, 6, 2])  # alternating in the batch: a ragged batch
 
 
-def exact_two_tokens(prompt, s: sampling_lib.Sampling):
+def exact_two_tokens(prompt, s: sampling_lib.Sampling, target=TARGET):
   """Exact joint of the first two target tokens after `prompt`, warped by `s`."""
-  p1 = sampling_lib.probs(TARGET.logits([prompt])[0, -1], s)
-  p2 = sampling_lib.probs(TARGET.logits([prompt + [x] for x in range(V)])[:, -1], s)
+  p1 = sampling_lib.probs(target.logits([prompt])[0, -1], s)
+  p2 = sampling_lib.probs(target.logits([prompt + [x] for x in range(V)])[:, -1], s)
   return np.asarray(p1[:, None] * p2)
 
 
@@ -93,24 +94,33 @@ def _hybrid():
   return Hybrid.create([chain, _recycling(), _suffix()])
 
 
-# (builder, min_gain): a suffix draft exists after few of these short random prompts.
-TRAINING_FREE = {"token_recycling": (_recycling, 1.2), "suffix": (_suffix, 1.1),
-                 "hybrid": (_hybrid, 1.2)}
+DEEP = tiny(2, layers=3)  # SWIFT skips sub-layers of layer 1 (never the first or last)
+
+
+def _swift():
+  """SWIFT on the 3-layer target, drafting at any confidence."""
+  return Swift.create(DEEP, depth=2, threshold=0.0, window=4, bo_every=2)
+
+
+# (builder, min_gain, target): a suffix draft exists after few of these short random
+# prompts.
+TRAINING_FREE = {"token_recycling": (_recycling, 1.2, TARGET), "suffix": (_suffix, 1.1, TARGET),
+                 "hybrid": (_hybrid, 1.2, TARGET), "swift": (_swift, 1.2, DEEP)}
 
 
 @pytest.mark.parametrize("drafter", TRAINING_FREE)
 def test_training_free_drafters_keep_the_target_distribution(drafter):
-  build, min_gain = TRAINING_FREE[drafter]
-  check_generate_matches_target(SAMPLINGS[1], build(), min_gain)
+  build, min_gain, target = TRAINING_FREE[drafter]
+  check_generate_matches_target(SAMPLINGS[1], build(), min_gain, target)
 
 
-def check_generate_matches_target(sampling_kw, drafter, min_gain=1.2):
+def check_generate_matches_target(sampling_kw, drafter, min_gain=1.2, target=TARGET):
   """Two generated tokens of 24k sequences against the exact table, and the biased
   control (accept every draft) must fail the same bound. The draft must be accepted often
   enough for the test to mean something: at least `min_gain` tokens per first step."""
   s = sampling_lib.Sampling.create(**sampling_kw)
   n, chunk = 24_000, 4_000
-  exact = [exact_two_tokens(p, s) for p in PROMPTS]
+  exact = [exact_two_tokens(p, s, target) for p in PROMPTS]
   bound = max(tv_bound(e, n // 2) for e in exact)
   # A tight cache (and so prefill chunk). The sequences go in batches of `chunk`, each with
   # its own seed: one compiled program, and a batch small enough to stay in the CPU's
@@ -119,7 +129,7 @@ def check_generate_matches_target(sampling_kw, drafter, min_gain=1.2):
   prompts = [PROMPTS[i % 2] for i in range(chunk)]
 
   def draw(**extra):
-    outs = [decode.generate(TARGET, prompts, seed=1 + i, **kw, **extra)
+    outs = [decode.generate(target, prompts, seed=1 + i, **kw, **extra)
             for i in range(n // chunk)]
     toks = np.concatenate([np.asarray(o.tokens) for o in outs])
     gained = np.concatenate([np.asarray(o.stats.gained)[:, 0] for o in outs])

@@ -12,7 +12,7 @@ from specjax.drafters.hybrid import merge
 from specjax.models import shared_params
 from specjax.tree import DraftTree
 from specjax.sampling import Sampling
-from test_engine import PROMPTS, TARGET, gen
+from test_engine import PROMPTS, TARGET, gen, tiny
 
 V = TARGET.config.vocab_size
 # Ragged, with a 1-token prompt and one longer than a prefill chunk (64 tokens).
@@ -167,3 +167,44 @@ def test_suffix_cut_by_costs_drafts_only_what_pays():
   assert _propose(d.replace(step_ms=(1.0, 2.0, 2.5, 3.0, 3.0)), [2, 4, 5, 6]) == []
   assert _propose(d.replace(step_ms=(1.0, 1.5, 1.6, 3.0, 3.0)), [2, 4, 5, 6]) == [7, 8]
   assert _propose(d.replace(step_ms=(1.0, 1.5, 2.5, 3.0, 3.0)), [2, 4, 5, 6]) == [7]
+
+
+DEEP = tiny(layers=4, seed=2)  # SWIFT skips sub-layers of layers 1-2
+
+
+def test_swift_equals_ar_while_its_skip_set_changes_without_recompiling():
+  """The skip set moves during decoding (a traced value: no new program), greedy output
+  equals AR cold and hot, and the search stops after `max_iterations` tries, keeping the
+  best set it found for the next call."""
+  want = gen(DEEP, BATCH, max_new_tokens=24, eos=None).token_lists()
+  d = registry.DRAFTERS.build("swift", DEEP, depth=3, threshold=0.0, window=8, bo_every=3,
+                              max_iterations=12)
+  out = gen(DEEP, BATCH, max_new_tokens=24, eos=None, drafter=d)
+  assert out.token_lists() == want
+  assert (np.asarray(out.stats.gained) > 1).any()
+  s = out.drafter_state
+  steps = int(np.asarray(out.stats.target_calls).max())
+  assert int(s.iteration) == min(steps, 12) and bool(s.done) == (steps >= 12)
+  # The search tried several sets, and drafts with the best of them.
+  tried = np.asarray(s.tried)[np.asarray(s.tried_score) >= 0]
+  assert len(tried) == int(s.iteration) and len({t.tobytes() for t in tried}) > 1
+  best = int(np.argmax(np.asarray(s.tried_score)))
+  np.testing.assert_array_equal(s.mask, np.asarray(s.tried)[best])
+  assert float(s.score) == float(np.max(s.tried_score))
+  assert int(np.asarray(s.mask).sum()) == 2  # round(0.45 x 4 eligible sub-layers)
+  assert not np.asarray(s.mask)[[0, -1]].any()  # the first and last layers always run
+  compiled = decode._generate._cache_size()  # pylint: disable=protected-access
+  hot = gen(DEEP, BATCH, max_new_tokens=24, eos=None, drafter=d.carry(out))
+  assert hot.token_lists() == want
+  assert decode._generate._cache_size() == compiled  # pylint: disable=protected-access
+  assert bool(hot.drafter_state.done)
+  if bool(s.done):  # a finished search no longer moves
+    np.testing.assert_array_equal(hot.drafter_state.mask, s.mask)
+
+
+def test_swift_is_refused_for_targets_it_cannot_skip_in():
+  with pytest.raises(ValueError, match="at least 3 layers"):
+    decode.generate(TARGET, [[1, 2]], max_new_tokens=4,
+                    drafter=registry.DRAFTERS.build("swift", TARGET))
+  with pytest.raises(ValueError, match="Llama-family"):
+    registry.DRAFTERS.build("swift", tiny(arch="gpt2"))

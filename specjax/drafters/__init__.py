@@ -6,8 +6,8 @@
                (`medusa`), and what they share (`runtime`)
   retrieval/   drafters that copy from text already seen or from the target's past
                predictions: prompt lookup, Token Recycling, SuffixDecoding
-  selfdraft/   language models that draft: an independent draft model or the target's own
-               first layers
+  selfdraft/   language models that draft: an independent draft model, the target's own
+               first layers, or the target skipping sub-layers it searches for (SWIFT)
 
 `hybrid` merges the trees of several of them into one. Shared modules beside them: `base`
 (the interface the decode loop calls), `static_tree` /
@@ -25,7 +25,7 @@ from specjax.drafters.base import Context, Drafter, TargetBatch, TrainableHead
 _LAZY = {
     "DraftModel": "selfdraft.draft_model", "PromptLookup": "retrieval.prompt_lookup",
     "TokenRecycling": "retrieval.token_recycling",
-    "SuffixDecoding": "retrieval.suffix", "Hybrid": "hybrid", "FeatureDrafter": "heads.runtime", "EagleHead": "heads.eagle",
+    "SuffixDecoding": "retrieval.suffix", "Hybrid": "hybrid", "Swift": "selfdraft.swift", "FeatureDrafter": "heads.runtime", "EagleHead": "heads.eagle",
     "Eagle3Head": "heads.eagle3", "Falcon": "heads.falcon", "FalconHead": "heads.falcon",
     "Hydra": "heads.hydra", "HydraHead": "heads.hydra", "Medusa": "heads.medusa",
     "MedusaHead": "heads.medusa", "load_drafter": "io",

@@ -42,6 +42,9 @@ from specjax.tree import DraftTree
 class Context:
   history: jax.Array  # int32[B, L]: prompt + generated tokens, left-aligned
   length: jax.Array  # int32[B]: tokens in history; the last one is the tree's root
+  # The target's KV cache of the committed tokens (all but the root): what drafters that
+  # run the target's own layers read (`models.skip`: SWIFT, DEL).
+  cache: Any = None
 
 
 def soft_ce(target_logits, logits):
