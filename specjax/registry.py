@@ -92,7 +92,8 @@ DRAFTERS = Registry("drafter", {
     "suffix": "specjax.drafters.retrieval.suffix", "hybrid": "specjax.drafters.hybrid",
     "self_draft": "specjax.drafters.selfdraft.draft_model",
     "draft_model": "specjax.drafters.selfdraft.draft_model",
-    "swift": "specjax.drafters.selfdraft.swift"})
+    "swift": "specjax.drafters.selfdraft.swift",
+    "del": "specjax.drafters.selfdraft.dynamic_exit"})
 # builder(**knobs) -> policy
 STOP_POLICIES = Registry("stop policy", {
     **{k: "specjax.stopping.training_free" for k in ("fixed", "confidence", "svip")},

@@ -208,3 +208,38 @@ def test_swift_is_refused_for_targets_it_cannot_skip_in():
                     drafter=registry.DRAFTERS.build("swift", TARGET))
   with pytest.raises(ValueError, match="Llama-family"):
     registry.DRAFTERS.build("swift", tiny(arch="gpt2"))
+
+
+def test_del_picks_the_exit_with_the_most_tokens_per_layer():
+  """`choose` maximises the paper's TPL(l, d) over exit layers and lengths (d = 0: AR)."""
+  d = registry.DRAFTERS.build("del", DEEP, exit_layers=(1, 2, 3), depth=6)
+  for alpha in ([0.0, 0.0, 0.0], [0.95, 0.2, 0.3], [0.3, 0.99, 0.999], [0.5, 0.6, 0.7]):
+    a = np.asarray(alpha)
+    tpl = [[(1 - a[e] ** (n + 1)) / (1 - a[e]) / (n * layer + 4) for n in range(7)]
+           for e, layer in enumerate((1, 2, 3))]
+    e, n = np.unravel_index(np.argmax(tpl), (3, 7))
+    layer, length = d.choose(jnp.asarray(a, jnp.float32))
+    assert (int(layer), int(length)) == ((1, 2, 3)[e], n), alpha
+  assert int(d.choose(jnp.zeros(3))[1]) == 0  # no exit predicts anything: AR steps
+
+
+def test_del_learns_the_exit_that_equals_the_target():
+  """Layers 2-3 of this target add nothing (zero output projections), so exiting after
+  layer 2 is the target itself: its shadow tokens are always right, DEL drafts from it,
+  and every draft is accepted. Output equals AR either way."""
+  zero = {"self_attn": ("o_proj",), "mlp": ("down_proj",)}
+  params = jax.tree.map(lambda x: x, DEEP.params)
+  for i in (2, 3):
+    for block, names in zero.items():
+      for name in names:
+        params[f"layers_{i}"][block][name]["kernel"] *= 0
+  shallow = DEEP.__class__(DEEP.config, params)
+  want = gen(shallow, BATCH, max_new_tokens=24, eos=None).token_lists()
+  d = registry.DRAFTERS.build("del", shallow, exit_layers=(1, 2), depth=4, decay=0.5)
+  out = gen(shallow, BATCH, max_new_tokens=24, eos=None, drafter=d)
+  assert out.token_lists() == want
+  assert (np.asarray(out.stats.gained).max(1) == 5).all()
+  assert (out.tau > 2.5).all()
+  noisy = registry.DRAFTERS.build("del", DEEP, exit_layers=(1, 2), depth=4)
+  assert gen(DEEP, BATCH, max_new_tokens=24, eos=None, drafter=noisy).token_lists() == \
+      gen(DEEP, BATCH, max_new_tokens=24, eos=None).token_lists()

@@ -8,6 +8,7 @@
                predictions: prompt lookup, Token Recycling, SuffixDecoding
   selfdraft/   language models that draft: an independent draft model, the target's own
                first layers, or the target skipping sub-layers it searches for (SWIFT)
+               or exiting at a layer it picks as it goes (DEL)
 
 `hybrid` merges the trees of several of them into one. Shared modules beside them: `base`
 (the interface the decode loop calls), `static_tree` /
@@ -25,7 +26,8 @@ from specjax.drafters.base import Context, Drafter, TargetBatch, TrainableHead
 _LAZY = {
     "DraftModel": "selfdraft.draft_model", "PromptLookup": "retrieval.prompt_lookup",
     "TokenRecycling": "retrieval.token_recycling",
-    "SuffixDecoding": "retrieval.suffix", "Hybrid": "hybrid", "Swift": "selfdraft.swift", "FeatureDrafter": "heads.runtime", "EagleHead": "heads.eagle",
+    "SuffixDecoding": "retrieval.suffix", "Hybrid": "hybrid", "Swift": "selfdraft.swift",
+    "DynamicExit": "selfdraft.dynamic_exit", "FeatureDrafter": "heads.runtime", "EagleHead": "heads.eagle",
     "Eagle3Head": "heads.eagle3", "Falcon": "heads.falcon", "FalconHead": "heads.falcon",
     "Hydra": "heads.hydra", "HydraHead": "heads.hydra", "Medusa": "heads.medusa",
     "MedusaHead": "heads.medusa", "load_drafter": "io",

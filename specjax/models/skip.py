@@ -66,3 +66,11 @@ def forward_skipping(cfg: ModelConfig, params: Any, tokens_BxT, positions_BxT, v
 def exit_after(num_layers: int, layer: jax.Array) -> jax.Array:
   """bool[L, 2]: the skip set of exiting after `layer` layers (traced)."""
   return jnp.broadcast_to((jnp.arange(num_layers) >= layer)[:, None], (num_layers, 2))
+
+
+def exit_logits(cfg: ModelConfig, params: Any, hidden_BxTxH) -> jax.Array:
+  """float32[B, T, V]: the target's final norm and LM head over a layer's output (the
+  prediction of exiting there)."""
+  norm = RMSNorm(cfg.norm_eps, param_dtype(params)).apply({"params": params["norm"]},
+                                                          hidden_BxTxH)
+  return lm_head(cfg, params, norm)
