@@ -1,6 +1,7 @@
 """Drafting with no training, side by side on SmolLM2-135M: AR, prompt lookup, Token
 Recycling (the paper's 80-node template and a cut sized for this CPU), SuffixDecoding (as
-the paper drafts, and cut by this CPU's measured step costs) and a hybrid tree of the
+the paper drafts, and cut by this CPU's measured step costs), SWIFT and DEL (the target's
+own layers, skipped or exited early, with the papers' knobs) and a hybrid tree of the
 committed EAGLE-3 head's chain with Token Recycling's and SuffixDecoding's candidates.
 
   (no argument)  the README tables' protocol (`common.table_protocol`: MT-Bench and
@@ -30,6 +31,8 @@ def methods(costs=common.CPU_COSTS):
                     num_nodes=RECYCLING_NODES),
       common.method("suffix", drafter="suffix"),
       common.method("suffix_costed", drafter="suffix", budget=costs),
+      common.method("swift", drafter="swift"),
+      common.method("del", drafter="del"),
       common.method("hybrid_eagle3", drafter="hybrid", parts=[
           {"drafter": "eagle3", "checkpoint": common.EAGLE3_SMOLLM2, "depth": 3},
           {"drafter": "token_recycling", "num_nodes": RECYCLING_NODES},

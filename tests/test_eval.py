@@ -316,7 +316,8 @@ def test_shipped_configs_are_valid(name):
   if name.startswith(("sweep", "training_free")):  # every training-free drafter has a row
     drafters = {m.drafter for m in p.methods}
     assert drafters >= ({"suffix", "token_recycling"} if "repeat" in name
-                        else {"prompt_lookup", "token_recycling", "suffix", "hybrid"})
+                        else {"prompt_lookup", "token_recycling", "suffix", "swift", "del",
+                              "hybrid"})
   if name == "sweep":
     budgets = {m.drafter_kwargs.get("depth") for m in p.methods if m.drafter == "self_draft"}
     assert p.peers and budgets >= {2, 4, 8}
