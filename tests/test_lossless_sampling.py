@@ -69,18 +69,18 @@ def test_generate_speculative_sampling_matches_target(s, drafter):
   check_generate_matches_target(s, DRAFTERS[drafter]())
 
 
-def _recycling():
+def _recycling(num_nodes=6):
   """Token Recycling warmed with the target's ranking after each single token."""
-  d = TokenRecycling.create(V, num_nodes=6)
+  d = TokenRecycling.create(V, num_nodes=num_nodes)
   top = jnp.argsort(-TARGET.logits([[t] for t in range(V)])[:, -1], -1).astype(jnp.int32)
   return d.replace(matrix=top)
 
 
-def _suffix():
+def _suffix(depth=3):
   """SuffixDecoding with a corpus of the target's own sampled continuations."""
   out = decode.generate(TARGET, list(PROMPTS) * 4, max_new_tokens=24, temperature=0.8,
                         eos=None)
-  return SuffixDecoding(jnp.full((256,), -1, jnp.int32), depth=3, occurrences=16).with_corpus(
+  return SuffixDecoding(jnp.full((256,), -1, jnp.int32), depth=depth, occurrences=16).with_corpus(
       out.token_lists())
 
 
@@ -90,8 +90,8 @@ def _hybrid():
   head = EagleHead(TARGET.config)
   params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(4), x.shape),
                         head.init(jax.random.key(3)))
-  chain = head.drafter(params, shared_params(TARGET.config, TARGET.params), depth=2)
-  return Hybrid.create([chain, _recycling(), _suffix()])
+  chain = head.drafter(params, shared_params(TARGET.config, TARGET.params), depth=1)
+  return Hybrid.create([chain, _recycling(4), _suffix(2)])  # 7 nodes: the cache of 24 slots
 
 
 DEEP = tiny(2, layers=3)  # SWIFT skips sub-layers of layer 1 (never the first or last)
@@ -102,24 +102,26 @@ def _swift():
   return Swift.create(DEEP, depth=2, threshold=0.0, window=4, bo_every=2)
 
 
-# (builder, min_gain, target): a suffix draft exists after few of these short random
-# prompts.
-TRAINING_FREE = {"token_recycling": (_recycling, 1.2, TARGET), "suffix": (_suffix, 1.1, TARGET),
-                 "hybrid": (_hybrid, 1.2, TARGET), "swift": (_swift, 1.2, DEEP)}
+# (builder, min_gain, target). SuffixDecoding's drafts are checked inside the hybrid tree
+# (its chain is one of the merged parts; alone, a suffix draft exists after few of these
+# short random prompts and the check costs another compile).
+TRAINING_FREE = {"token_recycling": (_recycling, 1.2, TARGET), "hybrid": (_hybrid, 1.2, TARGET),
+                 "swift": (_swift, 1.2, DEEP)}
 
 
 @pytest.mark.parametrize("drafter", TRAINING_FREE)
 def test_training_free_drafters_keep_the_target_distribution(drafter):
   build, min_gain, target = TRAINING_FREE[drafter]
-  check_generate_matches_target(SAMPLINGS[1], build(), min_gain, target)
+  check_generate_matches_target(SAMPLINGS[1], build(), min_gain, target, n=12_000)
 
 
-def check_generate_matches_target(sampling_kw, drafter, min_gain=1.2, target=TARGET):
+def check_generate_matches_target(sampling_kw, drafter, min_gain=1.2, target=TARGET,
+                                  n=24_000):
   """Two generated tokens of 24k sequences against the exact table, and the biased
   control (accept every draft) must fail the same bound. The draft must be accepted often
   enough for the test to mean something: at least `min_gain` tokens per first step."""
   s = sampling_lib.Sampling.create(**sampling_kw)
-  n, chunk = 24_000, 4_000
+  chunk = 4_000
   exact = [exact_two_tokens(p, s, target) for p in PROMPTS]
   bound = max(tv_bound(e, n // 2) for e in exact)
   # A tight cache (and so prefill chunk). The sequences go in batches of `chunk`, each with

@@ -144,7 +144,8 @@ class TokenRecycling:
 
 
 @registry.DRAFTERS.register("token_recycling", takes_stop_policy=False)
-def _build(target, *, k: int = 8, tree: Sequence[Sequence[int]] | None = None,
+def _build(target, *, successors: int = 8, tree: Sequence[Sequence[int]] | None = None,
            num_nodes: int | None = None) -> TokenRecycling:
-  """Token Recycling: a tree read from the target's recycled top-k (training-free)."""
-  return TokenRecycling.create(target.config.vocab_size, k, tree, num_nodes)
+  """Token Recycling: a tree read from the target's recycled top-k (the matrix keeps
+  `successors` per token; training-free)."""
+  return TokenRecycling.create(target.config.vocab_size, successors, tree, num_nodes)
