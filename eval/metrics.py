@@ -47,6 +47,16 @@ def accepted_histogram(gained_per_step: Iterable[int], num_nodes: int) -> list[i
   return hist
 
 
+def agreement(tokens: Sequence[int], ar_tokens: Sequence[int]) -> tuple[float, int | None]:
+  """(share of positions where a greedy method's token equals AR's, the first position
+  where they differ or None), over the longer of the two outputs: what a LOSSY method
+  (SpecEE) is measured by beside its speed."""
+  n = max(len(tokens), len(ar_tokens))
+  same = [i < len(tokens) and i < len(ar_tokens) and tokens[i] == ar_tokens[i]
+          for i in range(n)]
+  return (sum(same) / n if n else 1.0), next((i for i, s in enumerate(same) if not s), None)
+
+
 def speedup(method_tps: Sequence[float], ar_tps: Sequence[float]) -> float | None:
   """Mean per-prompt tokens/s of a method over that of AR (Spec-Bench)."""
   if not method_tps or not ar_tps:
@@ -73,6 +83,9 @@ def _summarize_group(rows: Sequence[Row], ar_tps: Mapping[tuple, float]) -> dict
   draft = _sum_or_none([r["draft_calls"] for r in rows])
   paired = [(r["tokens_per_s"], ar_tps[_cell(r)]) for r in rows if _cell(r) in ar_tps]
   equal = [r["equal_to_ar"] for r in rows if r["equal_to_ar"] is not None]
+  # Rows written before the agreement fields existed have none.
+  greedy = [r for r in rows if r.get("match_ar") is not None]
+  first = [r["new_tokens"] if r["diverge_at"] is None else r["diverge_at"] for r in greedy]
   return {
       **{k: first[k] for k in GROUP},
       "drafter": first["drafter"],
@@ -87,6 +100,10 @@ def _summarize_group(rows: Sequence[Row], ar_tps: Mapping[tuple, float]) -> dict
       # accepted drafts = new tokens - one per target call (its bonus/correction token)
       "draft_per_accepted": per_token(draft, new - target) if target is not None else None,
       "all_equal": all(equal) if equal else None,
+      "match_ar": statistics.fmean(r["match_ar"] for r in greedy) if greedy else None,
+      # The median position of the first token that differs from AR's (a row equal to AR
+      # counts as its length).
+      "first_divergence": statistics.median(first) if first else None,
       "lossy": any(r["lossy"] for r in rows),
   }
 
@@ -100,7 +117,8 @@ def summarize(rows: Sequence[Row]) -> list[dict[str, Any]]:
 
   tau and forwards per token are ratios of totals; tokens/s is the mean per-prompt value;
   speedup pairs each row with the AR row of the same prompt, temperature and seed;
-  `all_equal` is None when no row of the group is greedy.
+  `all_equal`, `match_ar` and `first_divergence` are None when no row of the group is
+  greedy.
   """
   base = baseline_method(rows)
   ar_tps = {_cell(r): r["tokens_per_s"] for r in rows if r["method"] == base}

@@ -25,7 +25,8 @@ RESULTS = "results.jsonl"
 KEY = ("method", "dataset", "prompt_id", "temperature", "seed")
 SUMMARY_FIELDS = ("method", "dataset", "temperature", "drafter", "num_nodes", "rows",
                   "new_tokens", "tau", "tokens_per_s", "speedup", "target_per_token",
-                  "draft_per_token", "draft_per_accepted", "all_equal", "lossy")
+                  "draft_per_token", "draft_per_accepted", "all_equal", "match_ar",
+                  "first_divergence", "lossy")
 
 
 def row_key(row: Mapping[str, Any]) -> tuple:
@@ -96,7 +97,8 @@ def _fmt(value: Any, digits: int = 2) -> str:
 def markdown(summary: Sequence[Mapping[str, Any]]) -> str:
   """The summary as a Markdown table."""
   head = ("method", "dataset", "T", "rows", "tau", "tok/s", "speedup", "target fwd/tok",
-          "draft fwd/tok", "draft fwd/accepted", "all = AR", "lossy")
+          "draft fwd/tok", "draft fwd/accepted", "all = AR", "tokens = AR",
+          "first diff", "lossy")
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for s in summary:
     cells = (s["method"], s["dataset"], _fmt(s["temperature"], 1), s["rows"],
@@ -104,7 +106,9 @@ def markdown(summary: Sequence[Mapping[str, Any]]) -> str:
              "-" if s["speedup"] is None else f"{s['speedup']:.2f}x",
              _fmt(s["target_per_token"]), _fmt(s["draft_per_token"]),
              _fmt(s["draft_per_accepted"]),
-             _fmt(s["all_equal"]), _fmt(s["lossy"]))
+             _fmt(s["all_equal"]),
+             "-" if s.get("match_ar") is None else f"{100 * s['match_ar']:.0f}%",
+             _fmt(s.get("first_divergence"), 0), _fmt(s["lossy"]))
     lines.append("| " + " | ".join(str(c) for c in cells) + " |")
   return "\n".join(lines)
 
@@ -113,7 +117,7 @@ def _write_csv(summary: Sequence[Mapping[str, Any]], path: str) -> None:
   with open(path, "w", newline="", encoding="utf-8") as f:
     writer = csv.DictWriter(f, SUMMARY_FIELDS)
     writer.writeheader()
-    writer.writerows({k: s[k] for k in SUMMARY_FIELDS} for s in summary)
+    writer.writerows({k: s.get(k) for k in SUMMARY_FIELDS} for s in summary)
 
 
 def _plot_speedup(summary: Sequence[Mapping[str, Any]], path: str) -> None:

@@ -60,8 +60,18 @@ class Method:
 
   @property
   def lossy(self) -> bool:
-    """Whether the acceptance rule may change the output distribution."""
+    """Whether the acceptance rule, or a drafter that changes the target's own forward
+    (SpecEE), may change the output distribution."""
+    if self.drafter != registry.AR and registry.DRAFTERS.meta(self.drafter).get("lossy"):
+      return True
     return self.acceptance is not None and not self.rule().lossless
+
+  @property
+  def greedy_only(self) -> bool:
+    """Whether the method is defined for greedy decoding only (SpecEE): a sweep runs it at
+    temperature 0 and leaves its sampled cells out."""
+    return self.drafter != registry.AR and bool(
+        registry.DRAFTERS.meta(self.drafter).get("greedy_only"))
 
   def rule(self) -> verify_lib.Acceptance | None:
     """The explicit acceptance rule, or None for generate's default by temperature."""
@@ -156,8 +166,14 @@ def _method(spec: Mapping[str, Any], temperatures: Sequence[float]) -> Method:
       takes_stop = registry.DRAFTERS.meta(m.drafter)["takes_stop_policy"]
     m.stop_policy()  # built through the registry: unknown names and knobs fail here
     m.rule()
+    if m.greedy_only:
+      if 0.0 not in temperatures:
+        raise ValueError("it is defined for greedy decoding only and this sweep has no "
+                         "temperature 0.")
+      temperatures = (0.0,)  # its sampled cells are left out
     registry.check_combination(takes_stop_policy=takes_stop, has_stop=m.stop is not None,
-                               rule=m.acceptance, temperatures=temperatures)
+                               rule=m.acceptance, temperatures=temperatures,
+                               greedy_only=m.greedy_only)
     if "checkpoint" in m.drafter_kwargs:  # a draft model: check the file exists
       _check_model_ref(m.drafter_kwargs["checkpoint"], "Draft checkpoint")
     if m.drafter_kwargs.get("budget"):  # a cost file: exists and has what budgets need
@@ -300,6 +316,8 @@ def make_row(plan: Plan, spec: Mapping[str, Any], cell: Mapping[str, Any], promp
       "target_per_token": metrics.per_token(measured["target_calls"], new),
       "draft_per_token": metrics.per_token(measured["draft_calls"], new),
       "equal_to_ar": measured["tokens"] == ar_tokens if greedy else None,
+      **dict(zip(("match_ar", "diverge_at"), metrics.agreement(measured["tokens"], ar_tokens)
+                 if greedy else (None, None))),
       "accepted_hist": measured["accepted_hist"], "tokens": measured["tokens"],
   }
 
@@ -450,9 +468,10 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
   done = {report.row_key(r): r for r in stored}
   prompts = [p for d in plan.datasets for p in prompts_lib.load(d, limit=plan.num_prompts)]
   names = [m.name for m in plan.methods] + list(plan.peers)
+  greedy_only = {m.name for m in plan.methods if m.greedy_only}  # no sampled cells
   keys = [(name, p.dataset, _turn_id(p, t), temp, seed)
           for p, temp, seed in _cells(plan, prompts) for t in range(len(p.turns))
-          for name in names]
+          for name in names if not (temp > 0 and name in greedy_only)]
   todo = [k for k in keys if k not in done]
   target = models.load(plan.target, plan.dtype, plan=plan.sharding).with_attention(
       plan.attention)
@@ -506,7 +525,8 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
           reason = reason or "an earlier turn of this prompt was skipped"
           bar.write(f"skipping {p.dataset}/{cell['prompt_id']}: {reason}")
           for spec, _ in jobs:
-            if _key(cell, spec["method"]) not in done:
+            if _key(cell, spec["method"]) not in done and not (
+                temperature > 0 and spec["method"] in greedy_only):
               row = {**spec, **cell, "target": plan.target_name, "skipped": reason,
                      **_setup(plan),
                      "max_new_tokens": plan.max_new_tokens, "prompt_tokens": len(ids)}
@@ -519,7 +539,8 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
         max_len = max(sizes[id(p)], decode.bucketed_cache_size(
             len(ids), plan.max_new_tokens, room, plan.cache_bucket))
         for spec, measure in jobs:
-          if _key(cell, spec["method"]) in done:
+          if _key(cell, spec["method"]) in done or (
+              temperature > 0 and spec["method"] in greedy_only):
             continue
           bar.set_postfix_str(f"{spec['method']} {cell['prompt_id']}")
           live.use(max_len)

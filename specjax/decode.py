@@ -181,6 +181,7 @@ def _decode_loop(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_le
   rows = jnp.arange(b)
   eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
   top_k = 0 if drafter is None else getattr(drafter, "target_top_k", 0)
+  owns_forward = callable(getattr(drafter, "target_forward", None))
 
   def body(st: _State) -> _State:
     ctx = Context(st.history, st.length, st.cache)
@@ -194,25 +195,30 @@ def _decode_loop(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_le
 
     def verify_tree(tree):
       tokens, positions, tree_mask = tree.verify_inputs(root_B, st.length - 1)
-      out = forward(cfg, params, tokens, positions, tree_mask, st.cache, feats)
+      if owns_forward:  # the drafter runs the target itself (SpecEE's early exit: LOSSY)
+        out, state = drafter.target_forward(dstate, cfg, params, tokens, positions, tree_mask,
+                                            st.cache, feats)
+      else:
+        out, state = forward(cfg, params, tokens, positions, tree_mask, st.cache, feats), dstate
       verdict = verify_lib.verify(rule, tree, out.logits, sampling, verify_key)
       if top_k:  # what drafters that learn from the target's predictions read in commit
         verdict = verdict._replace(scored_tokens=tokens,
                                    target_top_k=jax.lax.top_k(out.logits, top_k)[1])
       label = (verify_lib.acceptance_probs(tree, out.logits, sampling) if trace
                else jnp.zeros(tree.tokens.shape))
-      return out.cache, out.features, verdict, label
+      return out.cache, out.features, verdict, label, state
 
     def verify_first(m, tree):
       """Verifies nodes [0, m) (none after them is valid), padded back to n nodes."""
-      cache, features, verdict, label = verify_tree(tree.first(m))
+      cache, features, verdict, label, state = verify_tree(tree.first(m))
       pad = lambda x: jnp.pad(x, ((0, 0), (0, n - m)) + ((0, 0),) * (x.ndim - 2))
       verdict = verdict._replace(
           path=pad(verdict.path),
           **({} if not top_k else dict(scored_tokens=jnp.pad(  # -1: no token verified there
               verdict.scored_tokens, ((0, 0), (0, n - m)), constant_values=-1),
                                        target_top_k=pad(verdict.target_top_k))))
-      return (cache, tuple(pad(f) for f in features), verdict, pad(label), jnp.int32(1 + m))
+      return (cache, tuple(pad(f) for f in features), verdict, pad(label), state,
+              jnp.int32(1 + m))
 
     if n:
       # The narrowest width that holds every sequence's last valid node: a step whose
@@ -220,11 +226,11 @@ def _decode_loop(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_le
       # A drafter that always fills its tree compiles one width (fewer target forwards).
       widths = verify_widths(n) if _drafts_vary(drafter, stop) else (n,)
       last = jnp.max(jnp.where(tree.valid, jnp.arange(1, n + 1), 0))
-      cache, features, verdict, label, width = jax.lax.switch(
+      cache, features, verdict, label, dstate, width = jax.lax.switch(
           jnp.searchsorted(jnp.asarray(widths), last),
           [functools.partial(verify_first, m) for m in widths], tree)
     else:
-      (cache, features, verdict, label), width = verify_tree(tree), jnp.int32(1)
+      (cache, features, verdict, label, dstate), width = verify_tree(tree), jnp.int32(1)
     verdict = verdict._replace(accepted_drafts=jnp.where(live, verdict.accepted_drafts, 0))
     a_B = verdict.accepted_drafts
     # Target cache: keep the root (offset 0) and the accepted nodes (offset 1 + node).
@@ -425,7 +431,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
   registry.check_combination(
       takes_stop_policy=None if drafter is None else bool(drafter.takes_stop_policy),
       has_stop=stop is not None, rule=None if rule is None else rule.name,
-      temperatures=[temperature])
+      temperatures=[temperature], greedy_only=bool(getattr(drafter, "greedy_only", False)))
   if rule is None:
     rule = verify_lib.get("greedy" if sampling.greedy else "speculative")
   if drafter is not None:

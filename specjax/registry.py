@@ -93,7 +93,8 @@ DRAFTERS = Registry("drafter", {
     "self_draft": "specjax.drafters.selfdraft.draft_model",
     "draft_model": "specjax.drafters.selfdraft.draft_model",
     "swift": "specjax.drafters.selfdraft.swift",
-    "del": "specjax.drafters.selfdraft.dynamic_exit"})
+    "del": "specjax.drafters.selfdraft.dynamic_exit",
+    "specee": "specjax.drafters.selfdraft.specee"})
 # builder(**knobs) -> policy
 STOP_POLICIES = Registry("stop policy", {
     **{k: "specjax.stopping.training_free" for k in ("fixed", "confidence", "svip")},
@@ -108,7 +109,7 @@ AR = "ar"  # the drafter name of plain autoregressive decoding (no drafter)
 
 
 def check_combination(*, takes_stop_policy: bool | None, has_stop: bool, rule: str | None,
-                      temperatures) -> None:
+                      temperatures, greedy_only: bool = False) -> None:
   """Raises ValueError for combinations that cannot run.
 
   Args:
@@ -117,8 +118,13 @@ def check_combination(*, takes_stop_policy: bool | None, has_stop: bool, rule: s
     has_stop: whether a stop policy was given.
     rule: the acceptance rule's name, or None (greedy at temperature 0, else speculative).
     temperatures: every temperature the method will run at.
+    greedy_only: the drafter changes the target's own forward and is defined for greedy
+      decoding only (SpecEE's early exit, LOSSY).
   """
   temperatures = tuple(temperatures)
+  if greedy_only and any(t > 0 for t in temperatures):
+    raise ValueError("This drafter exits the target's forward early (LOSSY) and is defined "
+                     "for greedy decoding only: use temperature 0.")
   if takes_stop_policy is None:
     if has_stop:
       raise ValueError("A stop policy needs a drafter (AR decoding drafts nothing).")

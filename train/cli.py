@@ -5,6 +5,8 @@ frozen target. DIR gets config.json, checkpoints/, metrics.jsonl, curves.png and
 end, head/ (load it with `specjax.drafters.load_drafter` or a sweep's `checkpoint=`).
 A configs/stop.py config trains a learned stop policy for a drafter instead: DIR gets
 labels/ (resumable), metrics.json and predictor/ (`stopping.get(kind, checkpoint=...)`).
+A configs/specee.py config trains SpecEE's exit predictors: DIR gets examples/
+(resumable), metrics.json and predictor/ (`drafter="specee", checkpoint=...`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from ml_collections import config_flags
 
 from specjax import runtime, sharding
 
-from . import stop, trainer
+from . import specee, stop, trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config: a file with get_config(arg), e.g. configs/eagle.py.",
@@ -31,10 +33,11 @@ def main(argv: list[str]) -> None:
   # Several processes start jax.distributed before anything else touches JAX.
   sharding.initialize(_CONFIG.value.get("distributed"))
   runtime.enable_compilation_cache()
-  if "stop_predictor" in _CONFIG.value:  # configs/stop.py: a learned stop policy
-    metrics = stop.train(_CONFIG.value, _WORKDIR.value)
-    print(f"done; predictor in {_WORKDIR.value}/predictor; {metrics}")
-    return
+  for key, predictor in (("stop_predictor", stop), ("exit_predictor", specee)):
+    if key in _CONFIG.value:  # configs/stop.py, configs/specee.py: predictors, not heads
+      metrics = predictor.train(_CONFIG.value, _WORKDIR.value)
+      print(f"done; predictor in {_WORKDIR.value}/predictor; {metrics}")
+      return
   try:
     last = trainer.train(_CONFIG.value, _WORKDIR.value)
   except trainer.NonFiniteLoss as e:

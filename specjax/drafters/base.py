@@ -16,6 +16,14 @@ implements
   propose(state, ctx, stop, sampling, key) -> (DraftTree, state, draft_calls[B])
   commit(state, ctx, verdict, features) -> state
 
+and may implement
+
+  target_forward(state, cfg, params, tokens, positions, visible, cache, features)
+      -> (models.Forward, state)                  the step's target forward in place of
+                                                  `models.forward` (SpecEE exits it early;
+                                                  such a drafter sets `greedy_only` and
+                                                  `lossy`)
+
 `ctx` is the committed token history ([B, max_len]: the cache size, a static shape).
 `init` runs after the target's prefill and gets the target's `features` for the prompt
 (each [B, max_len, H], valid at positions < ctx.length - 1: every prompt token but the

@@ -1,6 +1,7 @@
 """The target's own forward with some of its sub-layers skipped: self-speculation with no
 extra weights (SWIFT skips attention and MLP sub-layers; DEL exits after a layer, which
-skips every sub-layer above it).
+skips every sub-layer above it), and the early-exiting forward SpecEE decodes with (each
+sequence leaves the network at the layer a decision function picks).
 
 `skip_Lx2[i] = (skip layer i's attention, skip its MLP)` is a traced array: each sub-layer
 runs under `lax.cond`, so changing the skip set never recompiles, and a skipped sub-layer
@@ -11,13 +12,15 @@ unwritten (they are skipped for every draft token of the step).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from specjax.models import cache as cache_lib
 from specjax.models.config import ModelConfig
-from specjax.models.llama import MLP, Attention, RMSNorm, in_window, rope_cos_sin
+from specjax.models.llama import MLP, Attention, RMSNorm, apply_rope, in_window, rope_cos_sin
 from specjax.models.model import Forward, embed, lm_head, param_dtype
 
 
@@ -68,9 +71,87 @@ def exit_after(num_layers: int, layer: jax.Array) -> jax.Array:
   return jnp.broadcast_to((jnp.arange(num_layers) >= layer)[:, None], (num_layers, 2))
 
 
+def final_norm(cfg: ModelConfig, params: Any, hidden_xH) -> jax.Array:
+  """The target's final norm over a layer's output (what its LM head would read there)."""
+  return RMSNorm(cfg.norm_eps, param_dtype(params)).apply({"params": params["norm"]},
+                                                          hidden_xH)
+
+
 def exit_logits(cfg: ModelConfig, params: Any, hidden_BxTxH) -> jax.Array:
   """float32[B, T, V]: the target's final norm and LM head over a layer's output (the
   prediction of exiting there)."""
-  norm = RMSNorm(cfg.norm_eps, param_dtype(params)).apply({"params": params["norm"]},
-                                                          hidden_BxTxH)
-  return lm_head(cfg, params, norm)
+  return lm_head(cfg, params, final_norm(cfg, params, hidden_BxTxH))
+
+
+def _keys_values(cfg: ModelConfig, p_attn: Any, x_BxTxH, cos, sin):
+  """One layer's keys and values ([B, KVH, T, D] each) of the normed inputs, as
+  `llama.Attention` makes them."""
+  b, t, _ = x_BxTxH.shape
+  dense = lambda name: x_BxTxH @ p_attn[name]["kernel"] + (
+      p_attn[name]["bias"] if cfg.attention_bias else 0)
+  k = dense("k_proj").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+  v = dense("v_proj").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+  if cfg.qk_norm:
+    k = RMSNorm(cfg.norm_eps, x_BxTxH.dtype).apply({"params": p_attn["k_norm"]}, k)
+  return apply_rope(k, cos, sin).transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def forward_exiting(cfg: ModelConfig, params: Any, tokens_BxT, positions_BxT, visible_BxTxT,
+                    cache, decide, carry) -> tuple[Forward, jax.Array]:
+  """`models.forward` (with a cache, no features) where each sequence may leave after any
+  layer but the last.
+
+  After layer i < L - 1, `decide(i, x_BxTxH, live_B, carry) -> (exit_B, logits_BxTxV,
+  carry)` sees the residual stream of the sequences still inside (`live_B`) and says which
+  leave, with their logits there. A layer runs while any sequence is inside (under
+  `lax.cond`: layers above every exit cost nothing). Cache policy: a sequence's slots in
+  the layers above its exit hold the keys/values those layers project from its exit
+  state (CALM's state propagation), so later tokens attend to every position at every
+  layer; the projections cost about a sixteenth of a layer (keys and values only, when
+  every sequence has left; the whole layer, output discarded, while others still run).
+
+  Returns the Forward (the exit logits and exit state normed by the final norm for the
+  sequences that left) and int32[B]: the layers each sequence ran.
+  """
+  dtype = param_dtype(params)
+  b = tokens_BxT.shape[0]
+  x = embed(cfg, params, tokens_BxT).astype(dtype)
+  cos, sin = rope_cos_sin(cfg, positions_BxT, dtype)
+  visible, prefix = in_window(cfg, positions_BxT, visible_BxTxT, None, cache)
+  if prefix is None and cfg.attention_impl == "xla":
+    prefix = cache.prefix_mask(tokens_BxT.shape[1])
+  norm = lambda p, x: RMSNorm(cfg.norm_eps, dtype).apply({"params": p}, x)
+  live = jnp.ones((b,), bool)
+  ran = jnp.full((b,), cfg.num_layers, jnp.int32)
+  logits = jnp.zeros(tokens_BxT.shape + (cfg.vocab_size,), jnp.float32)
+  ks, vs = [], []
+  for i in range(cfg.num_layers):
+    p = params[f"layers_{i}"]
+
+    def layer(x, kv, p=p):
+      h, kv = Attention(cfg, dtype).apply({"params": p["self_attn"]}, norm(
+          p["input_layernorm"], x), cos, sin, visible, prefix, kv, cache.lengths)
+      x = x + h
+      return x + MLP(cfg, dtype).apply({"params": p["mlp"]},
+                                       norm(p["post_attention_layernorm"], x)), kv
+
+    def propagate(x, kv, p=p):
+      k, v = _keys_values(cfg, p["self_attn"], norm(p["input_layernorm"], x), cos, sin)
+      return x, (cache_lib.write(kv[0], k, cache.lengths), cache_lib.write(kv[1], v, cache.lengths))
+
+    x_new, kv = jax.lax.cond(live.any(), layer, propagate, x, (cache.k[i], cache.v[i]))
+    x = jnp.where(live[:, None, None], x_new, x)  # a sequence that left keeps its exit state
+    ks.append(kv[0])
+    vs.append(kv[1])
+    if i < cfg.num_layers - 1:
+      leave, at_exit, carry = jax.lax.cond(
+          live.any(), functools.partial(decide, i), lambda x, live, c: (
+              jnp.zeros_like(live), logits, c), x, live, carry)
+      leave &= live
+      logits = jnp.where(leave[:, None, None], at_exit, logits)
+      ran = jnp.where(leave, i + 1, ran)
+      live &= ~leave
+  hidden = norm(params["norm"], x)
+  logits = jax.lax.cond(live.any(), lambda: jnp.where(
+      live[:, None, None], lm_head(cfg, params, hidden), logits), lambda: logits)
+  return Forward(logits, hidden, (), cache.replace(k=tuple(ks), v=tuple(vs))), ran
