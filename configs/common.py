@@ -15,6 +15,8 @@ MEDUSA_SMOLLM2 = os.path.join(HEADS, "medusa-smollm2-135m")
 EAGLE3_SMOLLM2 = os.path.join(HEADS, "eagle3-smollm2-135m")
 HYDRA_SMOLLM2 = os.path.join(HEADS, "hydra-smollm2-135m")
 FALCON_SMOLLM2 = os.path.join(HEADS, "falcon-smollm2-135m")
+# SpecEE's exit predictors for SmolLM2-135M (configs/specee.py; candidates from EAGLE_SMOLLM2).
+SPECEE_SMOLLM2 = os.path.normpath(os.path.join(HEADS, "..", "specee", "smollm2-135m"))
 # Verify and draft costs measured on this project's 2-core CPU (`python -m
 # specjax.evaluation.bench --costs-only`): what `budget=` sizes drafts from. On another
 # device, measure its own and pass --config.costs=workdir/bench/costs.json.

@@ -1,8 +1,10 @@
 """Drafting with no training, side by side on SmolLM2-135M: AR, prompt lookup, Token
 Recycling (the paper's 80-node template and a cut sized for this CPU), SuffixDecoding (as
 the paper drafts, and cut by this CPU's measured step costs), SWIFT and DEL (the target's
-own layers, skipped or exited early, with the papers' knobs) and a hybrid tree of the
-committed EAGLE-3 head's chain with Token Recycling's and SuffixDecoding's candidates.
+own layers, skipped or exited early, with the papers' knobs), SpecEE (LOSSY, greedy only:
+the target's forward exits early where trained predictors and the committed EAGLE-1 head's
+candidates agree) and a hybrid tree of the committed EAGLE-3 head's chain with Token
+Recycling's and SuffixDecoding's candidates.
 
   (no argument)  the README tables' protocol (`common.table_protocol`: MT-Bench and
                  HumanEval, 2 prompts each, 128 new tokens, greedy and T=1)
@@ -10,6 +12,7 @@ committed EAGLE-3 head's chain with Token Recycling's and SuffixDecoding's candi
   repeat         a workload with repetition: 2 HumanEval problems each asked 4 times with
                  the function renamed (`humaneval_renamed`), greedy; learning drafters
                  hot-started from prompt to prompt, and SuffixDecoding cold for contrast
+  specee         AR, the EAGLE-1 head's chain of 3 and SpecEE, greedy (the protocol above)
 
 `make bench` runs the greedy and repeat sweeps. Learning drafters carry what each prompt
 taught them to the next one (`method(hot_start=...)`).
@@ -33,6 +36,9 @@ def methods(costs=common.CPU_COSTS):
       common.method("suffix_costed", drafter="suffix", budget=costs),
       common.method("swift", drafter="swift"),
       common.method("del", drafter="del"),
+      # LOSSY and greedy-only: sweeps run it at temperature 0 and report its agreement
+      # with AR. Its candidates come from the committed EAGLE-1 head (trained predictors).
+      common.method("specee", drafter="specee", checkpoint=common.SPECEE_SMOLLM2),
       common.method("hybrid_eagle3", drafter="hybrid", parts=[
           {"drafter": "eagle3", "checkpoint": common.EAGLE3_SMOLLM2, "depth": 3},
           {"drafter": "token_recycling", "num_nodes": RECYCLING_NODES},
@@ -41,12 +47,18 @@ def methods(costs=common.CPU_COSTS):
 
 
 def get_config(arg: str | None = None):
-  if arg not in (None, "", "greedy", "repeat"):
-    raise ValueError(f"Unknown argument {arg!r}: use nothing, 'greedy' or 'repeat'.")
+  if arg not in (None, "", "greedy", "repeat", "specee"):
+    raise ValueError(f"Unknown argument {arg!r}: use nothing, 'greedy', 'repeat' or "
+                     "'specee'.")
   c = common.table_protocol(common.base())
   c.methods = [common.method("ar")] + methods()
-  if arg in ("greedy", "repeat"):
+  if arg in ("greedy", "repeat", "specee"):
     c.temperatures = (0.0,)
+  if arg == "specee":  # SpecEE beside AR and its own candidate head drafting a chain
+    c.methods = [common.method("ar"),
+                 common.method("eagle_chain", drafter="eagle", checkpoint=common.EAGLE_SMOLLM2,
+                               top_k=1, depth=3),
+                 common.method("specee", drafter="specee", checkpoint=common.SPECEE_SMOLLM2)]
   if arg == "repeat":
     c.datasets = ("humaneval_renamed",)
     c.num_prompts = 8

@@ -471,3 +471,17 @@ def test_sweep_on_a_mesh_gives_the_single_device_rows(prompt_file, swept, tmp_pa
     sweep.run(sweep.plan(c), swept[0])
   with pytest.raises(sharding.ShardingError, match="vocab"):
     sweep.run(sweep.plan(tiny_config(prompt_file, mesh="tensor=8")), str(tmp_path / "bad"))
+
+
+def test_agreement_with_ar_is_measured_for_lossy_methods():
+  """A greedy row's share of tokens equal to AR's and the first position that differs;
+  summaries average the share and take the median first difference (a row equal to AR
+  counts as its length)."""
+  assert metrics.agreement([1, 2, 3, 4], [1, 2, 3, 4]) == (1.0, None)
+  assert metrics.agreement([1, 2, 9, 4], [1, 2, 3, 4]) == (0.75, 2)
+  assert metrics.agreement([1, 2], [1, 2, 3, 4]) == (0.5, 2)
+  rows = [{**_row("ee", "a", 10.0), "match_ar": 0.5, "diverge_at": 3},
+          {**_row("ee", "b", 10.0), "match_ar": 1.0, "diverge_at": None}]
+  (s,) = metrics.summarize(rows)
+  assert s["match_ar"] == 0.75 and s["first_divergence"] == (3 + 8) / 2
+  assert "| 75% | 6 |" in report.markdown([s])

@@ -169,8 +169,9 @@ def test_specee_is_refused_where_undefined_and_labelled_lossy(tmp_path):
                         static=(1,))
   with pytest.raises(ValueError, match="need 3 exit layers"):
     wrong.validate(TARGET.config)
-  bad_layer = specee.create(TARGET, _inner(), _always(1.0), static=(3,))
   with pytest.raises(ValueError, match="static exit layers"):
-    bad_layer.validate(TARGET.config)
+    specee.create(TARGET, _inner(), _always(1.0), static=(3,))
+  with pytest.raises(ValueError, match="threshold is a probability"):
+    specee.create(TARGET, _inner(), _always(1.0), static=(1,), threshold=1.5)
   with pytest.raises(FileNotFoundError, match="No SpecEE predictors"):
     specee.load(str(tmp_path))

@@ -92,12 +92,17 @@ def first_probs(candidates: int) -> jax.Array:
   return jnp.zeros((candidates,))
 
 
-def schedule(num_layers: int, static: tuple[int, ...], history_BxM, count_B) -> jax.Array:
-  """bool[B, L - 1]: the layers whose predictor runs. The static set, and once a sequence
-  has `M` exits recorded, every layer within {e - 2, e, e + 2} of each (a full-depth token
-  records e = L - 1)."""
-  exits = num_layers - 1
-  mask = jnp.zeros((exits,), bool).at[jnp.asarray(static, jnp.int32)].set(True)
+def static_mask(num_layers: int, static) -> jax.Array:
+  """bool[L - 1]: the static exit layers as a mask (traced: a new set never recompiles)."""
+  return jnp.zeros((num_layers - 1,), bool).at[jnp.asarray(static, jnp.int32)].set(True)
+
+
+def schedule(static_E, history_BxM, count_B) -> jax.Array:
+  """bool[B, E]: the exit layers whose predictor runs. The static set (bool[E]), and once
+  a sequence has `M` exits recorded, every layer within {e - 2, e, e + 2} of each (a
+  full-depth token records e = E)."""
+  exits = static_E.shape[0]
+  mask = static_E
   near = jnp.stack([history_BxM - 2, history_BxM, history_BxM + 2], -1).reshape(
       history_BxM.shape[0], -1)
   hit = (near[:, :, None] == jnp.arange(exits)).any(1)
@@ -122,9 +127,9 @@ class SpecEE:
 
   inner: Any  # a drafter whose tree is K siblings of the root: the candidates
   predictors: Any
+  static: jax.Array  # bool[L - 1]: the static exit layers (`static_mask`)
+  threshold: jax.Array  # float32[]: P(exit) a predictor must clear
   config: ModelConfig = flax.struct.field(pytree_node=False)
-  static: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
-  threshold: float = flax.struct.field(pytree_node=False, default=0.5)
   history: int = flax.struct.field(pytree_node=False, default=5)
   # The exit history a call starts from (int32[history]) and how many of its entries are
   # real: carried from the previous call (`carry`), as the reference keeps one history for
@@ -159,10 +164,6 @@ class SpecEE:
       raise ValueError(f"SpecEE predictors of shape {exits} need {self.config.num_layers - 1} "
                        f"exit layers and {3 * self.candidates} inputs ({self.candidates} "
                        "candidates).")
-    bad = [l for l in self.static if not 0 <= l < self.config.num_layers - 1]
-    if bad:
-      raise ValueError(f"SpecEE's static exit layers {bad} are not in [0, "
-                       f"{self.config.num_layers - 2}].")
 
   def init(self, ctx, max_len: int, features) -> SpecEEState:
     b = ctx.history.shape[0]
@@ -183,7 +184,7 @@ class SpecEE:
                      visible_BxTxT, cache, feats) -> tuple[Forward, SpecEEState]:
     """The step's target forward with SpecEE's exits (one token per step: T = 1)."""
     cands_BxK = state.candidates
-    check_BxE = schedule(cfg.num_layers, self.static, state.history, state.count)
+    check_BxE = schedule(self.static, state.history, state.count)
 
     def decide(layer: int, x_BxTxH, live_B, prev_BxK):
       x_BxH = x_BxTxH[:, 0]
@@ -257,10 +258,19 @@ def load(path: str) -> tuple[Any, dict]:
 
 def create(target: Model, inner, predictors, *, static, threshold: float = 0.5,
            history: int = 5) -> SpecEE:
-  """SpecEE over `target` with a candidate drafter and stacked predictors."""
+  """SpecEE over `target` with a candidate drafter, stacked predictors and the static exit
+  layers (indices)."""
+  exits = target.config.num_layers - 1
+  bad = [int(l) for l in static if not 0 <= int(l) < exits]
+  if bad:
+    raise ValueError(f"SpecEE's static exit layers {bad} are not in [0, {exits - 1}].")
+  if not 0.0 <= threshold <= 1.0:
+    raise ValueError(f"SpecEE's threshold is a probability; got {threshold}.")
+  if history < 1:
+    raise ValueError(f"SpecEE's history counts exits; got {history}.")
   predictors = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), predictors)
-  return SpecEE(inner, predictors, target.config, tuple(int(l) for l in static),
-                float(threshold), int(history))
+  return SpecEE(inner, predictors, static_mask(target.config.num_layers, list(static)),
+                jnp.float32(threshold), target.config, int(history))
 
 
 @registry.DRAFTERS.register("specee", takes_stop_policy=False, lossy=True, greedy_only=True)
@@ -274,10 +284,6 @@ def _build(target: Model, *, checkpoint: str, head: str | None = None,
   skip_lib.check(target.config, "SpecEE")
   predictors, meta = load(checkpoint)
   threshold = meta.get("threshold", 0.5) if threshold is None else threshold
-  if not 0.0 <= threshold <= 1.0:
-    raise ValueError(f"SpecEE's threshold is a probability; got {threshold}.")
-  if history < 1:
-    raise ValueError(f"SpecEE's history counts exits; got {history}.")
   # A relative head folder is relative to the predictor folder (they are committed together).
   head = head or os.path.normpath(os.path.join(checkpoint, meta["head"]))
   inner = io.load_drafter(head, target, "eagle", depth=1, top_k=meta["candidates"])
