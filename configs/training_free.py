@@ -12,7 +12,8 @@ Recycling's and SuffixDecoding's candidates.
   repeat         a workload with repetition: 2 HumanEval problems each asked 4 times with
                  the function renamed (`humaneval_renamed`), greedy; learning drafters
                  hot-started from prompt to prompt, and SuffixDecoding cold for contrast
-  specee         AR, the EAGLE-1 head's chain of 3 and SpecEE, greedy (the protocol above)
+  specee         AR, the EAGLE-1 head's chain of 3 and SpecEE at thresholds 0.5 (the
+                 reference's) and 0.9, greedy (the protocol above)
 
 `make bench` runs the greedy and repeat sweeps. Learning drafters carry what each prompt
 taught them to the next one (`method(hot_start=...)`).
@@ -37,8 +38,11 @@ def methods(costs=common.CPU_COSTS):
       common.method("swift", drafter="swift"),
       common.method("del", drafter="del"),
       # LOSSY and greedy-only: sweeps run it at temperature 0 and report its agreement
-      # with AR. Its candidates come from the committed EAGLE-1 head (trained predictors).
+      # with AR. Its candidates come from the committed EAGLE-1 head (trained predictors);
+      # the reference's threshold 0.5, and 0.9, which keeps SmolLM2's text fluent.
       common.method("specee", drafter="specee", checkpoint=common.SPECEE_SMOLLM2),
+      common.method("specee_t0.9", drafter="specee", checkpoint=common.SPECEE_SMOLLM2,
+                    threshold=0.9),
       common.method("hybrid_eagle3", drafter="hybrid", parts=[
           {"drafter": "eagle3", "checkpoint": common.EAGLE3_SMOLLM2, "depth": 3},
           {"drafter": "token_recycling", "num_nodes": RECYCLING_NODES},
@@ -58,7 +62,11 @@ def get_config(arg: str | None = None):
     c.methods = [common.method("ar"),
                  common.method("eagle_chain", drafter="eagle", checkpoint=common.EAGLE_SMOLLM2,
                                top_k=1, depth=3),
-                 common.method("specee", drafter="specee", checkpoint=common.SPECEE_SMOLLM2)]
+                 common.method("specee", drafter="specee", checkpoint=common.SPECEE_SMOLLM2),
+      common.method("specee_t0.9", drafter="specee", checkpoint=common.SPECEE_SMOLLM2,
+                    threshold=0.9),
+                 common.method("specee_t0.9", drafter="specee",
+                               checkpoint=common.SPECEE_SMOLLM2, threshold=0.9)]
   if arg == "repeat":
     c.datasets = ("humaneval_renamed",)
     c.num_prompts = 8

@@ -85,7 +85,7 @@ def _summarize_group(rows: Sequence[Row], ar_tps: Mapping[tuple, float]) -> dict
   equal = [r["equal_to_ar"] for r in rows if r["equal_to_ar"] is not None]
   # Rows written before the agreement fields existed have none.
   greedy = [r for r in rows if r.get("match_ar") is not None]
-  first = [r["new_tokens"] if r["diverge_at"] is None else r["diverge_at"] for r in greedy]
+  diverged = [r["new_tokens"] if r["diverge_at"] is None else r["diverge_at"] for r in greedy]
   return {
       **{k: first[k] for k in GROUP},
       "drafter": first["drafter"],
@@ -103,7 +103,7 @@ def _summarize_group(rows: Sequence[Row], ar_tps: Mapping[tuple, float]) -> dict
       "match_ar": statistics.fmean(r["match_ar"] for r in greedy) if greedy else None,
       # The median position of the first token that differs from AR's (a row equal to AR
       # counts as its length).
-      "first_divergence": statistics.median(first) if first else None,
+      "first_divergence": statistics.median(diverged) if diverged else None,
       "lossy": any(r["lossy"] for r in rows),
   }
 
