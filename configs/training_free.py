@@ -3,8 +3,8 @@ Recycling (the paper's 80-node template and a cut sized for this CPU), SuffixDec
 the paper drafts, and cut by this CPU's measured step costs), SWIFT and DEL (the target's
 own layers, skipped or exited early, with the papers' knobs), SpecEE (LOSSY, greedy only:
 the target's forward exits early where trained predictors and the committed EAGLE-1 head's
-candidates agree) and a hybrid tree of the committed EAGLE-3 head's chain with Token
-Recycling's and SuffixDecoding's candidates.
+candidates agree), a hybrid tree of Token Recycling's and SuffixDecoding's candidates,
+and one of the committed EAGLE-3 head's chain with both.
 
   (no argument)  the README tables' protocol (`common.table_protocol`: MT-Bench and
                  HumanEval, 2 prompts each, 128 new tokens, greedy and T=1)
@@ -43,6 +43,10 @@ def methods(costs=common.CPU_COSTS):
       common.method("specee", drafter="specee", checkpoint=common.SPECEE_SMOLLM2),
       common.method("specee_t0.9", drafter="specee", checkpoint=common.SPECEE_SMOLLM2,
                     threshold=0.9),
+      # The training-free parts alone: Token Recycling's 80-node tree and SuffixDecoding's
+      # chain, merged.
+      common.method("hybrid_free", drafter="hybrid", parts=[
+          {"drafter": "token_recycling"}, {"drafter": "suffix", "depth": 8}]),
       common.method("hybrid_eagle3", drafter="hybrid", parts=[
           {"drafter": "eagle3", "checkpoint": common.EAGLE3_SMOLLM2, "depth": 3},
           {"drafter": "token_recycling", "num_nodes": RECYCLING_NODES},

@@ -34,6 +34,8 @@ from specjax.drafters.selfdraft import specee
 from specjax.models import skip as skip_lib
 from specjax.models.model import FINAL, causal, forward, shared_params
 
+from . import minibatch, stored
+
 SPEC = "examples.json"
 
 
@@ -76,20 +78,8 @@ def collect(target: models.Model, head, head_params, tokens: np.ndarray, mask: n
   """Examples of every response position of `tokens` ([N, T] rows and their loss mask),
   one file per batch under `folder` (kept: a rerun resumes). Returns x [M, E, 3K] float32,
   label and allowed [M, E] bool."""
-  os.makedirs(folder, exist_ok=True)
-  spec = json.loads(json.dumps({**(spec or {}), "candidates": candidates, "rows": len(tokens),
-                                "batch_size": batch_size}))
-  spec_path = os.path.join(folder, SPEC)
-  if os.path.exists(spec_path):
-    with open(spec_path, encoding="utf-8") as f:
-      stored = json.load(f)
-    if stored != spec:
-      diff = sorted(k for k in set(stored) | set(spec) if stored.get(k) != spec.get(k))
-      raise ValueError(f"{folder} holds examples made with other settings ({diff} differ); "
-                       "use another folder or remove it.")
-  else:
-    with open(spec_path, "w", encoding="utf-8") as f:
-      json.dump(spec, f, indent=1)
+  stored.claim(folder, {**(spec or {}), "candidates": candidates, "rows": len(tokens),
+                        "batch_size": batch_size}, "examples", SPEC)
   run = _examples_fn(target, head, candidates)
   parts = []
   for i in range(0, len(tokens), batch_size):
@@ -116,25 +106,13 @@ def fit(x_MxExF: np.ndarray, y_MxE: np.ndarray, *, steps: int = 2000, batch_size
   positions. Returns (stacked params, final mean loss)."""
   m, e, f = x_MxExF.shape
   params = specee.init_predictors(jax.random.key(seed), e, f // 3)
-  tx = optax.adam(lr)
 
   def loss_fn(p, xb_BxExF, yb_BxE):
     z = jax.vmap(lambda l, x: specee.exit_logit(p, l, x), (0, 1), 1)(jnp.arange(e), xb_BxExF)
     return jnp.mean(optax.sigmoid_binary_cross_entropy(z, yb_BxE.astype(jnp.float32)))
 
-  @jax.jit
-  def step(p, opt, xb, yb):
-    loss, g = jax.value_and_grad(loss_fn)(p, xb, yb)
-    upd, opt = tx.update(g, opt, p)
-    return optax.apply_updates(p, upd), opt, loss
-
-  opt = tx.init(params)
-  rng = np.random.default_rng(seed)
-  loss = np.nan
-  for _ in range(steps):
-    idx = rng.integers(0, m, min(batch_size, m))
-    params, opt, loss = step(params, opt, jnp.asarray(x_MxExF[idx]), jnp.asarray(y_MxE[idx]))
-  return params, float(loss)
+  return minibatch.adam(loss_fn, params, (x_MxExF, y_MxE), steps=steps,
+                        batch_size=batch_size, lr=lr, seed=seed)
 
 
 def scores(params, x_MxExF: np.ndarray) -> np.ndarray:

@@ -27,10 +27,11 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from specjax import decode
 from specjax.stopping import learned
+
+from . import minibatch, stored
 
 PROGRESS, SPEC = "progress.json", "labels.json"
 
@@ -43,20 +44,9 @@ def collect(target, drafter, prompts: Sequence[Sequence[int]], folder: str, *,
   steps that ran) and returns the files. Batches already on disk are kept (resume);
   `spec` (what made them: target, drafter, ...) is stored beside them, and a folder made
   by another spec is an error instead of a silent mix."""
-  os.makedirs(folder, exist_ok=True)
-  spec = {**(spec or {}), "temperature": temperature, "max_new_tokens": max_new_tokens,
-          "batch_size": batch_size, "seed": seed, "prompts": len(prompts)}
-  spec_path = os.path.join(folder, SPEC)
-  if os.path.exists(spec_path):
-    with open(spec_path, encoding="utf-8") as f:
-      stored = json.load(f)
-    if stored != json.loads(json.dumps(spec)):
-      diff = sorted(k for k in set(stored) | set(spec) if stored.get(k) != spec.get(k))
-      raise ValueError(f"{folder} holds labels made with other settings ({diff} differ); "
-                       "use another labels folder or remove it.")
-  else:
-    with open(spec_path, "w", encoding="utf-8") as f:
-      json.dump(spec, f, indent=1)
+  stored.claim(folder, {**(spec or {}), "temperature": temperature,
+                        "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                        "seed": seed, "prompts": len(prompts)}, "labels", SPEC)
   files = []
   for i in range(0, len(prompts), batch_size):
     path = os.path.join(folder, f"batch_{i // batch_size:05d}.npz")
@@ -139,25 +129,13 @@ def fit(kind: str, x: np.ndarray, y: np.ndarray, *, steps: int = 500, batch_size
   params = (learned.specdecpp_init(key, h) if kind == "specdecpp"
             else learned.pacer_init(key, h, block))
   f = logits_fn(kind)
-  tx = optax.adam(lr)
 
   def loss_fn(p, xb, yb):
     z = f(p, xb)
     return jnp.mean(-yb * jax.nn.log_sigmoid(z) - reject_weight * (1 - yb) * jax.nn.log_sigmoid(-z))
 
-  @jax.jit
-  def step(p, opt, xb, yb):
-    loss, g = jax.value_and_grad(loss_fn)(p, xb, yb)
-    upd, opt = tx.update(g, opt, p)
-    return optax.apply_updates(p, upd), opt, loss
-
-  opt = tx.init(params)
-  rng = np.random.default_rng(seed)
-  loss = np.nan
-  for _ in range(steps):
-    idx = rng.integers(0, len(y), min(batch_size, len(y)))
-    params, opt, loss = step(params, opt, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
-  return params, float(loss)
+  return minibatch.adam(loss_fn, params, (x, y), steps=steps, batch_size=batch_size, lr=lr,
+                        seed=seed)
 
 
 def score(kind: str, params, x: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ unwritten (they are skipped for every draft token of the step).
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,37 +31,59 @@ def check(cfg: ModelConfig, what: str) -> None:
                      f"Llama-family targets; this target is {cfg.arch!r}.")
 
 
-def forward_skipping(cfg: ModelConfig, params: Any, tokens_BxT, positions_BxT, visible_BxTxT,
-                     cache, skip_Lx2) -> Forward:
-  """`models.forward` (with a cache, no features) with the sub-layers `skip_Lx2` marks
-  skipped. Returns the logits and final normed state at every new token and the cache
-  with their keys/values written at `cache.lengths` for the attention that ran."""
+class _SubLayers(NamedTuple):
+  """A cached forward's embedded input and its sub-layers, by layer index."""
+
+  x: jax.Array  # [B, T, H]: the new tokens' embeddings
+  attention: Callable  # (i, x, kv) -> (x + attention, kv with the new keys/values)
+  mlp: Callable  # (i, x) -> x + MLP
+  keys_values: Callable  # (i, x, kv) -> kv with layer i's keys/values of x written
+
+
+def _sublayers(cfg: ModelConfig, params: Any, tokens_BxT, positions_BxT, visible_BxTxT,
+               cache) -> _SubLayers:
+  """What `forward_skipping` and `forward_exiting` run, layer by layer (as
+  `llama.Block` does; the new keys/values go at `cache.lengths`)."""
   dtype = param_dtype(params)
-  x = embed(cfg, params, tokens_BxT).astype(dtype)
   cos, sin = rope_cos_sin(cfg, positions_BxT, dtype)
   visible, prefix = in_window(cfg, positions_BxT, visible_BxTxT, None, cache)
   if prefix is None and cfg.attention_impl == "xla":
     prefix = cache.prefix_mask(tokens_BxT.shape[1])
   norm = lambda p, x: RMSNorm(cfg.norm_eps, dtype).apply({"params": p}, x)
-  ks, vs = [], []
+  layer = lambda i: params[f"layers_{i}"]
+
+  def attention(i, x, kv):
+    h, kv = Attention(cfg, dtype).apply({"params": layer(i)["self_attn"]}, norm(
+        layer(i)["input_layernorm"], x), cos, sin, visible, prefix, kv, cache.lengths)
+    return x + h, kv
+
+  def mlp(i, x):
+    return x + MLP(cfg, dtype).apply({"params": layer(i)["mlp"]},
+                                     norm(layer(i)["post_attention_layernorm"], x))
+
+  def keys_values(i, x, kv):
+    k, v = _keys_values(cfg, layer(i)["self_attn"], norm(layer(i)["input_layernorm"], x),
+                        cos, sin)
+    return cache_lib.write(kv[0], k, cache.lengths), cache_lib.write(kv[1], v, cache.lengths)
+
+  return _SubLayers(embed(cfg, params, tokens_BxT).astype(dtype), attention, mlp,
+                    keys_values)
+
+
+def forward_skipping(cfg: ModelConfig, params: Any, tokens_BxT, positions_BxT, visible_BxTxT,
+                     cache, skip_Lx2) -> Forward:
+  """`models.forward` (with a cache, no features) with the sub-layers `skip_Lx2` marks
+  skipped. Returns the logits and final normed state at every new token and the cache
+  with their keys/values written at `cache.lengths` for the attention that ran."""
+  sub = _sublayers(cfg, params, tokens_BxT, positions_BxT, visible_BxTxT, cache)
+  x, ks, vs = sub.x, [], []
   for i in range(cfg.num_layers):
-    p = params[f"layers_{i}"]
-
-    def attention(x, kv, p=p):
-      h, kv = Attention(cfg, dtype).apply({"params": p["self_attn"]}, norm(
-          p["input_layernorm"], x), cos, sin, visible, prefix, kv, cache.lengths)
-      return x + h, kv
-
-    def mlp(x, p=p):
-      return x + MLP(cfg, dtype).apply({"params": p["mlp"]},
-                                       norm(p["post_attention_layernorm"], x))
-
-    x, kv = jax.lax.cond(skip_Lx2[i, 0], lambda x, kv: (x, kv), attention, x,
-                         (cache.k[i], cache.v[i]))
-    x = jax.lax.cond(skip_Lx2[i, 1], lambda x: x, mlp, x)
+    x, kv = jax.lax.cond(skip_Lx2[i, 0], lambda x, kv: (x, kv),
+                         functools.partial(sub.attention, i), x, (cache.k[i], cache.v[i]))
+    x = jax.lax.cond(skip_Lx2[i, 1], lambda x: x, functools.partial(sub.mlp, i), x)
     ks.append(kv[0])
     vs.append(kv[1])
-  hidden = norm(params["norm"], x)
+  hidden = final_norm(cfg, params, x)
   return Forward(lm_head(cfg, params, hidden), hidden, (),
                  cache.replace(k=tuple(ks), v=tuple(vs)))
 
@@ -113,31 +135,21 @@ def forward_exiting(cfg: ModelConfig, params: Any, tokens_BxT, positions_BxT, vi
   Returns the Forward (the exit logits and exit state normed by the final norm for the
   sequences that left) and int32[B]: the layers each sequence ran.
   """
-  dtype = param_dtype(params)
   b = tokens_BxT.shape[0]
-  x = embed(cfg, params, tokens_BxT).astype(dtype)
-  cos, sin = rope_cos_sin(cfg, positions_BxT, dtype)
-  visible, prefix = in_window(cfg, positions_BxT, visible_BxTxT, None, cache)
-  if prefix is None and cfg.attention_impl == "xla":
-    prefix = cache.prefix_mask(tokens_BxT.shape[1])
-  norm = lambda p, x: RMSNorm(cfg.norm_eps, dtype).apply({"params": p}, x)
+  sub = _sublayers(cfg, params, tokens_BxT, positions_BxT, visible_BxTxT, cache)
+  x = sub.x
   live = jnp.ones((b,), bool)
   ran = jnp.full((b,), cfg.num_layers, jnp.int32)
   logits = jnp.zeros(tokens_BxT.shape + (cfg.vocab_size,), jnp.float32)
   ks, vs = [], []
   for i in range(cfg.num_layers):
-    p = params[f"layers_{i}"]
 
-    def layer(x, kv, p=p):
-      h, kv = Attention(cfg, dtype).apply({"params": p["self_attn"]}, norm(
-          p["input_layernorm"], x), cos, sin, visible, prefix, kv, cache.lengths)
-      x = x + h
-      return x + MLP(cfg, dtype).apply({"params": p["mlp"]},
-                                       norm(p["post_attention_layernorm"], x)), kv
+    def layer(x, kv, i=i):
+      x, kv = sub.attention(i, x, kv)
+      return sub.mlp(i, x), kv
 
-    def propagate(x, kv, p=p):
-      k, v = _keys_values(cfg, p["self_attn"], norm(p["input_layernorm"], x), cos, sin)
-      return x, (cache_lib.write(kv[0], k, cache.lengths), cache_lib.write(kv[1], v, cache.lengths))
+    def propagate(x, kv, i=i):
+      return x, sub.keys_values(i, x, kv)
 
     x_new, kv = jax.lax.cond(live.any(), layer, propagate, x, (cache.k[i], cache.v[i]))
     x = jnp.where(live[:, None, None], x_new, x)  # a sequence that left keeps its exit state
@@ -151,7 +163,7 @@ def forward_exiting(cfg: ModelConfig, params: Any, tokens_BxT, positions_BxT, vi
       logits = jnp.where(leave[:, None, None], at_exit, logits)
       ran = jnp.where(leave, i + 1, ran)
       live &= ~leave
-  hidden = norm(params["norm"], x)
+  hidden = final_norm(cfg, params, x)
   logits = jax.lax.cond(live.any(), lambda: jnp.where(
       live[:, None, None], lm_head(cfg, params, hidden), logits), lambda: logits)
   return Forward(logits, hidden, (), cache.replace(k=tuple(ks), v=tuple(vs))), ran
