@@ -67,8 +67,6 @@ def get_config(arg: str | None = None):
                  common.method("eagle_chain", drafter="eagle", checkpoint=common.EAGLE_SMOLLM2,
                                top_k=1, depth=3),
                  common.method("specee", drafter="specee", checkpoint=common.SPECEE_SMOLLM2),
-      common.method("specee_t0.9", drafter="specee", checkpoint=common.SPECEE_SMOLLM2,
-                    threshold=0.9),
                  common.method("specee_t0.9", drafter="specee",
                                checkpoint=common.SPECEE_SMOLLM2, threshold=0.9)]
   if arg == "repeat":

@@ -108,6 +108,10 @@ def test_an_exit_needs_the_layer_argmax_among_the_candidates():
   # The history carries to the next call (a hot start): it then schedules from the exits.
   warm = at_one.carry(out)
   assert int(warm.past_count) == 12 and set(np.asarray(warm.past).tolist()) <= {1, 3}
+  compiled = decode._generate._cache_size()  # pylint: disable=protected-access
+  hot = decode.generate(TARGET, PROMPTS, max_new_tokens=12, eos=None, drafter=warm)
+  assert hot.token_lists() == ar.token_lists()
+  assert decode._generate._cache_size() == compiled  # pylint: disable=protected-access
 
 
 def test_trained_predictors_exit_where_it_is_exact(tmp_path):

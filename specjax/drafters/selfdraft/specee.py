@@ -116,6 +116,9 @@ def schedule(static_E, history_BxM, count_B) -> jax.Array:
 class SpecEEState:
   inner: Any  # the candidate drafter's state
   candidates: jax.Array  # int32[B, K]: this step's candidates
+  # bool[B]: whether the head drafted them (it has nothing to draft from on the first step
+  # after a 1-token prompt); no exit without them
+  drafted: jax.Array
   history: jax.Array  # int32[B, M]: the last M exits (layer indices; L - 1: full depth)
   count: jax.Array  # int32[B]: exits recorded (the dynamic schedule waits for M)
   layers: jax.Array  # int32[B]: layers run, summed over steps (what the exits saved)
@@ -132,8 +135,9 @@ class SpecEE:
   config: ModelConfig = flax.struct.field(pytree_node=False)
   history: int = flax.struct.field(pytree_node=False, default=5)
   # The exit history a call starts from (int32[history]) and how many of its entries are
-  # real: carried from the previous call (`carry`), as the reference keeps one history for
-  # a whole stream of prompts. None: empty.
+  # real (int32[]): empty, or carried from the previous call (`carry`), as the reference
+  # keeps one history for a whole stream of prompts. Arrays either way, so a hot start
+  # runs the cold start's compiled program.
   past: Any = None
   past_count: Any = None
   num_nodes = 0  # nothing is verified: every step is one (possibly early-exited) forward
@@ -168,17 +172,17 @@ class SpecEE:
   def init(self, ctx, max_len: int, features) -> SpecEEState:
     b = ctx.history.shape[0]
     zeros = jnp.zeros((b,), jnp.int32)
-    past = jnp.zeros((self.history,), jnp.int32) if self.past is None else self.past
-    count = zeros if self.past_count is None else zeros + self.past_count
     return SpecEEState(self.inner.init(ctx, max_len, features),
-                       jnp.zeros((b, self.candidates), jnp.int32),
-                       jnp.broadcast_to(past, (b, self.history)), count, zeros)
+                       jnp.zeros((b, self.candidates), jnp.int32), jnp.zeros((b,), bool),
+                       jnp.broadcast_to(self.past, (b, self.history)),
+                       zeros + self.past_count, zeros)
 
   def propose(self, state: SpecEEState, ctx, stop, sampling, key):
     tree, inner, calls = self.inner.propose(state.inner, ctx, stop, sampling, key)
     b = ctx.history.shape[0]
     empty = DraftTree.chain(jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), bool))
-    return empty, state.replace(inner=inner, candidates=tree.tokens), calls
+    return empty, state.replace(inner=inner, candidates=tree.tokens,
+                                drafted=tree.valid[:, 0]), calls
 
   def target_forward(self, state: SpecEEState, cfg, params, tokens_BxT, positions_BxT,
                      visible_BxTxT, cache, feats) -> tuple[Forward, SpecEEState]:
@@ -191,7 +195,7 @@ class SpecEE:
       feats_BxF, probs_BxK = features(candidate_logits(cfg, params, x_BxH, cands_BxK),
                                       prev_BxK)
       fire_B = (jax.nn.sigmoid(exit_logit(self.predictors, layer, feats_BxF)) > self.threshold
-                ) & check_BxE[:, layer] & live_B
+                ) & check_BxE[:, layer] & live_B & state.drafted
 
       def full(_):
         logits_BxV = skip_lib.exit_logits(cfg, params, x_BxTxH)[:, 0]
@@ -270,7 +274,8 @@ def create(target: Model, inner, predictors, *, static, threshold: float = 0.5,
     raise ValueError(f"SpecEE's history counts exits; got {history}.")
   predictors = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), predictors)
   return SpecEE(inner, predictors, static_mask(target.config.num_layers, list(static)),
-                jnp.float32(threshold), target.config, int(history))
+                jnp.float32(threshold), target.config, int(history),
+                jnp.zeros((int(history),), jnp.int32), jnp.int32(0))
 
 
 @registry.DRAFTERS.register("specee", takes_stop_policy=False, lossy=True, greedy_only=True)
@@ -286,6 +291,8 @@ def _build(target: Model, *, checkpoint: str, head: str | None = None,
   threshold = meta.get("threshold", 0.5) if threshold is None else threshold
   # A relative head folder is relative to the predictor folder (they are committed together).
   head = head or os.path.normpath(os.path.join(checkpoint, meta["head"]))
-  inner = io.load_drafter(head, target, "eagle", depth=1, top_k=meta["candidates"])
+  # Exactly K siblings of the root, whatever draft shape the head folder saved.
+  inner = io.load_drafter(head, target, "eagle", depth=1, top_k=meta["candidates"], tree=None,
+                          num_nodes=None)
   return create(target, inner, predictors, static=meta["static"], threshold=threshold,
                 history=history)
