@@ -468,10 +468,11 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
   done = {report.row_key(r): r for r in stored}
   prompts = [p for d in plan.datasets for p in prompts_lib.load(d, limit=plan.num_prompts)]
   names = [m.name for m in plan.methods] + list(plan.peers)
-  greedy_only = {m.name for m in plan.methods if m.greedy_only}  # no sampled cells
+  greedy_only = {m.name for m in plan.methods if m.greedy_only}
+  runs = lambda name, temperature: temperature == 0 or name not in greedy_only
   keys = [(name, p.dataset, _turn_id(p, t), temp, seed)
           for p, temp, seed in _cells(plan, prompts) for t in range(len(p.turns))
-          for name in names if not (temp > 0 and name in greedy_only)]
+          for name in names if runs(name, temp)]
   todo = [k for k in keys if k not in done]
   target = models.load(plan.target, plan.dtype, plan=plan.sharding).with_attention(
       plan.attention)
@@ -525,8 +526,7 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
           reason = reason or "an earlier turn of this prompt was skipped"
           bar.write(f"skipping {p.dataset}/{cell['prompt_id']}: {reason}")
           for spec, _ in jobs:
-            if _key(cell, spec["method"]) not in done and not (
-                temperature > 0 and spec["method"] in greedy_only):
+            if _key(cell, spec["method"]) not in done and runs(spec["method"], temperature):
               row = {**spec, **cell, "target": plan.target_name, "skipped": reason,
                      **_setup(plan),
                      "max_new_tokens": plan.max_new_tokens, "prompt_tokens": len(ids)}
@@ -539,8 +539,7 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
         max_len = max(sizes[id(p)], decode.bucketed_cache_size(
             len(ids), plan.max_new_tokens, room, plan.cache_bucket))
         for spec, measure in jobs:
-          if _key(cell, spec["method"]) in done or (
-              temperature > 0 and spec["method"] in greedy_only):
+          if _key(cell, spec["method"]) in done or not runs(spec["method"], temperature):
             continue
           bar.set_postfix_str(f"{spec['method']} {cell['prompt_id']}")
           live.use(max_len)

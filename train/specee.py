@@ -57,7 +57,7 @@ def _examples_fn(target: models.Model, head, candidates: int):
     g, _ = head.net(head_params, shared, out.features[-1][:, :-1], tokens_BxT[:, 1:],
                     positions[:, :-1], causal(t - 1))
     cands = jax.lax.top_k(head.logits(head_params, shared, g), candidates)[1]
-    prev = jnp.broadcast_to(specee.first_probs(candidates), cands.shape)
+    prev = jnp.zeros(cands.shape)  # the first layer's change is its softmax
     xs, labels, allowed = [], [], []
     for layer in range(exits):
       h = out.features[layer][:, 1:]  # the output of layer `layer` (input of the next)

@@ -87,11 +87,6 @@ def features(logits_xK, prev_probs_xK) -> tuple[jax.Array, jax.Array]:
   return jnp.concatenate([logits_xK, probs, probs - prev_probs_xK], -1), probs
 
 
-def first_probs(candidates: int) -> jax.Array:
-  """What the first layer's change is taken against: zeros (its change is its softmax)."""
-  return jnp.zeros((candidates,))
-
-
 def static_mask(num_layers: int, static) -> jax.Array:
   """bool[L - 1]: the static exit layers as a mask (traced: a new set never recompiles)."""
   return jnp.zeros((num_layers - 1,), bool).at[jnp.asarray(static, jnp.int32)].set(True)
@@ -102,12 +97,11 @@ def schedule(static_E, history_BxM, count_B) -> jax.Array:
   a sequence has `M` exits recorded, every layer within {e - 2, e, e + 2} of each (a
   full-depth token records e = E)."""
   exits = static_E.shape[0]
-  mask = static_E
   near = jnp.stack([history_BxM - 2, history_BxM, history_BxM + 2], -1).reshape(
       history_BxM.shape[0], -1)
   hit = (near[:, :, None] == jnp.arange(exits)).any(1)
   full = count_B >= history_BxM.shape[1]
-  return mask[None] | (hit & full[:, None])
+  return static_E[None] | (hit & full[:, None])
 
 
 # --- The drafter --------------------------------------------------------------------------
@@ -132,14 +126,14 @@ class SpecEE:
   predictors: Any
   static: jax.Array  # bool[L - 1]: the static exit layers (`static_mask`)
   threshold: jax.Array  # float32[]: P(exit) a predictor must clear
-  config: ModelConfig = flax.struct.field(pytree_node=False)
-  history: int = flax.struct.field(pytree_node=False, default=5)
   # The exit history a call starts from (int32[history]) and how many of its entries are
   # real (int32[]): empty, or carried from the previous call (`carry`), as the reference
   # keeps one history for a whole stream of prompts. Arrays either way, so a hot start
   # runs the cold start's compiled program.
-  past: Any = None
-  past_count: Any = None
+  past: jax.Array
+  past_count: jax.Array
+  config: ModelConfig = flax.struct.field(pytree_node=False)
+  history: int = flax.struct.field(pytree_node=False, default=5)
   num_nodes = 0  # nothing is verified: every step is one (possibly early-exited) forward
   takes_stop_policy = False
   drafts_vary = False
@@ -208,7 +202,7 @@ class SpecEE:
       leave_B, logits = jax.lax.cond(fire_B.any(), full, none, None)
       return leave_B, logits, probs_BxK
 
-    prev = jnp.broadcast_to(first_probs(self.candidates), cands_BxK.shape)
+    prev = jnp.zeros(cands_BxK.shape)  # the first layer's change is its softmax
     out, ran_B = skip_lib.forward_exiting(cfg, params, tokens_BxT, positions_BxT,
                                           visible_BxTxT, cache, decide, prev)
     exit_B = ran_B - 1  # the layer left after (L - 1: the full depth)
@@ -224,7 +218,6 @@ class SpecEE:
                                                     jnp.int32))
     return state.replace(inner=self.inner.commit(state.inner, ctx, inner_verdict,
                                                  tuple(pad(f) for f in features)))
-
 
   def carry(self, output) -> "SpecEE":
     """This drafter starting from the exit history of `output`'s first sequence."""
@@ -274,8 +267,8 @@ def create(target: Model, inner, predictors, *, static, threshold: float = 0.5,
     raise ValueError(f"SpecEE's history counts exits; got {history}.")
   predictors = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), predictors)
   return SpecEE(inner, predictors, static_mask(target.config.num_layers, list(static)),
-                jnp.float32(threshold), target.config, int(history),
-                jnp.zeros((int(history),), jnp.int32), jnp.int32(0))
+                jnp.float32(threshold), jnp.zeros((int(history),), jnp.int32), jnp.int32(0),
+                target.config, int(history))
 
 
 @registry.DRAFTERS.register("specee", takes_stop_policy=False, lossy=True, greedy_only=True)
