@@ -404,7 +404,8 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
     stop: a stop policy for drafters that draft from a distribution, chains and trees alike
       (a name in `registry.STOP_POLICIES`, e.g. "svip", or an instance).
     acceptance: "greedy" (default at temperature 0), "speculative" (default when
-      sampling), or the LOSSY "typical" / "fuzzy" (name or `verify.Acceptance`). Which
+      sampling), "rsd" (Recursive SD: tree drafters then draw siblings without
+      replacement), or the LOSSY "typical" / "fuzzy" (name or `verify.Acceptance`). Which
       combinations run is decided in one place: `registry.check_combination`.
     max_len: cache slots per sequence (a static shape: calls with one max_len share one
       compiled program whatever their prompt lengths). Default: what the prompts and the
@@ -434,6 +435,8 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
       temperatures=[temperature], greedy_only=bool(getattr(drafter, "greedy_only", False)))
   if rule is None:
     rule = verify_lib.get("greedy" if sampling.greedy else "speculative")
+  if rule.name == "rsd" and not sampling.greedy:  # the rule asks for distinct siblings
+    sampling = sampling.replace(without_replacement=True)
   if drafter is not None:
     drafter.validate(model.config)
     check_features(model.config, drafter.features)

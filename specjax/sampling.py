@@ -20,15 +20,20 @@ class Sampling:
   """How the next token is drawn: temperature, then a top-k cut (0 = none), then a top-p
   cut (1 = none). Build it with `Sampling.create`, which checks the numbers.
 
-  Only `greedy` (temperature 0: argmax everywhere) shapes a compiled decode. The three
-  numbers are pytree leaves, traced inside `jax.jit`: one program serves every temperature,
-  top-k and top-p, so a sweep over them compiles once.
+  Only `greedy` (temperature 0: argmax everywhere) and `without_replacement` shape a
+  compiled decode. The three numbers are pytree leaves, traced inside `jax.jit`: one
+  program serves every temperature, top-k and top-p, so a sweep over them compiles once.
+
+  `without_replacement`: tree drafters draw each node's children as distinct tokens
+  (Gumbel-top-k, kept in the order drawn) instead of i.i.d.; what Recursive SD's
+  verification needs, set by `generate` when acceptance="rsd".
   """
 
   temperature: Any = 0.0
   top_k: Any = 0
   top_p: Any = 1.0
   greedy: bool = flax.struct.field(pytree_node=False, default=True)
+  without_replacement: bool = flax.struct.field(pytree_node=False, default=False)
 
   def __post_init__(self):
     if isinstance(self.temperature, (int, float)) and self.greedy != (self.temperature == 0):
@@ -87,3 +92,13 @@ def sample(key: jax.Array, p_xV: jax.Array, s: Sampling) -> jax.Array:
   if s.greedy:
     return jnp.argmax(p_xV, axis=-1).astype(jnp.int32)
   return jax.random.categorical(key, jnp.log(p_xV), axis=-1).astype(jnp.int32)
+
+
+def sample_distinct(key: jax.Array, p_xV: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """(int32[..., k], bool[..., k]): k distinct tokens drawn without replacement from each
+  row of `p_xV`, in the order drawn (Gumbel-top-k: the k largest log p + Gumbel noise),
+  and whether each is real (a row with fewer than k tokens of nonzero mass pads with
+  invalid ones)."""
+  g_xV = jnp.log(p_xV) + jax.random.gumbel(key, p_xV.shape)
+  score, tok = jax.lax.top_k(g_xV, k)
+  return tok.astype(jnp.int32), jnp.isfinite(score)

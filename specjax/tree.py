@@ -52,6 +52,9 @@ class DraftTree:
   # True when tokens were *sampled* from `probs`; False when chosen deterministically
   # (argmax, top-k, lookup): lossless verification then treats q as one-hot on the token.
   sampled: bool = flax.struct.field(pytree_node=False, default=False)
+  # True when each node's sampled children are distinct, drawn without replacement and
+  # stored in the order drawn (`Sampling.without_replacement`): Recursive SD verifies them.
+  distinct: bool = flax.struct.field(pytree_node=False, default=False)
   # float[B, N, H]: the drafter's hidden state at each node after reading its token (what
   # stop policies see there), and bool[B, N]: whether the drafter forwarded the node at all
   # (its deepest level never is). None for drafters without a network (lookup, Medusa).
@@ -202,6 +205,16 @@ class StaticTree:
   @property
   def max_rank(self) -> int:
     return max(self.ranks)
+
+  def check_rank_prefixes(self) -> None:
+    """Raises unless every node's children hold ranks 0..m-1 (no gap): children drawn
+    without replacement are then the first m draws, which Recursive SD verifies."""
+    for p in sorted(set(self.parents)):
+      ranks = sorted(r for q, r in zip(self.parents, self.ranks) if q == p)
+      if ranks != list(range(len(ranks))):
+        raise ValueError(f"acceptance='rsd' draws each node's children without replacement "
+                         f"in rank order, so ranks must be 0..m-1; the children of "
+                         f"{'the root' if p < 0 else f'node {p}'} have ranks {ranks}.")
 
   @property
   def padded_index(self) -> np.ndarray:

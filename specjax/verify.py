@@ -12,6 +12,12 @@ rejection; when no child of the current node survives, the next token is drawn f
   For chains this is Leviathan/Chen speculative sampling; for trees it is SpecInfer's
   multi-round rule (q one-hot for deterministically chosen children, i.e. accept with
   p(x), then zero p(x) and renormalise). Lossless for the warped target distribution.
+- "rsd" (Recursive SD): the drafter draws each node's children without replacement
+  (`Sampling.without_replacement`, which `generate` sets for this rule), and a rejected
+  child's token leaves the draft distribution its later siblings are judged against:
+  accept x_j with prob min(1, p_j(x_j)/q_j(x_j)), q_j = q without x_1..x_{j-1},
+  renormalised; on rejection p <- norm(max(0, p_j - q_j)). Lossless. Deterministic picks
+  (q one-hot) and greedy decoding verify exactly as "speculative" does.
 - "typical" (Medusa): accept x if p(x) > min(eps, delta * exp(-H(p))). LOSSY.
 - "fuzzy" (FSD): accept while Div(p, q) <= threshold (KL, JS or TV between the target and
   draft next-token distributions); the correction token is drawn from p. LOSSY.
@@ -50,6 +56,15 @@ class Speculative:
   lossless: ClassVar[bool] = True
 
 
+@RULES.register("rsd")
+@dataclasses.dataclass(frozen=True)
+class Rsd:
+  """Recursive SD: recursive rejection sampling over siblings drawn without replacement
+  (lossless)."""
+  name: ClassVar[str] = "rsd"
+  lossless: ClassVar[bool] = True
+
+
 @RULES.register("typical")
 @dataclasses.dataclass(frozen=True)
 class Typical:
@@ -74,8 +89,8 @@ class Fuzzy:
       raise ValueError(f"Unknown divergence {self.divergence!r}; choose from {DIVERGENCES}.")
 
 
-Acceptance = Greedy | Speculative | Typical | Fuzzy
-RULE_TYPES = (Greedy, Speculative, Typical, Fuzzy)
+Acceptance = Greedy | Speculative | Rsd | Typical | Fuzzy
+RULE_TYPES = (Greedy, Speculative, Rsd, Typical, Fuzzy)
 
 
 def get(name: str | Acceptance, **kw) -> Acceptance:
@@ -139,7 +154,7 @@ def verify(rule: Acceptance, tree: DraftTree, target_logits_BxTxV: jax.Array,
   rows = jnp.arange(b)
   at = lambda x_BxT, cur_B: x_BxT[rows, cur_B + 1]  # the target's row for the current node
 
-  if rule.name == "greedy" or (rule.name == "speculative" and s.greedy):
+  if rule.name == "greedy" or (rule.name in ("speculative", "rsd") and s.greedy):
     best_BxT = jnp.argmax(target_logits_BxTxV, -1).astype(jnp.int32)
     accept = lambda i, cur_B, tried_B, c: (tree.tokens[:, i] == at(best_BxT, cur_B), c)
     cur_B, path, num, _ = _walk(tree, accept, ())
@@ -147,12 +162,23 @@ def verify(rule: Acceptance, tree: DraftTree, target_logits_BxTxV: jax.Array,
 
   u_key, next_key = jax.random.split(key)
   p_BxTxV = sampling_lib.probs(target_logits_BxTxV, s)
-  if rule.name == "speculative":
+  if rule.name in ("speculative", "rsd"):
+    # Recursive SD's draft distribution for a node excludes its earlier siblings' tokens
+    # (`seen`: the rejected siblings so far); SpecInfer's rule keeps q whole.
+    recursive = rule.name == "rsd" and tree.sampled
+    if recursive and not tree.distinct:
+      raise ValueError("acceptance='rsd' verifies children drawn without replacement, but "
+                       "this tree's were drawn i.i.d.: draft with "
+                       "Sampling(without_replacement=True) (generate does so for 'rsd').")
 
-    def accept(i, cur_B, tried_B, p_BxV):
+    def accept(i, cur_B, tried_B, carry):
+      p_BxV, seen_BxV = carry
       x_B = tree.tokens[:, i]
       if tree.sampled:
         q_BxV = tree.draft_probs(i)
+        if recursive:
+          q_BxV = jnp.where(seen_BxV, 0.0, q_BxV)
+          q_BxV = q_BxV / jnp.maximum(jnp.sum(q_BxV, -1, keepdims=True), 1e-30)
       else:  # a deterministic pick: q is one-hot on the token
         q_BxV = jax.nn.one_hot(x_B, p_BxV.shape[-1], dtype=jnp.float32)
       # One uniform per node index, whatever the tree's width (a step verifies a prefix
@@ -162,11 +188,15 @@ def verify(rule: Acceptance, tree: DraftTree, target_logits_BxTxV: jax.Array,
       residual = jnp.maximum(p_BxV - q_BxV, 0.0)
       mass = jnp.sum(residual, -1, keepdims=True)
       rejected = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_BxV)
-      new_p = jnp.where((tried_B & ok_B)[:, None], p_BxTxV[:, i + 1],
-                        jnp.where((tried_B & ~ok_B)[:, None], rejected, p_BxV))
-      return ok_B, new_p
+      took, missed = (tried_B & ok_B)[:, None], (tried_B & ~ok_B)[:, None]
+      new_p = jnp.where(took, p_BxTxV[:, i + 1], jnp.where(missed, rejected, p_BxV))
+      if recursive:
+        x_BxV = jax.nn.one_hot(x_B, p_BxV.shape[-1], dtype=bool)
+        seen_BxV = jnp.where(took, False, jnp.where(missed, seen_BxV | x_BxV, seen_BxV))
+      return ok_B, (new_p, seen_BxV)
 
-    _, path, num, p_final = _walk(tree, accept, p_BxTxV[:, 0])
+    seen = jnp.zeros(p_BxTxV[:, 0].shape, bool) if recursive else ()
+    _, path, num, (p_final, _) = _walk(tree, accept, (p_BxTxV[:, 0], seen))
     return Verdict(path, num, sampling_lib.sample(next_key, p_final, s))
 
   if rule.name == "typical":  # Medusa thresholds the (temperature) softmax, not its top-k cut

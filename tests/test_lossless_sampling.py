@@ -123,7 +123,8 @@ def test_training_free_drafters_keep_the_target_distribution(drafter):
 N = 12_000
 
 
-def check_generate_matches_target(sampling_kw, drafter, min_gain=1.2, target=TARGET, n=N):
+def check_generate_matches_target(sampling_kw, drafter, min_gain=1.2, target=TARGET, n=N,
+                                  acceptance=None):
   """Two generated tokens of n sequences against the exact table, and the biased control
   (accept every draft) must fail the same bound. The draft must be accepted often enough
   for the test to mean something: at least `min_gain` tokens per first step."""
@@ -135,6 +136,7 @@ def check_generate_matches_target(sampling_kw, drafter, min_gain=1.2, target=TAR
   # its own seed: one compiled program, and a batch small enough to stay in the CPU's
   # caches (one batch of 24k ran ~1.5x slower).
   kw = dict(max_new_tokens=2, eos=None, drafter=drafter, max_len=24, **sampling_kw)
+  rule = {} if acceptance is None else dict(acceptance=acceptance)
   prompts = [PROMPTS[i % 2] for i in range(chunk)]
 
   def draw(**extra):
@@ -144,7 +146,7 @@ def check_generate_matches_target(sampling_kw, drafter, min_gain=1.2, target=TAR
     gained = np.concatenate([np.asarray(o.stats.gained)[:, 0] for o in outs])
     return [tv(counts_of(toks[i::2]), exact[i]) for i in range(2)], gained
 
-  got, gained = draw()
+  got, gained = draw(**rule)
   assert max(got) < bound, (got, bound)
   assert np.mean(gained) > min_gain
   # Negative control: accepting every draft token (fuzzy with an infinite threshold)
@@ -164,23 +166,30 @@ def bigram_tables(seed=0):
 CHOICES = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (2, 0)]
 
 
-def draw_tree(key, q_VxV, n, root, sampled):
-  """Trees for n samples: children drawn i.i.d. from q (sampled) or its top ranks. The
-  draft distributions are stored per parent: row 0 the root's, row 1 + j node j's."""
+def draw_tree(key, q_VxV, n, root, sampled, distinct=False):
+  """Trees for n samples: children drawn i.i.d. from q (sampled), without replacement in
+  draw order (sampled and distinct: Gumbel-top-k, one draw per parent), or q's top ranks.
+  The draft distributions are stored per parent: row 0 the root's, row 1 + j node j's."""
   parents, ranks = parents_from_choices(CHOICES)
   tokens = np.zeros((n, len(parents)), np.int32)
   keys = jax.random.split(key, len(parents))
+  # Per parent (root: index 0, node j: 1 + j), its children's draw order (Gumbel-top-k).
+  gumbel = np.asarray(jax.random.gumbel(jax.random.fold_in(key, 1), (1 + len(parents), n, V)))
   q = np.asarray(q_VxV)
   for i, (par, rank) in enumerate(zip(parents, ranks)):
     parent_tok = np.full(n, root) if par < 0 else tokens[:, par]
-    if sampled:
+    if sampled and distinct:
+      order = np.argsort(-(np.log(q[parent_tok]) + gumbel[1 + par]), axis=1)
+      tokens[:, i] = order[:, rank]
+    elif sampled:
       tokens[:, i] = np.asarray(jax.random.categorical(keys[i], jnp.log(q[parent_tok])))
     else:
       tokens[:, i] = np.argsort(-q[parent_tok], axis=1)[:, rank]
   probs = np.concatenate([q[np.full((n, 1), root)], q[tokens]], 1)  # [n, 1 + N, V]
   b_parents = np.broadcast_to(parents, tokens.shape)
   return DraftTree(jnp.asarray(tokens), jnp.asarray(b_parents), jnp.ones(tokens.shape, bool),
-                   jnp.asarray(probs), jnp.asarray(b_parents + 1), sampled=sampled)
+                   jnp.asarray(probs), jnp.asarray(b_parents + 1), sampled=sampled,
+                   distinct=distinct)
 
 
 def first_two(tree, verdict, p_VxV, key):
@@ -214,3 +223,50 @@ def test_tree_speculative_sampling_matches_target(sampled):
   # Negative control: the lossy fuzzy rule with a huge threshold keeps the first child.
   biased = verify.verify(verify.get("fuzzy", threshold=1e9), tree, logits, s, k_verify)
   assert tv(counts_of(first_two(tree, biased, p, k_after)), exact) > bound
+
+
+def test_rsd_matches_target_and_iid_siblings_fail():
+  """Recursive SD on a tree of siblings drawn without replacement keeps the target's joint
+  law of two tokens; the same rule on i.i.d. siblings (verified as if distinct) must fail
+  the bound. It also accepts more than SpecInfer's rule on i.i.d. siblings."""
+  n, root = 100_000, 2
+  p, q = bigram_tables()
+  exact = np.asarray(p[root][:, None] * p)
+  bound = tv_bound(exact, n)
+  k_tree, k_verify, k_after = jax.random.split(jax.random.key(1), 3)
+  s = sampling_lib.Sampling.create(1.0)
+  distinct = draw_tree(k_tree, q, n, root, sampled=True, distinct=True)
+  logits_of = lambda t: jnp.log(p[jnp.concatenate([jnp.full((n, 1), root), t.tokens], 1)])
+  verdict = verify.verify(verify.get("rsd"), distinct, logits_of(distinct), s, k_verify)
+  got = tv(counts_of(first_two(distinct, verdict, p, k_after)), exact)
+  assert got < bound, (got, bound)
+  iid = draw_tree(k_tree, q, n, root, sampled=True)
+  with pytest.raises(ValueError, match="without replacement"):
+    verify.verify(verify.get("rsd"), iid, logits_of(iid), s, k_verify)
+  biased = verify.verify(verify.get("rsd"), iid.replace(distinct=True), logits_of(iid), s,
+                         k_verify)
+  assert tv(counts_of(first_two(iid, biased, p, k_after)), exact) > bound
+  spec = verify.verify(verify.get("speculative"), iid, logits_of(iid), s, k_verify)
+  mean = lambda v: float(np.mean(np.asarray(v.accepted_drafts)))
+  assert mean(verdict) > mean(spec), (mean(verdict), mean(spec))
+
+
+def _eagle2_tree():
+  """A random EAGLE-1 head drafting EAGLE-2's dynamic tree (stochastic beam search under
+  'rsd')."""
+  head = EagleHead(TARGET.config)
+  params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(4), x.shape),
+                        head.init(jax.random.key(3)))
+  return head.drafter(params, shared_params(TARGET.config, TARGET.params), top_k=2, depth=3,
+                      num_nodes=5)
+
+
+RSD_DRAFTERS = {"static_tree": DRAFTERS["tree"], "eagle2_tree": _eagle2_tree}
+
+
+@pytest.mark.parametrize("drafter", RSD_DRAFTERS)
+def test_generate_rsd_matches_target(drafter):
+  """generate(acceptance='rsd') at T=1: the drafter draws distinct siblings (a static tree's
+  Gumbel-top-k; EAGLE-2's tree by stochastic beam search) and the output keeps the target's
+  law."""
+  check_generate_matches_target(SAMPLINGS[0], RSD_DRAFTERS[drafter](), acceptance="rsd")

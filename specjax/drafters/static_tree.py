@@ -11,8 +11,9 @@ seeing the slots `prefix` marks and themselves) and returns their next-token log
 hidden states. `parent_hidden` is the hidden state at each node's parent (EAGLE feeds it
 back as the node's feature; a plain LM ignores it).
 
-Level d's children are the top-ranked tokens of their parents' logits (greedy) or i.i.d.
-samples (sampling), expanded while the stop policy lets them; a chain is a tree of width 1.
+Level d's children are the top-ranked tokens of their parents' logits (greedy), i.i.d.
+samples (sampling), or distinct samples in draw order (`Sampling.without_replacement`,
+Recursive SD), expanded while the stop policy lets them; a chain is a tree of width 1.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def draft(tree: StaticTree, step: Callable, logits_Bx1xV: jax.Array, hidden_Bx1x
     (DraftTree, cache (same lengths), levels forwarded, draft calls [B]).
   """
   depth, w = tree.depth, tree.width
+  if sampling.without_replacement:
+    tree.check_rank_prefixes()
   b, v = logits_Bx1xV.shape[0], logits_Bx1xV.shape[-1]
   parent_DxW, rank_DxW, real_DxW = tree.padded()
   # Ancestor-or-self mask of the padded level layout (padding slots see only themselves).
@@ -59,14 +62,20 @@ def draft(tree: StaticTree, step: Callable, logits_Bx1xV: jax.Array, hidden_Bx1x
     stop_BxK, pstate = stop.stop(pstate, d, jax.nn.softmax(logits_BxKxV, -1), hidden_BxKxH)
     expand_BxK = expand_BxK & ~stop_BxK
     par_W = parent_DxW[d]
+    real_W = real_DxW[d]
     if sampling.greedy:  # top-ranked tokens of the raw logits; no distribution kept
       q_BxKxV = None
       top_BxKxR = jax.lax.top_k(logits_BxKxV, tree.max_rank + 1)[1]
       tok_BxW = top_BxKxR[:, par_W, rank_DxW[d]]
+    elif sampling.without_replacement:  # distinct siblings in draw order (Recursive SD)
+      q_BxKxV = sampling_lib.probs(logits_BxKxV, sampling)
+      top_BxKxR, real_BxKxR = sampling_lib.sample_distinct(key, q_BxKxV, tree.max_rank + 1)
+      tok_BxW = top_BxKxR[:, par_W, rank_DxW[d]]
+      real_W = real_DxW[d] & real_BxKxR[:, par_W, rank_DxW[d]]  # (a top-k/p cut left few)
     else:  # i.i.d. samples from the warped distribution (SpecInfer's rule verifies them)
       q_BxKxV = sampling_lib.probs(logits_BxKxV, sampling)
       tok_BxW = jax.random.categorical(key, jnp.log(q_BxKxV[:, par_W]), axis=-1)
-    valid_BxW = expand_BxK[:, par_W] & real_DxW[d]
+    valid_BxW = expand_BxK[:, par_W] & real_W
     pstate = stopping.gather(pstate, jnp.broadcast_to(par_W, (b, w)))
     return tok_BxW.astype(jnp.int32), valid_BxW, q_BxKxV, pstate
 
@@ -126,5 +135,6 @@ def draft(tree: StaticTree, step: Callable, logits_Bx1xV: jax.Array, hidden_Bx1x
   nodes = lambda x: x.reshape((b, depth * w) + x.shape[3:])[:, idx]
   out = DraftTree(nodes(tokens_BxDxW), per_row(parents), nodes(valid_BxDxW), probs,
                   per_row(dist), sampled=not sampling.greedy,
+                  distinct=sampling.without_replacement and not sampling.greedy,
                   hidden=nodes(hidden_BxDxWxH[:, 1:]), forwarded=nodes(forwarded_BxDxW))
   return out, cache, jnp.asarray(d - 1, jnp.int32), calls

@@ -286,7 +286,7 @@ class FeatureDrafter:
       k, depth, n = self.dynamic
       tree, cache, calls = dynamic_tree.draft(step, logits_root, g_root, cache, ctx.length - 1,
                                               top_k=k, depth=depth, num_nodes=n, stop=stop,
-                                              valid_B=lag_B > 0)
+                                              valid_B=lag_B > 0, sampling=sampling, key=key)
     else:
       tree, cache, _, calls = static_tree.draft(self.tree, step, logits_root, g_root, cache,
                                                 ctx.length - 1, stop, sampling, key,
