@@ -73,6 +73,18 @@ class Method:
     return self.drafter != registry.AR and bool(
         registry.DRAFTERS.meta(self.drafter).get("greedy_only"))
 
+  @property
+  def sampled_only(self) -> bool:
+    """Whether its acceptance rule is a LOSSY one that reads sampling distributions (would
+    be silently greedy at temperature 0): a sweep leaves its greedy cells out."""
+    return self.acceptance is not None and bool(
+        registry.ACCEPTANCE.meta(self.acceptance).get("sampled_only"))
+
+  def runs_at(self, temperature: float) -> bool:
+    """Whether a sweep runs this method at `temperature` (the one place that says so)."""
+    return not (self.greedy_only and temperature > 0) and not (
+        self.sampled_only and temperature == 0)
+
   def rule(self) -> verify_lib.Acceptance | None:
     """The explicit acceptance rule, or None for generate's default by temperature."""
     if self.acceptance is None:
@@ -166,11 +178,11 @@ def _method(spec: Mapping[str, Any], temperatures: Sequence[float]) -> Method:
       takes_stop = registry.DRAFTERS.meta(m.drafter)["takes_stop_policy"]
     m.stop_policy()  # built through the registry: unknown names and knobs fail here
     m.rule()
-    if m.greedy_only:
-      if 0.0 not in temperatures:
-        raise ValueError("it is defined for greedy decoding only and this sweep has no "
-                         "temperature 0.")
-      temperatures = (0.0,)  # its sampled cells are left out
+    if not any(m.runs_at(t) for t in temperatures):
+      raise ValueError("it runs at temperature 0 only (greedy-only drafter) or above 0 "
+                       "only (a LOSSY rule reading sampling distributions), and this sweep "
+                       f"has temperatures {tuple(temperatures)}.")
+    temperatures = [t for t in temperatures if m.runs_at(t)]  # the other cells are left out
     registry.check_combination(takes_stop_policy=takes_stop, has_stop=m.stop is not None,
                                rule=m.acceptance, temperatures=temperatures,
                                greedy_only=m.greedy_only)
@@ -468,8 +480,8 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
   done = {report.row_key(r): r for r in stored}
   prompts = [p for d in plan.datasets for p in prompts_lib.load(d, limit=plan.num_prompts)]
   names = [m.name for m in plan.methods] + list(plan.peers)
-  greedy_only = {m.name for m in plan.methods if m.greedy_only}
-  runs = lambda name, temperature: temperature == 0 or name not in greedy_only
+  by_name = {m.name: m for m in plan.methods}
+  runs = lambda name, temperature: name not in by_name or by_name[name].runs_at(temperature)
   keys = [(name, p.dataset, _turn_id(p, t), temp, seed)
           for p, temp, seed in _cells(plan, prompts) for t in range(len(p.turns))
           for name in names if runs(name, temp)]

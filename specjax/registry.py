@@ -101,7 +101,7 @@ STOP_POLICIES = Registry("stop policy", {
     **{k: "specjax.stopping.learned" for k in ("specdecpp", "pacer")}})
 # builder(**knobs) -> a `verify` rule
 ACCEPTANCE = Registry("acceptance rule", {k: "specjax.verify" for k in (
-    "greedy", "speculative", "rsd", "typical", "fuzzy")})
+    "greedy", "speculative", "rsd", "typical", "fuzzy", "easd")})
 # builder(target_config, **knobs) -> drafters.TrainableHead
 HEADS = Registry("draft head", _HEADS)
 
@@ -138,6 +138,8 @@ def check_combination(*, takes_stop_policy: bool | None, has_stop: bool, rule: s
   if rule == "greedy" and any(t > 0 for t in temperatures):
     raise ValueError("acceptance='greedy' needs temperature=0; use 'speculative' (or None) "
                      "to sample.")
-  if rule == "fuzzy" and any(t == 0 for t in temperatures):
-    raise ValueError("acceptance='fuzzy' compares sampling distributions: it needs "
-                     "temperature > 0.")
+  if rule is not None and ACCEPTANCE.meta(rule).get("sampled_only") and any(
+      t == 0 for t in temperatures):
+    raise ValueError(f"acceptance={rule!r} is LOSSY and reads sampling distributions: at "
+                     "temperature 0 the target's is one-hot and the rule would silently be "
+                     "greedy matching. Use temperature > 0 (or 'greedy').")

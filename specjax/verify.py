@@ -21,6 +21,14 @@ rejection; when no child of the current node survives, the next token is drawn f
 - "typical" (Medusa): accept x if p(x) > min(eps, delta * exp(-H(p))). LOSSY.
 - "fuzzy" (FSD): accept while Div(p, q) <= threshold (KL, JS or TV between the target and
   draft next-token distributions); the correction token is drawn from p. LOSSY.
+- "easd" (Entropy-Aware SD): the speculative rule, except that a token it would accept is
+  rejected when both models are unsure (entropies of p and q above `entropy` nats) and
+  agree on what they are unsure between (their top-`top_n` sets share at least `overlap`
+  of their tokens); the target then draws again without that token. LOSSY.
+
+The LOSSY rules that read sampling distributions ("typical", "fuzzy", "easd") are refused
+at temperature 0, where p is one-hot and they would silently be greedy matching
+(`registry.check_combination`, from their `sampled_only` registry meta).
 """
 
 from __future__ import annotations
@@ -65,7 +73,7 @@ class Rsd:
   lossless: ClassVar[bool] = True
 
 
-@RULES.register("typical")
+@RULES.register("typical", sampled_only=True)
 @dataclasses.dataclass(frozen=True)
 class Typical:
   """Medusa's typical acceptance: p(x) > min(eps, delta * exp(-H(p))). LOSSY."""
@@ -75,7 +83,7 @@ class Typical:
   lossless: ClassVar[bool] = False
 
 
-@RULES.register("fuzzy")
+@RULES.register("fuzzy", sampled_only=True)
 @dataclasses.dataclass(frozen=True)
 class Fuzzy:
   """Fuzzy SD: accept while Div(p, q) <= threshold (KL, JS or TV). LOSSY."""
@@ -89,8 +97,28 @@ class Fuzzy:
       raise ValueError(f"Unknown divergence {self.divergence!r}; choose from {DIVERGENCES}.")
 
 
-Acceptance = Greedy | Speculative | Rsd | Typical | Fuzzy
-RULE_TYPES = (Greedy, Speculative, Rsd, Typical, Fuzzy)
+@RULES.register("easd", sampled_only=True)
+@dataclasses.dataclass(frozen=True)
+class Easd:
+  """Entropy-Aware SD: speculative sampling plus a rejection where both models are unsure
+  between the same tokens. LOSSY."""
+  entropy: float = 2.0  # nats; both H(p) and H(q) must exceed it
+  top_n: int = 5
+  overlap: float = 0.6  # |top_n(p) & top_n(q)| / top_n at or above which the token goes
+  name: ClassVar[str] = "easd"
+  lossless: ClassVar[bool] = False
+
+  def __post_init__(self):
+    if not self.entropy >= 0:
+      raise ValueError(f"easd: entropy must be >= 0 nats; got {self.entropy}.")
+    if isinstance(self.top_n, bool) or not isinstance(self.top_n, int) or self.top_n < 1:
+      raise ValueError(f"easd: top_n must be an integer >= 1; got {self.top_n!r}.")
+    if not 0 <= self.overlap <= 1:
+      raise ValueError(f"easd: overlap must be in [0, 1]; got {self.overlap}.")
+
+
+Acceptance = Greedy | Speculative | Rsd | Typical | Fuzzy | Easd
+RULE_TYPES = (Greedy, Speculative, Rsd, Typical, Fuzzy, Easd)
 
 
 def get(name: str | Acceptance, **kw) -> Acceptance:
@@ -122,6 +150,17 @@ def divergence(p_BxV, q_BxV, kind: str) -> jax.Array:
     m = 0.5 * (p_BxV + q_BxV)
     return 0.5 * kl(p_BxV, m) + 0.5 * kl(q_BxV, m)
   return 0.5 * jnp.sum(jnp.abs(p_BxV - q_BxV), -1)
+
+
+def _unsure_together(rule: Easd, p_BxV, q_BxV) -> jax.Array:
+  """bool[B]: EASD's penalty: both entropies above the threshold and top-n sets that
+  overlap enough."""
+  top_p = jax.lax.top_k(p_BxV, rule.top_n)[1]
+  top_q = jax.lax.top_k(q_BxV, rule.top_n)[1]
+  shared = jnp.sum(jnp.any(top_p[:, :, None] == top_q[:, None, :], -1), -1)
+  return ((sampling_lib.entropy(p_BxV) > rule.entropy)
+          & (sampling_lib.entropy(q_BxV) > rule.entropy)
+          & (shared >= rule.overlap * rule.top_n))
 
 
 def _walk(tree: DraftTree, accept, carry):
@@ -162,7 +201,7 @@ def verify(rule: Acceptance, tree: DraftTree, target_logits_BxTxV: jax.Array,
 
   u_key, next_key = jax.random.split(key)
   p_BxTxV = sampling_lib.probs(target_logits_BxTxV, s)
-  if rule.name in ("speculative", "rsd"):
+  if rule.name in ("speculative", "rsd", "easd"):
     # Recursive SD's draft distribution for a node excludes its earlier siblings' tokens
     # (`seen`: the rejected siblings so far); SpecInfer's rule keeps q whole.
     recursive = rule.name == "rsd" and tree.sampled
@@ -188,6 +227,13 @@ def verify(rule: Acceptance, tree: DraftTree, target_logits_BxTxV: jax.Array,
       residual = jnp.maximum(p_BxV - q_BxV, 0.0)
       mass = jnp.sum(residual, -1, keepdims=True)
       rejected = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_BxV)
+      if rule.name == "easd":  # unsure together: reject, and the target draws without x
+        unsure_B = _unsure_together(rule, p_BxV, q_BxV)
+        without = p_BxV * (1.0 - jax.nn.one_hot(x_B, p_BxV.shape[-1], dtype=jnp.float32))
+        mass = jnp.sum(without, -1, keepdims=True)
+        without = jnp.where(mass > 0, without / jnp.where(mass > 0, mass, 1.0), p_BxV)
+        rejected = jnp.where((ok_B & unsure_B)[:, None], without, rejected)
+        ok_B = ok_B & ~unsure_B
       took, missed = (tried_B & ok_B)[:, None], (tried_B & ~ok_B)[:, None]
       new_p = jnp.where(took, p_BxTxV[:, i + 1], jnp.where(missed, rejected, p_BxV))
       if recursive:

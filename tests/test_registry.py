@@ -22,7 +22,8 @@ def test_every_built_in_part_is_registered():
       "medusa"}
   assert set(registry.STOP_POLICIES.names()) == {"fixed", "confidence", "svip", "specdecpp",
                                                  "pacer"}
-  assert set(registry.ACCEPTANCE.names()) == {"greedy", "speculative", "typical", "fuzzy"}
+  assert set(registry.ACCEPTANCE.names()) == {"greedy", "speculative", "rsd", "typical", "fuzzy",
+                                              "easd"}
   assert set(registry.HEADS.names()) == {"eagle", "eagle3", "falcon", "hydra", "medusa"}
 
 
