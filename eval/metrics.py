@@ -104,8 +104,17 @@ def _summarize_group(rows: Sequence[Row], ar_tps: Mapping[tuple, float]) -> dict
       # The median position of the first token that differs from AR's (a row equal to AR
       # counts as its length).
       "first_divergence": statistics.median(diverged) if diverged else None,
+      # Quality (`quality`): the target's mean log-prob per generated token, and the
+      # task score (HumanEval pass@1, GSM8K exact answer) over the rows that have one.
+      "logprob": _mean_of(rows, "logprob"),
+      "score": _mean_of(rows, "score"),
       "lossy": any(r["lossy"] for r in rows),
   }
+
+
+def _mean_of(rows: Sequence[Row], field: str) -> float | None:
+  values = [r[field] for r in rows if r.get(field) is not None]
+  return statistics.fmean(values) if values else None
 
 
 def _cell(row: Row) -> tuple:

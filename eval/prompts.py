@@ -27,6 +27,9 @@ class Prompt:
   turns: tuple[str, ...]
   dataset: str
   category: str | None = None
+  # What the answer is checked against (`quality.task_score`): HumanEval's prompt, tests
+  # and entry point; GSM8K's final number. None for sets without a check.
+  reference: Any = dataclasses.field(default=None, compare=False, hash=False)
 
 
 # name -> (package, file inside the package, pip install command)
@@ -68,13 +71,24 @@ def _mt_bench() -> list[Prompt]:
 
 def _humaneval() -> list[Prompt]:
   """The 164 HumanEval problems; the turn is `HUMANEVAL_TEMPLATE` filled with the code prompt."""
-  return [Prompt(r["task_id"], (HUMANEVAL_TEMPLATE.format(prompt=r["prompt"]),), "humaneval")
+  return [Prompt(r["task_id"], (HUMANEVAL_TEMPLATE.format(prompt=r["prompt"]),), "humaneval",
+                 reference=_humaneval_reference(r, r["prompt"], r["entry_point"]))
           for r in _read_jsonl(_package_file("humaneval"))]
+
+
+def _humaneval_reference(row, prompt: str, entry_point: str) -> dict[str, str]:
+  return {"prompt": prompt, "test": row["test"], "entry_point": entry_point}
+
+
+def _gsm8k_number(answer: str) -> float:
+  """The number after '####' in a GSM8K reference answer."""
+  return float(answer.rsplit("####", 1)[1].strip().replace(",", ""))
 
 
 def _gsm8k() -> list[Prompt]:
   """The 1319 GSM8K test questions (question text only); ids are `gsm8k/<line index>`."""
-  return [Prompt(f"gsm8k/{i}", (r["question"],), "gsm8k")
+  return [Prompt(f"gsm8k/{i}", (r["question"],), "gsm8k",
+                 reference={"answer": _gsm8k_number(r["answer"])})
           for i, r in enumerate(_read_jsonl(_package_file("gsm8k")))]
 
 
@@ -92,7 +106,8 @@ def _humaneval_renamed() -> list[Prompt]:
       code = r["prompt"] if not name else re.sub(rf"\b{re.escape(r['entry_point'])}\b",
                                                   name, r["prompt"])
       out.append(Prompt(r["task_id"] + (f"@{name}" if name else ""),
-                        (HUMANEVAL_TEMPLATE.format(prompt=code),), "humaneval_renamed"))
+                        (HUMANEVAL_TEMPLATE.format(prompt=code),), "humaneval_renamed",
+                        reference=_humaneval_reference(r, code, name or r["entry_point"])))
   return out
 
 

@@ -26,7 +26,7 @@ KEY = ("method", "dataset", "prompt_id", "temperature", "seed")
 SUMMARY_FIELDS = ("method", "dataset", "temperature", "drafter", "num_nodes", "rows",
                   "new_tokens", "tau", "tokens_per_s", "speedup", "target_per_token",
                   "draft_per_token", "draft_per_accepted", "all_equal", "match_ar",
-                  "first_divergence", "lossy")
+                  "first_divergence", "logprob", "score", "lossy")
 
 
 def row_key(row: Mapping[str, Any]) -> tuple:
@@ -98,7 +98,7 @@ def markdown(summary: Sequence[Mapping[str, Any]]) -> str:
   """The summary as a Markdown table."""
   head = ("method", "dataset", "T", "rows", "tau", "tok/s", "speedup", "target fwd/tok",
           "draft fwd/tok", "draft fwd/accepted", "all = AR", "tokens = AR",
-          "first diff", "lossy")
+          "first diff", "logprob", "score", "lossy")
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for s in summary:
     cells = (s["method"], s["dataset"], _fmt(s["temperature"], 1), s["rows"],
@@ -108,7 +108,8 @@ def markdown(summary: Sequence[Mapping[str, Any]]) -> str:
              _fmt(s["draft_per_accepted"]),
              _fmt(s["all_equal"]),
              "-" if s.get("match_ar") is None else f"{100 * s['match_ar']:.0f}%",
-             _fmt(s.get("first_divergence"), 0), _fmt(s["lossy"]))
+             _fmt(s.get("first_divergence"), 0), _fmt(s.get("logprob")),
+             _fmt(s.get("score")), _fmt(s["lossy"]))
     lines.append("| " + " | ".join(str(c) for c in cells) + " |")
   return "\n".join(lines)
 
@@ -141,6 +142,34 @@ def _plot_speedup(summary: Sequence[Mapping[str, Any]], path: str) -> None:
     ax.set_ylabel("speedup vs AR")
     ax.set_title(f"temperature {temp:g}")
     ax.legend(fontsize="small")
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def _plot_quality(summary: Sequence[Mapping[str, Any]], path: str) -> None:
+  """The quality-vs-speed frontier: per dataset and temperature, tokens/s and tau against
+  the task score (or, without one, the target's mean log-prob per token). LOSSY methods
+  are hollow markers named "(LOSSY)"; the lossless ones filled."""
+  panels = sorted({(s["dataset"], s["temperature"]) for s in summary})
+  fig, axes = plt.subplots(2, len(panels), figsize=(5 * len(panels), 8), squeeze=False)
+  for j, (dataset, temp) in enumerate(panels):
+    group = [s for s in summary if (s["dataset"], s["temperature"]) == (dataset, temp)]
+    quality_key = "score" if any(s.get("score") is not None for s in group) else "logprob"
+    for i, speed in enumerate(("tokens_per_s", "tau")):
+      ax = axes[i][j]
+      for s in group:
+        if s.get(quality_key) is None or s.get(speed) is None:
+          continue
+        label = s["method"] + (" (LOSSY)" if s["lossy"] else "")
+        ax.scatter(s[quality_key], s[speed], label=label,
+                   facecolors="none" if s["lossy"] else None,
+                   edgecolors="C3" if s["lossy"] else None)
+        ax.annotate(label, (s[quality_key], s[speed]), fontsize=6)
+      ax.set_xlabel("task score (pass@1 / exact answer)" if quality_key == "score"
+                    else "target log-prob per token")
+      ax.set_ylabel("tokens/s" if speed == "tokens_per_s" else "tau")
+      ax.set_title(f"{dataset}, T={temp:g}")
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
@@ -232,6 +261,8 @@ def _write_files(workdir: str, rows: Sequence[Mapping[str, Any]],
   with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:
     f.write(markdown(summary) + "\n")
   _plot_speedup(summary, os.path.join(workdir, "speedup.png"))
+  if any(s.get("logprob") is not None for s in summary):
+    _plot_quality(summary, os.path.join(workdir, "quality_vs_speed.png"))
   _plot_accepted(rows, os.path.join(workdir, "accepted_hist.png"))
   curves = budget_curves(rows)
   if curves:

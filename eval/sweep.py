@@ -39,7 +39,7 @@ from specjax.drafters.heads import medusa
 from specjax import verify as verify_lib
 from specjax.models import Model
 
-from . import metrics, peers as peers_lib, prompts as prompts_lib, report
+from . import metrics, peers as peers_lib, prompts as prompts_lib, quality, report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,6 +334,16 @@ def make_row(plan: Plan, spec: Mapping[str, Any], cell: Mapping[str, Any], promp
   }
 
 
+def _quality(target: Model, prompt: prompts_lib.Prompt | None, ids: list[int],
+             new: list[int], max_len: int) -> dict[str, Any]:
+  """A row's quality columns (`quality`): the target's mean log-prob per generated token,
+  and the task score where the (single-turn) prompt can be checked."""
+  text = target.tokenizer.decode([i for i in new if i not in target.tokenizer.eos_ids])
+  return {"logprob": quality.target_logprob(target, ids, new, max_len),
+          "score": None if prompt is None else quality.task_score(
+              prompt.dataset, prompt.reference, text)}
+
+
 def _spec(method: Method, drafter: Any) -> dict[str, Any]:
   spec = {"method": method.name, "drafter": method.drafter,
           "drafter_kwargs": dict(method.drafter_kwargs),
@@ -557,7 +567,9 @@ def run(plan: Plan, workdir: str) -> list[dict[str, Any]]:
           live.use(max_len)
           m = measure(ids, temperature, seed, max_len)
           ar = done.get(_key(cell, base.name), m)["tokens"]  # AR runs first
-          row = make_row(plan, spec, cell, len(ids), m, ar)
+          row = {**make_row(plan, spec, cell, len(ids), m, ar),
+                 **_quality(target, p if len(p.turns) == 1 else None, ids, m["tokens"],
+                            max_len)}
           report.append_row(f, row)
           done[report.row_key(row)] = row
           new_rows.append(row)

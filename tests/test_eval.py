@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import pytest
 
@@ -19,7 +21,7 @@ import doubles
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 ROW_FIELDS = {"method", "dataset", "prompt_id", "temperature", "seed", "new_tokens",
               "target_calls", "draft_calls", "tau", "seconds", "tokens_per_s", "equal_to_ar",
-              "lossy", "accepted_hist", "tokens", "prompt_tokens"}
+              "lossy", "accepted_hist", "tokens", "prompt_tokens", "logprob", "score"}
 # One two-turn prompt (rows "chat/t1", "chat/t2") and two with repeats for prompt lookup.
 PROMPTS = [{"id": "chat", "turns": ["hi there", "and again"]},
            {"id": "rep", "prompt": "ab ab ab ab"},
@@ -141,6 +143,16 @@ def test_sweep_rows_and_outputs(swept):
     assert r["equal_to_ar"] is True and r["lossy"] is False
     if r["method"] == "ar":
       assert r["tau"] == 1.0 and r["draft_calls"] == 0
+    assert r["score"] is None  # a local file without references: nothing to check
+  # The quality column: the target's mean log-prob of the generated tokens, recomputed
+  # here from a plain forward of prompt + output (a lossless method's equals AR's).
+  target = models.load(TINY_DIR[0])
+  for r in rows:
+    if r["prompt_id"] == "rep":
+      ids = target.tokenizer.encode_chat([{"role": "user", "content": PROMPTS[1]["prompt"]}])
+      lp = jax.nn.log_softmax(target.logits([ids + r["tokens"]])[0, len(ids) - 1:-1], -1)
+      want = float(jnp.mean(jnp.take_along_axis(lp, jnp.asarray(r["tokens"])[:, None], 1)))
+      assert r["logprob"] == pytest.approx(want, abs=1e-4)
   assert any(r["tau"] > 1 for r in rows if r["method"] == "prompt_lookup")
   with open(os.path.join(workdir, "summary.csv")) as f:
     table = list(csv.DictReader(f))
@@ -150,7 +162,7 @@ def test_sweep_rows_and_outputs(swept):
   assert summary[0]["speedup"] == 1.0 and summary[1]["speedup"] > 0
   with open(os.path.join(workdir, "summary.md")) as f:
     assert "| prompt_lookup | mini |" in f.read()
-  for png in ("speedup.png", "accepted_hist.png"):
+  for png in ("speedup.png", "accepted_hist.png", "quality_vs_speed.png"):
     assert os.path.getsize(os.path.join(workdir, png)) > 0
 
 

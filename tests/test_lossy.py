@@ -74,3 +74,39 @@ def test_lossy_rules_reading_distributions_are_refused_at_temperature_0(rule):
 def test_easd_knobs_are_checked_by_name(knobs, match):
   with pytest.raises(ValueError, match=match):
     verify.get("easd", **knobs)
+
+
+# ------------------------------------------------------------------------------------------
+# Quality: HumanEval execution and GSM8K answers.
+
+
+def test_humaneval_runs_tests_in_a_sandbox_with_a_timeout():
+  from specjax.evaluation import prompts, quality
+  ref = prompts.load("humaneval", limit=1)[0].reference
+  body = ("    return any(abs(a - b) < threshold for i, a in enumerate(numbers)"
+          " for b in numbers[i + 1:])\n")
+  score = lambda text, **kw: quality.task_score("humaneval", ref, text, **kw)
+  assert score("```python\n" + ref["prompt"] + body + "```\nDone.") == 1.0  # a whole function
+  assert score(body) == 1.0  # a body continuing the prompt
+  assert score("def has_close_elements(numbers, threshold):\n    return False\n") == 0.0
+  # Exiting with status 0 before the tests finish, crashing, looping past the timeout or
+  # reaching for the network all score 0 and return normally.
+  assert score("def has_close_elements(numbers, threshold):\n    raise SystemExit(0)\n") == 0
+  assert score("def has_close_elements(numbers, threshold):\n    return 1 / 0\n") == 0.0
+  assert score("def has_close_elements(numbers, threshold):\n    while True:\n      pass\n",
+               timeout=2) == 0.0
+  net = ("import socket\ndef has_close_elements(numbers, threshold):\n"
+         "    socket.create_connection(('pypi.org', 443), timeout=2)\n" + body)
+  assert score(net) == 0.0
+  assert score(net.replace("    socket.create_connection(('pypi.org', 443), timeout=2)\n",
+                           "")) == 1.0  # the same code without the call passes
+
+
+@pytest.mark.parametrize("text,answer", [
+    ("She earns 9 * 2 = $18 a day.", 18.0), ("#### 1,234", 1234.0),
+    ("The answer is 72. (Not 80.)", 72.0), ("It costs -3.5 dollars.", -3.5),
+    ("No number here.", None)])
+def test_gsm8k_final_answer(text, answer):
+  from specjax.evaluation import quality
+  assert quality.gsm8k_answer(text) == answer
+  assert quality.task_score("gsm8k", {"answer": 18.0}, text) == float(answer == 18.0)
