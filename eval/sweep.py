@@ -354,6 +354,10 @@ def _spec(method: Method, drafter: Any) -> dict[str, Any]:
   checkpoint = method.drafter_kwargs.get("checkpoint")
   if checkpoint:  # a retrained head in the same folder is another method
     spec["checkpoint_sha"] = _fingerprint(checkpoint)
+  if method.acceptance_kwargs:  # a rule's knobs, and a trained judge's weights
+    spec["acceptance_kwargs"] = dict(method.acceptance_kwargs)
+    if method.acceptance_kwargs.get("checkpoint"):
+      spec["acceptance_sha"] = _fingerprint(method.acceptance_kwargs["checkpoint"])
   stop_checkpoint = method.stop_kwargs.get("checkpoint")
   if stop_checkpoint:  # likewise a retrained stop predictor
     spec["stop_kwargs"] = dict(method.stop_kwargs)

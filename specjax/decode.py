@@ -182,6 +182,7 @@ def _decode_loop(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_le
   eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
   top_k = 0 if drafter is None else getattr(drafter, "target_top_k", 0)
   owns_forward = callable(getattr(drafter, "target_forward", None))
+  rule_feats = tuple(getattr(rule, "features", ()))  # what the rule reads (Judge: FINAL)
 
   def body(st: _State) -> _State:
     ctx = Context(st.history, st.length, st.cache)
@@ -195,18 +196,20 @@ def _decode_loop(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_le
 
     def verify_tree(tree):
       tokens, positions, tree_mask = tree.verify_inputs(root_B, st.length - 1)
+      every = feats + rule_feats
       if owns_forward:  # the drafter runs the target itself (SpecEE's early exit: LOSSY)
         out, state = drafter.target_forward(dstate, cfg, params, tokens, positions, tree_mask,
-                                            st.cache, feats)
+                                            st.cache, every)
       else:
-        out, state = forward(cfg, params, tokens, positions, tree_mask, st.cache, feats), dstate
-      verdict = verify_lib.verify(rule, tree, out.logits, sampling, verify_key)
+        out, state = forward(cfg, params, tokens, positions, tree_mask, st.cache, every), dstate
+      verdict = verify_lib.verify(rule, tree, out.logits, sampling, verify_key,
+                                  out.features[len(feats)] if rule_feats else None)
       if top_k:  # what drafters that learn from the target's predictions read in commit
         verdict = verdict._replace(scored_tokens=tokens,
                                    target_top_k=jax.lax.top_k(out.logits, top_k)[1])
       label = (verify_lib.acceptance_probs(tree, out.logits, sampling) if trace
                else jnp.zeros(tree.tokens.shape))
-      return out.cache, out.features, verdict, label, state
+      return out.cache, out.features[:len(feats)], verdict, label, state
 
     def verify_first(m, tree):
       """Verifies nodes [0, m) (none after them is valid), padded back to n nodes."""
@@ -435,6 +438,8 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
       temperatures=[temperature], greedy_only=bool(getattr(drafter, "greedy_only", False)))
   if rule is None:
     rule = verify_lib.get("greedy" if sampling.greedy else "speculative")
+  if hasattr(rule, "validate"):
+    rule.validate(model.config)
   if rule.name == "rsd" and not sampling.greedy:  # the rule asks for distinct siblings
     sampling = sampling.replace(without_replacement=True)
   if drafter is not None:

@@ -26,6 +26,10 @@ rejection; when no child of the current node survives, the next token is drawn f
   agree on what they are unsure between (their top-`top_n` sets share at least `overlap`
   of their tokens); the target then draws again without that token. LOSSY.
 
+- "judge" (Judge Decoding): a linear judge on the target's final hidden state at each draft
+  token scores it; a token is accepted when the judge's probability clears `threshold` OR
+  the lossless rule (greedy or speculative) accepts it. LOSSY, at any temperature.
+
 The LOSSY rules that read sampling distributions ("typical", "fuzzy", "easd") are refused
 at temperature 0, where p is one-hot and they would silently be greedy matching
 (`registry.check_combination`, from their `sampled_only` registry meta).
@@ -39,8 +43,11 @@ from typing import ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
+import numpy as np
+
 from specjax import registry
 from specjax import sampling as sampling_lib
+from specjax.models.model import FINAL
 from specjax.tree import DraftTree
 
 
@@ -117,8 +124,51 @@ class Easd:
       raise ValueError(f"easd: overlap must be in [0, 1]; got {self.overlap}.")
 
 
-Acceptance = Greedy | Speculative | Rsd | Typical | Fuzzy | Easd
-RULE_TYPES = (Greedy, Speculative, Rsd, Typical, Fuzzy, Easd)
+@dataclasses.dataclass(frozen=True)
+class Judge:
+  """Judge Decoding: accept a draft token the lossless rule rejects when a linear judge on
+  the target's final hidden state there says it is fine. LOSSY. The weights are part of
+  the rule (a static argument: a few hundred numbers compiled in); build it with
+  `get("judge", checkpoint=...)` from a folder `specjax-train --config configs/judge.py`
+  wrote."""
+  weights: tuple[float, ...]  # [H]: the judge's logit is weights . h + bias
+  bias: float
+  threshold: float = 0.5  # on sigmoid(logit)
+  name: ClassVar[str] = "judge"
+  lossless: ClassVar[bool] = False
+  features: ClassVar[tuple[int, ...]] = (FINAL,)  # what the target forward must return
+
+  def __post_init__(self):
+    if not 0.0 <= self.threshold <= 1.0:
+      raise ValueError(f"judge: threshold is a probability in [0, 1]; got {self.threshold}.")
+
+  def validate(self, target_config) -> None:
+    if len(self.weights) != target_config.hidden_size:
+      raise ValueError(f"judge: its weights read hidden states of size {len(self.weights)}; "
+                       f"this target's are {target_config.hidden_size}.")
+
+  def probs(self, hidden_xH: jax.Array) -> jax.Array:
+    w = jnp.asarray(self.weights, jnp.float32)
+    return jax.nn.sigmoid(hidden_xH.astype(jnp.float32) @ w + self.bias)
+
+
+JUDGE_FILE = "judge.npz"
+
+
+@RULES.register("judge")
+def _judge(*, checkpoint: str, threshold: float = 0.5) -> Judge:
+  """The judge saved in folder `checkpoint` (`train/judge.py`)."""
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(checkpoint, JUDGE_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"judge: {path!r} does not exist; train one with "
+                            "`specjax-train --config configs/judge.py`.")
+  with np.load(path) as f:
+    return Judge(tuple(float(x) for x in f["weights"]), float(f["bias"]), float(threshold))
+
+
+Acceptance = Greedy | Speculative | Rsd | Typical | Fuzzy | Easd | Judge
+RULE_TYPES = (Greedy, Speculative, Rsd, Typical, Fuzzy, Easd, Judge)
 
 
 def get(name: str | Acceptance, **kw) -> Acceptance:
@@ -185,23 +235,29 @@ def _walk(tree: DraftTree, accept, carry):
 
 
 def verify(rule: Acceptance, tree: DraftTree, target_logits_BxTxV: jax.Array,
-           s: sampling_lib.Sampling, key: jax.Array) -> Verdict:
-  """Walks the tree against the target logits of [root, node_0, ..., node_{N-1}]."""
+           s: sampling_lib.Sampling, key: jax.Array,
+           hidden_BxTxH: jax.Array | None = None) -> Verdict:
+  """Walks the tree against the target logits of [root, node_0, ..., node_{N-1}]
+  (`hidden_BxTxH`: the target's final hidden states there, for rules with `features`)."""
   if rule.name == "greedy" and not s.greedy:
     raise ValueError("acceptance='greedy' needs temperature 0; use 'speculative' to sample.")
   b = tree.tokens.shape[0]
   rows = jnp.arange(b)
   at = lambda x_BxT, cur_B: x_BxT[rows, cur_B + 1]  # the target's row for the current node
+  # Judge Decoding: node i is also accepted where the judge clears its threshold.
+  judged_BxN = (rule.probs(hidden_BxTxH[:, 1:]) > rule.threshold if rule.name == "judge"
+                else jnp.zeros(tree.tokens.shape, bool))
 
-  if rule.name == "greedy" or (rule.name in ("speculative", "rsd") and s.greedy):
+  if rule.name == "greedy" or (rule.name in ("speculative", "rsd", "judge") and s.greedy):
     best_BxT = jnp.argmax(target_logits_BxTxV, -1).astype(jnp.int32)
-    accept = lambda i, cur_B, tried_B, c: (tree.tokens[:, i] == at(best_BxT, cur_B), c)
+    accept = lambda i, cur_B, tried_B, c: (
+        (tree.tokens[:, i] == at(best_BxT, cur_B)) | judged_BxN[:, i], c)
     cur_B, path, num, _ = _walk(tree, accept, ())
     return Verdict(path, num, at(best_BxT, cur_B))
 
   u_key, next_key = jax.random.split(key)
   p_BxTxV = sampling_lib.probs(target_logits_BxTxV, s)
-  if rule.name in ("speculative", "rsd", "easd"):
+  if rule.name in ("speculative", "rsd", "easd", "judge"):
     # Recursive SD's draft distribution for a node excludes its earlier siblings' tokens
     # (`seen`: the rejected siblings so far); SpecInfer's rule keeps q whole.
     recursive = rule.name == "rsd" and tree.sampled
@@ -234,6 +290,7 @@ def verify(rule: Acceptance, tree: DraftTree, target_logits_BxTxV: jax.Array,
         without = jnp.where(mass > 0, without / jnp.where(mass > 0, mass, 1.0), p_BxV)
         rejected = jnp.where((ok_B & unsure_B)[:, None], without, rejected)
         ok_B = ok_B & ~unsure_B
+      ok_B = ok_B | judged_BxN[:, i]
       took, missed = (tried_B & ok_B)[:, None], (tried_B & ~ok_B)[:, None]
       new_p = jnp.where(took, p_BxTxV[:, i + 1], jnp.where(missed, rejected, p_BxV))
       if recursive:
