@@ -101,7 +101,7 @@ STOP_POLICIES = Registry("stop policy", {
     **{k: "specjax.stopping.learned" for k in ("specdecpp", "pacer")}})
 # builder(**knobs) -> a `verify` rule
 ACCEPTANCE = Registry("acceptance rule", {k: "specjax.verify" for k in (
-    "greedy", "speculative", "rsd", "typical", "fuzzy", "easd", "judge")})
+    "greedy", "speculative", "rsd", "typical", "fuzzy", "easd", "judge", "arbitrage")})
 # builder(target_config, **knobs) -> drafters.TrainableHead
 HEADS = Registry("draft head", _HEADS)
 

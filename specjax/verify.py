@@ -30,6 +30,13 @@ rejection; when no child of the current node survives, the next token is drawn f
   token scores it; a token is accepted when the judge's probability clears `threshold` OR
   the lossless rule (greedy or speculative) accepts it. LOSSY, at any temperature.
 
+- "arbitrage" (Arbitrage, step level): the draft's first-child path up to and including
+  its first step boundary (a token holding a blank line) is one step; a router on the
+  target's view of it (its mean final hidden state and the target's mean and lowest
+  log-probability of its tokens) decides whether the target should write it instead. If
+  not, the whole step is accepted; if so, the lossless rule verifies it token by token
+  (the target's own tokens replace it from the first disagreement). LOSSY.
+
 The LOSSY rules that read sampling distributions ("typical", "fuzzy", "easd") are refused
 at temperature 0, where p is one-hot and they would silently be greedy matching
 (`registry.check_combination`, from their `sampled_only` registry meta).
@@ -167,8 +174,68 @@ def _judge(*, checkpoint: str, threshold: float = 0.5) -> Judge:
     return Judge(tuple(float(x) for x in f["weights"]), float(f["bias"]), float(threshold))
 
 
-Acceptance = Greedy | Speculative | Rsd | Typical | Fuzzy | Easd | Judge
-RULE_TYPES = (Greedy, Speculative, Rsd, Typical, Fuzzy, Easd, Judge)
+@dataclasses.dataclass(frozen=True)
+class Arbitrage:
+  """Arbitrage's router over draft steps: accept a whole step unless the router predicts
+  the target would write a better one (then verify it losslessly). LOSSY. Build it with
+  `get("arbitrage", checkpoint=...)` from a folder `specjax-train --config
+  configs/arbitrage.py` wrote; the router and the step-boundary token ids are part of the
+  rule (a static argument)."""
+  weights: tuple[float, ...]  # [H + 3]: mean hidden, mean log-prob, min log-prob, length
+  bias: float
+  boundary: tuple[int, ...]  # token ids that end a step (they contain a blank line)
+  threshold: float = 0.5  # escalate to the target above it
+  name: ClassVar[str] = "arbitrage"
+  lossless: ClassVar[bool] = False
+  features: ClassVar[tuple[int, ...]] = (FINAL,)
+
+  def __post_init__(self):
+    if not 0.0 <= self.threshold <= 1.0:
+      raise ValueError(f"arbitrage: threshold is a probability in [0, 1]; got "
+                       f"{self.threshold}.")
+
+  def validate(self, target_config) -> None:
+    if len(self.weights) != target_config.hidden_size + 3:
+      raise ValueError(f"arbitrage: its router reads hidden states of size "
+                       f"{len(self.weights) - 3}; this target's are "
+                       f"{target_config.hidden_size}.")
+
+  def escalate(self, step_x: jax.Array) -> jax.Array:
+    """P(the target's step would be better) from `step_features` rows."""
+    w = jnp.asarray(self.weights, jnp.float32)
+    return jax.nn.sigmoid(step_x.astype(jnp.float32) @ w + self.bias)
+
+
+def step_features(hidden_BxNxH, logprob_BxN, on_step_BxN, num_nodes: int) -> jax.Array:
+  """float32[B, H + 3]: a step's router input: the target's mean final hidden state over
+  its tokens, the mean and lowest target log-probability of its tokens, and its length
+  over the draft's size."""
+  m = on_step_BxN.astype(jnp.float32)
+  count = jnp.maximum(jnp.sum(m, -1, keepdims=True), 1.0)
+  mean_h = jnp.sum(hidden_BxNxH.astype(jnp.float32) * m[..., None], 1) / count
+  mean_lp = jnp.sum(logprob_BxN * m, -1, keepdims=True) / count
+  min_lp = jnp.min(jnp.where(on_step_BxN, logprob_BxN, 0.0), -1, keepdims=True)
+  return jnp.concatenate([mean_h, mean_lp, min_lp, count / num_nodes], -1)
+
+
+ROUTER_FILE = "router.npz"
+
+
+@RULES.register("arbitrage")
+def _arbitrage(*, checkpoint: str, threshold: float = 0.5) -> Arbitrage:
+  """The router saved in folder `checkpoint` (`train/arbitrage.py`)."""
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(checkpoint, ROUTER_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"arbitrage: {path!r} does not exist; train a router with "
+                            "`specjax-train --config configs/arbitrage.py`.")
+  with np.load(path) as f:
+    return Arbitrage(tuple(float(x) for x in f["weights"]), float(f["bias"]),
+                     tuple(int(x) for x in f["boundary"]), float(threshold))
+
+
+Acceptance = Greedy | Speculative | Rsd | Typical | Fuzzy | Easd | Judge | Arbitrage
+RULE_TYPES = (Greedy, Speculative, Rsd, Typical, Fuzzy, Easd, Judge, Arbitrage)
 
 
 def get(name: str | Acceptance, **kw) -> Acceptance:
@@ -239,6 +306,8 @@ def verify(rule: Acceptance, tree: DraftTree, target_logits_BxTxV: jax.Array,
            hidden_BxTxH: jax.Array | None = None) -> Verdict:
   """Walks the tree against the target logits of [root, node_0, ..., node_{N-1}]
   (`hidden_BxTxH`: the target's final hidden states there, for rules with `features`)."""
+  if rule.name == "arbitrage":
+    return _arbitrage_verify(rule, tree, target_logits_BxTxV, s, key, hidden_BxTxH)
   if rule.name == "greedy" and not s.greedy:
     raise ValueError("acceptance='greedy' needs temperature 0; use 'speculative' to sample.")
   b = tree.tokens.shape[0]
@@ -317,6 +386,44 @@ def verify(rule: Acceptance, tree: DraftTree, target_logits_BxTxV: jax.Array,
 
   cur_B, path, num, _ = _walk(tree, accept, ())
   return Verdict(path, num, sampling_lib.sample(next_key, at(p_BxTxV, cur_B), s))
+
+
+def draft_step(tree: DraftTree, boundary: tuple[int, ...]):
+  """(cur_B, path, count) of a draft's step: its first-child path, up to and including the
+  first token in `boundary` (the whole path when none is)."""
+  ends = jnp.asarray(boundary if boundary else (-1,), jnp.int32)
+
+  def accept(i, cur_B, tried_B, ended_B):
+    ok_B = ~ended_B
+    return ok_B, ended_B | (tried_B & ok_B & jnp.isin(tree.tokens[:, i], ends))
+
+  cur_B, path, num, _ = _walk(tree, accept, jnp.zeros(tree.tokens.shape[:1], bool))
+  return cur_B, path, num
+
+
+def _arbitrage_verify(rule: Arbitrage, tree, logits_BxTxV, s, key, hidden_BxTxH) -> Verdict:
+  """The step accepted whole where the router does not escalate; elsewhere the lossless
+  rule's verdict."""
+  b, n = tree.tokens.shape
+  rows = jnp.arange(b)
+  base = verify(get("greedy" if s.greedy else "speculative"), tree, logits_BxTxV, s, key)
+  if n == 0:
+    return base
+  cur_B, path, num = draft_step(tree, rule.boundary)
+  on_step = jnp.arange(n) < num[:, None]
+  idx = jnp.where(on_step, path, 0)
+  # The target's log-prob of each step token, at its parent's row (raw, temperature 1).
+  lp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), -1)
+  parent_row = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), idx[:, :-1] + 1], 1)
+  lp_BxN = lp_BxTxV[rows[:, None], parent_row, jnp.take_along_axis(tree.tokens, idx, 1)]
+  x = step_features(jnp.take_along_axis(hidden_BxTxH[:, 1:], idx[..., None], 1), lp_BxN,
+                    on_step, n)
+  keep_B = (num > 0) & (rule.escalate(x) <= rule.threshold)
+  p_next = sampling_lib.probs(logits_BxTxV[rows, cur_B + 1], s)
+  nxt = sampling_lib.sample(jax.random.fold_in(key, n + 1), p_next, s)
+  return Verdict(jnp.where(keep_B[:, None], path, base.path),
+                 jnp.where(keep_B, num, base.accepted_drafts),
+                 jnp.where(keep_B, nxt, base.next_token))
 
 
 def acceptance_probs(tree: DraftTree, target_logits_BxTxV: jax.Array,

@@ -23,7 +23,7 @@ def test_every_built_in_part_is_registered():
   assert set(registry.STOP_POLICIES.names()) == {"fixed", "confidence", "svip", "specdecpp",
                                                  "pacer"}
   assert set(registry.ACCEPTANCE.names()) == {"greedy", "speculative", "rsd", "typical", "fuzzy",
-                                              "easd", "judge"}
+                                              "easd", "judge", "arbitrage"}
   assert set(registry.HEADS.names()) == {"eagle", "eagle3", "falcon", "hydra", "medusa"}
 
 

@@ -7,6 +7,9 @@ A configs/stop.py config trains a learned stop policy for a drafter instead: DIR
 labels/ (resumable), metrics.json and predictor/ (`stopping.get(kind, checkpoint=...)`).
 A configs/specee.py config trains SpecEE's exit predictors: DIR gets examples/
 (resumable), metrics.json and predictor/ (`drafter="specee", checkpoint=...`).
+A configs/judge.py config trains Judge Decoding's judge: DIR gets examples/ (resumable),
+metrics.json and judge/ (`acceptance="judge", checkpoint=...`); configs/arbitrage.py
+trains Arbitrage's router: DIR gets examples/, metrics.json and router/.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from ml_collections import config_flags
 
 from specjax import runtime, sharding
 
-from . import specee, stop, trainer
+from . import arbitrage, judge, specee, stop, trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config: a file with get_config(arg), e.g. configs/eagle.py.",
@@ -33,10 +36,13 @@ def main(argv: list[str]) -> None:
   # Several processes start jax.distributed before anything else touches JAX.
   sharding.initialize(_CONFIG.value.get("distributed"))
   runtime.enable_compilation_cache()
-  for key, predictor in (("stop_predictor", stop), ("exit_predictor", specee)):
-    if key in _CONFIG.value:  # configs/stop.py, configs/specee.py: predictors, not heads
+  for key, predictor, out in (("stop_predictor", stop, "predictor"),
+                              ("exit_predictor", specee, "predictor"),
+                              ("judge", judge, "judge"),
+                              ("router", arbitrage, "router")):
+    if key in _CONFIG.value:  # configs/stop.py, specee.py, judge.py: predictors, not heads
       metrics = predictor.train(_CONFIG.value, _WORKDIR.value)
-      print(f"done; predictor in {_WORKDIR.value}/predictor; {metrics}")
+      print(f"done; predictor in {_WORKDIR.value}/{out}; {metrics}")
       return
   try:
     last = trainer.train(_CONFIG.value, _WORKDIR.value)

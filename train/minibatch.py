@@ -32,3 +32,36 @@ def adam(loss_fn: Callable[..., jax.Array], params: Any, arrays: Sequence[np.nda
     idx = rng.integers(0, n, min(batch_size, n))
     params, opt, loss = step(params, opt, *(jnp.asarray(a[idx]) for a in arrays))
   return params, float(loss)
+
+
+def logistic(x_MxF: np.ndarray, y_M: np.ndarray, *, steps: int, batch_size: int, lr: float,
+             seed: int = 0, l2: float = 1e-4) -> tuple[np.ndarray, float, float]:
+  """(weights [F], bias, last loss) of a logistic classifier on standardised inputs, the
+  two classes weighted to count equally, the standardisation folded into the weights (so
+  `sigmoid(x @ weights + bias)` reads raw inputs)."""
+  mean, std = x_MxF.mean(0), x_MxF.std(0) + 1e-6
+  x = ((x_MxF - mean) / std).astype(np.float32)
+  y = y_M.astype(np.float32)
+  pos = float(np.clip(y.mean(), 1e-3, 1 - 1e-3))
+  w_pos, w_neg = 0.5 / pos, 0.5 / (1 - pos)
+
+  def loss_fn(p, xb, yb):
+    z = xb @ p["w"] + p["b"]
+    weight = jnp.where(yb > 0, w_pos, w_neg)
+    return (jnp.mean(weight * optax.sigmoid_binary_cross_entropy(z, yb))
+            + l2 * jnp.sum(p["w"] ** 2))
+
+  params = {"w": jnp.zeros((x.shape[1],)), "b": jnp.zeros(())}
+  params, loss = adam(loss_fn, params, (x, y), steps=steps, batch_size=batch_size, lr=lr,
+                      seed=seed)
+  w = np.asarray(params["w"]) / std
+  return w.astype(np.float32), float(params["b"]) - float(np.sum(w * mean)), loss
+
+
+def classifier_metrics(p_M: np.ndarray, y_M: np.ndarray, threshold: float) -> dict:
+  """Precision and recall of `p > threshold` against boolean labels, and its positive
+  rate."""
+  pred = p_M > threshold
+  tp = float((pred & y_M).sum())
+  return {"precision": tp / max(int(pred.sum()), 1), "recall": tp / max(int(y_M.sum()), 1),
+          "positive_rate": float(pred.mean()) if len(pred) else 0.0}
