@@ -17,6 +17,10 @@ HYDRA_SMOLLM2 = os.path.join(HEADS, "hydra-smollm2-135m")
 FALCON_SMOLLM2 = os.path.join(HEADS, "falcon-smollm2-135m")
 # SpecEE's exit predictors for SmolLM2-135M (configs/specee.py; candidates from EAGLE_SMOLLM2).
 SPECEE_SMOLLM2 = os.path.normpath(os.path.join(HEADS, "..", "specee", "smollm2-135m"))
+# Judge Decoding's judge and Arbitrage's router for SmolLM2-135M (configs/judge.py,
+# configs/arbitrage.py; both read the EAGLE-1 head's drafts).
+JUDGE_SMOLLM2 = os.path.normpath(os.path.join(HEADS, "..", "judge", "smollm2-135m"))
+ROUTER_SMOLLM2 = os.path.normpath(os.path.join(HEADS, "..", "arbitrage", "smollm2-135m"))
 # Verify and draft costs measured on this project's 2-core CPU (`python -m
 # specjax.evaluation.bench --costs-only`): what `budget=` sizes drafts from. On another
 # device, measure its own and pass --config.costs=workdir/bench/costs.json.
@@ -39,9 +43,11 @@ def method(name: str, drafter: str = "ar", *, stop: str | None = None,
       the draft from the device's measured costs and the head's simulated acceptance).
     stop: a name in `registry.STOP_POLICIES` ("fixed", "confidence", "svip"); None = fixed.
     stop_kwargs: the policy's knobs, e.g. {"threshold": 0.4}.
-    acceptance: "greedy", "speculative", or the LOSSY "typical" / "fuzzy"; None picks
-      greedy at temperature 0 and speculative when sampling.
-    acceptance_kwargs: the rule's knobs, e.g. {"threshold": 0.3} for fuzzy.
+    acceptance: "greedy", "speculative", "rsd", or the LOSSY "typical" / "fuzzy" /
+      "easd" / "judge" / "arbitrage"; None picks greedy at temperature 0 and speculative
+      when sampling.
+    acceptance_kwargs: the rule's knobs, e.g. {"threshold": 0.3} for fuzzy, or
+      {"checkpoint": JUDGE_SMOLLM2, "threshold": 0.9} for judge.
     hot_start: for drafters that learn across calls ("token_recycling", "suffix"): carry
       what one prompt taught them to the next (per temperature and seed); False starts
       every prompt cold.

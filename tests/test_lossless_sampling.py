@@ -269,4 +269,5 @@ def test_generate_rsd_matches_target(drafter):
   """generate(acceptance='rsd') at T=1: the drafter draws distinct siblings (a static tree's
   Gumbel-top-k; EAGLE-2's tree by stochastic beam search) and the output keeps the target's
   law."""
-  check_generate_matches_target(SAMPLINGS[0], RSD_DRAFTERS[drafter](), acceptance="rsd")
+  check_generate_matches_target(SAMPLINGS[0], RSD_DRAFTERS[drafter](), n=8_000,
+                                acceptance="rsd")
