@@ -25,10 +25,10 @@ def get_config(arg: str | None = None):
   c.drafter_kwargs = {"checkpoint": common.EAGLE_SMOLLM2}
   c.depth = 8  # the longest step one verification covers
   c.delta = 1.0  # nats per token: "the target's step is meaningfully better"
-  c.per_row = 16
+  c.per_row = 8
   c.data = ml_collections.ConfigDict({
       "source": "assets/distill/smollm2-135m", "seq_len": 256, "eval_rows": 24})
-  c.num_rows = 96
+  c.num_rows = 48
   c.rows_per_batch = 8
   c.examples_per_call = 32
   c.examples = ""  # "" = workdir/examples

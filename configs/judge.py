@@ -25,11 +25,11 @@ def get_config(arg: str | None = None):
   c.horizon = 16  # greedy tokens the target writes after the draft token
   c.anchor = 6  # its last tokens that must appear in the target's own text
   c.slack = 8  # how far past the horizon the target's own text is searched
-  c.per_row = 16  # examples per training row, at random mismatch positions
+  c.per_row = 8  # examples per training row, at random mismatch positions
   # The rows' first 256 tokens: every example costs a forward of its prefix and a decode.
   c.data = ml_collections.ConfigDict({
       "source": "assets/distill/smollm2-135m", "seq_len": 256, "eval_rows": 24})
-  c.num_rows = 96
+  c.num_rows = 48
   c.rows_per_batch = 8  # rows per example file
   c.examples_per_call = 32  # continuations decoded together
   c.examples = ""  # "" = workdir/examples

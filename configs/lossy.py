@@ -2,7 +2,7 @@
 SmolLM2-135M with the committed EAGLE-1 head drafting a chain of 4.
 
   (no argument)  AR, the lossless rule, and typical (Medusa), FSD, EASD, Judge Decoding and
-                 Arbitrage at two settings each; HumanEval and GSM8K (10 prompts each, so
+                 Arbitrage at two settings each; HumanEval and GSM8K (6 prompts each, so
                  every row has a task score: pass@1 by running the unit tests, exact final
                  answer), greedy and T=1 (the rules that read sampling distributions run at
                  T=1 only), 128 new tokens. The report's quality_vs_speed.png is the
@@ -63,8 +63,7 @@ def get_config(arg: str | None = None):
     return c
   c.methods = methods()
   c.datasets = ("humaneval", "gsm8k")
-  c.num_prompts = 10
+  c.num_prompts = 6
   c.temperatures = (0.0, 1.0)
   c.max_new_tokens = 128
-  c.warmup = 1
   return c

@@ -45,6 +45,7 @@ at temperature 0, where p is one-hot and they would silently be greedy matching
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import ClassVar, NamedTuple
 
 import jax
@@ -165,13 +166,18 @@ JUDGE_FILE = "judge.npz"
 @RULES.register("judge")
 def _judge(*, checkpoint: str, threshold: float = 0.5) -> Judge:
   """The judge saved in folder `checkpoint` (`train/judge.py`)."""
-  import os  # pylint: disable=g-import-not-at-top
-  path = os.path.join(checkpoint, JUDGE_FILE)
+  a = _trained(checkpoint, JUDGE_FILE, "judge", "judge.py")
+  return Judge(tuple(float(x) for x in a["weights"]), float(a["bias"]), float(threshold))
+
+
+def _trained(checkpoint: str, file: str, rule: str, config: str) -> dict[str, np.ndarray]:
+  """The arrays a trained rule saved in folder `checkpoint`."""
+  path = os.path.join(checkpoint, file)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"judge: {path!r} does not exist; train one with "
-                            "`specjax-train --config configs/judge.py`.")
+    raise FileNotFoundError(f"{rule}: {path!r} does not exist; train one with "
+                            f"`specjax-train --config configs/{config}`.")
   with np.load(path) as f:
-    return Judge(tuple(float(x) for x in f["weights"]), float(f["bias"]), float(threshold))
+    return {k: f[k] for k in f.files}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,14 +230,9 @@ ROUTER_FILE = "router.npz"
 @RULES.register("arbitrage")
 def _arbitrage(*, checkpoint: str, threshold: float = 0.5) -> Arbitrage:
   """The router saved in folder `checkpoint` (`train/arbitrage.py`)."""
-  import os  # pylint: disable=g-import-not-at-top
-  path = os.path.join(checkpoint, ROUTER_FILE)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"arbitrage: {path!r} does not exist; train a router with "
-                            "`specjax-train --config configs/arbitrage.py`.")
-  with np.load(path) as f:
-    return Arbitrage(tuple(float(x) for x in f["weights"]), float(f["bias"]),
-                     tuple(int(x) for x in f["boundary"]), float(threshold))
+  a = _trained(checkpoint, ROUTER_FILE, "arbitrage", "arbitrage.py")
+  return Arbitrage(tuple(float(x) for x in a["weights"]), float(a["bias"]),
+                   tuple(int(x) for x in a["boundary"]), float(threshold))
 
 
 Acceptance = Greedy | Speculative | Rsd | Typical | Fuzzy | Easd | Judge | Arbitrage

@@ -205,5 +205,5 @@ def test_trained_judge_and_router_decode_through_generate(trained_rules):
     out = decode.generate(target, prompts, acceptance=verify.get(
         name, checkpoint=folder, threshold=eager), **kw)
     assert float(np.mean(out.tau)) > 3.5  # every draft kept: tau = depth + 1 (no boundary)
-  with pytest.raises(FileNotFoundError, match="train one"):
+  with pytest.raises(FileNotFoundError, match="train one with"):
     verify.get("judge", checkpoint="/nonexistent")
