@@ -37,7 +37,7 @@ def methods():
       _eagle("fsd_js0.6", "fuzzy", divergence="js", threshold=0.6),
       _eagle("easd_h1", "easd", entropy=1.0),
       _eagle("easd_h2", "easd", entropy=2.0),
-      _eagle("judge_0.9", "judge", checkpoint=common.JUDGE_SMOLLM2, threshold=0.9),
+      _eagle("judge_0.7", "judge", checkpoint=common.JUDGE_SMOLLM2, threshold=0.7),
       _eagle("judge_0.5", "judge", checkpoint=common.JUDGE_SMOLLM2, threshold=0.5),
       _eagle("arbitrage_0.3", "arbitrage", checkpoint=common.ROUTER_SMOLLM2, threshold=0.3),
       _eagle("arbitrage_0.7", "arbitrage", checkpoint=common.ROUTER_SMOLLM2, threshold=0.7),

@@ -154,7 +154,8 @@ def train(c, workdir: str) -> dict:
                      f"{np.percentile(sets['train']['gap'], [10, 50, 90]).round(2)} at the "
                      "10/50/90th percentiles); pick a delta inside them.")
   w, b, loss = minibatch.logistic(sets["train"]["x"], label["train"], steps=c.fit.steps,
-                                  batch_size=c.fit.batch_size, lr=c.fit.lr, seed=c.seed)
+                                  batch_size=c.fit.batch_size, lr=c.fit.lr, l2=c.fit.l2,
+                                  seed=c.seed)
   router = verify.Arbitrage(tuple(float(v) for v in w), b, boundary)
   p_eval = np.asarray(router.escalate(jnp.asarray(sets["eval"]["x"])))
   metrics = {"train_pairs": int(len(label["train"])), "eval_pairs": int(len(label["eval"])),
@@ -163,6 +164,7 @@ def train(c, workdir: str) -> dict:
              "gap_percentiles_10_50_90": np.percentile(sets["train"]["gap"],
                                                        [10, 50, 90]).round(3).tolist(),
              "final_loss": loss, "boundary_tokens": len(boundary),
+             "eval_auc": minibatch.roc_auc(p_eval, label["eval"]),
              "eval": {str(t): minibatch.classifier_metrics(p_eval, label["eval"], t)
                       for t in (0.3, 0.5, 0.7)}}
   if c.progress:

@@ -193,7 +193,7 @@ def train(c, workdir: str) -> dict:
                      "one label only; use more rows (num_rows) or per_row.")
   w, b, loss = minibatch.logistic(sets["train"]["hidden"], sets["train"]["label"],
                                   steps=c.fit.steps, batch_size=c.fit.batch_size, lr=c.fit.lr,
-                                  seed=c.seed)
+                                  l2=c.fit.l2, seed=c.seed)
   judge = verify.Judge(tuple(float(x) for x in w), b)
   p_eval = np.asarray(judge.probs(jnp.asarray(sets["eval"]["hidden"])))
   metrics = {"train_examples": int(len(sets["train"]["label"])),
@@ -201,6 +201,7 @@ def train(c, workdir: str) -> dict:
              "train_rejoin_rate": float(sets["train"]["label"].mean()),
              "eval_rejoin_rate": float(sets["eval"]["label"].mean()) if len(p_eval) else None,
              "final_loss": loss,
+             "eval_auc": minibatch.roc_auc(p_eval, sets["eval"]["label"].astype(bool)),
              "eval": {str(t): minibatch.classifier_metrics(p_eval, sets["eval"]["label"], t)
                       for t in (0.5, 0.7, 0.9)}}
   if c.progress:
@@ -211,7 +212,8 @@ def train(c, workdir: str) -> dict:
   with open(os.path.join(out, "judge.json"), "w", encoding="utf-8") as f:
     json.dump({"target": c.target, "labels": "resynchronisation (train/judge.py)",
                "horizon": c.horizon, "anchor": c.anchor, "slack": c.slack,
-               "draft": c.head or f"self_draft:{c.draft_layers}", "metrics": metrics}, f,
+               "draft": os.path.basename(os.path.normpath(c.head)) if c.head
+               else f"self_draft:{c.draft_layers}", "metrics": metrics}, f,
               indent=1)
   with open(os.path.join(workdir, "metrics.json"), "w", encoding="utf-8") as f:
     json.dump(metrics, f, indent=1)

@@ -58,6 +58,15 @@ def logistic(x_MxF: np.ndarray, y_M: np.ndarray, *, steps: int, batch_size: int,
   return w.astype(np.float32), float(params["b"]) - float(np.sum(w * mean)), loss
 
 
+def roc_auc(p_M: np.ndarray, y_M: np.ndarray) -> float:
+  """The chance that a random positive scores above a random negative (ties count half):
+  a threshold-free measure of how well `p` separates the classes (0.5 = chance)."""
+  pos, neg = p_M[y_M], p_M[~y_M]
+  if not len(pos) or not len(neg):
+    return float("nan")
+  return float((pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean())
+
+
 def classifier_metrics(p_M: np.ndarray, y_M: np.ndarray, threshold: float) -> dict:
   """Precision and recall of `p > threshold` against boolean labels, and its positive
   rate."""
