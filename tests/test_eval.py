@@ -321,7 +321,8 @@ def test_greedy_rule_with_sampling_is_refused(prompt_file):
 
 
 @pytest.mark.parametrize("name", ["demo", "bench", "sweep", "tiny", "training_free",
-                                  "training_free:repeat", "training_free:specee"])
+                                  "training_free:repeat", "training_free:specee", "lossy",
+                                  "lossy:rsd"])
 def test_shipped_configs_are_valid(name):
   p = sweep.plan(get_config(*name.split(":")))
   assert p.baseline.name == "ar"
@@ -333,6 +334,14 @@ def test_shipped_configs_are_valid(name):
                               "hybrid", "specee"})
     # SpecEE is greedy only: a sweep with sampled temperatures leaves its sampled cells out
     assert all(m.greedy_only and m.lossy for m in p.methods if m.drafter == "specee")
+  if name == "lossy":  # every lossy rule beside the lossless one, labelled, at T > 0
+    rules = {m.acceptance for m in p.methods if m.lossy}
+    assert rules == {"typical", "fuzzy", "easd", "judge", "arbitrage"}
+    assert all(m.runs_at(1.0) for m in p.methods)
+    assert not any(m.runs_at(0.0) for m in p.methods if m.acceptance in ("typical", "easd"))
+  if name == "lossy:rsd":  # each drafter under both tree rules, same tree
+    assert [m.acceptance for m in p.methods].count("rsd") >= 2
+    assert not any(m.lossy for m in p.methods)
   if name == "sweep":
     budgets = {m.drafter_kwargs.get("depth") for m in p.methods if m.drafter == "self_draft"}
     assert p.peers and budgets >= {2, 4, 8}
