@@ -123,7 +123,7 @@ def _write_csv(summary: Sequence[Mapping[str, Any]], path: str) -> None:
 
 def _plot_speedup(summary: Sequence[Mapping[str, Any]], path: str) -> None:
   """Grouped bars: x = dataset, one bar per method (AR is the dashed line at 1), one panel
-  per temperature."""
+  per temperature; LOSSY methods hatched and named "(LOSSY)"."""
   temps = sorted({s["temperature"] for s in summary})
   fig, axes = plt.subplots(1, len(temps), figsize=(6 * len(temps), 4), squeeze=False)
   for ax, temp in zip(axes[0], temps):
@@ -131,11 +131,13 @@ def _plot_speedup(summary: Sequence[Mapping[str, Any]], path: str) -> None:
             and s["speedup"] is not None]
     datasets = list(dict.fromkeys(s["dataset"] for s in rows))
     methods = list(dict.fromkeys(s["method"] for s in rows))
+    lossy = {s["method"] for s in rows if s["lossy"]}
     width = 0.8 / max(len(methods), 1)
     for j, m in enumerate(methods):
       by_ds = {s["dataset"]: s["speedup"] for s in rows if s["method"] == m}
       xs = [i + j * width for i, d in enumerate(datasets) if d in by_ds]
-      ax.bar(xs, [by_ds[d] for d in datasets if d in by_ds], width, label=m)
+      ax.bar(xs, [by_ds[d] for d in datasets if d in by_ds], width,
+             label=m + (" (LOSSY)" if m in lossy else ""), hatch="//" if m in lossy else None)
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
     ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(datasets))],
                   datasets)
@@ -148,25 +150,29 @@ def _plot_speedup(summary: Sequence[Mapping[str, Any]], path: str) -> None:
 
 
 def _plot_quality(summary: Sequence[Mapping[str, Any]], path: str) -> None:
-  """The quality-vs-speed frontier: per dataset and temperature, tokens/s and tau against
-  the task score (or, without one, the target's mean log-prob per token). LOSSY methods
-  are hollow markers named "(LOSSY)"; the lossless ones filled."""
+  """The quality-vs-speed frontier: per dataset and temperature (columns), tokens/s and tau
+  against the task score (where the dataset has one) and against the target's mean
+  log-prob per token (rows). LOSSY methods are hollow markers named "(LOSSY)"; the
+  lossless ones filled."""
   panels = sorted({(s["dataset"], s["temperature"]) for s in summary})
-  fig, axes = plt.subplots(2, len(panels), figsize=(5 * len(panels), 8), squeeze=False)
+  qualities = [q for q in ("score", "logprob") if any(s.get(q) is not None for s in summary)]
+  axes_rows = [(q, speed) for q in qualities for speed in ("tokens_per_s", "tau")]
+  fig, axes = plt.subplots(max(len(axes_rows), 1), len(panels),
+                           figsize=(5 * len(panels), 4 * max(len(axes_rows), 1)),
+                           squeeze=False)
   for j, (dataset, temp) in enumerate(panels):
     group = [s for s in summary if (s["dataset"], s["temperature"]) == (dataset, temp)]
-    quality_key = "score" if any(s.get("score") is not None for s in group) else "logprob"
-    for i, speed in enumerate(("tokens_per_s", "tau")):
+    for i, (quality, speed) in enumerate(axes_rows):
       ax = axes[i][j]
       for s in group:
-        if s.get(quality_key) is None or s.get(speed) is None:
+        if s.get(quality) is None or s.get(speed) is None:
           continue
         label = s["method"] + (" (LOSSY)" if s["lossy"] else "")
-        ax.scatter(s[quality_key], s[speed], label=label,
-                   facecolors="none" if s["lossy"] else None,
+        ax.scatter(s[quality], s[speed], facecolors="none" if s["lossy"] else None,
                    edgecolors="C3" if s["lossy"] else None)
-        ax.annotate(label, (s[quality_key], s[speed]), fontsize=6)
-      ax.set_xlabel("task score (pass@1 / exact answer)" if quality_key == "score"
+        ax.annotate(label, (s[quality], s[speed]), xytext=(4, 2), textcoords="offset points",
+                    fontsize=6)
+      ax.set_xlabel("task score (pass@1 / exact answer)" if quality == "score"
                     else "target log-prob per token")
       ax.set_ylabel("tokens/s" if speed == "tokens_per_s" else "tau")
       ax.set_title(f"{dataset}, T={temp:g}")
