@@ -1,7 +1,8 @@
 """Speculative sampling with the trainable heads preserves the target distribution: EAGLE
 and EAGLE-3 with a reduced vocabulary (sampled chain, EAGLE-2 dynamic tree), Hydra (sampled
-chain), Hydra++ (sampled tree), Falcon (sampled tree over two forwards) and Medusa (top-k
-tree), with random head weights, under the same exact-table test and biased control as
+chain), Hydra++ (sampled tree), Falcon (sampled tree over two forwards), Medusa (top-k
+tree) and DFlash (a tree sampled from its block's per-slot distributions), with random head
+weights, under the same exact-table test and biased control as
 the draft model's."""
 
 import jax
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from specjax import registry
 from specjax.drafters import Eagle3Head, EagleHead, FalconHead, HydraHead, MedusaHead
 from specjax.models import FINAL, shared_params
 
@@ -35,7 +37,14 @@ DRAFTERS = {
         *head_params(FalconHead(TARGET.config, block=2)), tree=[(0,), (1,), (0, 0), (0, 0, 0)]),
     "medusa_tree": lambda: MedusaHead(TARGET.config, num_heads=2).drafter(
         *head_params(MedusaHead(TARGET.config, num_heads=2)), tree=[(0,), (1,), (0, 0)]),
+    # Siblings i.i.d. from one slot's distribution, whatever their parent.
+    "dflash_tree": lambda: DFLASH.drafter(*head_params(DFLASH), tree=[(0,), (1,), (0, 0)]),
 }
+
+
+# Over the 1-layer target's embedding output and final state.
+DFLASH = registry.HEADS.build("dflash", TARGET.config, num_layers=1, taps=(0, FINAL),
+                              block_size=3)
 
 
 HYDRAPP = HydraHead(TARGET.config, num_heads=2, mlp_layers=2, prefix_layer=True, teacher=True)

@@ -1,5 +1,5 @@
-"""specjax-train and the trainable heads (EAGLE-1, EAGLE-3, Falcon, Hydra, Hydra++, Medusa-1) on the
-tiny random target.
+"""specjax-train and the trainable heads (EAGLE-1, EAGLE-3, Falcon, Hydra, Hydra++, Medusa-1,
+DFlash) on the tiny random target.
 
 Loss falls; a SIGKILLed run resumes onto the uninterrupted curve; no gradient reaches the
 target; trained heads decode exactly as AR (greedy, ragged batch); the drafter's cached
@@ -22,6 +22,7 @@ import pytest
 
 import conftest
 from specjax import decode, models, registry
+from specjax.configs import dflash as dflash_config
 from specjax.configs import eagle as eagle_config
 from specjax.configs import eagle3 as eagle3_config
 from specjax.configs import falcon as falcon_config
@@ -29,18 +30,20 @@ from specjax.configs import hydra as hydra_config
 from specjax.configs import medusa as medusa_config
 from specjax.drafters import (Eagle3Head, EagleHead, FalconHead, HydraHead, MedusaHead, io,
                               load_drafter)
-from specjax.drafters.heads import eagle, falcon, medusa
+from specjax.drafters.heads import dflash, eagle, falcon, medusa
 from specjax.drafters.base import Context, TargetBatch
 from specjax.models import ModelConfig, causal, causal_forward, shared_params
 from specjax.sampling import Sampling
 from specjax.stopping import get as get_stop
+from specjax.verify import Verdict
 from specjax.training import data as data_lib
 from specjax.training import metrics, trainer
 
 # kind -> (config file, its tiny argument)
 CONFIGS = {"eagle": (eagle_config, "tiny"), "eagle3": (eagle3_config, "tiny"),
            "hydra": (hydra_config, "tiny"), "hydrapp": (hydra_config, "plus_tiny"),
-           "medusa": (medusa_config, "tiny"), "falcon": (falcon_config, "tiny")}
+           "medusa": (medusa_config, "tiny"), "falcon": (falcon_config, "tiny"),
+           "dflash": (dflash_config, "tiny")}
 KINDS = list(CONFIGS)
 BIN = os.path.join(os.path.dirname(sys.executable), "specjax-train")
 
@@ -100,11 +103,11 @@ TREE = [(0,), (1,), (0, 0), (1, 0)]
     ("eagle3", {}), ("eagle3", {"top_k": 3, "depth": 3, "num_nodes": 7}),
     ("hydra", {}), ("hydra", {"tree": TREE}), ("hydrapp", {}), ("hydrapp", {"tree": TREE}),
     ("medusa", {}), ("medusa", {"tree": TREE}), ("falcon", {}),
-    ("falcon", {"depth": 7, "top_k": 2})],
+    ("falcon", {"depth": 7, "top_k": 2}), ("dflash", {}), ("dflash", {"tree": TREE})],
                          ids=["eagle_chain", "eagle_tree", "eagle2_dynamic", "eagle3_chain",
                               "eagle3_dynamic", "hydra_chain", "hydra_tree", "hydrapp_chain",
                               "hydrapp_tree", "medusa_chain", "medusa_tree", "falcon_chain",
-                              "falcon_tree"])
+                              "falcon_tree", "dflash_chain", "dflash_tree"])
 def test_trained_head_greedy_equals_ar(kind, decode_knobs, tmp_path_factory):
   workdir = run_dir(kind, tmp_path_factory)
   target = models.load("tiny-random")
@@ -152,9 +155,10 @@ def test_resume_from_a_checkpoint_matches_uninterrupted(kind, tmp_path_factory):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), pa, pb)
 
 
-# EAGLE-3 in `make test` (a CLI killed for real costs two processes), EAGLE-1 in
-# `make test-slow`; every other kind resumes in-process above.
-@pytest.mark.parametrize("kind", [pytest.param("eagle", marks=pytest.mark.slow), "eagle3"])
+# EAGLE-3 and DFlash in `make test` (a CLI killed for real costs two processes), EAGLE-1
+# in `make test-slow`; every other kind resumes in-process above.
+@pytest.mark.parametrize("kind", [pytest.param("eagle", marks=pytest.mark.slow), "eagle3",
+                                  "dflash"])
 def test_sigkill_resume_matches_uninterrupted(kind, tmp_path_factory):
   """specjax-train SIGKILLed after its step-10 checkpoint and rerun ends on the shared
   (uninterrupted, same config) run's curve and weights."""
@@ -325,6 +329,47 @@ def test_falcon_drafts_as_a_cache_free_reference():
   g2 = block_out(jnp.concatenate([feats, g], 1), jnp.concatenate([nxt, first], 1))
   second = models.lm_head(cfg, shared, g2).argmax(-1)
   assert np.asarray(tree.tokens)[0].tolist() == first[0].tolist() + second[0].tolist()
+
+
+def test_dflash_block_equals_a_cache_free_recomputation():
+  """DFlash's block inside the loop (context keys/values cached at `init` from the
+  prompt's features, appended at `commit` from a verification's root and accepted
+  nodes) equals the training path's recomputation from one teacher-forced forward of
+  the whole sequence (`DFlashHead.blocks`): the same distributions for every slot."""
+  target = models.load("tiny-random")
+  cfg = target.config
+  head = registry.HEADS.build("dflash", cfg, num_layers=2, taps=(1,), block_size=5)
+  params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(1), x.shape),
+                        head.init(jax.random.key(0)))
+  shared = shared_params(cfg, target.params)
+  drafter = head.drafter(params, shared, depth=4)
+  seq = jnp.asarray(np.random.default_rng(2).integers(0, 512, (1, 60)), jnp.int32)
+  p, accepted, max_len = 40, 2, 64
+  feats = causal_forward(cfg, target.params, seq, features=head.features).features
+  hist = lambda n: jnp.zeros((1, max_len), jnp.int32).at[:, :n].set(seq[:, :n])
+  pad = lambda f: jnp.pad(f, ((0, 0), (0, max_len - f.shape[1]), (0, 0)))
+
+  @jax.jit
+  def cached(drafter):
+    s = Sampling.create(1.0)  # the tree then carries each slot's distribution
+    ctx = Context(hist(p), jnp.asarray([p], jnp.int32))
+    state = drafter.init(ctx, max_len, tuple(pad(f[:, :p - 1]) for f in feats))
+    # A verification that accepted the first 2 of 4 nodes (the sequence's own tokens):
+    # the features of [root, node_0..node_3] are the teacher-forced ones at p - 1...
+    verdict = Verdict(jnp.arange(4)[None], jnp.asarray([accepted]), seq[:, p + accepted])
+    state = drafter.commit(state, ctx, verdict, tuple(f[:, p - 1:p + 4] for f in feats))
+    ctx = Context(hist(p + accepted + 1), jnp.asarray([p + accepted + 1], jnp.int32))
+    return drafter.propose(state, ctx, get_stop(None), s, jax.random.key(0))[0].probs
+
+  @jax.jit
+  def reference(params):
+    n = p + accepted + 1
+    ctx_kv = dflash.context_kv(head.layer, params, head.fuse(params, feats)[:, :n],
+                               jnp.arange(n)[None])
+    g = head.blocks(params, shared, ctx_kv, seq[:, :n], jnp.asarray([[n - 1]]), 4)
+    return jax.nn.softmax(models.lm_head(cfg, shared, g[:, 0]), -1)
+
+  np.testing.assert_allclose(cached(drafter), reference(params), atol=2e-6)
 
 
 def test_falcon_glancing_share_decays_with_progress():

@@ -3,7 +3,7 @@
 
   heads/       trained heads that read the target's features: EAGLE-1/2 (`eagle`),
                EAGLE-3 (`eagle3`), Hydra/Hydra++ (`hydra`), Falcon (`falcon`), Medusa-1/2
-               (`medusa`), and what they share (`runtime`)
+               (`medusa`), DFlash (`dflash`), and what they share (`runtime`)
   retrieval/   drafters that copy from text already seen or from the target's past
                predictions: prompt lookup, Token Recycling, SuffixDecoding
   selfdraft/   language models that draft: an independent draft model, the target's own
@@ -30,7 +30,8 @@ _LAZY = {
     "DynamicExit": "selfdraft.dynamic_exit", "FeatureDrafter": "heads.runtime", "EagleHead": "heads.eagle",
     "Eagle3Head": "heads.eagle3", "Falcon": "heads.falcon", "FalconHead": "heads.falcon",
     "Hydra": "heads.hydra", "HydraHead": "heads.hydra", "Medusa": "heads.medusa",
-    "MedusaHead": "heads.medusa", "load_drafter": "io",
+    "MedusaHead": "heads.medusa", "DFlash": "heads.dflash", "DFlashHead": "heads.dflash",
+    "load_drafter": "io",
 }
 
 

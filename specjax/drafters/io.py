@@ -10,6 +10,7 @@ detects its layout, the way `specjax.models.load` does for targets:
                model.safetensors with fc.* and layers.0.* (SafeAILab's EAGLE-1/2 heads)
   medusa-llm   config.json with medusa_num_heads + medusa_lm_head.pt or .safetensors
                ("{k}.0.linear.*" residual blocks, "{k}.1.weight" per-head LM heads)
+  z-lab        config.json with dflash_config + model.safetensors (z-lab's DFlash heads)
 
 Each foreign layout's converter lives beside its head (`CONVERTERS`). specjax's layout is
 a folder with
@@ -78,7 +79,7 @@ def read_meta(path: str) -> dict[str, Any]:
 
 
 def layout(path: str) -> str:
-  """"specjax", "eagle-llm" or "medusa-llm": which layout the folder at `path` holds."""
+  """Which layout (a name in the module docstring) the folder at `path` holds."""
   if not os.path.isdir(path):
     raise FileNotFoundError(f"No head folder at {path!r}.")
   if os.path.exists(os.path.join(path, META)):
@@ -91,6 +92,8 @@ def layout(path: str) -> str:
       return "medusa-llm"
     if hf.get("speculators_model_type") == "eagle3":
       return "speculators"
+    if "dflash_config" in hf:
+      return "z-lab"
     if "draft_vocab_size" in hf and any(os.path.exists(os.path.join(path, n))
                                         for n in EAGLE_FILES):
       return "specforge"
@@ -99,7 +102,8 @@ def layout(path: str) -> str:
   raise FileNotFoundError(f"{path!r} is not a head folder: no {META} (specjax), no "
                           f"config.json + {' or '.join(EAGLE_FILES)} (eagle-llm, or "
                           "specforge with draft_vocab_size), no config.json with "
-                          "medusa_num_heads (medusa-llm) or speculators_model_type (speculators).")
+                          "medusa_num_heads (medusa-llm), speculators_model_type (speculators) "
+                          "or dflash_config (z-lab DFlash).")
 
 
 EAGLE_FILES = ("pytorch_model.bin", "model.safetensors")
@@ -138,6 +142,7 @@ CONVERTERS = {
     "medusa-llm": "specjax.drafters.heads.medusa:from_medusa_llm",
     "speculators": "specjax.drafters.heads.eagle3:from_speculators",
     "specforge": "specjax.drafters.heads.eagle3:from_specforge",
+    "z-lab": "specjax.drafters.heads.dflash:from_zlab",
 }
 
 

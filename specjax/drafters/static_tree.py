@@ -138,3 +138,33 @@ def draft(tree: StaticTree, step: Callable, logits_Bx1xV: jax.Array, hidden_Bx1x
                   distinct=sampling.without_replacement and not sampling.greedy,
                   hidden=nodes(hidden_BxDxWxH[:, 1:]), forwarded=nodes(forwarded_BxDxW))
   return out, cache, jnp.asarray(d - 1, jnp.int32), calls
+
+
+def from_levels(tree: StaticTree, logits_BxDxV: jax.Array, sampling, key) -> DraftTree:
+  """`tree` filled from one distribution per level, whatever a node's parent (drafters
+  that draft every level in one forward: DFlash's block slots). A node of depth d and
+  rank r takes the rank-r token of level d's logits (greedy), an i.i.d. sample of level
+  d's distribution (sampling; SpecInfer's rule verifies siblings against it), or its
+  parent's r-th distinct draw (`Sampling.without_replacement`, Recursive SD)."""
+  b = logits_BxDxV.shape[0]
+  depth_N = np.asarray(tree.node_depth) - 1
+  ranks_N, parents_N = np.asarray(tree.ranks), np.asarray(tree.parents)
+  per_row = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.int32), (b, tree.num_nodes))
+  valid = jnp.ones((b, tree.num_nodes), bool)
+  if sampling.greedy:
+    top_BxDxR = jax.lax.top_k(logits_BxDxV, tree.max_rank + 1)[1]
+    return DraftTree(top_BxDxR[:, depth_N, ranks_N].astype(jnp.int32), per_row(parents_N),
+                     valid)
+  q_BxDxV = sampling_lib.probs(logits_BxDxV, sampling)
+  if sampling.without_replacement:
+    tree.check_rank_prefixes()
+    # One draw sequence per parent (the root is parent slot 0, node i slot i + 1), from
+    # the distribution of the level its children sit on.
+    child_level = np.minimum(np.concatenate([[0], depth_N + 1]), q_BxDxV.shape[1] - 1)
+    draws, real = sampling_lib.sample_distinct(key, q_BxDxV[:, child_level], tree.max_rank + 1)
+    tokens = draws[:, parents_N + 1, ranks_N]
+    valid = real[:, parents_N + 1, ranks_N]
+  else:
+    tokens = jax.random.categorical(key, jnp.log(q_BxDxV[:, depth_N]), axis=-1)
+  return DraftTree(tokens.astype(jnp.int32), per_row(parents_N), valid, q_BxDxV,
+                   per_row(depth_N), sampled=True, distinct=sampling.without_replacement)
