@@ -83,8 +83,9 @@ class Registry:
     return self._builders[name](*args, **kwargs)
 
 
-_HEADS = {k: f"specjax.drafters.heads.{k}" for k in ("dflash", "eagle", "eagle3", "falcon",
-                                                      "hydra", "medusa")}
+_HEADS = {**{k: f"specjax.drafters.heads.{k}" for k in ("dflash", "eagle", "eagle3", "falcon",
+                                                         "hydra", "medusa")},
+          "dspark": "specjax.drafters.heads.dflash"}
 # builder(target: Model, **knobs) -> drafter
 DRAFTERS = Registry("drafter", {
     **_HEADS, "prompt_lookup": "specjax.drafters.retrieval.prompt_lookup",

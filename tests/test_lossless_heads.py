@@ -1,8 +1,9 @@
 """Speculative sampling with the trainable heads preserves the target distribution: EAGLE
 and EAGLE-3 with a reduced vocabulary (sampled chain, EAGLE-2 dynamic tree), Hydra (sampled
 chain), Hydra++ (sampled tree), Falcon (sampled tree over two forwards), Medusa (top-k
-tree) and DFlash (a tree sampled from its block's per-slot distributions), with random head
-weights, under the same exact-table test and biased control as
+tree), DFlash (a tree sampled from its block's per-slot distributions) and DSpark (a chain
+each slot conditioned on the token drafted before it, cut by its confidences), with random
+head weights, under the same exact-table test and biased control as
 the draft model's."""
 
 import jax
@@ -39,12 +40,15 @@ DRAFTERS = {
         *head_params(MedusaHead(TARGET.config, num_heads=2)), tree=[(0,), (1,), (0, 0)]),
     # Siblings i.i.d. from one slot's distribution, whatever their parent.
     "dflash_tree": lambda: DFLASH.drafter(*head_params(DFLASH), tree=[(0,), (1,), (0, 0)]),
+    "dspark_cut_chain": lambda: DSPARK.drafter(*head_params(DSPARK), depth=2, threshold=0.3),
 }
 
 
 # Over the 1-layer target's embedding output and final state.
 DFLASH = registry.HEADS.build("dflash", TARGET.config, num_layers=1, taps=(0, FINAL),
                               block_size=3)
+DSPARK = registry.HEADS.build("dspark", TARGET.config, num_layers=1, taps=(0, FINAL),
+                              block_size=3, markov_rank=4)
 
 
 HYDRAPP = HydraHead(TARGET.config, num_heads=2, mlp_layers=2, prefix_layer=True, teacher=True)

@@ -19,13 +19,13 @@ PARTS = [(r, name) for r in REGISTRIES for name in r.names()]
 def test_every_built_in_part_is_registered():
   assert set(registry.DRAFTERS.names()) >= {
       "prompt_lookup", "self_draft", "draft_model", "eagle", "eagle3", "falcon", "hydra",
-      "medusa", "dflash"}
+      "medusa", "dflash", "dspark"}
   assert set(registry.STOP_POLICIES.names()) == {"fixed", "confidence", "svip", "specdecpp",
                                                  "pacer"}
   assert set(registry.ACCEPTANCE.names()) == {"greedy", "speculative", "rsd", "typical", "fuzzy",
                                               "easd", "judge", "arbitrage"}
-  assert set(registry.HEADS.names()) == {"dflash", "eagle", "eagle3", "falcon", "hydra",
-                                        "medusa"}
+  assert set(registry.HEADS.names()) == {"dflash", "dspark", "eagle", "eagle3", "falcon",
+                                        "hydra", "medusa"}
 
 
 @pytest.mark.parametrize("reg,name", PARTS, ids=[f"{r.kind}:{n}" for r, n in PARTS])

@@ -1,5 +1,5 @@
 """specjax-train and the trainable heads (EAGLE-1, EAGLE-3, Falcon, Hydra, Hydra++, Medusa-1,
-DFlash) on the tiny random target.
+DFlash, DSpark) on the tiny random target.
 
 Loss falls; a SIGKILLed run resumes onto the uninterrupted curve; no gradient reaches the
 target; trained heads decode exactly as AR (greedy, ragged batch); the drafter's cached
@@ -23,6 +23,7 @@ import pytest
 import conftest
 from specjax import decode, models, registry
 from specjax.configs import dflash as dflash_config
+from specjax.configs import dspark as dspark_config
 from specjax.configs import eagle as eagle_config
 from specjax.configs import eagle3 as eagle3_config
 from specjax.configs import falcon as falcon_config
@@ -43,7 +44,7 @@ from specjax.training import metrics, trainer
 CONFIGS = {"eagle": (eagle_config, "tiny"), "eagle3": (eagle3_config, "tiny"),
            "hydra": (hydra_config, "tiny"), "hydrapp": (hydra_config, "plus_tiny"),
            "medusa": (medusa_config, "tiny"), "falcon": (falcon_config, "tiny"),
-           "dflash": (dflash_config, "tiny")}
+           "dflash": (dflash_config, "tiny"), "dspark": (dspark_config, "tiny")}
 KINDS = list(CONFIGS)
 BIN = os.path.join(os.path.dirname(sys.executable), "specjax-train")
 
@@ -103,11 +104,13 @@ TREE = [(0,), (1,), (0, 0), (1, 0)]
     ("eagle3", {}), ("eagle3", {"top_k": 3, "depth": 3, "num_nodes": 7}),
     ("hydra", {}), ("hydra", {"tree": TREE}), ("hydrapp", {}), ("hydrapp", {"tree": TREE}),
     ("medusa", {}), ("medusa", {"tree": TREE}), ("falcon", {}),
-    ("falcon", {"depth": 7, "top_k": 2}), ("dflash", {}), ("dflash", {"tree": TREE})],
+    ("falcon", {"depth": 7, "top_k": 2}), ("dflash", {}), ("dflash", {"tree": TREE}),
+    ("dspark", {}), ("dspark", {"threshold": 0.0})],
                          ids=["eagle_chain", "eagle_tree", "eagle2_dynamic", "eagle3_chain",
                               "eagle3_dynamic", "hydra_chain", "hydra_tree", "hydrapp_chain",
                               "hydrapp_tree", "medusa_chain", "medusa_tree", "falcon_chain",
-                              "falcon_tree", "dflash_chain", "dflash_tree"])
+                              "falcon_tree", "dflash_chain", "dflash_tree",
+                              "dspark_cut_chain", "dspark_chain"])
 def test_trained_head_greedy_equals_ar(kind, decode_knobs, tmp_path_factory):
   workdir = run_dir(kind, tmp_path_factory)
   target = models.load("tiny-random")
@@ -135,7 +138,7 @@ def _kill_after_checkpoint(cmd, ckpt_dir, min_step):
   proc.wait()
 
 
-@pytest.mark.parametrize("kind", ["eagle", "hydra", "hydrapp", "medusa", "falcon"])
+@pytest.mark.parametrize("kind", ["eagle", "hydra", "hydrapp", "medusa", "falcon", "dspark"])
 def test_resume_from_a_checkpoint_matches_uninterrupted(kind, tmp_path_factory):
   """A run restarted from the shared run's step-30 checkpoint (what a kill leaves) ends
   where the uninterrupted one did (in-process; the SIGKILL test below does it for real)."""
@@ -370,6 +373,29 @@ def test_dflash_block_equals_a_cache_free_recomputation():
     return jax.nn.softmax(models.lm_head(cfg, shared, g[:, 0]), -1)
 
   np.testing.assert_allclose(cached(drafter), reference(params), atol=2e-6)
+
+
+def test_dflash_and_dspark_refuse_bad_knobs_by_name():
+  """Before anything compiles: taps that are not features of the target, a mask token
+  outside its vocabulary, a draft deeper than the block, a DSpark tree, a DFlash cut."""
+  cfg = models.load("tiny-random").config
+  build = lambda kind="dflash", **kw: registry.HEADS.build(kind, cfg, **kw)
+  with pytest.raises(ValueError, match=r"taps \[5\] must be target features"):
+    build(taps=(5,))
+  with pytest.raises(ValueError, match="mask_token 512 is not a token id"):
+    build(mask_token=512)
+  with pytest.raises(ValueError, match="num_anchors must be an integer >= 1"):
+    build(num_anchors=0)
+  with pytest.raises(ValueError, match="needs markov_rank >= 1"):
+    build("dspark", markov_rank=0)
+  head, dspark = build(block_size=4), build("dspark", block_size=4, markov_rank=2)
+  params = jax.eval_shape(lambda: head.init(jax.random.key(0)))
+  with pytest.raises(ValueError, match="depth 4 needs a DFlash block of 5"):
+    head.drafter(params, None, depth=4).validate(cfg)
+  with pytest.raises(ValueError, match="threshold cuts DSpark's chains"):
+    head.drafter(params, None, threshold=0.5)
+  with pytest.raises(ValueError, match="DSpark drafts chains"):
+    dspark.drafter(params, None, top_k=2, depth=2).validate(cfg)
 
 
 def test_falcon_glancing_share_decays_with_progress():

@@ -32,6 +32,15 @@ scored against the target's distribution at r + j - 1 (soft cross-entropy, the f
 KL up to a constant; `loss="hard"` takes the data token instead), weighted
 exp(-(j - 1) / gamma) and normalised by the weights' sum.
 
+DSpark (`markov_rank > 0`, head "dspark"): a low-rank Markov head adds a logit bias from
+the previous token, B(x_{j-1}) = W2 W1[x_{j-1}] (rank r), so slot j's distribution is
+softmax(U_j + B(x_{j-1})); a confidence head c_j = sigmoid(w . [h_j; W1[x_{j-1}]] + b)
+predicts slot j's acceptance. Training (teacher-forced previous tokens) adds
+a_ce x CE(data token) + a_tv x ||p_j - p_target||_1 + a_conf x BCE(c_j, 1 - TV(p_j, p_target))
+(DeepSpec's 0.1 / 0.9 / 1.0), each weighted exp(-(j - 1) / gamma). Decoding drafts the chain
+slot by slot (x_{j-1} is the drafted token; the block's forward is still one), and the
+draft ends where the cumulative product of confidences falls under `threshold`.
+
 Departures (docs/heads.md, "DFlash"): the mask token is a target vocabulary id
 (`mask_token`, default vocab_size - 1, SmolLM2 has no spare row); the target layers are
 named as specjax names features (layer *inputs*: z-lab's layer id l is feature l + 1).
@@ -50,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from specjax import assets, kernels, registry
+from specjax import sampling as sampling_lib
 from specjax.drafters import io, static_tree
 from specjax.drafters.base import TargetBatch, TrainableHead, check_target, soft_ce
 from specjax.drafters.heads import runtime
@@ -58,7 +68,7 @@ from specjax.models import llama
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig, from_hf_config
 from specjax.models.model import FINAL, embed, lm_head, param_dtype
-from specjax.tree import StaticTree
+from specjax.tree import DraftTree, StaticTree
 
 LOSSES = ("soft", "hard")
 
@@ -164,13 +174,39 @@ class DFlashHead(TrainableHead):
   gamma: float = flax.struct.field(pytree_node=False, default=4.0)
   num_anchors: int = flax.struct.field(pytree_node=False, default=32)
   loss_kind: str = flax.struct.field(pytree_node=False, default="soft")
+  # DSpark: the Markov head's rank (0 = DFlash) and the loss weights of its three terms.
+  markov_rank: int = flax.struct.field(pytree_node=False, default=0)
+  ce_weight: float = flax.struct.field(pytree_node=False, default=0.1)
+  tv_weight: float = flax.struct.field(pytree_node=False, default=0.9)
+  conf_weight: float = flax.struct.field(pytree_node=False, default=1.0)
 
   @property
   def features(self) -> tuple[int, ...]:
     return self.taps
 
   def init(self, key, dtype=jnp.float32):
-    return init_params(self.layer, len(self.taps), key, dtype)
+    k1, k2, k3 = jax.random.split(key, 3)
+    params = init_params(self.layer, len(self.taps), k1, dtype)
+    if self.markov_rank:  # W2 zero: a fresh DSpark drafts as its DFlash backbone
+      r, v, h = self.markov_rank, self.config.vocab_size, self.layer.hidden_size
+      params["markov"] = {"w1": jax.random.normal(k2, (v, r), dtype) * r ** -0.5,
+                          "w2": jnp.zeros((r, v), dtype)}
+      params["confidence"] = {"kernel": jax.random.normal(k3, (h + r, 1), dtype) * 0.01,
+                              "bias": jnp.zeros((1,), dtype)}
+    return params
+
+  def markov(self, params, logits_xV, prev_x):
+    """(Markov-corrected logits [..., V], confidence logit [...]) of slot states whose
+    backbone logits are `logits_xV`, given the previous tokens (identity for DFlash)."""
+    if not self.markov_rank:
+      return logits_xV, None
+    e = jnp.take(params["markov"]["w1"], prev_x, axis=0)
+    return logits_xV + (e @ params["markov"]["w2"]).astype(jnp.float32), e
+
+  def confidence(self, params, g_xH, e_xR) -> jax.Array:
+    """DSpark's confidence logit [...] of slot states g and their previous-token codes."""
+    x = jnp.concatenate([g_xH, e_xR.astype(g_xH.dtype)], -1)
+    return _dense(params["confidence"], x)[..., 0].astype(jnp.float32)
 
   def fuse(self, params, features) -> jax.Array:
     """[B, T, H]: the fused context state c_t of the target's tapped states."""
@@ -219,18 +255,32 @@ class DFlashHead(TrainableHead):
     mask = jnp.take_along_axis(batch.mask, at.reshape(b, -1), 1).reshape(at.shape)
     target = jnp.take_along_axis(batch.logits, (at - 1).reshape(b, -1)[..., None], 1
                                  ).reshape(logits.shape)
-    if self.loss_kind == "soft":
-      ce = soft_ce(target, logits)
-    else:
-      label = jnp.take_along_axis(batch.tokens, at.reshape(b, -1), 1).reshape(at.shape)
-      ce = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), label[..., None], -1)[..., 0]
+    label = jnp.take_along_axis(batch.tokens, at.reshape(b, -1), 1).reshape(at.shape)
     w = inside * mask * jnp.asarray(self.weights())
-    loss = jnp.sum(w * ce) / jnp.maximum(w.sum(), 1e-6)
+    norm = lambda x: jnp.sum(w * x) / jnp.maximum(w.sum(), 1e-6)
+    hard = lambda lg: -jnp.take_along_axis(jax.nn.log_softmax(lg, -1), label[..., None],
+                                           -1)[..., 0]
+    metrics = {}
+    if self.markov_rank:  # DSpark: teacher-forced previous tokens (the anchor's for slot 1)
+      prev = jnp.take_along_axis(batch.tokens, (at - 1).reshape(b, -1), 1).reshape(at.shape)
+      logits, e = self.markov(params, logits, prev)
+      p, p_t = jax.nn.softmax(logits, -1), jax.nn.softmax(target, -1)
+      l1 = jnp.sum(jnp.abs(p - p_t), -1)
+      soft = jax.lax.stop_gradient(jnp.clip(1 - 0.5 * l1, 0, 1))
+      z = self.confidence(params, g, e)
+      bce = jnp.maximum(z, 0) - z * soft + jnp.log1p(jnp.exp(-jnp.abs(z)))
+      ce, tv_, conf = norm(hard(logits)), norm(l1), norm(bce)
+      loss = self.ce_weight * ce + self.tv_weight * tv_ + self.conf_weight * conf
+      metrics.update(ce=ce, l1=tv_, conf_bce=conf,
+                     conf_err=norm(jnp.abs(jax.nn.sigmoid(z) - soft)))
+    else:
+      loss = norm(soft_ce(target, logits) if self.loss_kind == "soft" else hard(logits))
+      metrics["ce"] = loss
     hit = logits.argmax(-1) == target.argmax(-1)
     counted = (inside * mask).sum((0, 1))
-    metrics = {f"top1/{j + 1}": jnp.sum((inside * mask * hit)[..., j]) / jnp.maximum(
-        counted[j], 1.0) for j in range(k - 1)}
-    return loss, {"ce": loss, **metrics}
+    metrics.update({f"top1/{j + 1}": jnp.sum((inside * mask * hit)[..., j]) / jnp.maximum(
+        counted[j], 1.0) for j in range(k - 1)})
+    return loss, metrics
 
   def accept(self, params, batch: TargetBatch, depth: int, chunk: int = 32):
     """Greedy chain acceptance with the root at every position (anchors 1..T-1, `chunk`
@@ -241,25 +291,43 @@ class DFlashHead(TrainableHead):
     n = -(-(t - 1) // chunk) * chunk
     anchors = (1 + jnp.arange(n)).reshape(-1, chunk)
 
+    target_top = batch.logits.argmax(-1)
+
     def top(a_C):
-      g = self.blocks(params, batch.shared, ctx_kv, batch.tokens,
-                      jnp.broadcast_to(a_C, (b, chunk)), depth)
-      return lm_head(self.config, batch.shared, g).argmax(-1)  # [B, C, depth]
+      a_BxC = jnp.broadcast_to(a_C, (b, chunk))
+      g = self.blocks(params, batch.shared, ctx_kv, batch.tokens, a_BxC, depth)
+      logits = lm_head(self.config, batch.shared, g)  # [B, C, depth, V]
+      # DSpark's previous token: the root, then the drafts (on an accepted prefix, the
+      # target's argmax).
+      at = jnp.minimum(a_BxC[..., None] + jnp.arange(depth), t - 1)
+      prev = jnp.where(jnp.arange(depth) == 0,
+                       jnp.take_along_axis(batch.tokens, at[..., :1].reshape(b, -1), 1
+                                           ).reshape(b, chunk, 1),
+                       jnp.take_along_axis(target_top, (at - 1).reshape(b, -1), 1
+                                           ).reshape(at.shape))
+      return self.markov(params, logits, prev)[0].argmax(-1)  # [B, C, depth]
 
     top_BxNxD = jnp.moveaxis(jax.lax.map(top, anchors), 0, 1).reshape(b, n, depth)[:, :t - 1]
     # Root at r = i + 1: draft j is token i + 1 + j, the target's argmax at i + j.
     i = jnp.arange(t - 1)[:, None] + jnp.arange(1, depth + 1)[None, :]
-    target_top = jnp.take(batch.logits.argmax(-1), jnp.minimum(i, t - 1), axis=1)
+    target_top = jnp.take(target_top, jnp.minimum(i, t - 1), axis=1)
     ok = (top_BxNxD == target_top) & (i + 1 < t)
     ok &= jnp.take(batch.mask, jnp.minimum(i + 1, t - 1), axis=1) > 0
     return jnp.pad(ok, ((0, 0), (0, 1), (0, 0))), jnp.pad(batch.mask[:, 2:], ((0, 0), (0, 2)))
 
   def drafter(self, params, shared, *, depth: int | None = None, top_k: int = 1,
-              tree: Sequence[Sequence[int]] | None = None) -> "DFlash":
+              tree: Sequence[Sequence[int]] | None = None,
+              threshold: float = 0.0) -> "DFlash":
     """A chain of `depth` tokens (default: the block's k - 1), the full top_k-ary tree of
-    each slot's candidates, or the tree of choice paths."""
+    each slot's candidates, or the tree of choice paths; DSpark: a chain cut where the
+    cumulative product of confidences falls under `threshold` (0 = never)."""
+    if not 0 <= threshold < 1:
+      raise ValueError(f"threshold must be in [0, 1); got {threshold}.")
+    if threshold and not self.markov_rank:
+      raise ValueError("threshold cuts DSpark's chains by its confidence head; this DFlash "
+                       "head has none.")
     return DFlash(self, params, shared,
-                  StaticTree.build(depth or self.block_size - 1, top_k, tree))
+                  StaticTree.build(depth or self.block_size - 1, top_k, tree), threshold)
 
   def validate(self, target_config: ModelConfig) -> None:
     check_target("This DFlash head", self.config.hidden_size, self.config.vocab_size,
@@ -284,9 +352,13 @@ class DFlash:
   params: Any
   shared: Any
   tree: StaticTree = flax.struct.field(pytree_node=False, default=StaticTree.chain(7))
+  threshold: float = flax.struct.field(pytree_node=False, default=0.0)  # DSpark's cut
   takes_stop_policy = False
-  drafts_vary = False
   merges = True  # commit reads the verdict's path and features only
+
+  @property
+  def drafts_vary(self) -> bool:  # DSpark's confidence cuts its chains short
+    return self.threshold > 0
 
   @property
   def features(self) -> tuple[int, ...]:
@@ -298,6 +370,9 @@ class DFlash:
 
   def validate(self, target_config: ModelConfig) -> None:
     self.head.validate(target_config)
+    if self.head.markov_rank and self.tree.parents != StaticTree.chain(self.tree.depth).parents:
+      raise ValueError("DSpark drafts chains (its Markov head reads each slot's previous "
+                       "drafted token): give depth, not top_k or tree.")
     if self.tree.depth > self.head.block_size - 1:
       raise ValueError(f"A tree of depth {self.tree.depth} needs a DFlash block of "
                        f"{self.tree.depth + 1}; this head's block is {self.head.block_size}.")
@@ -328,9 +403,29 @@ class DFlash:
     g = block_forward(self.head.layer, self.params, x, r_B[:, None] + jnp.arange(k),
                       jnp.ones((1, k, k), bool), tuple(zip(cache.k, cache.v)),
                       cache.prefix_mask(k))
-    logits_BxDxV = lm_head(self.head.config, self.shared, g[:, 1:1 + self.tree.depth])
-    tree = static_tree.from_levels(self.tree, logits_BxDxV, sampling, key)
+    g = g[:, 1:1 + self.tree.depth]
+    logits_BxDxV = lm_head(self.head.config, self.shared, g)
+    if self.head.markov_rank:
+      tree = self._markov_chain(g, logits_BxDxV, root[:, 0], sampling, key)
+    else:
+      tree = static_tree.from_levels(self.tree, logits_BxDxV, sampling, key)
     return tree, state, jnp.ones((b,), jnp.int32)
+
+  def _markov_chain(self, g_BxDxH, logits_BxDxV, root_B, sampling, key) -> DraftTree:
+    """DSpark's chain: slot by slot, each conditioned on the token drafted before it, cut
+    where the cumulative product of confidences falls under the threshold."""
+    prev, toks, qs, conf = root_B, [], [], []
+    for j, k in enumerate(jax.random.split(key, self.tree.depth)):
+      logits, e = self.head.markov(self.params, logits_BxDxV[:, j], prev)
+      q = sampling_lib.probs(logits, sampling)
+      prev = sampling_lib.sample(k, q, sampling)
+      toks.append(prev)
+      qs.append(q)
+      conf.append(jax.nn.sigmoid(self.head.confidence(self.params, g_BxDxH[:, j], e)))
+    valid = jnp.cumprod(jnp.stack(conf, 1), 1) >= self.threshold
+    return DraftTree.chain(jnp.stack(toks, 1), valid,
+                           None if sampling.greedy else jnp.stack(qs, 1),
+                           sampled=not sampling.greedy)
 
   def commit(self, state: DFlashState, ctx, verdict, features) -> DFlashState:
     """Appends the context of the root and the accepted nodes (their real features)."""
@@ -341,18 +436,13 @@ class DFlash:
     return DFlashState(cache.advance(verdict.accepted_drafts + 1))
 
 
-@registry.HEADS.register("dflash")
-def _head(target_cfg: ModelConfig, *, num_layers: int = 2, taps: Sequence[int] | None = None,
-          block_size: int = 8, mask_token: int | None = None, gamma: float = 4.0,
-          num_anchors: int = 32, loss: str = "soft") -> DFlashHead:
-  """DFlash: `num_layers` draft layers shaped like the target's, reading the target's
-  layer inputs `taps` (default: z-lab's spacing), drafting block_size - 1 tokens a
-  forward; trained on `num_anchors` blocks per row, slot j weighted exp(-(j-1)/gamma),
-  against the target's distribution (`loss="soft"`) or the data token ("hard")."""
+def _build(target_cfg: ModelConfig, num_layers, taps, block_size, mask_token, gamma,
+           num_anchors, loss, **dspark) -> DFlashHead:
   if loss not in LOSSES:
     raise ValueError(f"Unknown DFlash loss {loss!r}; expected one of {LOSSES}.")
   for name, v, low in (("num_layers", num_layers, 1), ("block_size", block_size, 2),
-                       ("num_anchors", num_anchors, 1)):
+                       ("num_anchors", num_anchors, 1),
+                       ("markov_rank", dspark.get("markov_rank", 0), 0)):
     if isinstance(v, bool) or not isinstance(v, int) or v < low:
       raise ValueError(f"DFlash {name} must be an integer >= {low}; got {v!r}.")
   if not gamma > 0:
@@ -364,9 +454,36 @@ def _head(target_cfg: ModelConfig, *, num_layers: int = 2, taps: Sequence[int] |
   taps = tuple(int(f) for f in taps) if taps else default_taps(target_cfg.num_layers,
                                                                 num_layers)
   head = DFlashHead(target_cfg, target_cfg.replace(num_layers=num_layers), taps, block_size,
-                    mask_token, float(gamma), num_anchors, loss)
+                    mask_token, float(gamma), num_anchors, loss, **dspark)
   head.validate(target_cfg)
   return head
+
+
+@registry.HEADS.register("dflash")
+def _head(target_cfg: ModelConfig, *, num_layers: int = 2, taps: Sequence[int] | None = None,
+          block_size: int = 8, mask_token: int | None = None, gamma: float = 4.0,
+          num_anchors: int = 32, loss: str = "soft") -> DFlashHead:
+  """DFlash: `num_layers` draft layers shaped like the target's, reading the target's
+  layer inputs `taps` (default: z-lab's spacing), drafting block_size - 1 tokens a
+  forward; trained on `num_anchors` blocks per row, slot j weighted exp(-(j-1)/gamma),
+  against the target's distribution (`loss="soft"`) or the data token ("hard")."""
+  return _build(target_cfg, num_layers, taps, block_size, mask_token, gamma, num_anchors,
+                loss)
+
+
+@registry.HEADS.register("dspark")
+def _dspark_head(target_cfg: ModelConfig, *, num_layers: int = 2,
+                 taps: Sequence[int] | None = None, block_size: int = 8,
+                 mask_token: int | None = None, gamma: float = 4.0, num_anchors: int = 32,
+                 markov_rank: int = 256, ce_weight: float = 0.1, tv_weight: float = 0.9,
+                 conf_weight: float = 1.0) -> DFlashHead:
+  """DSpark: a DFlash backbone (same knobs) with a rank-`markov_rank` Markov head and a
+  confidence head, trained on ce_weight x CE + tv_weight x L1 + conf_weight x BCE."""
+  if markov_rank < 1:
+    raise ValueError(f"DSpark needs markov_rank >= 1; got {markov_rank} (0 is DFlash).")
+  return _build(target_cfg, num_layers, taps, block_size, mask_token, gamma, num_anchors,
+                "soft", markov_rank=markov_rank, ce_weight=float(ce_weight),
+                tv_weight=float(tv_weight), conf_weight=float(conf_weight))
 
 
 @registry.DRAFTERS.register("dflash", takes_stop_policy=False)
@@ -377,6 +494,16 @@ def _drafter(target, *, checkpoint: str, budget: str | None = None, depth: int |
   `budget=COSTS_JSON` sizes the chain from measured costs."""
   return io.trained_drafter("dflash", target, checkpoint, budget, depth=depth, top_k=top_k,
                             tree=tree)
+
+
+@registry.DRAFTERS.register("dspark", takes_stop_policy=False)
+def _dspark_drafter(target, *, checkpoint: str, depth: int | None = None,
+                    threshold: float | None = None) -> DFlash:
+  """A trained DSpark head folder as a chain of up to `depth` tokens, cut where the
+  cumulative product of its confidences falls under `threshold`; unset knobs come from
+  the head's folder."""
+  return io.trained_drafter("dspark", target, checkpoint, None, depth=depth,
+                            threshold=threshold)
 
 
 # --- z-lab's checkpoint layout -------------------------------------------------------------
