@@ -2,6 +2,7 @@
 
   specjax-train --config configs/eagle.py --workdir workdir/eagle
   specjax-train --config configs/eagle.py:tiny --workdir /tmp/eagle_tiny   # ~1 minute
+  specjax-train --config configs/eagle.py:fspad --workdir workdir/fspad   # FSPAD's options
 
 The head: fc(concat(embed, feature)) + one decoder layer + the target's frozen LM head.
 EAGLE-1 trains with lr 3e-5 on ShareGPT for days of GPU time; the committed head
@@ -28,6 +29,10 @@ def get_config(arg: str | None = None):
   c.eval_every = 80
   c.checkpoint_every = 20
   c.offline_features = "workdir/features/smollm2-135m"  # shared with configs/medusa.py
+  if arg in ("fspad", "fspad_tiny"):  # feature sampling + partial alignment distillation
+    c.head_kwargs.feature_sampling = True
+    c.head_kwargs.partial_alignment = True
+    arg = arg.removeprefix("fspad").removeprefix("_") or None
   if arg == "tiny":
     c = train_common.tiny(c)
     c.decode.depth = 3
@@ -35,5 +40,6 @@ def get_config(arg: str | None = None):
     # near its best and leave the smoke run nothing to learn.
     c.head_kwargs.init_identity = False
   elif arg:
-    raise ValueError(f"Unknown argument {arg!r}: use nothing or 'tiny'.")
+    raise ValueError(f"Unknown argument {arg!r}: use nothing, 'tiny', 'fspad' or "
+                     "'fspad_tiny'.")
   return c

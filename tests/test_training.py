@@ -1,5 +1,5 @@
 """specjax-train and the trainable heads (EAGLE-1, EAGLE-3, Falcon, Hydra, Hydra++, Medusa-1,
-DFlash, DSpark) on the tiny random target.
+DFlash, DSpark, EAGLE-1 with FSPAD's options) on the tiny random target.
 
 Loss falls; a SIGKILLed run resumes onto the uninterrupted curve; no gradient reaches the
 target; trained heads decode exactly as AR (greedy, ragged batch); the drafter's cached
@@ -44,7 +44,8 @@ from specjax.training import metrics, trainer
 CONFIGS = {"eagle": (eagle_config, "tiny"), "eagle3": (eagle3_config, "tiny"),
            "hydra": (hydra_config, "tiny"), "hydrapp": (hydra_config, "plus_tiny"),
            "medusa": (medusa_config, "tiny"), "falcon": (falcon_config, "tiny"),
-           "dflash": (dflash_config, "tiny"), "dspark": (dspark_config, "tiny")}
+           "dflash": (dflash_config, "tiny"), "dspark": (dspark_config, "tiny"),
+           "fspad": (eagle_config, "fspad_tiny")}
 KINDS = list(CONFIGS)
 BIN = os.path.join(os.path.dirname(sys.executable), "specjax-train")
 
@@ -105,12 +106,13 @@ TREE = [(0,), (1,), (0, 0), (1, 0)]
     ("hydra", {}), ("hydra", {"tree": TREE}), ("hydrapp", {}), ("hydrapp", {"tree": TREE}),
     ("medusa", {}), ("medusa", {"tree": TREE}), ("falcon", {}),
     ("falcon", {"depth": 7, "top_k": 2}), ("dflash", {}), ("dflash", {"tree": TREE}),
-    ("dspark", {}), ("dspark", {"threshold": 0.0})],
+    ("dspark", {}), ("dspark", {"threshold": 0.0}), ("fspad", {"top_k": 3, "depth": 3,
+                                                                "num_nodes": 7})],
                          ids=["eagle_chain", "eagle_tree", "eagle2_dynamic", "eagle3_chain",
                               "eagle3_dynamic", "hydra_chain", "hydra_tree", "hydrapp_chain",
                               "hydrapp_tree", "medusa_chain", "medusa_tree", "falcon_chain",
                               "falcon_tree", "dflash_chain", "dflash_tree",
-                              "dspark_cut_chain", "dspark_chain"])
+                              "dspark_cut_chain", "dspark_chain", "fspad_dynamic"])
 def test_trained_head_greedy_equals_ar(kind, decode_knobs, tmp_path_factory):
   workdir = run_dir(kind, tmp_path_factory)
   target = models.load("tiny-random")

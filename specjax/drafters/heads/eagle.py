@@ -13,6 +13,13 @@ token back with the head's own predicted feature; training regresses g_t on f_{t
 (SmoothL1) plus 0.1 x soft cross-entropy against the target's distribution, with uniform
 noise on the input features (EAGLE-1's recipe; docs/training.md, "Training recipes").
 
+FSPAD (`feature_sampling`, `partial_alignment`; built on EAGLE-2, whose head this is):
+feature sampling refines fc's output h' by an MLP the token embedding gates,
+h = h' + W_down(SiLU(W_gate e) * W_up RMSNorm(h')); partial alignment distillation doubles
+the layer's output, g = [x; x] + MLP_2H(x), the LM head reads the first half and the second
+is regressed on f_{t+1} (SmoothL1, weight 1) and fed back while drafting, so the
+regression no longer pulls on the logits' input (soft CE weight 0.1).
+
 It decodes with the drafter every feature-level head shares (`runtime.FeatureDrafter`):
 a chain, a static tree or EAGLE-2's dynamic tree. `from_eagle_llm` reads SafeAILab's
 EAGLE-1/2 heads.
@@ -41,31 +48,51 @@ from specjax.models.model import FINAL, causal, embed, lm_head, param_dtype
 
 
 class EagleNet(nn.Module):
-  """fc + one decoder layer (no input norm), named as eagle-llm names its weights."""
+  """fc + one decoder layer (no input norm), named as eagle-llm names its weights; with
+  FSPAD's options, feature sampling after fc and a doubled MLP output (`pad`)."""
 
   cfg: ModelConfig
   dtype: jnp.dtype = jnp.float32
+  feature_sampling: bool = False
+  pad: bool = False
 
   @nn.compact
   def __call__(self, emb_BxTxH, feat_BxTxH, positions_BxT, visible_BxTxT, kv=None,
                start_B=None, prefix_BxTxS=None):
     cfg = self.cfg
-    x = nn.Dense(cfg.hidden_size, use_bias=True, dtype=self.dtype, param_dtype=self.dtype,
-                 name="fc")(jnp.concatenate([emb_BxTxH, feat_BxTxH], -1).astype(self.dtype))
+    dense = lambda n, name, bias=False: nn.Dense(n, use_bias=bias, dtype=self.dtype,
+                                                 param_dtype=self.dtype, name=name)
+    feat_BxTxH = feat_BxTxH[..., -cfg.hidden_size:]  # PAD's output: its regressed half
+    x = dense(cfg.hidden_size, "fc", True)(
+        jnp.concatenate([emb_BxTxH, feat_BxTxH], -1).astype(self.dtype))
+    if self.feature_sampling:  # FSPAD: the token embedding gates an MLP over the fused feature
+      e = emb_BxTxH.astype(self.dtype)
+      x = x + dense(cfg.hidden_size, "fs_down")(
+          jax.nn.silu(dense(cfg.intermediate_size, "fs_gate")(e)) *
+          dense(cfg.intermediate_size, "fs_up")(
+              llama.RMSNorm(cfg.norm_eps, self.dtype, name="fs_norm")(x)))
     cos, sin = llama.rope_cos_sin(cfg, positions_BxT, self.dtype)
     h, kv = llama.Attention(cfg, self.dtype, name="self_attn")(
         x, cos, sin, visible_BxTxT, prefix_BxTxS, kv, start_B)
     x = x + h
-    x = x + llama.MLP(cfg, self.dtype, name="mlp")(
-        llama.RMSNorm(cfg.norm_eps, self.dtype, name="post_attention_layernorm")(x))
-    return x, kv
+    if not self.pad:
+      return x + llama.MLP(cfg, self.dtype, name="mlp")(
+          llama.RMSNorm(cfg.norm_eps, self.dtype, name="post_attention_layernorm")(x)), kv
+    # FSPAD's partial alignment: [the LM head's half, the regressed feature's half].
+    y = llama.RMSNorm(cfg.norm_eps, self.dtype, name="post_attention_layernorm")(x)
+    f = cfg.intermediate_size
+    y = dense(2 * cfg.hidden_size, "down_proj2")(
+        jax.nn.silu(dense(f, "gate_proj2")(y)) * dense(f, "up_proj2")(y))
+    return jnp.concatenate([x, x], -1) + y, kv
 
 
 def net(cfg: ModelConfig, layer: ModelConfig, params, shared, feat_BxTxH, next_BxT,
-        positions_BxT, visible_BxTxT, cache: KVCache | None = None, prefix_BxTxS=None):
+        positions_BxT, visible_BxTxT, cache: KVCache | None = None, prefix_BxTxS=None,
+        feature_sampling: bool = False, pad: bool = False):
   """The EAGLE-1 head (decoder layer shaped by `layer`) on T pairs (f, next token) of the
-  target `cfg` (see `runtime.run_layer`). Returns (predicted features [B, T, H], cache)."""
-  return runtime.run_layer(EagleNet(layer, param_dtype(params)), params,
+  target `cfg` (see `runtime.run_layer`). Returns (predicted features [B, T, H], or
+  [B, T, 2H] with FSPAD's partial alignment, cache)."""
+  return runtime.run_layer(EagleNet(layer, param_dtype(params), feature_sampling, pad), params,
                    (embed(cfg, shared, next_BxT), feat_BxTxH), positions_BxT, visible_BxTxT,
                    cache, prefix_BxTxS)
 
@@ -83,21 +110,34 @@ class EagleHead(TrainableHead):
   # Start from the identity (the head's first guess is the target's own next-token
   # distribution at the right scale) instead of a random fc whose logits start ~10x off.
   init_identity: bool = flax.struct.field(pytree_node=False, default=False)
+  # FSPAD: feature sampling (fc's output refined by an MLP the token embedding gates) and
+  # partial alignment distillation (the layer's output doubled: one half for the LM head,
+  # one regressed on the next feature and fed back while drafting).
+  feature_sampling: bool = flax.struct.field(pytree_node=False, default=False)
+  partial_alignment: bool = flax.struct.field(pytree_node=False, default=False)
   features = (FINAL,)
 
   @property
   def layer_config(self) -> ModelConfig:
     return self.layer or self.config
 
+  def _module(self, dtype) -> EagleNet:
+    return EagleNet(self.layer_config, dtype, self.feature_sampling, self.partial_alignment)
+
   def net(self, params, shared, *args):
-    return net(self.config, self.layer_config, params, shared, *args)
+    return net(self.config, self.layer_config, params, shared, *args,
+               feature_sampling=self.feature_sampling, pad=self.partial_alignment)
+
+  def regressed(self, g):
+    """The part of the head's output regressed on (and fed back as) the next feature."""
+    return g[..., -self.config.hidden_size:]
 
   def fuse(self, params, features):
     """The per-position feature the head reads: the target's final state itself."""
     return features[0]
 
   def logits(self, params, shared, g_BxTxH):
-    return lm_head(self.config, shared, g_BxTxH)
+    return lm_head(self.config, shared, g_BxTxH[..., :self.config.hidden_size])
 
   def validate(self, target_config: ModelConfig) -> None:
     check_target("This EAGLE head", self.config.hidden_size, self.config.vocab_size,
@@ -106,13 +146,16 @@ class EagleHead(TrainableHead):
   def init(self, key, dtype=jnp.float32):
     z = jnp.zeros((1, 1), jnp.int32)
     h = jnp.zeros((1, 1, self.config.hidden_size), dtype)
-    params = EagleNet(self.layer_config, dtype).init(key, h, h, z, causal(1))["params"]
+    params = self._module(dtype).init(key, h, h, z, causal(1))["params"]
     if self.init_identity:  # start as g = f: fc passes the feature, the layer adds nothing
       hs = self.config.hidden_size
       params["fc"]["kernel"] = 0.01 * params["fc"]["kernel"] + jnp.concatenate(
           [jnp.zeros((hs, hs), dtype), jnp.eye(hs, dtype=dtype)])
-      params["self_attn"]["o_proj"]["kernel"] *= 0
-      params["mlp"]["down_proj"]["kernel"] *= 0
+      for name in ("self_attn/o_proj", "mlp/down_proj", "down_proj2", "fs_down"):
+        group, *rest = name.split("/")
+        if group in params:
+          p = params[group][rest[0]] if rest else params[group]
+          p["kernel"] *= 0
     return params
 
   def loss(self, params, batch: TargetBatch, key):
@@ -122,12 +165,12 @@ class EagleHead(TrainableHead):
     f_in = f[:, :-1] + self.noise * jax.random.uniform(key, f[:, :-1].shape, f.dtype, -0.5, 0.5)
     positions = jnp.broadcast_to(jnp.arange(t - 1), (b, t - 1))
     g, _ = self.net(params, batch.shared, f_in, batch.tokens[:, 1:], positions, causal(t - 1))
-    logits = lm_head(cfg, batch.shared, g)
+    logits = self.logits(params, batch.shared, g)
     target = batch.logits[:, 1:]
     # Pair t drafts token t + 2: it counts where that token is a training target.
     w = jnp.pad(batch.mask[:, 2:], ((0, 0), (0, 1)))
     denom = jnp.maximum(w.sum(), 1.0)
-    reg = jnp.sum(w * optax.losses.huber_loss(g, f[:, 1:]).mean(-1)) / denom
+    reg = jnp.sum(w * optax.losses.huber_loss(self.regressed(g), f[:, 1:]).mean(-1)) / denom
     ce = jnp.sum(w * soft_ce(target, logits)) / denom
     top1 = jnp.sum(w * (logits.argmax(-1) == target.argmax(-1))) / denom
     return reg + self.ce_weight * ce, {"reg": reg, "ce": ce, "top1/1": top1}
@@ -146,9 +189,12 @@ class EagleHead(TrainableHead):
 
 @registry.HEADS.register("eagle")
 def _head(target_cfg: ModelConfig, *, noise: float = 0.2, ce_weight: float = 0.1,
-          init_identity: bool = False) -> EagleHead:
-  """EAGLE-1: fc + one decoder layer on the target's final features (EAGLE-2 decodes it)."""
-  return EagleHead(target_cfg, noise, ce_weight, init_identity=init_identity)
+          init_identity: bool = False, feature_sampling: bool = False,
+          partial_alignment: bool = False) -> EagleHead:
+  """EAGLE-1: fc + one decoder layer on the target's final features (EAGLE-2 decodes it);
+  FSPAD's feature sampling and partial alignment distillation as options."""
+  return EagleHead(target_cfg, noise, ce_weight, init_identity=init_identity,
+                   feature_sampling=feature_sampling, partial_alignment=partial_alignment)
 
 
 @registry.DRAFTERS.register("eagle", takes_stop_policy=True)
