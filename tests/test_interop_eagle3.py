@@ -42,7 +42,7 @@ def _speculators_model(folder):
   return model.eval()
 
 
-def _new_speculators_head(verifier_path, cfg, folder):
+def _new_speculators_head(verifier_path, cfg, folder, **variants):
   """A head made and saved by speculators: random weights, a random 64-token vocabulary."""
   from speculators import SpeculatorsConfig, VerifierConfig  # pylint: disable=g-import-not-at-top
   from speculators.models.eagle3 import Eagle3DraftModel, Eagle3SpeculatorConfig  # pylint: disable=g-import-not-at-top
@@ -55,7 +55,7 @@ def _new_speculators_head(verifier_path, cfg, folder):
   layer._attn_implementation = "eager"  # pylint: disable=protected-access
   config = Eagle3SpeculatorConfig(
       transformer_layer_config=layer, draft_vocab_size=DRAFT_VOCAB,
-      eagle_aux_hidden_state_layer_ids=[2, 4, 5],
+      eagle_aux_hidden_state_layer_ids=[2, 4, 5], **variants,
       speculators_config=SpeculatorsConfig(
           algorithm="eagle3", default_proposal_method="greedy",
           proposal_methods=[GreedyTokenProposalConfig(speculative_tokens=STEPS)],
@@ -124,12 +124,21 @@ def _decodes_losslessly(path, target):
     assert spec.token_lists() == ar.token_lists()
 
 
-def test_speculators_head_loads_with_same_logits(verifier, tmp_path):
+VARIANTS = {"plain": {},
+            # speculators' training defaults (the norm before fc, the normed output fed back)
+            "defaults": {"norm_before_fc": True, "norm_output": True},
+            "per_feature_norms": {"fc_norm": True, "norm_before_residual": True}}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_speculators_head_loads_with_same_logits(verifier, tmp_path, variant):
   path, target = verifier
-  folder = _new_speculators_head(path, target.config, str(tmp_path / "spec"))
+  folder = _new_speculators_head(path, target.config, str(tmp_path / "spec"),
+                                 **VARIANTS[variant])
   assert io.layout(folder) == "speculators"
   kind, head, params, _ = io.load(folder, target.config)
   assert kind == "eagle3" and head.aux_layers == (2, 4, 5) and head.draft_vocab == DRAFT_VOCAB
+  assert all(getattr(head, k) == v for k, v in VARIANTS[variant].items())
   model = _speculators_model(folder)
   np.testing.assert_array_equal(np.asarray(head.draft_ids),
                                 np.arange(DRAFT_VOCAB) + model.d2t.numpy())

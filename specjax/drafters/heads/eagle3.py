@@ -49,17 +49,19 @@ class Eagle3Layer(nn.Module):
 
   cfg: ModelConfig
   dtype: jnp.dtype = jnp.float32
+  norm_before_residual: bool = False  # the residual is the normed feature (speculators)
 
   @nn.compact
   def __call__(self, emb_BxTxH, feat_BxTxH, positions_BxT, visible_BxTxT, kv=None, start_B=None,
                prefix_BxTxS=None):
     cfg, dt = self.cfg, self.dtype
+    normed = llama.RMSNorm(cfg.norm_eps, dt, name="hidden_norm")(feat_BxTxH)
     x = jnp.concatenate([llama.RMSNorm(cfg.norm_eps, dt, name="input_layernorm")(emb_BxTxH),
-                         llama.RMSNorm(cfg.norm_eps, dt, name="hidden_norm")(feat_BxTxH)], -1)
+                         normed], -1)
     cos, sin = llama.rope_cos_sin(cfg, positions_BxT, dt)
     a, kv = llama.Attention(cfg, dt, name="self_attn")(x, cos, sin, visible_BxTxT, prefix_BxTxS,
                                                       kv, start_B)
-    g = feat_BxTxH + a
+    g = (normed if self.norm_before_residual else feat_BxTxH) + a
     g = g + llama.MLP(cfg, dt, name="mlp")(
         llama.RMSNorm(cfg.norm_eps, dt, name="post_attention_layernorm")(g))
     return g, kv
@@ -83,6 +85,13 @@ class Eagle3Head(TrainableHead):
   layer: ModelConfig | None = flax.struct.field(pytree_node=False, default=None)
   # int32[draft_vocab]: the target id of each draft id, ascending (set by `fit` or loading).
   draft_ids: Any = None
+  # speculators' variants (its training defaults set norm_before_fc and norm_output): an
+  # RMSNorm over the concatenated features before fc, or one per feature (fc_norm); the
+  # normed feature as the layer's residual; the normed output fed back between steps.
+  norm_before_fc: bool = flax.struct.field(pytree_node=False, default=False)
+  fc_norm: bool = flax.struct.field(pytree_node=False, default=False)
+  norm_before_residual: bool = flax.struct.field(pytree_node=False, default=False)
+  norm_output: bool = flax.struct.field(pytree_node=False, default=False)
 
   @property
   def features(self) -> tuple[int, ...]:
@@ -101,12 +110,24 @@ class Eagle3Head(TrainableHead):
     h = self.config.hidden_size
     k_layer, k_fc, k_lm = jax.random.split(key, 3)
     z = jnp.zeros((1, 1, h), dtype)
-    layer = Eagle3Layer(self.layer_config, dtype).init(k_layer, z, z, jnp.zeros((1, 1), jnp.int32),
-                                                       causal(1))["params"]
-    fc = nn.initializers.lecun_normal()(k_fc, (len(self.aux_layers) * h, h), dtype)
+    layer = self._layer(dtype).init(k_layer, z, z, jnp.zeros((1, 1), jnp.int32),
+                                    causal(1))["params"]
+    a = len(self.aux_layers)
+    fc = nn.initializers.lecun_normal()(k_fc, (a * h, h), dtype)
     lm = 0.02 * jax.random.normal(k_lm, (h, self.vocab), dtype)
-    return {"fc": {"kernel": fc}, "layer": layer, "norm": {"scale": jnp.ones((h,), dtype)},
-            "lm_head": {"kernel": lm}}
+    params = {"fc": {"kernel": fc}, "layer": layer, "norm": {"scale": jnp.ones((h,), dtype)},
+              "lm_head": {"kernel": lm}}
+    if self.norm_before_fc:
+      params["input_norm"] = {"scale": jnp.ones((a * h,), dtype)}
+    if self.fc_norm:
+      params["fc_norm"] = {str(i): {"scale": jnp.ones((h,), dtype)} for i in range(a)}
+    return params
+
+  def _layer(self, dtype) -> Eagle3Layer:
+    return Eagle3Layer(self.layer_config, dtype, self.norm_before_residual)
+
+  def _rms(self, p, x):
+    return llama.RMSNorm(self.layer_config.norm_eps, param_dtype(p)).apply({"params": p}, x)
 
   def fit(self, params, tokens, mask, shared):
     """(head, params) ready to train on this data: the draft vocabulary is its
@@ -148,23 +169,30 @@ class Eagle3Head(TrainableHead):
     check_features(target_config, self.aux_layers)
 
   def fuse(self, params, features):
-    """u = fc(concat of the target's features at the head's depths)."""
+    """u = fc(concat of the target's features at the head's depths), each feature or their
+    concatenation normed first in speculators' variants."""
+    dt = params["fc"]["kernel"].dtype
+    features = [f.astype(dt) for f in features]
+    if self.fc_norm:
+      features = [self._rms(params["fc_norm"][str(i)], f) for i, f in enumerate(features)]
     f = jnp.concatenate(features, -1)
-    return f.astype(params["fc"]["kernel"].dtype) @ params["fc"]["kernel"]
+    if self.norm_before_fc:
+      f = self._rms(params["input_norm"], f)
+    return f @ params["fc"]["kernel"]
 
   def net(self, params, shared, feat_BxTxH, next_BxT, positions_BxT, visible_BxTxT, cache=None,
           prefix_BxTxS=None):
-    return runtime.run_layer(Eagle3Layer(self.layer_config, param_dtype(params)),
-                             params["layer"], (embed(self.config, shared, next_BxT), feat_BxTxH),
-                             positions_BxT, visible_BxTxT, cache, prefix_BxTxS)
+    g, cache = runtime.run_layer(self._layer(param_dtype(params)), params["layer"],
+                                 (embed(self.config, shared, next_BxT), feat_BxTxH),
+                                 positions_BxT, visible_BxTxT, cache, prefix_BxTxS)
+    return (self._rms(params["norm"], g) if self.norm_output else g), cache
 
   def draft_logits(self, params, g_BxTxH):
     """float32[..., vocab]: logits over the draft vocabulary."""
     if self.draft_vocab and self.draft_ids is None:
       raise ValueError("This EAGLE-3 head has a reduced vocabulary but no map: `fit` it to "
                        "data or load it from a head folder.")
-    x = llama.RMSNorm(self.layer_config.norm_eps, param_dtype(params)).apply(
-        {"params": params["norm"]}, g_BxTxH)
+    x = g_BxTxH if self.norm_output else self._rms(params["norm"], g_BxTxH)
     return (x @ params["lm_head"]["kernel"]).astype(jnp.float32)
 
   def logits(self, params, shared, g_BxTxH):
@@ -216,10 +244,14 @@ class Eagle3Head(TrainableHead):
 @registry.HEADS.register("eagle3")
 def _head(target_cfg: ModelConfig, *, aux_layers: Sequence[int] | None = None,
           draft_vocab: int = 0, ttt_steps: int = 7, decay: float = 0.8,
-          noise: float = 0.0) -> Eagle3Head:
+          noise: float = 0.0, norm_before_fc: bool = False, fc_norm: bool = False,
+          norm_before_residual: bool = False, norm_output: bool = False) -> Eagle3Head:
   """EAGLE-3: fused features from `aux_layers` (layer inputs; models.FINAL = the final
   normed state; default 2, L//2, L-3), a `draft_vocab`-token LM head (0 = the full
-  vocabulary), `ttt_steps` unrolled draft steps weighted decay^j in training."""
+  vocabulary), `ttt_steps` unrolled draft steps weighted decay^j in training; speculators'
+  norm variants as flags."""
+  if norm_before_fc and fc_norm:
+    raise ValueError("norm_before_fc and fc_norm exclude each other: give one.")
   aux = tuple(int(a) for a in (aux_layers if aux_layers is not None
                                else default_aux_layers(target_cfg.num_layers)))
   if not aux or len(set(aux)) != len(aux) or any(
@@ -233,7 +265,8 @@ def _head(target_cfg: ModelConfig, *, aux_layers: Sequence[int] | None = None,
   if ttt_steps < 1:
     raise ValueError(f"ttt_steps={ttt_steps} must be >= 1.")
   return Eagle3Head(target_cfg, aux, 0 if draft_vocab == target_cfg.vocab_size else draft_vocab,
-                    ttt_steps, decay, noise)
+                    ttt_steps, decay, noise, norm_before_fc=norm_before_fc, fc_norm=fc_norm,
+                    norm_before_residual=norm_before_residual, norm_output=norm_output)
 
 
 @registry.DRAFTERS.register("eagle3", takes_stop_policy=True)
@@ -248,7 +281,7 @@ def _drafter(target, *, checkpoint: str, budget: str | None = None, depth: int |
 
 
 def _from_state_dict(path: str, target_cfg: ModelConfig, sd: dict, layer_hf: dict,
-                     prefix: str, aux) -> tuple[str, Eagle3Head, Any]:
+                     prefix: str, aux, **variants) -> tuple[str, Eagle3Head, Any]:
   """("eagle3", head, params) from a PyTorch EAGLE-3 state dict (speculators' names; the
   decoder layer under `prefix`; Linear weights are [out, in]; d2t holds target id - draft
   id)."""
@@ -274,11 +307,15 @@ def _from_state_dict(path: str, target_cfg: ModelConfig, sd: dict, layer_hf: dic
         "hidden_norm": norm(f"{prefix}hidden_norm"), "self_attn": attn,
         "mlp": {p: dense(f"{prefix}mlp.{p}") for p in ("gate_proj", "up_proj", "down_proj")},
         "post_attention_layernorm": norm(f"{prefix}post_attention_layernorm")}}
+    if variants.get("norm_before_fc"):
+      params["input_norm"] = norm("input_norm")
+    if variants.get("fc_norm"):
+      params["fc_norm"] = {str(i): norm(f"fc_norm.{i}") for i in range(len(aux))}
   except KeyError as e:
     raise ValueError(f"{path!r} is missing EAGLE-3 weight {e}.") from None
   vocab = params["lm_head"]["kernel"].shape[1]
   head = Eagle3Head(target_cfg, aux, 0 if vocab == target_cfg.vocab_size else vocab,
-                    layer=layer)
+                    layer=layer, **variants)
   if head.draft_vocab:
     if "d2t" not in sd:
       raise ValueError(f"{path!r}: a {vocab}-token draft vocabulary needs the d2t map.")
@@ -290,13 +327,15 @@ def _from_state_dict(path: str, target_cfg: ModelConfig, sd: dict, layer_hf: dic
 def from_speculators(path: str, target_cfg: ModelConfig):
   """An EAGLE-3 head in the `speculators` format (what vLLM serves)."""
   hf = io.read_json(os.path.join(path, "config.json"))
-  odd = [k for k in ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output")
-         if hf.get(k)]
-  if odd:
-    raise ValueError(f"{path!r} uses EAGLE-3 variants specjax does not implement: {odd}.")
+  variants = {k: bool(hf.get(k)) for k in VARIANTS}
+  if variants["norm_before_fc"] and variants["fc_norm"]:
+    raise ValueError(f"{path!r} sets both norm_before_fc and fc_norm, which exclude each other.")
   return _from_state_dict(path, target_cfg, io.state_dict(path, ("model.safetensors",)),
                           hf["transformer_layer_config"], "layers.0.",
-                          hf.get("eagle_aux_hidden_state_layer_ids"))
+                          hf.get("eagle_aux_hidden_state_layer_ids"), **variants)
+
+
+VARIANTS = ("norm_before_fc", "fc_norm", "norm_before_residual", "norm_output")
 
 
 def from_specforge(path: str, target_cfg: ModelConfig):
