@@ -12,6 +12,9 @@ def base() -> ml_collections.ConfigDict:
   c.head = "eagle"  # a name in specjax.registry.HEADS
   c.head_kwargs = ml_collections.ConfigDict()  # the head's knobs (noise, num_heads, ...)
   c.decode = ml_collections.ConfigDict()  # drafter knobs saved with the head (depth, top_k)
+  # How the head's distribution terms pull toward the target: "soft_ce" (each head's own
+  # recipe), "tvd" or "tvdpp" (TVD++; specjax.drafters.base.distill_loss).
+  c.loss = "soft_ce"
   c.data = ml_collections.ConfigDict({
       "source": "assets/distill/smollm2-135m",  # see specjax.training.data
       "seq_len": 512,  # rows are cut to this

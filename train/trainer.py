@@ -43,7 +43,7 @@ import tqdm
 
 from specjax import models, registry, sharding
 from specjax.drafters import io as head_io
-from specjax.drafters.base import TargetBatch
+from specjax.drafters.base import DISTILL_LOSSES, TargetBatch
 from specjax.models.model import causal, forward
 
 from . import data as data_lib
@@ -86,8 +86,8 @@ def optimizer(c: ml_collections.ConfigDict, params) -> optax.GradientTransformat
   return optax.MultiSteps(tx, every_k_schedule=c.grad_accum)
 
 
-def target_batch(target: models.Model, params, head, tokens, mask, stored=None
-                 ) -> TargetBatch:
+def target_batch(target: models.Model, params, head, tokens, mask, stored=None,
+                 loss: str = "soft_ce") -> TargetBatch:
   """The frozen target's outputs on a batch: the very `forward` decoding uses (online), or
   the features of a `features.Store` (offline; logits from the final features)."""
   b, t = tokens.shape
@@ -97,45 +97,46 @@ def target_batch(target: models.Model, params, head, tokens, mask, stored=None
     names = features_lib.stored_features(head.features)
     feats = tuple(stored[names.index(f)] for f in head.features)
     logits = models.lm_head(target.config, shared, stored[0])
-    return TargetBatch(tokens, mask, feats, logits, shared, params)
+    return TargetBatch(tokens, mask, feats, logits, shared, params, loss=loss)
   out = forward(target.config, params, tokens, jnp.broadcast_to(jnp.arange(t), (b, t)),
                 causal(t), features=tuple(head.features))
   out = jax.lax.stop_gradient(out)
-  return TargetBatch(tokens, mask, out.features, out.logits, shared, params)
+  return TargetBatch(tokens, mask, out.features, out.logits, shared, params, loss=loss)
 
 
 def make_steps(target: models.Model, head, tx, seed: int, sim_depth: int,
                total_steps: int | None = None, state_shardings: Any = None,
-               plan: sharding.Plan | None = None):
+               plan: sharding.Plan | None = None, loss: str = "soft_ce"):
   """(train_step, eval_step), jitted; the target's params are an argument. The batch's
-  `progress` is micro-step / `total_steps` (1 when not given). With a plan, the state
+  `progress` is micro-step / `total_steps` (1 when not given); `loss` is its
+  distillation loss (`base.DISTILL_LOSSES`). With a plan, the state
   keeps `state_shardings` and metrics come back replicated (every process reads them)."""
   replicated = None if plan is None else plan.replicated()
 
   @functools.partial(jax.jit, donate_argnums=(0,),
                      out_shardings=None if plan is None else (state_shardings, replicated))
   def train_step(state: TrainState, target_params, tokens, mask, stored=None):
-    batch = target_batch(target, target_params, head, tokens, mask, stored)
+    batch = target_batch(target, target_params, head, tokens, mask, stored, loss)
     if total_steps:
       batch = batch.replace(progress=state.step / total_steps)
     key = jax.random.fold_in(jax.random.key(seed), state.step)
-    (loss, metrics), grads = jax.value_and_grad(
+    (value, metrics), grads = jax.value_and_grad(
         lambda p: head.loss(p, batch, key), has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    finite = jnp.isfinite(loss)
+    finite = jnp.isfinite(value)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     params = keep(optax.apply_updates(state.params, updates), state.params)
     opt_state = keep(opt_state, state.opt_state)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {**metrics, "loss": value, "grad_norm": optax.global_norm(grads)}
     return TrainState(state.step + 1, params, opt_state), metrics
 
   @functools.partial(jax.jit, out_shardings=replicated)
   def eval_step(params, target_params, tokens, mask, stored=None):
-    batch = target_batch(target, target_params, head, tokens, mask, stored)
-    loss, metrics = head.loss(params, batch, jax.random.key(0))
+    batch = target_batch(target, target_params, head, tokens, mask, stored, loss)
+    value, metrics = head.loss(params, batch, jax.random.key(0))
     acc, rows = head.accept(params, batch, sim_depth)
     prefix = jnp.cumprod(acc, axis=-1)  # leading accepted drafts
-    return {**metrics, "loss": loss}, {"accepted_BxT": prefix.sum(-1), "rows_BxT": rows,
+    return {**metrics, "loss": value}, {"accepted_BxT": prefix.sum(-1), "rows_BxT": rows,
                                        "per_depth": jnp.sum(rows[..., None] * prefix, (0, 1))}
 
   return train_step, eval_step
@@ -278,6 +279,9 @@ def _restore(mngr: ocp.CheckpointManager, target_state, workdir: str):
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the head `c.head` against `c.target`; returns the last eval."""
   check_numbers(c)
+  if c.loss not in DISTILL_LOSSES:
+    raise ValueError(f"Config key loss={c.loss!r} is not a distillation loss; expected one of "
+                     f"{DISTILL_LOSSES}.")
   registry.HEADS.check(c.head, None, **c.head_kwargs)
   data_lib.check_source(c.data.source)
   plan = sharding.from_config(c) or sharding.Plan.create(
@@ -323,7 +327,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   else:
     state = jax.jit(init_state, out_shardings=shardings)(shared)
   train_step, eval_step = make_steps(target, head, tx, c.seed, c.sim_depth, total,
-                                     shardings, plan)
+                                     shardings, plan, c.loss)
   start_step = int(state.step)
   log = metrics_lib.Log(workdir, start_step, write=lead)
   bar = tqdm.tqdm(total=total, initial=start_step, unit="step", desc=f"train {c.head}",

@@ -60,6 +60,36 @@ def soft_ce(target_logits, logits):
   return -jnp.sum(jax.nn.softmax(target_logits, -1) * jax.nn.log_softmax(logits, -1), -1)
 
 
+# How a head's draft distribution q is pulled toward the target's p (`TargetBatch.loss`).
+DISTILL_LOSSES = ("soft_ce", "tvd", "tvdpp")
+
+
+def distill_loss(kind: str, target_logits, logits):
+  """Per-position loss of draft `logits` against `target_logits` (last axis):
+
+    soft_ce   -sum p log q: the forward KL up to a constant (every head's default)
+    tvd       TV(p, q) = 1/2 sum |p - q|: 1 - the acceptance probability of speculative
+              sampling, the quantity drafting wants small
+    tvdpp     TVD++ (Goel et al. 2024): TV's gradient as a policy gradient,
+              -E_{x~q}[r(x) grad log q(x)] with the reward r = 1{p(x) > q(x)}, its variance
+              reduced by a baseline and a scale: r~ = (r - E_q r) / std_q r. Computed
+              exactly over the vocabulary as the surrogate -sum_x sg(q r~) log q(x), whose
+              value is not TV but whose gradient is TVD++'s.
+  """
+  logq = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+  if kind == "soft_ce":
+    return -jnp.sum(jax.nn.softmax(target_logits, -1) * logq, -1)
+  p, q = jax.nn.softmax(target_logits.astype(jnp.float32), -1), jnp.exp(logq)
+  if kind == "tvd":
+    return 0.5 * jnp.sum(jnp.abs(p - q), -1)
+  if kind == "tvdpp":
+    r = (p > q).astype(jnp.float32)
+    mean = jnp.sum(q * r, -1, keepdims=True)
+    std = jnp.sqrt(jnp.sum(q * (r - mean) ** 2, -1, keepdims=True)) + 1e-6
+    return -jnp.sum(jax.lax.stop_gradient(q * (r - mean) / std) * logq, -1)
+  raise ValueError(f"Unknown distillation loss {kind!r}; expected one of {DISTILL_LOSSES}.")
+
+
 def check_target(what: str, hidden_size: int, vocab_size: int, target_config) -> None:
   """Raises unless a head made for (hidden_size, vocab_size) fits the target's config."""
   for field, mine in (("hidden_size", hidden_size), ("vocab_size", vocab_size)):
@@ -103,6 +133,12 @@ class TargetBatch:
   # The share of training done (0 -> 1; 1 outside training): schedules inside a loss
   # (Falcon's glancing share).
   progress: Any = 1.0
+  # The distillation loss the head's distribution terms use (`DISTILL_LOSSES`).
+  loss: str = flax.struct.field(pytree_node=False, default="soft_ce")
+
+  def distill(self, target_logits, logits):
+    """The per-position distillation loss of this batch's kind (`distill_loss`)."""
+    return distill_loss(self.loss, target_logits, logits)
 
 
 class TrainableHead:

@@ -61,7 +61,7 @@ import numpy as np
 from specjax import assets, kernels, registry
 from specjax import sampling as sampling_lib
 from specjax.drafters import io, static_tree
-from specjax.drafters.base import TargetBatch, TrainableHead, check_target, soft_ce
+from specjax.drafters.base import TargetBatch, TrainableHead, check_target
 from specjax.drafters.heads import runtime
 from specjax.models import cache as cache_lib
 from specjax.models import llama
@@ -274,7 +274,7 @@ class DFlashHead(TrainableHead):
       metrics.update(ce=ce, l1=tv_, conf_bce=conf,
                      conf_err=norm(jnp.abs(jax.nn.sigmoid(z) - soft)))
     else:
-      loss = norm(soft_ce(target, logits) if self.loss_kind == "soft" else hard(logits))
+      loss = norm(batch.distill(target, logits) if self.loss_kind == "soft" else hard(logits))
       metrics["ce"] = loss
     hit = logits.argmax(-1) == target.argmax(-1)
     counted = (inside * mask).sum((0, 1))
@@ -546,7 +546,10 @@ def export_zlab(out: str, head: DFlashHead, params) -> None:
                      "supported.")
   layer = head.layer
   config = {
-      "architectures": ["DFlashDraftModel"], "model_type": layer.model_type or "llama",
+      # from_hf_config gives q/k norms to qwen3 layers only.
+      "architectures": ["DFlashDraftModel"],
+      "model_type": "qwen3" if layer.qk_norm else (
+          "llama" if layer.model_type in (None, "qwen3") else layer.model_type),
       "vocab_size": layer.vocab_size, "hidden_size": layer.hidden_size,
       "intermediate_size": layer.intermediate_size, "num_hidden_layers": layer.num_layers,
       "num_attention_heads": layer.num_heads, "num_key_value_heads": layer.num_kv_heads,

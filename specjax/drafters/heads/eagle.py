@@ -39,7 +39,7 @@ import optax
 
 from specjax import registry
 from specjax.drafters import io
-from specjax.drafters.base import TargetBatch, TrainableHead, check_target, soft_ce
+from specjax.drafters.base import TargetBatch, TrainableHead, check_target
 from specjax.drafters.heads import runtime
 from specjax.models import llama
 from specjax.models.cache import KVCache
@@ -171,7 +171,7 @@ class EagleHead(TrainableHead):
     w = jnp.pad(batch.mask[:, 2:], ((0, 0), (0, 1)))
     denom = jnp.maximum(w.sum(), 1.0)
     reg = jnp.sum(w * optax.losses.huber_loss(self.regressed(g), f[:, 1:]).mean(-1)) / denom
-    ce = jnp.sum(w * soft_ce(target, logits)) / denom
+    ce = jnp.sum(w * batch.distill(target, logits)) / denom
     top1 = jnp.sum(w * (logits.argmax(-1) == target.argmax(-1))) / denom
     return reg + self.ce_weight * ce, {"reg": reg, "ce": ce, "top1/1": top1}
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from specjax import registry
 from specjax.drafters import io
-from specjax.drafters.base import TargetBatch, TrainableHead, check_target, soft_ce
+from specjax.drafters.base import TargetBatch, TrainableHead, check_target
 from specjax.drafters.heads import runtime
 from specjax.models import llama
 from specjax.models.config import ModelConfig, from_hf_config
@@ -224,7 +224,7 @@ class Eagle3Head(TrainableHead):
                     0.0)
       denom = jnp.maximum(w.sum(), 1.0)
       logits = self.draft_logits(params, g)
-      ce = jnp.sum(w * soft_ce(target[:, src], logits)) / denom
+      ce = jnp.sum(w * batch.distill(target[:, src], logits)) / denom
       total = total + self.decay ** (j - 1) * ce
       metrics[f"ce/{j}"] = ce
       metrics[f"top1/{j}"] = jnp.sum(w * (ids[logits.argmax(-1)] == target_top[:, src])) / denom

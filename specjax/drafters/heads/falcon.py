@@ -143,7 +143,8 @@ class FalconHead(TrainableHead):
     reg = optax.losses.huber_loss(g, f[:, src].astype(g.dtype)).mean(-1)
     logq = jax.nn.log_softmax(logits, -1)
     logp = jax.nn.log_softmax(batch.logits[:, src], -1)
-    kl = jnp.sum(jnp.exp(logp) * (logp - logq), -1)
+    kl = (jnp.sum(jnp.exp(logp) * (logp - logq), -1) if batch.loss == "soft_ce"  # the paper's
+          else batch.distill(batch.logits[:, src], logits))
     hard = jnp.minimum(jnp.arange(g.shape[1]) + self.block + 1, batch.tokens.shape[1] - 1)
     ce = -jnp.take_along_axis(logq, batch.tokens[:, hard, None], -1)[..., 0]
     total = jnp.sum(w * (reg + self.ce_weight * (0.9 * kl + 0.1 * ce))) / denom

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from specjax import registry
 from specjax.drafters import io, static_tree
-from specjax.drafters.base import TargetBatch, TrainableHead, check_target, soft_ce
+from specjax.drafters.base import TargetBatch, TrainableHead, check_target
 from specjax.drafters.heads import runtime
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
@@ -116,7 +116,7 @@ class HydraHead(TrainableHead):
       w = batch.mask[:, k + 1:]
       denom = jnp.maximum(w.sum(), 1.0)
       if self.teacher:
-        ce = soft_ce(target, logits)
+        ce = batch.distill(target, logits)
       else:
         ce = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), batch.tokens[:, k + 1:, None],
                                   -1)[..., 0]

@@ -115,7 +115,7 @@ class MedusaHead(TrainableHead):
       target = batch.logits[:, k + 1:t - 1]
       w = batch.mask[:, k + 2:]
       denom = jnp.maximum(w.sum(), 1.0)
-      ce = jnp.sum(w * soft_ce(target, logits)) / denom
+      ce = jnp.sum(w * batch.distill(target, logits)) / denom
       total += self.decay ** k * ce
       metrics[f"ce/{k + 1}"] = ce
       metrics[f"top1/{k + 1}"] = jnp.sum(w * (logits.argmax(-1) == target.argmax(-1))) / denom
