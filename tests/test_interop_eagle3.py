@@ -42,8 +42,9 @@ def _speculators_model(folder):
   return model.eval()
 
 
-def _new_speculators_head(verifier_path, cfg, folder, **variants):
-  """A head made and saved by speculators: random weights, a random 64-token vocabulary."""
+def _new_speculators_head(verifier_path, cfg, folder, layer_kw=None, **variants):
+  """A head made and saved by speculators: random weights, a random 64-token vocabulary
+  (`layer_kw`: more fields of its draft layer's config)."""
   from speculators import SpeculatorsConfig, VerifierConfig  # pylint: disable=g-import-not-at-top
   from speculators.models.eagle3 import Eagle3DraftModel, Eagle3SpeculatorConfig  # pylint: disable=g-import-not-at-top
   from speculators.proposals.greedy import GreedyTokenProposalConfig  # pylint: disable=g-import-not-at-top
@@ -51,7 +52,7 @@ def _new_speculators_head(verifier_path, cfg, folder, **variants):
       vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
       intermediate_size=cfg.intermediate_size, num_hidden_layers=1,
       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-      rms_norm_eps=cfg.norm_eps, max_position_embeddings=2048)
+      rms_norm_eps=cfg.norm_eps, max_position_embeddings=2048, **(layer_kw or {}))
   layer._attn_implementation = "eager"  # pylint: disable=protected-access
   config = Eagle3SpeculatorConfig(
       transformer_layer_config=layer, draft_vocab_size=DRAFT_VOCAB,
@@ -109,8 +110,8 @@ def _our_logits(head, params, target, hidden, ids):
   return [np.asarray(x) for x in steps(head, params, hidden, ids)]
 
 
-def _assert_same(ours, theirs):
-  for s, (a, b) in enumerate(zip(ours, theirs)):
+def _assert_same(ours, theirs, steps=STEPS):
+  for s, (a, b) in enumerate(list(zip(ours, theirs))[:steps]):
     valid = T - s  # step s reads token t + s: speculators pads past the end, we clip
     assert np.abs(a[:, :valid] - b[:, :valid]).max() <= TOL, s
 
@@ -127,7 +128,10 @@ def _decodes_losslessly(path, target):
 VARIANTS = {"plain": {},
             # speculators' training defaults (the norm before fc, the normed output fed back)
             "defaults": {"norm_before_fc": True, "norm_output": True},
-            "per_feature_norms": {"fc_norm": True, "norm_before_residual": True}}
+            "per_feature_norms": {"fc_norm": True, "norm_before_residual": True},
+            # A draft layer that slides over 4 positions: run with its window.
+            "sliding_window": {"layer_kw": {"layer_types": ["sliding_attention"],
+                                            "sliding_window": 4}}}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -138,12 +142,17 @@ def test_speculators_head_loads_with_same_logits(verifier, tmp_path, variant):
   assert io.layout(folder) == "speculators"
   kind, head, params, _ = io.load(folder, target.config)
   assert kind == "eagle3" and head.aux_layers == (2, 4, 5) and head.draft_vocab == DRAFT_VOCAB
-  assert all(getattr(head, k) == v for k, v in VARIANTS[variant].items())
+  assert all(getattr(head, k) == v for k, v in VARIANTS[variant].items() if k != "layer_kw")
+  assert head.layer_config.sliding_window == (4 if variant == "sliding_window" else None)
   model = _speculators_model(folder)
   np.testing.assert_array_equal(np.asarray(head.draft_ids),
                                 np.arange(DRAFT_VOCAB) + model.d2t.numpy())
   hidden, ids = _inputs(target.config)
-  _assert_same(_our_logits(head, params, target, hidden, ids), _their_logits(model, hidden, ids))
+  # With a window, speculators' unrolled steps keep the first step's window rows (anchored
+  # at the pair, not at the drafted token's position, which decoding uses): compare the
+  # first step there.
+  _assert_same(_our_logits(head, params, target, hidden, ids), _their_logits(model, hidden, ids),
+               1 if variant == "sliding_window" else STEPS)
   _decodes_losslessly(folder, target)
 
 

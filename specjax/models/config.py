@@ -84,6 +84,26 @@ def _rope_scaling(hf: Mapping[str, Any]) -> tuple | None:
   raise ValueError(f"Unsupported rope_scaling type {kind!r}; supported: llama3, linear.")
 
 
+def _sliding_window(model_type: str, hf: Mapping[str, Any]) -> int | None:
+  """The window every layer slides over, or None (full attention). Mistral slides on every
+  layer; other configs through `layer_types` (Qwen2/3: with use_sliding_window, layers
+  >= max_window_layers in transformers < 5); a window on some layers only is refused."""
+  window = hf.get("sliding_window")
+  if model_type == "mistral":
+    return window if hf.get("use_sliding_window", True) else None
+  if not window or (model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window")):
+    return None
+  types = hf.get("layer_types") or (
+      ["sliding_attention" if i >= hf.get("max_window_layers", 0) else "full_attention"
+       for i in range(hf["num_hidden_layers"])] if model_type in ("qwen2", "qwen3") else [])
+  if "sliding_attention" not in types:
+    return None
+  if any(t != "sliding_attention" for t in types):
+    raise ValueError(f"Unsupported: {model_type} with a sliding window on some layers only "
+                     f"(use_sliding_window / layer_types {list(types)}).")
+  return int(window)
+
+
 def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
   """Builds a ModelConfig from a Hugging Face config.json dict."""
   model_type = hf.get("model_type")
@@ -103,16 +123,8 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
     raise ValueError(f"Unsupported hidden_act {hf['hidden_act']!r} (only silu).")
   if model_type in ("llama", "mistral") and hf.get("attention_bias"):
     raise ValueError("Unsupported: Llama attention_bias=True (o_proj bias).")
-  if (model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window")
-      and hf.get("sliding_window")):
-    types = hf.get("layer_types") or [  # transformers<5: layers >= max_window_layers slide
-        "sliding_attention" if i >= hf.get("max_window_layers", 0) else "full_attention"
-        for i in range(hf["num_hidden_layers"])]
-    if "sliding_attention" in types:
-      raise ValueError(f"Unsupported: {model_type} with use_sliding_window=True (a sliding "
-                       "window on some layers only).")
+  window = _sliding_window(model_type, hf)
   heads = hf["num_attention_heads"]
-  window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
   return ModelConfig(
       arch="llama", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
       intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
@@ -121,5 +133,5 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
       norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(_rope_params(hf)["rope_theta"]),
       rope_scaling=_rope_scaling(hf), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias")),
-      qk_norm=model_type == "qwen3", sliding_window=window if model_type == "mistral" else None,
+      qk_norm=model_type == "qwen3", sliding_window=window,
       max_position_embeddings=hf.get("max_position_embeddings", 4096), model_type=model_type)

@@ -97,13 +97,18 @@ def pending_init(f_BxLxH, ctx, c: int) -> jax.Array:
 
 def run_layer(module: nn.Module, params, inputs: tuple, positions_BxT, visible_BxTxT,
               cache: KVCache | None = None, prefix_BxTxS=None):
-  """A head's decoder layer `module` on T positions (`inputs`, each [B, T, H]); with a
-  1-layer `cache` its K/V are written at `cache.lengths` as `models.forward` does.
+  """A head's decoder layer `module` (with its `cfg`) on T positions (`inputs`, each
+  [B, T, H]), within its sliding window if it has one; with a 1-layer `cache` its K/V are
+  written at `cache.lengths` as `models.forward` does.
   Returns (output features [B, T, H], cache)."""
   kv = None if cache is None else (cache.k[0], cache.v[0])
   start = None if cache is None else cache.lengths
   if cache is not None and prefix_BxTxS is None:
     prefix_BxTxS = cache.prefix_mask(positions_BxT.shape[1])
+  # A layer with a sliding window sees only keys within it (slot index as position: exact
+  # for committed pairs; a drafting level's own entries sit a few slots later).
+  visible_BxTxT, prefix_BxTxS = llama.in_window(module.cfg, positions_BxT, visible_BxTxT,
+                                                prefix_BxTxS, cache)
   g, kv = module.apply({"params": params}, *inputs, positions_BxT, visible_BxTxT, kv, start,
                        prefix_BxTxS)
   return g, None if cache is None else cache.replace(k=(kv[0],), v=(kv[1],))
