@@ -38,6 +38,9 @@ def base() -> ml_collections.ConfigDict:
   c.eval_every = 100
   c.checkpoint_every = 50
   c.keep_checkpoints = 3
+  # Export the head of the eval with the best held-out simulated tau (kept in workdir/best
+  # as training goes), not the last one.
+  c.keep_best = False
   c.progress = True
   # Sharding (specjax.sharding): a mesh such as "data=-1" or "data=2,fsdp=2,tensor=2" over
   # all devices of all processes ("": one device); rules as (logical axis, mesh axes)

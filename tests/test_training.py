@@ -440,6 +440,20 @@ def test_a_head_trains_with_tvdpp(tmp_path):
     trainer.train(tiny_config("eagle", loss="tv"), str(tmp_path / "bad"))
 
 
+def test_keep_best_exports_the_best_held_out_tau(tmp_path):
+  """keep_best: a run whose held-out simulated tau peaks before its end (a high constant
+  rate) exports the head of the peak, with that eval's acceptance, not the last one."""
+  c = tiny_config("eagle", keep_best=True, eval_every=5)
+  c.optim.lr, c.optim.end_lr = 0.03, 1.0
+  trainer.train(c, str(tmp_path))
+  evals = [r for r in metrics.read(str(tmp_path / metrics.METRICS)) if r["split"] == "eval"]
+  best = max(evals, key=lambda r: r["sim_tau"])
+  assert best["step"] < evals[-1]["step"] and best["sim_tau"] > evals[-1]["sim_tau"], evals
+  meta = io.read_meta(str(tmp_path / trainer.HEAD_DIR))
+  assert (meta["step"], meta["sim_tau"]) == (best["step"], best["sim_tau"])
+  assert meta["sim_accept"] == [best[f"sim_accept/{k}"] for k in range(1, c.sim_depth + 1)]
+
+
 def test_falcon_glancing_share_decays_with_progress():
   """Pass 2 reads the head's own guesses; ceil(lambda x mismatches) of them glance at the
   truth, lambda = 0.4 (1 - progress): some early, none at the end."""

@@ -28,6 +28,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -52,8 +53,9 @@ from . import metrics as metrics_lib
 
 CONFIG_FILE = "config.json"
 HEAD_DIR = "head"
+BEST_DIR = "best"  # keep_best: the head of the best held-out simulated tau so far
 # Config keys a resumed run may change: they do not alter the trajectory.
-RESUME_FREE = ("progress", "log_every", "eval_every", "checkpoint_every",
+RESUME_FREE = ("progress", "log_every", "eval_every", "checkpoint_every", "keep_best",
                "keep_checkpoints", "mesh", "sharding_rules", "distributed")
 
 
@@ -205,8 +207,11 @@ def _check_config(workdir: str, c: ml_collections.ConfigDict) -> None:
   mine = json.loads(c.to_json())
   with open(path, encoding="utf-8") as f:
     saved = json.load(f)
+  # A key newer than the saved run counts as the default it had then.
+  from specjax.configs import train_common  # pylint: disable=g-import-not-at-top
+  defaults = json.loads(train_common.base().to_json())
   diff = sorted(k for k in set(saved) | set(mine)
-                if k not in RESUME_FREE and saved.get(k) != mine.get(k))
+                if k not in RESUME_FREE and saved.get(k, defaults.get(k)) != mine.get(k))
   if diff:
     raise ValueError(f"{workdir} holds a run with another config (keys {diff} differ); "
                      "use a new workdir or the saved config.")
@@ -345,8 +350,36 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                dtype=c.offline_dtype, progress=c.progress)
   run_eval = lambda: evaluate(eval_step, state.params, target.params, data, c.batch_size, store,
                               plan)
+  trained_tokens = int(total * c.batch_size * data.train_tokens / len(data.tokens))
+
+  def export(path: str, params, row: dict[str, Any]) -> None:
+    """The head folder of `params`, with the held-out P(first k drafts accepted) of `row`
+    (what `budget.knobs` sizes drafts from). Every process joins; one writes."""
+    params = jax.jit(lambda p: p, out_shardings=plan.replicated())(params)
+    sim_accept = []  # sim_depth entries, or fewer for heads that draft fewer (Medusa)
+    while f"sim_accept/{len(sim_accept) + 1}" in row:
+      sim_accept.append(row[f"sim_accept/{len(sim_accept) + 1}"])
+    if lead:
+      head_io.save(path, c.head, dict(c.head_kwargs), params, target.config, dict(c.decode),
+                   target_name=target.name, trained_tokens=trained_tokens,
+                   sim_accept=sim_accept, sim_tau=row["sim_tau"], step=row["step"],
+                   buffers=head.buffers())
+
+  # keep_best: the held-out simulated tau can peak and fall while the loss keeps dropping
+  # (EAGLE-3 trainers report it): the head of the best eval so far lives in workdir/best.
+  best_tau = max([r["sim_tau"] for r in metrics_lib.read(log.path) if r["split"] == "eval"
+                  and r["step"] <= step] or [-1.0]) if os.path.exists(log.path) else -1.0
+
+  def evaluated(row: dict[str, Any]) -> dict[str, Any]:
+    nonlocal best_tau
+    log.write(row)
+    if c.keep_best and row["sim_tau"] > best_tau:
+      best_tau = row["sim_tau"]
+      export(os.path.join(workdir, BEST_DIR), state.params, row)
+    return row
+
   if step == 0:  # the fresh head's numbers: where the curves start
-    log.write({"step": 0, "split": "eval", **run_eval()})
+    evaluated({"step": 0, "split": "eval", **run_eval()})
   while step < total:
     idx, width = data.batch_rows(step, c.batch_size)
     window_tokens += len(idx) * width
@@ -371,8 +404,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       log.write(row)
       window, window_tokens, t0 = [], 0, time.perf_counter()
     if step % c.eval_every == 0 or step == total:
-      last_eval = {"step": step, "split": "eval", **run_eval()}
-      log.write(last_eval)
+      last_eval = evaluated({"step": step, "split": "eval", **run_eval()})
       bar.write(metrics_lib.summary(last_eval))
       log.plot()
       t0 = time.perf_counter()
@@ -381,18 +413,17 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       mngr.wait_until_finished()
   bar.close()
   last_eval = last_eval or {"step": step, "split": "eval", **run_eval()}
-  # The held-out P(first k drafts accepted) travels with the head: `budget.knobs` sizes
-  # the draft from it and the device's measured costs.
-  sim_accept = []  # sim_depth entries, or fewer for heads that draft fewer (Medusa)
-  while f"sim_accept/{len(sim_accept) + 1}" in last_eval:
-    sim_accept.append(last_eval[f"sim_accept/{len(sim_accept) + 1}"])
-  # Every process holds a full copy after this; one writes it.
-  params = jax.jit(lambda p: p, out_shardings=plan.replicated())(state.params)
-  if lead:
-    head_io.save(os.path.join(workdir, HEAD_DIR), c.head, dict(c.head_kwargs), params,
-                 target.config, dict(c.decode), target_name=target.name,
-                 trained_tokens=int(total * c.batch_size * data.train_tokens / len(data.tokens)),
-                 sim_accept=sim_accept, buffers=head.buffers())
+  out = os.path.join(workdir, HEAD_DIR)
+  best = os.path.join(workdir, BEST_DIR)
+  if c.keep_best and os.path.exists(os.path.join(best, head_io.META)):
+    if lead:  # the best eval's head is the run's head
+      shutil.rmtree(out, ignore_errors=True)
+      shutil.copytree(best, out)
+    chosen = head_io.read_meta(best)
+    print(f"head: the best held-out simulated tau, {chosen['sim_tau']:.3f} at micro-step "
+          f"{chosen['step']} (the last eval: {last_eval['sim_tau']:.3f})")
+  else:
+    export(out, state.params, last_eval)
   return last_eval
 
 
