@@ -99,6 +99,8 @@ def _summarize_group(rows: Sequence[Row], ar_tps: Mapping[tuple, float]) -> dict
       "draft_per_token": per_token(draft, new),
       # accepted drafts = new tokens - one per target call (its bonus/correction token)
       "draft_per_accepted": per_token(draft, new - target) if target is not None else None,
+      # The mean draft length a step verified (rows written before the field have none).
+      "drafted_per_step": _weighted_drafted(rows),
       "all_equal": all(equal) if equal else None,
       "match_ar": statistics.fmean(r["match_ar"] for r in greedy) if greedy else None,
       # The median position of the first token that differs from AR's (a row equal to AR
@@ -110,6 +112,15 @@ def _summarize_group(rows: Sequence[Row], ar_tps: Mapping[tuple, float]) -> dict
       "score": _mean_of(rows, "score"),
       "lossy": any(r["lossy"] for r in rows),
   }
+
+
+def _weighted_drafted(rows: Sequence[Row]) -> float | None:
+  """Drafted tokens per verification over the rows, each weighted by its target calls."""
+  have = [r for r in rows if r.get("drafted_per_step") is not None and r["target_calls"]]
+  if not have:
+    return None
+  calls = sum(r["target_calls"] for r in have)
+  return sum(r["drafted_per_step"] * r["target_calls"] for r in have) / calls
 
 
 def _mean_of(rows: Sequence[Row], field: str) -> float | None:

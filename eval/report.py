@@ -25,7 +25,8 @@ RESULTS = "results.jsonl"
 KEY = ("method", "dataset", "prompt_id", "temperature", "seed")
 SUMMARY_FIELDS = ("method", "dataset", "temperature", "drafter", "num_nodes", "rows",
                   "new_tokens", "tau", "tokens_per_s", "speedup", "target_per_token",
-                  "draft_per_token", "draft_per_accepted", "all_equal", "match_ar",
+                  "draft_per_token", "draft_per_accepted", "drafted_per_step", "all_equal",
+                  "match_ar",
                   "first_divergence", "logprob", "score", "lossy")
 
 
@@ -97,7 +98,7 @@ def _fmt(value: Any, digits: int = 2) -> str:
 def markdown(summary: Sequence[Mapping[str, Any]]) -> str:
   """The summary as a Markdown table."""
   head = ("method", "dataset", "T", "rows", "tau", "tok/s", "speedup", "target fwd/tok",
-          "draft fwd/tok", "draft fwd/accepted", "all = AR", "tokens = AR",
+          "draft fwd/tok", "draft fwd/accepted", "drafted/step", "all = AR", "tokens = AR",
           "first diff", "logprob", "score", "lossy")
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for s in summary:
@@ -105,7 +106,7 @@ def markdown(summary: Sequence[Mapping[str, Any]]) -> str:
              _fmt(s["tau"]), _fmt(s["tokens_per_s"], 1),
              "-" if s["speedup"] is None else f"{s['speedup']:.2f}x",
              _fmt(s["target_per_token"]), _fmt(s["draft_per_token"]),
-             _fmt(s["draft_per_accepted"]),
+             _fmt(s["draft_per_accepted"]), _fmt(s.get("drafted_per_step")),
              _fmt(s["all_equal"]),
              "-" if s.get("match_ar") is None else f"{100 * s['match_ar']:.0f}%",
              _fmt(s.get("first_divergence"), 0), _fmt(s.get("logprob")),

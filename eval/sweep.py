@@ -296,6 +296,7 @@ def _measure_method(plan: Plan, timer: Timer, target: Model, method: Method, dra
     carried[chain] = drafter.carry(out)
   return {"tokens": out.token_lists()[0], "target_calls": int(out.stats.target_calls[0]),
           "draft_calls": int(out.stats.draft_calls[0]), "seconds": seconds,
+          "verified": int(out.stats.verified[0]),
           "accepted_hist": metrics.accepted_histogram(
               out.stats.gained[0].tolist(), num_nodes)}
 
@@ -327,6 +328,10 @@ def make_row(plan: Plan, spec: Mapping[str, Any], cell: Mapping[str, Any], promp
       "tokens_per_s": metrics.tokens_per_s(new, measured["seconds"]),
       "target_per_token": metrics.per_token(measured["target_calls"], new),
       "draft_per_token": metrics.per_token(measured["draft_calls"], new),
+      # The draft length the step verified (its width past the root), the length decision
+      # of a stop policy or a drafter that cuts its own drafts (DSpark); None for peers.
+      "drafted_per_step": (None if measured.get("verified") is None else metrics.per_token(
+          measured["verified"] - measured["target_calls"], measured["target_calls"])),
       "equal_to_ar": measured["tokens"] == ar_tokens if greedy else None,
       **dict(zip(("match_ar", "diverge_at"), metrics.agreement(measured["tokens"], ar_tokens)
                  if greedy else (None, None))),

@@ -143,6 +143,9 @@ def test_sweep_rows_and_outputs(swept):
     assert r["equal_to_ar"] is True and r["lossy"] is False
     if r["method"] == "ar":
       assert r["tau"] == 1.0 and r["draft_calls"] == 0
+    else:  # prompt lookup verifies the narrowest width holding its drafts: 0..depth
+      assert 0 <= r["drafted_per_step"] <= 4
+      assert r["drafted_per_step"] >= r["tau"] - 1  # it accepted no more than it drafted
     assert r["score"] is None  # a local file without references: nothing to check
   # The quality column: the target's mean log-prob of the generated tokens, recomputed
   # here from a plain forward of prompt + output (a lossless method's equals AR's).
