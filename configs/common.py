@@ -15,6 +15,8 @@ MEDUSA_SMOLLM2 = os.path.join(HEADS, "medusa-smollm2-135m")
 EAGLE3_SMOLLM2 = os.path.join(HEADS, "eagle3-smollm2-135m")
 HYDRA_SMOLLM2 = os.path.join(HEADS, "hydra-smollm2-135m")
 FALCON_SMOLLM2 = os.path.join(HEADS, "falcon-smollm2-135m")
+DFLASH_SMOLLM2 = os.path.join(HEADS, "dflash-smollm2-135m")
+DSPARK_SMOLLM2 = os.path.join(HEADS, "dspark-smollm2-135m")
 # SpecEE's exit predictors for SmolLM2-135M (configs/specee.py; candidates from EAGLE_SMOLLM2).
 SPECEE_SMOLLM2 = os.path.normpath(os.path.join(HEADS, "..", "specee", "smollm2-135m"))
 # Judge Decoding's judge and Arbitrage's router for SmolLM2-135M (configs/judge.py,
@@ -38,7 +40,8 @@ def method(name: str, drafter: str = "ar", *, stop: str | None = None,
     drafter: "ar" (the baseline) or a name in `specjax.registry.DRAFTERS`: "prompt_lookup",
       "self_draft" (the target's first `layers` layers, a chain of `depth` or a `tree`
       of choice paths), "draft_model" (the model at `checkpoint`, sharing the vocab),
-      "eagle" / "eagle3" / "falcon" / "hydra" / "medusa" (a trained head folder at
+      "eagle" / "eagle3" / "falcon" / "hydra" / "medusa" / "dflash" / "dspark" (a trained
+      head folder at
       `checkpoint`; `depth`, `top_k`, `num_nodes`, `tree`, or `budget=COSTS_JSON` to size
       the draft from the device's measured costs and the head's simulated acceptance).
     stop: a name in `registry.STOP_POLICIES` ("fixed", "confidence", "svip"); None = fixed.

@@ -149,7 +149,14 @@ def _composed(rng: random.Random) -> list[str]:
 
 def _code(rng: random.Random) -> list[str]:
   out = [task.format(c=c) for task in CODE_TASKS for c in rng.sample(CODE_GOALS, 16)]
-  for name in _STDLIB:
+  return out + function_prompts(_STDLIB, rng)
+
+
+def function_prompts(modules, rng: random.Random) -> list[str]:
+  """"Complete this function" prompts from the public, documented functions of the
+  standard-library `modules` (signature and docstring), one template each at random."""
+  out = []
+  for name in modules:
     try:
       mod = importlib.import_module(name)
     except ImportError:
