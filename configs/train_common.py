@@ -41,6 +41,9 @@ def base() -> ml_collections.ConfigDict:
   # Export the head of the eval with the best held-out simulated tau (kept in workdir/best
   # as training goes), not the last one.
   c.keep_best = False
+  # A head folder of the same kind and shapes to start from (e.g. a pretrained draft LM
+  # for its alignment stage); empty: a fresh head.
+  c.init_from = ""
   c.progress = True
   # Sharding (specjax.sharding): a mesh such as "data=-1" or "data=2,fsdp=2,tensor=2" over
   # all devices of all processes ("": one device); rules as (logical axis, mesh axes)

@@ -85,7 +85,8 @@ class Registry:
 
 _HEADS = {**{k: f"specjax.drafters.heads.{k}" for k in ("dflash", "eagle", "eagle3", "falcon",
                                                          "hydra", "medusa")},
-          "dspark": "specjax.drafters.heads.dflash"}
+          "dspark": "specjax.drafters.heads.dflash",
+          "draft_lm": "specjax.drafters.selfdraft.draft_model"}
 # builder(target: Model, **knobs) -> drafter
 DRAFTERS = Registry("drafter", {
     **_HEADS, "prompt_lookup": "specjax.drafters.retrieval.prompt_lookup",

@@ -24,8 +24,8 @@ def test_every_built_in_part_is_registered():
                                                  "pacer"}
   assert set(registry.ACCEPTANCE.names()) == {"greedy", "speculative", "rsd", "typical", "fuzzy",
                                               "easd", "judge", "arbitrage"}
-  assert set(registry.HEADS.names()) == {"dflash", "dspark", "eagle", "eagle3", "falcon",
-                                        "hydra", "medusa"}
+  assert set(registry.HEADS.names()) == {"dflash", "draft_lm", "dspark", "eagle", "eagle3",
+                                        "falcon", "hydra", "medusa"}
 
 
 @pytest.mark.parametrize("reg,name", PARTS, ids=[f"{r.kind}:{n}" for r, n in PARTS])

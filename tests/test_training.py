@@ -1,5 +1,6 @@
 """specjax-train and the trainable heads (EAGLE-1, EAGLE-3, Falcon, Hydra, Hydra++, Medusa-1,
-DFlash, DSpark, EAGLE-1 with FSPAD's options) on the tiny random target.
+DFlash, DSpark, EAGLE-1 with FSPAD's options, an independent draft LM) on the tiny random
+target.
 
 Loss falls; a SIGKILLed run resumes onto the uninterrupted curve; no gradient reaches the
 target; trained heads decode exactly as AR (greedy, ragged batch); the drafter's cached
@@ -28,6 +29,7 @@ from specjax.configs import dspark as dspark_config
 from specjax.configs import eagle as eagle_config
 from specjax.configs import eagle3 as eagle3_config
 from specjax.configs import falcon as falcon_config
+from specjax.configs import fastdraft as fastdraft_config
 from specjax.configs import hydra as hydra_config
 from specjax.configs import medusa as medusa_config
 from specjax.drafters import (Eagle3Head, EagleHead, FalconHead, HydraHead, MedusaHead, io,
@@ -46,7 +48,8 @@ CONFIGS = {"eagle": (eagle_config, "tiny"), "eagle3": (eagle3_config, "tiny"),
            "hydra": (hydra_config, "tiny"), "hydrapp": (hydra_config, "plus_tiny"),
            "medusa": (medusa_config, "tiny"), "falcon": (falcon_config, "tiny"),
            "dflash": (dflash_config, "tiny"), "dspark": (dspark_config, "tiny"),
-           "fspad": (eagle_config, "fspad_tiny")}
+           "fspad": (eagle_config, "fspad_tiny"),
+           "draft_lm": (fastdraft_config, "pretrain_tiny")}
 KINDS = list(CONFIGS)
 BIN = os.path.join(os.path.dirname(sys.executable), "specjax-train")
 
@@ -108,12 +111,14 @@ TREE = [(0,), (1,), (0, 0), (1, 0)]
     ("medusa", {}), ("medusa", {"tree": TREE}), ("falcon", {}),
     ("falcon", {"depth": 7, "top_k": 2}), ("dflash", {}), ("dflash", {"tree": TREE}),
     ("dspark", {}), ("dspark", {"threshold": 0.0}), ("fspad", {"top_k": 3, "depth": 3,
-                                                                "num_nodes": 7})],
+                                                                "num_nodes": 7}),
+    ("draft_lm", {}), ("draft_lm", {"tree": TREE})],
                          ids=["eagle_chain", "eagle_tree", "eagle2_dynamic", "eagle3_chain",
                               "eagle3_dynamic", "hydra_chain", "hydra_tree", "hydrapp_chain",
                               "hydrapp_tree", "medusa_chain", "medusa_tree", "falcon_chain",
                               "falcon_tree", "dflash_chain", "dflash_tree",
-                              "dspark_cut_chain", "dspark_chain", "fspad_dynamic"])
+                              "dspark_cut_chain", "dspark_chain", "fspad_dynamic",
+                              "draft_lm_chain", "draft_lm_tree"])
 def test_trained_head_greedy_equals_ar(kind, decode_knobs, tmp_path_factory):
   workdir = run_dir(kind, tmp_path_factory)
   target = models.load("tiny-random")
@@ -141,7 +146,8 @@ def _kill_after_checkpoint(cmd, ckpt_dir, min_step):
   proc.wait()
 
 
-@pytest.mark.parametrize("kind", ["eagle", "hydra", "hydrapp", "medusa", "falcon", "dspark"])
+@pytest.mark.parametrize("kind", ["eagle", "hydra", "hydrapp", "medusa", "falcon", "dspark",
+                                  "draft_lm"])
 def test_resume_from_a_checkpoint_matches_uninterrupted(kind, tmp_path_factory):
   """A run restarted from the shared run's step-30 checkpoint (what a kill leaves) ends
   where the uninterrupted one did (in-process; the SIGKILL test below does it for real)."""
@@ -452,6 +458,26 @@ def test_keep_best_exports_the_best_held_out_tau(tmp_path):
   meta = io.read_meta(str(tmp_path / trainer.HEAD_DIR))
   assert (meta["step"], meta["sim_tau"]) == (best["step"], best["sim_tau"])
   assert meta["sim_accept"] == [best[f"sim_accept/{k}"] for k in range(1, c.sim_depth + 1)]
+
+
+def test_draft_lm_aligns_from_its_pretrained_weights(tmp_path):
+  """FastDraft's second stage: `init_from` starts the alignment run (distillation on the
+  target's outputs, TVD++) from the pretrained draft LM, which the fresh one does not
+  match at step 0; a head of another kind is refused by name."""
+  pretrained = os.path.join(run_dir("draft_lm"), trainer.HEAD_DIR)
+  c = tiny_config("draft_lm")
+  c.head_kwargs.stage = "align"
+  c.loss = "tvdpp"
+  fresh = trainer.train(c.copy_and_resolve_references(), str(tmp_path / "fresh"))
+  del fresh
+  c.init_from = pretrained
+  trainer.train(c, str(tmp_path / "aligned"))
+  first = lambda w: [r for r in metrics.read(str(tmp_path / w / metrics.METRICS))
+                     if r["split"] == "eval"][0]
+  assert first("aligned")["top1/1"] > first("fresh")["top1/1"] + 0.1
+  c.init_from = os.path.join(run_dir("eagle"), trainer.HEAD_DIR)
+  with pytest.raises(ValueError, match="holds a eagle head, not draft_lm"):
+    trainer.train(c, str(tmp_path / "wrong"))
 
 
 def test_falcon_glancing_share_decays_with_progress():

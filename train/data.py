@@ -11,6 +11,9 @@ Sources (`config.data.source`):
   self:ROWS:LEN         the target's own sampled continuations of random 4-token prompts,
                         generated at load time (self-distillation for tokenizer-free
                         targets: smoke runs and tests on random targets)
+  stdlib:ROWS:CHARS     plain text on every machine: ROWS chunks of CHARS characters of
+                        the Python standard library's source, in a fixed order (a draft
+                        LM's pretraining text; no evaluation set draws on it)
 
 Rows need `input_ids` (token ids; `loss_mask` optional, 1 = train on that token) or a text
 field (`text`, `content`; tokenized with the target's tokenizer, every token trained on).
@@ -34,12 +37,12 @@ TEXT_FIELDS = ("text", "content")
 def check_source(source: str) -> None:
   """Errors for a source that names nothing readable (see the module docstring), before
   any target loads: a mistyped kind, a bad ROWS:LEN, a missing path."""
-  if source.startswith(("random:", "self:")):
+  if source.startswith(("random:", "self:", "stdlib:")):
     _rows_and_length(source)
   elif not source.startswith(("hf:", "tfds:")) and not os.path.exists(source):
     raise FileNotFoundError(f"Data source {source!r} is not a file, a folder, "
-                            "hf:NAME[:SPLIT], tfds:NAME[:SPLIT], random:ROWS:LEN or "
-                            "self:ROWS:LEN.")
+                            "hf:NAME[:SPLIT], tfds:NAME[:SPLIT], random:ROWS:LEN, "
+                            "self:ROWS:LEN or stdlib:ROWS:CHARS.")
 
 
 def _rows_and_length(source: str) -> tuple[str, int, int]:
@@ -55,6 +58,8 @@ def _read(source: str, target, seed: int):
   """A `datasets.Dataset` (or a list of dicts for tfds/random/self) of raw rows."""
   import datasets  # pylint: disable=g-import-not-at-top
 
+  if source.startswith("stdlib:"):
+    return stdlib_text(*_rows_and_length(source)[1:])
   if source.startswith(("random:", "self:")):
     kind, rows, length = _rows_and_length(source)
     if kind == "random":
@@ -100,6 +105,25 @@ def _read(source: str, target, seed: int):
     return datasets.load_dataset(kind, data_files=files, split="train")
   except Exception as e:  # malformed rows: name the source
     raise ValueError(f"Could not read {source!r} with datasets: {type(e).__name__}: {e}") from e
+
+
+def stdlib_text(rows: int, chars: int) -> list[dict[str, str]]:
+  """`rows` text chunks of `chars` characters from the standard library's .py files
+  (sorted; tests, idlelib and site-packages left out)."""
+  import sysconfig  # pylint: disable=g-import-not-at-top
+  root = sysconfig.get_paths()["stdlib"]
+  out = []
+  for dirpath, dirnames, files in sorted(os.walk(root)):
+    dirnames[:] = sorted(d for d in dirnames if d not in (
+        "test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__"))
+    for name in sorted(f for f in files if f.endswith(".py")):
+      with open(os.path.join(dirpath, name), encoding="utf-8", errors="replace") as f:
+        text = f.read()
+      out += [{"text": text[i:i + chars]} for i in range(0, len(text), chars)
+              if text[i:i + chars].strip()]
+      if len(out) >= rows:
+        return out[:rows]
+  return out
 
 
 def _tokens(row: dict[str, Any], i: int, source: str, encode: Callable | None, vocab: int,

@@ -95,6 +95,8 @@ def target_batch(target: models.Model, params, head, tokens, mask, stored=None,
   b, t = tokens.shape
   params = jax.lax.stop_gradient(params)
   shared = models.shared_params(target.config, params)
+  if not getattr(head, "reads_target", True):  # a draft LM pretraining on text
+    return TargetBatch(tokens, mask, (), None, shared, params, loss=loss)
   if stored is not None:
     names = features_lib.stored_features(head.features)
     feats = tuple(stored[names.index(f)] for f in head.features)
@@ -310,12 +312,23 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                      data.mask, shared)
   tx = optimizer(c, jax.eval_shape(lambda: head.init(key, target.dtype)))
 
-  def init_state(shared):
-    params = head.fit(head.init(key, target.dtype), data.tokens, data.mask, shared)[1]
+  start = None
+  if c.init_from:  # another run's head (same kind and shapes) as the starting point
+    kind, _, start, _ = head_io.load(c.init_from, target.config, target.dtype)
+    if kind != c.head:
+      raise ValueError(f"init_from={c.init_from!r} holds a {kind} head, not {c.head}.")
+    want = jax.eval_shape(lambda: head.init(key, target.dtype))
+    if jax.tree.map(lambda a: a.shape, want) != jax.tree.map(lambda a: a.shape, start):
+      raise ValueError(f"init_from={c.init_from!r} holds params of other shapes than this "
+                       "run's head (check head_kwargs).")
+
+  def init_state(shared, start):
+    params = head.init(key, target.dtype) if start is None else start
+    params = head.fit(params, data.tokens, data.mask, shared)[1]
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
   # Built by shape, sharded at creation: no full copy of the state on any one device.
-  abstract = jax.eval_shape(init_state, shared)
+  abstract = jax.eval_shape(init_state, shared, start)
   shardings = plan.param_shardings(abstract)
   n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
   total = c.steps * c.grad_accum  # micro-steps
@@ -330,7 +343,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state = _restore(mngr, target_state, workdir)
     print(f"resumed from micro-step {int(state.step)}")
   else:
-    state = jax.jit(init_state, out_shardings=shardings)(shared)
+    state = jax.jit(init_state, out_shardings=shardings)(shared, start)
   train_step, eval_step = make_steps(target, head, tx, c.seed, c.sim_depth, total,
                                      shardings, plan, c.loss)
   start_step = int(state.step)
