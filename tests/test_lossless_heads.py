@@ -3,7 +3,7 @@ and EAGLE-3 with a reduced vocabulary (sampled chain, EAGLE-2 dynamic tree), Hyd
 chain), Hydra++ (sampled tree), Falcon (sampled tree over two forwards), Medusa (top-k
 tree), DFlash (a tree sampled from its block's per-slot distributions) and DSpark (a chain
 each slot conditioned on the token drafted before it, cut by its confidences), with random
-head weights, under the same exact-table test and biased control as
+head weights (PPD's prompt tokens after every verified token), under the same exact-table test and biased control as
 the draft model's."""
 
 import jax
@@ -41,6 +41,9 @@ DRAFTERS = {
     # Siblings i.i.d. from one slot's distribution, whatever their parent.
     "dflash_tree": lambda: DFLASH.drafter(*head_params(DFLASH), tree=[(0,), (1,), (0, 0)]),
     "dspark_cut_chain": lambda: DSPARK.drafter(*head_params(DSPARK), depth=2, threshold=0.3),
+    # Prompt tokens riding on the verification forward; levels sampled from their guesses.
+    "ppd_tree": lambda: PPD.drafter(*head_params(PPD), tree=[(0,), (1,), (0, 0)],
+                                    target_params=TARGET.params),
 }
 
 
@@ -49,6 +52,7 @@ DFLASH = registry.HEADS.build("dflash", TARGET.config, num_layers=1, taps=(0, FI
                               block_size=3)
 DSPARK = registry.HEADS.build("dspark", TARGET.config, num_layers=1, taps=(0, FINAL),
                               block_size=3, markov_rank=4)
+PPD = registry.HEADS.build("ppd", TARGET.config, num_prompts=2)
 
 
 HYDRAPP = HydraHead(TARGET.config, num_heads=2, mlp_layers=2, prefix_layer=True, teacher=True)

@@ -1,6 +1,6 @@
 """specjax-train and the trainable heads (EAGLE-1, EAGLE-3, Falcon, Hydra, Hydra++, Medusa-1,
-DFlash, DSpark, EAGLE-1 with FSPAD's options, an independent draft LM) on the tiny random
-target.
+DFlash, DSpark, EAGLE-1 with FSPAD's options, an independent draft LM, PPD's prompt tokens)
+on the tiny random target.
 
 Loss falls; a SIGKILLed run resumes onto the uninterrupted curve; no gradient reaches the
 target; trained heads decode exactly as AR (greedy, ragged batch); the drafter's cached
@@ -32,6 +32,7 @@ from specjax.configs import falcon as falcon_config
 from specjax.configs import fastdraft as fastdraft_config
 from specjax.configs import hydra as hydra_config
 from specjax.configs import medusa as medusa_config
+from specjax.configs import ppd as ppd_config
 from specjax.drafters import (Eagle3Head, EagleHead, FalconHead, HydraHead, MedusaHead, io,
                               load_drafter)
 from specjax.drafters.heads import dflash, eagle, falcon, medusa
@@ -49,7 +50,7 @@ CONFIGS = {"eagle": (eagle_config, "tiny"), "eagle3": (eagle3_config, "tiny"),
            "medusa": (medusa_config, "tiny"), "falcon": (falcon_config, "tiny"),
            "dflash": (dflash_config, "tiny"), "dspark": (dspark_config, "tiny"),
            "fspad": (eagle_config, "fspad_tiny"),
-           "draft_lm": (fastdraft_config, "pretrain_tiny")}
+           "draft_lm": (fastdraft_config, "pretrain_tiny"), "ppd": (ppd_config, "tiny")}
 KINDS = list(CONFIGS)
 BIN = os.path.join(os.path.dirname(sys.executable), "specjax-train")
 
@@ -112,13 +113,13 @@ TREE = [(0,), (1,), (0, 0), (1, 0)]
     ("falcon", {"depth": 7, "top_k": 2}), ("dflash", {}), ("dflash", {"tree": TREE}),
     ("dspark", {}), ("dspark", {"threshold": 0.0}), ("fspad", {"top_k": 3, "depth": 3,
                                                                 "num_nodes": 7}),
-    ("draft_lm", {}), ("draft_lm", {"tree": TREE})],
+    ("draft_lm", {}), ("draft_lm", {"tree": TREE}), ("ppd", {}), ("ppd", {"tree": TREE})],
                          ids=["eagle_chain", "eagle_tree", "eagle2_dynamic", "eagle3_chain",
                               "eagle3_dynamic", "hydra_chain", "hydra_tree", "hydrapp_chain",
                               "hydrapp_tree", "medusa_chain", "medusa_tree", "falcon_chain",
                               "falcon_tree", "dflash_chain", "dflash_tree",
                               "dspark_cut_chain", "dspark_chain", "fspad_dynamic",
-                              "draft_lm_chain", "draft_lm_tree"])
+                              "draft_lm_chain", "draft_lm_tree", "ppd_chain", "ppd_tree"])
 def test_trained_head_greedy_equals_ar(kind, decode_knobs, tmp_path_factory):
   workdir = run_dir(kind, tmp_path_factory)
   target = models.load("tiny-random")
@@ -147,7 +148,7 @@ def _kill_after_checkpoint(cmd, ckpt_dir, min_step):
 
 
 @pytest.mark.parametrize("kind", ["eagle", "hydra", "hydrapp", "medusa", "falcon", "dspark",
-                                  "draft_lm"])
+                                  "draft_lm", "ppd"])
 def test_resume_from_a_checkpoint_matches_uninterrupted(kind, tmp_path_factory):
   """A run restarted from the shared run's step-30 checkpoint (what a kill leaves) ends
   where the uninterrupted one did (in-process; the SIGKILL test below does it for real)."""

@@ -3,7 +3,8 @@
 
   heads/       trained heads that read the target's features: EAGLE-1/2 (`eagle`),
                EAGLE-3 (`eagle3`), Hydra/Hydra++ (`hydra`), Falcon (`falcon`), Medusa-1/2
-               (`medusa`), DFlash (`dflash`), and what they share (`runtime`)
+               (`medusa`), DFlash and DSpark (`dflash`), PPD's prompt tokens (`ppd`), and
+               what they share (`runtime`)
   retrieval/   drafters that copy from text already seen or from the target's past
                predictions: prompt lookup, Token Recycling, SuffixDecoding
   selfdraft/   language models that draft: an independent draft model, the target's own

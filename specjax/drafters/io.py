@@ -195,8 +195,10 @@ def load_drafter(path: str, target, kind: str | None = None, **decode):
     raise ValueError(f"{path!r} is a Medusa-2 head trained with a LoRA-tuned target: decode "
                      "with `medusa.merged_target(path, target)` as the target (lossless "
                      "relative to that merged model, not to the original).")
+  # A drafter that runs the target itself (PPD's first guesses) gets its params too.
+  extra = {"target_params": target.params} if getattr(head, "uses_target_params", False) else {}
   return head.drafter(params, shared_params(target.config, target.params),
-                      **{**meta.get("decode", {}), **decode})
+                      **{**meta.get("decode", {}), **decode}, **extra)
 
 
 def trained_drafter(kind: str, target, checkpoint: str, budget: str | None, **knobs):

@@ -181,11 +181,18 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxT, positions_BxT, visible_BxTxT, cache: KVCache | None,
-               prefix_BxTxS=None, feature_layers: tuple[int, ...] = ()):
+               prefix_BxTxS=None, feature_layers: tuple[int, ...] = (), extra_embeds=None):
     cfg = self.cfg
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
                      param_dtype=self.dtype, name="embed_tokens")
-    x = embed(tokens_BxT)
+    if extra_embeds is None:
+      x = embed(tokens_BxT)
+    else:  # ids past the vocabulary take rows of `extra_embeds` (`model.forward`)
+      extra_id = tokens_BxT - cfg.vocab_size
+      x = jnp.where((extra_id >= 0)[..., None],
+                    jnp.take(extra_embeds, jnp.clip(extra_id, 0, extra_embeds.shape[0] - 1),
+                             axis=0).astype(self.dtype),
+                    embed(jnp.minimum(tokens_BxT, cfg.vocab_size - 1)))
     cos, sin = rope_cos_sin(cfg, positions_BxT, self.dtype)
     visible_BxTxT, prefix_BxTxS = in_window(cfg, positions_BxT, visible_BxTxT, prefix_BxTxS,
                                             cache)

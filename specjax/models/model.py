@@ -73,7 +73,8 @@ def causal(t: int) -> jax.Array:
 
 def forward(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array, positions_BxT: jax.Array,
             visible_BxTxT: jax.Array, cache: KVCache | None = None,
-            features: tuple[int, ...] = (), prefix_BxTxS: jax.Array | None = None) -> Forward:
+            features: tuple[int, ...] = (), prefix_BxTxS: jax.Array | None = None,
+            extra_embeddings_NxH: jax.Array | None = None) -> Forward:
   """Runs the network on T new tokens per sequence.
 
   New token t sees new token t' when `visible_BxTxT[b, t, t']` (`causal(T)` for a chain, an
@@ -82,13 +83,16 @@ def forward(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array, positions_BxT:
   the committed form reaches a tree-attention kernel, `cfg.attention_impl`),
   and its key/value is written at slot `cache.lengths + t`; the returned cache has the same
   `lengths` (commit or advance afterwards). `features` names hidden states to return
-  (layer inputs, or FINAL), in that order.
+  (layer inputs, or FINAL), in that order. `extra_embeddings_NxH` (Llama family): token
+  id V + i, past the vocabulary, embeds as row i (trainable prompt tokens: PPD).
   """
   layers = tuple(sorted({f for f in features if f != FINAL}))
   if cache is not None and prefix_BxTxS is None and cfg.attention_impl == "xla":
     prefix_BxTxS = cache.prefix_mask(tokens_BxT.shape[1])  # once, not per layer
+  extra = {} if extra_embeddings_NxH is None else {"extra_embeds": extra_embeddings_NxH}
   logits, hidden, layer_inputs, cache = module(cfg, param_dtype(params)).apply(
-      {"params": params}, tokens_BxT, positions_BxT, visible_BxTxT, cache, prefix_BxTxS, layers)
+      {"params": params}, tokens_BxT, positions_BxT, visible_BxTxT, cache, prefix_BxTxS, layers,
+      **extra)
   picked = tuple(hidden if f == FINAL else layer_inputs[layers.index(f)] for f in features)
   return Forward(logits, hidden, picked, cache)
 
