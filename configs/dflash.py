@@ -2,6 +2,10 @@
 
   specjax-train --config configs/dflash.py --workdir workdir/dflash
   specjax-train --config configs/dflash.py:tiny --workdir /tmp/dflash_tiny   # ~1 minute
+  specjax-train --config configs/dflash.py:data=0.25 --workdir workdir/dflash_f0.25
+
+`data=F` trains on that share of the training rows for that share of the steps (the same
+steps per token; the same held-out rows), its own feature store: the tau-vs-data curve.
 
 Two draft layers shaped like the target's read the inputs of target layers 2, 15 and 27
 (of 30: EAGLE-3's layers, near z-lab's spacing from layer 1 to L - 3, so both heads train
@@ -36,7 +40,13 @@ def get_config(arg: str | None = None):
   c.checkpoint_every = 20
   c.keep_best = True
   c.offline_features = "workdir/features/smollm2-135m-eagle3"  # shared with configs/eagle3.py
-  if arg == "tiny":
+  if arg and arg.startswith("data="):
+    fraction = float(arg.split("=", 1)[1])
+    c.data.fraction = fraction
+    c.steps = max(1, round(c.steps * fraction))
+    c.eval_every = max(1, round(c.eval_every * fraction))
+    c.offline_features += f"-f{fraction:g}"
+  elif arg == "tiny":
     c = train_common.tiny(c)
     c.head_kwargs.taps = (1,)  # the tiny target has 2 layers
     c.keep_best = False  # the smoke run exports its last head

@@ -20,6 +20,7 @@ def base() -> ml_collections.ConfigDict:
       "seq_len": 512,  # rows are cut to this
       "bucket": 128,  # batch widths round up to this (rows of similar length batch together)
       "eval_rows": 32,
+      "fraction": 1.0,  # the share of the training rows kept (data-scaling curves)
   })
   # A folder: run the target over the data once, store its features there, train from
   # them (offline; for large targets or many heads). Empty: features online, every step.

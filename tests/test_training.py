@@ -593,6 +593,23 @@ def test_bad_data_is_reported_before_training(tmp_path):
     data_lib.load(str(tmp_path / "missing.jsonl"), seq_len=16, vocab=512)
 
 
+def test_a_data_fraction_keeps_the_held_out_rows(tmp_path):
+  """data.fraction (tau-vs-data curves) trains on a share of the rows and holds out the
+  very same rows as the whole set; the stdlib source gives text rows in a fixed order."""
+  path = tmp_path / "rows.jsonl"
+  path.write_text("\n".join(json.dumps({"input_ids": list(range(i, i + 8))}) for i in range(40)))
+  whole = data_lib.load(str(path), seq_len=16, vocab=512, eval_rows=4)
+  part = data_lib.load(str(path), seq_len=16, vocab=512, eval_rows=4, fraction=0.25)
+  assert len(whole.tokens) == 36 and len(part.tokens) == 9
+  np.testing.assert_array_equal(part.eval_tokens, whole.eval_tokens)
+  np.testing.assert_array_equal(part.tokens, whole.tokens[:9])
+  with pytest.raises(ValueError, match="data.fraction must be in"):
+    data_lib.load(str(path), seq_len=16, vocab=512, fraction=0.0)
+  text = data_lib.stdlib_text(5, 300)
+  assert len(text) == 5 and all(0 < len(r["text"]) <= 300 for r in text)
+  assert text == data_lib.stdlib_text(5, 300)
+
+
 def test_config_key_typo_fails_before_loading(tmp_path):
   out = subprocess.run([BIN, "--config", "configs/eagle.py:tiny", "--workdir",
                         str(tmp_path / "w"), "--config.optim.lrr=1"],

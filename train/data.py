@@ -232,12 +232,16 @@ class Data:
 
 def load(source: str, *, seq_len: int, vocab: int, encode: Callable | None = None,
          eval_rows: int = 16, seed: int = 0, min_trained: int = 2, target=None,
-         bucket: int = 128) -> Data:
+         bucket: int = 128, fraction: float = 1.0) -> Data:
   """Reads, tokenizes and shapes a data source (see the module docstring).
 
   Rows with fewer than `min_trained` trained tokens inside the first `seq_len` are
   dropped; no rows left, or fewer than needed for the held-out split, is an error.
+  `fraction` keeps that share of the training rows (the held-out rows stay the same
+  whatever it is: the split comes first), for data-scaling curves.
   """
+  if not 0 < fraction <= 1:
+    raise ValueError(f"data.fraction must be in (0, 1]; got {fraction}.")
   rows = _read(source, target, seed)
   if len(rows) == 0:
     raise ValueError(f"Data source {source!r} is empty.")
@@ -258,8 +262,9 @@ def load(source: str, *, seq_len: int, vocab: int, encode: Callable | None = Non
   order = np.random.default_rng(seed).permutation(len(toks))
   toks, masks, lens = np.stack(toks)[order], np.stack(masks)[order], np.asarray(lens)[order]
   cut = len(toks) - eval_rows
-  return Data(toks[:cut], masks[:cut], lens[:cut], toks[cut:], masks[cut:], lens[cut:], seed,
-              min(bucket, seq_len))
+  keep = max(1, round(fraction * cut))
+  return Data(toks[:keep], masks[:keep], lens[:keep], toks[cut:], masks[cut:], lens[cut:],
+              seed, min(bucket, seq_len))
 
 
 def describe(data: Data) -> str:

@@ -196,7 +196,7 @@ def load_data(c: ml_collections.ConfigDict, target: models.Model) -> data_lib.Da
   encode = None if target.tokenizer is None else target.tokenizer.encode
   return data_lib.load(c.data.source, seq_len=c.data.seq_len, vocab=target.config.vocab_size,
                        encode=encode, eval_rows=c.data.eval_rows, seed=c.seed, target=target,
-                       bucket=c.data.bucket)
+                       bucket=c.data.bucket, fraction=c.data.get("fraction", 1.0))
 
 
 def _check_config(workdir: str, c: ml_collections.ConfigDict) -> None:
@@ -212,8 +212,14 @@ def _check_config(workdir: str, c: ml_collections.ConfigDict) -> None:
   # A key newer than the saved run counts as the default it had then.
   from specjax.configs import train_common  # pylint: disable=g-import-not-at-top
   defaults = json.loads(train_common.base().to_json())
+
+  def then(k):  # the saved value, with fields added since at their defaults
+    value = saved.get(k, defaults.get(k))
+    return {**defaults[k], **value} if isinstance(value, dict) and isinstance(
+        defaults.get(k), dict) else value
+
   diff = sorted(k for k in set(saved) | set(mine)
-                if k not in RESUME_FREE and saved.get(k, defaults.get(k)) != mine.get(k))
+                if k not in RESUME_FREE and then(k) != mine.get(k))
   if diff:
     raise ValueError(f"{workdir} holds a run with another config (keys {diff} differ); "
                      "use a new workdir or the saved config.")
