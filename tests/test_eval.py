@@ -325,7 +325,7 @@ def test_greedy_rule_with_sampling_is_refused(prompt_file):
 
 @pytest.mark.parametrize("name", ["demo", "bench", "sweep", "tiny", "training_free",
                                   "training_free:repeat", "training_free:specee", "lossy",
-                                  "lossy:rsd"])
+                                  "lossy:rsd", "block_drafters", "block_drafters:mt_bench"])
 def test_shipped_configs_are_valid(name):
   p = sweep.plan(get_config(*name.split(":")))
   assert p.baseline.name == "ar"
@@ -345,6 +345,11 @@ def test_shipped_configs_are_valid(name):
   if name == "lossy:rsd":  # each drafter under both tree rules, same tree
     assert [m.acceptance for m in p.methods].count("rsd") >= 2
     assert not any(m.lossy for m in p.methods)
+  if name == "block_drafters":  # DSpark's thresholds beside the learned stop policies
+    assert sorted(m.drafter_kwargs["threshold"] for m in p.methods
+                  if m.drafter == "dspark") == [0.0, 0.3, 0.5, 0.7]
+    assert {m.stop for m in p.methods if m.drafter == "eagle3"} >= {"specdecpp", "pacer",
+                                                                     "svip", "confidence"}
   if name == "sweep":
     budgets = {m.drafter_kwargs.get("depth") for m in p.methods if m.drafter == "self_draft"}
     assert p.peers and budgets >= {2, 4, 8}
