@@ -7,7 +7,7 @@ stop policies, on SmolLM2-135M (the committed heads).
 Methods: AR; EAGLE-3 as a chain of 3 (its trained depth) and of 7; DFlash as a chain of 7
 (one block) and as a tree of each slot's top candidates (the chain plus second choices
 at slots 1 and 2, 9 nodes); DSpark's chain of up to 7 cut by its confidences at
-thresholds 0 (never), 0.3, 0.5 and 0.7; EAGLE-3's chain of 8 cut by SpecDec++, PACER, SVIP
+thresholds 0 (never), 0.1, 0.2, 0.3, 0.5 and 0.7; EAGLE-3's chain of 8 cut by SpecDec++, PACER, SVIP
 and confidence (configs/stop_sweep.py's predictors). The summary's `drafted/step` column
 is each policy's length decision. Default: MT-Bench and HumanEval, 2 prompts each,
 greedy, 128 new tokens; `:mt_bench` is the tau check on 10 MT-Bench questions (both
@@ -33,7 +33,7 @@ def get_config(arg: str | None = None):
       common.method("dflash_tree", drafter="dflash", checkpoint=common.DFLASH_SMOLLM2,
                     tree=DFLASH_TREE),
   ] + [common.method(f"dspark_c{t:g}", drafter="dspark", checkpoint=common.DSPARK_SMOLLM2,
-                     depth=7, threshold=t) for t in (0.0, 0.3, 0.5, 0.7)] + [
+                     depth=7, threshold=t) for t in (0.0, 0.1, 0.2, 0.3, 0.5, 0.7)] + [
       eagle3("eagle3_k8_specdecpp", 8, stop="specdecpp",
              stop_kwargs={"checkpoint": stop_sweep.predictor("specdecpp", "eagle3")}),
       eagle3("eagle3_k8_pacer", 8, stop="pacer",

@@ -6,7 +6,8 @@ Markov head and a confidence head that cuts the chain.
 
 Loss 0.1 x CE + 0.9 x L1(draft, target) + 1.0 x BCE(confidence, 1 - TV) (DeepSpec's
 weights); decoded as a chain of up to 7, cut where the cumulative product of confidences
-falls under 0.5 (`c.decode.threshold`).
+falls under 0.1 (`c.decode.threshold`; the committed head's run saved 0.5, which cuts
+almost every draft: docs/benchmarks.md#block-drafters-and-dsparks-draft-length).
 """
 
 from specjax.configs import dflash
@@ -20,7 +21,7 @@ def get_config(arg: str | None = None):
   c.head_kwargs.ce_weight = 0.1
   c.head_kwargs.tv_weight = 0.9
   c.head_kwargs.conf_weight = 1.0
-  c.decode.threshold = 0.5
+  c.decode.threshold = 0.1
   del c.decode["top_k"]  # chains only
   if arg == "tiny":
     c.head_kwargs.markov_rank = 16

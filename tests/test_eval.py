@@ -347,7 +347,7 @@ def test_shipped_configs_are_valid(name):
     assert not any(m.lossy for m in p.methods)
   if name == "block_drafters":  # DSpark's thresholds beside the learned stop policies
     assert sorted(m.drafter_kwargs["threshold"] for m in p.methods
-                  if m.drafter == "dspark") == [0.0, 0.3, 0.5, 0.7]
+                  if m.drafter == "dspark") == [0.0, 0.1, 0.2, 0.3, 0.5, 0.7]
     assert {m.stop for m in p.methods if m.drafter == "eagle3"} >= {"specdecpp", "pacer",
                                                                      "svip", "confidence"}
   if name == "sweep":
