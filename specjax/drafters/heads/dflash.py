@@ -497,13 +497,16 @@ def _drafter(target, *, checkpoint: str, budget: str | None = None, depth: int |
 
 
 @registry.DRAFTERS.register("dspark", takes_stop_policy=False)
-def _dspark_drafter(target, *, checkpoint: str, depth: int | None = None,
+def _dspark_drafter(target, *, checkpoint: str, budget: str | None = None,
+                    depth: int | None = None, top_k: int | None = None,
+                    tree: Sequence[Sequence[int]] | None = None,
                     threshold: float | None = None) -> DFlash:
-  """A trained DSpark head folder as a chain of up to `depth` tokens, cut where the
-  cumulative product of its confidences falls under `threshold`; unset knobs come from
-  the head's folder."""
-  return io.trained_drafter("dspark", target, checkpoint, None, depth=depth,
-                            threshold=threshold)
+  """A trained DSpark head folder as a chain of up to `depth` tokens (or sized by
+  `budget`), cut where the cumulative product of its confidences falls under `threshold`;
+  unset knobs come from the head's folder. DSpark drafts chains: a `top_k` > 1 or a
+  `tree` is refused when the drafter is checked."""
+  return io.trained_drafter("dspark", target, checkpoint, budget, depth=depth, top_k=top_k,
+                            tree=tree, threshold=threshold)
 
 
 # --- z-lab's checkpoint layout -------------------------------------------------------------

@@ -255,9 +255,10 @@ def _head(target_cfg: ModelConfig, *, num_prompts: int = 3, decay: float = 0.8,
 
 
 @registry.DRAFTERS.register("ppd", takes_stop_policy=False)
-def _drafter(target, *, checkpoint: str, depth: int | None = None, top_k: int | None = None,
-             tree: Sequence[Sequence[int]] | None = None) -> PPD:
+def _drafter(target, *, checkpoint: str, budget: str | None = None, depth: int | None = None,
+             top_k: int | None = None, tree: Sequence[Sequence[int]] | None = None) -> PPD:
   """Trained PPD prompt tokens (a head folder) as a chain or a static tree of each
-  prompt's top candidates; unset knobs come from the head's folder."""
-  return io.trained_drafter("ppd", target, checkpoint, None, depth=depth, top_k=top_k,
+  prompt's top candidates; unset knobs come from the head's folder, or `budget` sizes
+  the chain from measured costs."""
+  return io.trained_drafter("ppd", target, checkpoint, budget, depth=depth, top_k=top_k,
                             tree=tree)

@@ -234,10 +234,11 @@ def _draft_lm_head(target_cfg: ModelConfig, *, num_layers: int = 4, hidden_size:
 
 
 @registry.DRAFTERS.register("draft_lm", takes_stop_policy=True)
-def _draft_lm(target: Model, *, checkpoint: str, depth: int | None = None,
-              top_k: int | None = None, tree: Sequence[Sequence[int]] | None = None
-              ) -> DraftModel:
-  """A draft LM trained by specjax-train (head "draft_lm") as a chain or a static tree."""
+def _draft_lm(target: Model, *, checkpoint: str, budget: str | None = None,
+              depth: int | None = None, top_k: int | None = None,
+              tree: Sequence[Sequence[int]] | None = None) -> DraftModel:
+  """A draft LM trained by specjax-train (head "draft_lm") as a chain or a static tree;
+  `budget=COSTS_JSON` sizes it from measured costs."""
   from specjax.drafters import io  # pylint: disable=g-import-not-at-top
-  return io.trained_drafter("draft_lm", target, checkpoint, None, depth=depth, top_k=top_k,
+  return io.trained_drafter("draft_lm", target, checkpoint, budget, depth=depth, top_k=top_k,
                             tree=tree)
