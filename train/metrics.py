@@ -82,7 +82,8 @@ def plot(rows: list[dict[str, Any]], png: str) -> None:
   for split, rs in (("train", train), ("eval", evals)):
     if rs:
       axes[0].plot([r["step"] for r in rs], [r["loss"] for r in rs], label=split)
-  axes[0].set(title="loss", xlabel="micro-step", yscale="log")
+  positive = all(r["loss"] > 0 for r in train + evals)  # TVD++'s surrogate can be negative
+  axes[0].set(title="loss", xlabel="micro-step", yscale="log" if positive else "linear")
   axes[0].legend()
   for k in sorted({k for r in evals for k in r if k.startswith("top1/")}):
     axes[1].plot([r["step"] for r in evals], [r.get(k) for r in evals], label=k)
