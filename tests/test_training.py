@@ -469,8 +469,7 @@ def test_draft_lm_aligns_from_its_pretrained_weights(tmp_path):
   c = tiny_config("draft_lm")
   c.head_kwargs.stage = "align"
   c.loss = "tvdpp"
-  fresh = trainer.train(c.copy_and_resolve_references(), str(tmp_path / "fresh"))
-  del fresh
+  trainer.train(c.copy_and_resolve_references(), str(tmp_path / "fresh"))
   c.init_from = pretrained
   trainer.train(c, str(tmp_path / "aligned"))
   first = lambda w: [r for r in metrics.read(str(tmp_path / w / metrics.METRICS))
