@@ -75,3 +75,30 @@ def test_knobs_draft_at_least_one_and_say_when_ar_would_win():
   assert sized == {"depth": 1} and speedup < 1.0  # what a 1-draft chain is predicted to give
   sized, speedup = budget.knobs({"verify_ms": ACCEL, "draft_ms": 0.2}, [0.9, 0.8, 0.7], 4)
   assert sized == {"depth": 3, "num_nodes": 63} and speedup > 2.0
+
+
+def test_ppd_sizes_its_tree_at_its_own_verification_width(tmp_path):
+  """PPD drafts for free but verifies (1 + N)(1 + K) tokens: the same costs give it a
+  chain on this CPU's table and a tree of siblings where wide verification is free."""
+  target = models.load("tiny-random")
+  head = registry.HEADS.build("ppd", target.config, num_prompts=3)
+  io.save(str(tmp_path / "ppd"), "ppd", {"num_prompts": 3}, head.init(jax.random.key(0)),
+          target.config, {"depth": 3, "top_k": 1}, sim_accept=[0.9, 0.8, 0.7])
+  width = lambda n: (1 + n) * 4
+  sized, speedup = budget.knobs({"verify_ms": CPU, "draft_ms": 8.0}, [0.9, 0.8, 0.7], 3,
+                                width=width, draft_ms=0.0)
+  # At PPD's width no depth beats AR on this CPU (depth 1 verifies 8 tokens, 129.8 ms:
+  # 1.9 x 47.8 / 129.8); at the plain width, free drafts of depth 3 would predict 1.30x.
+  assert sized == {"depth": 1, "num_nodes": 1} and speedup == pytest.approx(1.9 * 47.8 / 129.8)
+  assert budget.knobs({"verify_ms": CPU, "draft_ms": 0.0}, [0.9, 0.8, 0.7])[0] == {"depth": 3}
+  assert budget.sibling_tree(3, 15, 3) == [(0,), (1,), (2,), (0, 0), (0, 1), (0, 2),
+                                           (0, 0, 0), (0, 0, 1), (0, 0, 2)]
+  for table, depth, nodes in ((CPU, 1, 1), (ACCEL, 3, 9)):
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps({"verify_ms": table, "draft_ms": 8.0}))
+    ppd = registry.DRAFTERS.build("ppd", target, checkpoint=str(tmp_path / "ppd"),
+                                  budget=str(costs), top_k=3)
+    assert ppd.tree.num_nodes == nodes and ppd.tree.depth == depth
+  with pytest.raises(ValueError, match="sizes the tree"):
+    registry.DRAFTERS.build("ppd", target, checkpoint=str(tmp_path / "ppd"),
+                            budget=str(costs), depth=2)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -33,31 +33,50 @@ def _verify_ms(table: Mapping, t: int) -> float:
   return float(np.interp(t, ts, ms))
 
 
-def chain_depth(verify_ms: Mapping, draft_ms: float, accept: Sequence[float]
-                ) -> tuple[int, float]:
+def _plain_width(n: int) -> int:
+  """Tokens one verification forward carries for n drafted nodes: the root and the nodes."""
+  return 1 + n
+
+
+def chain_depth(verify_ms: Mapping, draft_ms: float, accept: Sequence[float],
+                width: Callable[[int], int] = _plain_width) -> tuple[int, float]:
   """(best chain depth, its predicted speedup over AR) for per-depth acceptance `accept`
-  (accept[k - 1] = P(first k drafts accepted))."""
+  (accept[k - 1] = P(first k drafts accepted)); `width(n)` is the verification forward's
+  width for n drafts (PPD's prompt tokens widen it)."""
   best = (0, 1.0)
   for d in range(1, len(accept) + 1):
-    speedup = _chain_speedup(verify_ms, draft_ms, accept, d)
+    speedup = _chain_speedup(verify_ms, draft_ms, accept, d, width)
     if speedup > best[1]:
       best = (d, speedup)
   return best
 
 
 def _chain_speedup(verify_ms: Mapping, draft_ms: float, accept: Sequence[float],
-                   d: int) -> float:
+                   d: int, width: Callable[[int], int] = _plain_width) -> float:
   """Predicted tokens per ms of a depth-d chain over AR's."""
   tokens = 1.0 + float(np.sum(accept[:d]))
-  return tokens * _verify_ms(verify_ms, 1) / (_verify_ms(verify_ms, 1 + d) + d * draft_ms)
+  return tokens * _verify_ms(verify_ms, 1) / (_verify_ms(verify_ms, width(d)) + d * draft_ms)
 
 
-def tree_nodes(verify_ms: Mapping, depth: int, slack: float = 0.1) -> int:
+def tree_nodes(verify_ms: Mapping, depth: int, slack: float = 0.1,
+               width: Callable[[int], int] = _plain_width) -> int:
   """The most tree nodes N (>= depth) whose verification costs at most (1 + slack) x that
   of a chain of `depth`."""
-  limit = (1 + slack) * _verify_ms(verify_ms, 1 + depth)
-  top = max(int(k) for k in verify_ms) - 1
-  return max([depth] + [n for n in range(depth, top + 1) if _verify_ms(verify_ms, 1 + n) <= limit])
+  limit = (1 + slack) * _verify_ms(verify_ms, width(depth))
+  top = max(int(k) for k in verify_ms)
+  fits = [n for n in range(depth, top + 1)
+          if width(n) <= top and _verify_ms(verify_ms, width(n)) <= limit]
+  return max([depth] + fits)
+
+
+def sibling_tree(depth: int, num_nodes: int, top_k: int) -> list[tuple[int, ...]]:
+  """Choice paths of a static tree of about `num_nodes` nodes: the top-1 chain `depth`
+  deep, and at each level the next w - 1 candidates of the chain's node as leaves, with
+  w = min(top_k, num_nodes // depth) (a chain when w = 1). For drafters whose levels are
+  independent guesses (PPD, DFlash): the chain carries the likely path, the siblings the
+  cheap second chances."""
+  w = max(1, min(top_k, num_nodes // depth))
+  return [(0,) * level + (r,) for level in range(depth) for r in range(w)]
 
 
 def read_costs(path: str) -> dict:
@@ -73,18 +92,23 @@ def read_costs(path: str) -> dict:
   return costs
 
 
-def knobs(costs: Mapping, accept: Sequence[float], top_k: int = 1) -> tuple[dict, float]:
+def knobs(costs: Mapping, accept: Sequence[float], top_k: int = 1,
+          width: Callable[[int], int] = _plain_width,
+          draft_ms: float | None = None) -> tuple[dict, float]:
   """(decode knobs, the chain's predicted speedup over AR) for a head from measured costs
   and its simulated acceptance: the chain depth with the most tokens per ms (at least 1: a
   drafter drafts, even where the prediction says AR is faster), and for a tree (top_k > 1)
-  the nodes whose verification costs about what that chain's does."""
-  depth, speedup = chain_depth(costs["verify_ms"], float(costs["draft_ms"]), accept)
+  the nodes whose verification costs about what that chain's does. `width` and `draft_ms`
+  (default: the cost file's) describe drafters that verify wider or draft for free."""
+  draft_ms = float(costs["draft_ms"]) if draft_ms is None else draft_ms
+  depth, speedup = chain_depth(costs["verify_ms"], draft_ms, accept, width)
   if depth == 0:
     depth = 1
-    speedup = _chain_speedup(costs["verify_ms"], float(costs["draft_ms"]), accept, 1)
+    speedup = _chain_speedup(costs["verify_ms"], draft_ms, accept, 1, width)
   if top_k == 1:
     return {"depth": depth}, speedup
-  return {"depth": depth, "num_nodes": tree_nodes(costs["verify_ms"], depth)}, speedup
+  return {"depth": depth, "num_nodes": tree_nodes(costs["verify_ms"], depth, width=width)
+          }, speedup
 
 
 def step_ms(verify_ms: Mapping, n: int) -> tuple[float, ...]:

@@ -22,13 +22,14 @@ tokens for a tree of N nodes, which a GPU verifies nearly free and this CPU does
 Departures: prompt tokens start from the embeddings of the data's most frequent response
 tokens (PPD's start from the embedding of the text "Next 2 word" needs a tokenizer); one embedding per
 prompt token (PPD's ensembles of several virtual tokens averaged per position are not
-built); every tree node carries a group (PPD's extended tree prunes which do); the tree
-is a chain or a choice list, not PPD's tree sized from measured latencies (use
-`budget`-style sizing from the cost file instead: the verification width is its cost).
+built); every tree node carries a group (PPD's extended tree prunes which do); with
+`budget` the tree is sized from the measured verify costs at PPD's widths as a chain with
+sibling leaves (`budget.sibling_tree`), not PPD's search over tree shapes.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import flax.struct
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from specjax import registry
+from specjax.drafters import budget as budget_lib
 from specjax.drafters import io, static_tree
 from specjax.drafters.base import TargetBatch, TrainableHead, check_target
 from specjax.models.config import ModelConfig
@@ -258,7 +260,26 @@ def _head(target_cfg: ModelConfig, *, num_prompts: int = 3, decay: float = 0.8,
 def _drafter(target, *, checkpoint: str, budget: str | None = None, depth: int | None = None,
              top_k: int | None = None, tree: Sequence[Sequence[int]] | None = None) -> PPD:
   """Trained PPD prompt tokens (a head folder) as a chain or a static tree of each
-  prompt's top candidates; unset knobs come from the head's folder, or `budget` sizes
-  the chain from measured costs."""
-  return io.trained_drafter("ppd", target, checkpoint, budget, depth=depth, top_k=top_k,
-                            tree=tree)
+  prompt's top candidates; unset knobs come from the head's folder. `budget` (a cost file
+  from `make bench`) sizes the tree from the device's measured costs: PPD drafts for free
+  but verifies (1 + N)(1 + K) tokens for N nodes, so the chain depth with the most tokens
+  per ms, and with top_k > 1 the siblings whose verification costs about the chain's."""
+  if budget:
+    given = sorted(n for n, v in (("depth", depth), ("tree", tree)) if v is not None)
+    if given:
+      raise ValueError(f"budget={budget!r} sizes the tree; do not give {given} too.")
+    meta = io.read_meta(checkpoint)
+    if not meta.get("sim_accept"):
+      raise ValueError(f"{checkpoint!r} has no simulated acceptance (sim_accept): give "
+                       "depth (or tree) instead of budget.")
+    k = int(meta["head_kwargs"].get("num_prompts", 3))
+    top_k = top_k or int(meta.get("decode", {}).get("top_k", 1))
+    sized, speedup = budget_lib.knobs(budget_lib.read_costs(budget), meta["sim_accept"][:k],
+                                      top_k, width=lambda n: (1 + n) * (1 + k), draft_ms=0.0)
+    depth = sized["depth"]
+    tree = budget_lib.sibling_tree(depth, sized.get("num_nodes", depth), top_k)
+    logging.info("ppd %s: %d nodes, depth %d from %s (the chain predicts %.2fx AR)",
+                 checkpoint, len(tree), depth, budget, speedup)
+  knobs = {n: v for n, v in (("depth", depth), ("top_k", top_k), ("tree", tree))
+           if v is not None}
+  return io.load_drafter(checkpoint, target, "ppd", **knobs)
