@@ -41,11 +41,7 @@ def get_config(arg: str | None = None):
   c.keep_best = True
   c.offline_features = "workdir/features/smollm2-135m-eagle3"  # shared with configs/eagle3.py
   if arg and arg.startswith("data="):
-    fraction = float(arg.split("=", 1)[1])
-    c.data.fraction = fraction
-    c.steps = max(1, round(c.steps * fraction))
-    c.eval_every = max(1, round(c.eval_every * fraction))
-    c.offline_features += f"-f{fraction:g}"
+    c = train_common.data_fraction(c, arg)
   elif arg == "tiny":
     c = train_common.tiny(c)
     c.head_kwargs.taps = (1,)  # the tiny target has 2 layers

@@ -77,3 +77,19 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.progress = False
   c.offline_features = ""  # online: the tiny target is cheap
   return c
+
+
+def data_fraction(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
+  """`data=F` (a config argument): train on that share of the training rows for that
+  share of the steps (the same steps per token; the same held-out rows), with its own
+  feature store: one point of a tau-vs-data curve."""
+  try:
+    fraction = float(arg.split("=", 1)[1])
+  except ValueError:
+    raise ValueError(f"{arg!r}: use data=F with F in (0, 1], e.g. data=0.25.") from None
+  c.data.fraction = fraction
+  c.steps = max(1, round(c.steps * fraction))
+  c.eval_every = max(1, round(c.eval_every * fraction))
+  if c.offline_features:
+    c.offline_features += f"-f{fraction:g}"
+  return c

@@ -14,8 +14,9 @@ In one process, after warm-up, medians of several runs:
              the matmul-only floor at M = batch
   draft      one EAGLE head forward (1 token against a cache, + the LM head): the draft_ms
              `drafters.budget` weighs against the verify costs
-  train      tokens/s of the EAGLE train step (frozen target forward + head loss + update)
-             beside the target's matmul-only forward at the same rows
+  train      tokens/s of each head recipe's train step (frozen target forward + head loss +
+             update; `--train eagle,dflash,...`, or all of TRAIN_RECIPES with `--train all`
+             alone) beside the target's matmul-only forward at the same rows
   compile    seconds to compile one decode program (AR, the committed EAGLE-3 head as a
              chain of 3, the committed EAGLE head as an EAGLE-2 tree), persistent cache off,
              beside the run time of that call
@@ -28,6 +29,7 @@ from; `--costs-only` measures just those) and prints the tables.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -35,8 +37,9 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from specjax import decode, models, runtime
+from specjax import decode, models, registry, runtime
 
 from . import peers
 
@@ -152,24 +155,54 @@ def draft_ms(model: models.Model, runs: int, context: int = 256) -> float:
   return 1e3 * _median_time(lambda: step(params, feat, tokens, cache), runs)
 
 
-def train_tokens_per_s(model: models.Model, batch: int, seq: int, runs: int) -> float:
-  """Tokens/s of the EAGLE train step on random tokens (after compiling)."""
-  from specjax.configs import eagle as eagle_config  # pylint: disable=g-import-not-at-top
-  from specjax.drafters import EagleHead  # pylint: disable=g-import-not-at-top
+# head -> (configs module, argument): the SmolLM2 recipes whose train steps `--train` times.
+TRAIN_RECIPES = {
+    "eagle": ("eagle", None), "fspad": ("eagle", "fspad"), "eagle3": ("eagle3", None),
+    "medusa": ("medusa", None), "hydra": ("hydra", None), "falcon": ("falcon", None),
+    "dflash": ("dflash", None), "dspark": ("dspark", None), "ppd": ("ppd", None),
+    "draft_lm": ("fastdraft", "align"),
+}
+
+
+def train_tokens_per_s(model: models.Model, recipe: str = "eagle", batch: int = 4,
+                       seq: int = 512, runs: int = 3) -> float:
+  """Tokens/s of a recipe's train step with online features (the frozen target's forward,
+  the head's loss, backward and optimizer update) on random tokens, after compiling."""
   from specjax.training import trainer  # pylint: disable=g-import-not-at-top
-  c = eagle_config.get_config()
-  head = EagleHead(model.config)
-  params = head.init(jax.random.key(0))
-  tx = trainer.optimizer(c, params)
-  step, _ = trainer.make_steps(model, head, tx, 0, 1)
+  module, arg = TRAIN_RECIPES[recipe]
+  c = importlib.import_module(f"specjax.configs.{module}").get_config(arg)
+  head = registry.HEADS.build(c.head, model.config, **c.head_kwargs)
   tokens = jax.random.randint(jax.random.key(1), (batch, seq), 0, model.config.vocab_size)
   mask = jnp.ones((batch, seq))
+  shared = models.shared_params(model.config, model.params)
+  head, params = head.fit(head.init(jax.random.key(0), model.dtype), np.asarray(tokens),
+                          np.asarray(mask), shared)
+  tx = trainer.optimizer(c, params)
+  step, _ = trainer.make_steps(model, head, tx, 0, 1, loss=c.loss)
   state = [trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))]
 
   def run():
     state[0], m = step(state[0], model.params, tokens, mask)
     return m["loss"]
   return batch * seq / _median_time(run, runs)
+
+
+def train_table(model: models.Model, recipes, batch: int = 4, seq: int = 512,
+                runs: int = 3) -> list[dict]:
+  """Each recipe's train tokens/s beside the target's matmul-only forward over the same
+  rows, measured in this run (the share says what the head adds to the target's work)."""
+  rows = batch * seq
+  matmul = rows / (1e-3 * matmul_ms(model, rows, runs, chain=True))
+  print(f"the target's matmuls alone at M={rows}: {matmul:.0f} tokens/s\n\n"
+        "| recipe | head | train tokens/s | share of target matmul tokens/s |\n"
+        "|---|---|---|---|", flush=True)
+  out = []
+  for r in recipes:
+    tps = train_tokens_per_s(model, r, batch, seq, runs)
+    out.append({"recipe": r, "train_tokens_per_s": tps, "matmul_tokens_per_s": matmul})
+    print(f"| {r} | {TRAIN_RECIPES[r][0]}{':' + TRAIN_RECIPES[r][1] if TRAIN_RECIPES[r][1] else ''}"
+          f" | {tps:.0f} | {tps / matmul:.2f} |", flush=True)
+  return out
 
 
 def compile_seconds(model: models.Model, prompt: list[int], new_tokens: int,
@@ -239,9 +272,25 @@ def main(argv=None):
                   help="measure only the verify and draft costs (costs.json, minutes)")
   ap.add_argument("--compile-only", action="store_true",
                   help="print only the compile seconds per decode program (a few minutes)")
+  ap.add_argument("--train", default=None,
+                  help="only the train-throughput table for these recipes (comma-separated "
+                       f"of {', '.join(TRAIN_RECIPES)}, or 'all')")
   args = ap.parse_args(argv)
+  recipes = None
+  if args.train:
+    recipes = list(TRAIN_RECIPES) if args.train == "all" else args.train.split(",")
+    unknown = [r for r in recipes if r not in TRAIN_RECIPES]
+    if unknown:
+      raise SystemExit(f"--train: unknown recipe(s) {unknown}; known: {list(TRAIN_RECIPES)}")
   runtime.enable_compilation_cache()
   model = models.load(args.model)
+  if recipes:
+    res = {"model": args.model, "device": str(jax.devices()[0]),
+           "train": train_table(model, recipes, runs=max(2, args.runs // 2))}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "train_throughput.json"), "w", encoding="utf-8") as f:
+      json.dump(res, f, indent=1)
+    return res
   prompt = model.tokenizer.encode_chat([{"role": "user", "content": "Tell me about the sea."}])
   if args.compile_only:
     print("| decode program | compile s | run s |\n|---|---|---|")
@@ -276,7 +325,8 @@ def main(argv=None):
         f"\n|---|---|---|---|\n| generate | {ar_ms:.1f} | {ar_ms / chained:.2f} | "
         f"{ar_ms / independent:.2f} |", flush=True)
   rows = 4 * 512
-  res["train_tokens_per_s"] = train_tokens_per_s(model, 4, 512, max(2, args.runs // 2))
+  res["train_tokens_per_s"] = train_tokens_per_s(model, "eagle", 4, 512,
+                                                 max(2, args.runs // 2))
   res["matmul_tokens_per_s"] = rows / (1e-3 * matmul_ms(model, rows, 3, chain=True))
   print(f"EAGLE train step: {res['train_tokens_per_s']:.0f} tokens/s; the target's "
         f"matmuls alone at M={rows}: {res['matmul_tokens_per_s']:.0f} tokens/s", flush=True)

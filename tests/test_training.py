@@ -607,6 +607,13 @@ def test_a_data_fraction_keeps_the_held_out_rows(tmp_path):
   text = data_lib.stdlib_text(5, 300)
   assert len(text) == 5 and all(0 < len(r["text"]) <= 300 for r in text)
   assert text == data_lib.stdlib_text(5, 300)
+  # The configs' data=F: the same steps per token, its own feature store.
+  for module in (eagle3_config, dflash_config):
+    whole_c, quarter = module.get_config(), module.get_config("data=0.25")
+    assert quarter.data.fraction == 0.25 and quarter.steps == round(whole_c.steps / 4)
+    assert quarter.offline_features == whole_c.offline_features + "-f0.25"
+  with pytest.raises(ValueError, match="use data=F"):
+    eagle3_config.get_config("data=half")
 
 
 def test_config_key_typo_fails_before_loading(tmp_path):
