@@ -5,7 +5,7 @@
   specjax-train --config configs/dflash.py:data=0.25 --workdir workdir/dflash_f0.25
 
 `data=F` trains on that share of the training rows for that share of the steps (the same
-steps per token; the same held-out rows), its own feature store: the tau-vs-data curve.
+steps per token; the same held-out rows and feature store): the tau-vs-data curve.
 
 Two draft layers shaped like the target's read the inputs of target layers 2, 15 and 27
 (of 30: EAGLE-3's layers, near z-lab's spacing from layer 1 to L - 3, so both heads train

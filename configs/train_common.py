@@ -81,8 +81,8 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def data_fraction(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
   """`data=F` (a config argument): train on that share of the training rows for that
-  share of the steps (the same steps per token; the same held-out rows), with its own
-  feature store: one point of a tau-vs-data curve."""
+  share of the steps (the same steps per token; the same held-out rows, the whole set's
+  feature store): one point of a tau-vs-data curve."""
   try:
     fraction = float(arg.split("=", 1)[1])
   except ValueError:
@@ -90,6 +90,4 @@ def data_fraction(c: ml_collections.ConfigDict, arg: str) -> ml_collections.Conf
   c.data.fraction = fraction
   c.steps = max(1, round(c.steps * fraction))
   c.eval_every = max(1, round(c.eval_every * fraction))
-  if c.offline_features:
-    c.offline_features += f"-f{fraction:g}"
   return c

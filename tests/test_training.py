@@ -607,11 +607,11 @@ def test_a_data_fraction_keeps_the_held_out_rows(tmp_path):
   text = data_lib.stdlib_text(5, 300)
   assert len(text) == 5 and all(0 < len(r["text"]) <= 300 for r in text)
   assert text == data_lib.stdlib_text(5, 300)
-  # The configs' data=F: the same steps per token, its own feature store.
+  # The configs' data=F: the same steps per token and feature store.
   for module in (eagle3_config, dflash_config):
     whole_c, quarter = module.get_config(), module.get_config("data=0.25")
     assert quarter.data.fraction == 0.25 and quarter.steps == round(whole_c.steps / 4)
-    assert quarter.offline_features == whole_c.offline_features + "-f0.25"
+    assert quarter.offline_features == whole_c.offline_features
   with pytest.raises(ValueError, match="use data=F"):
     eagle3_config.get_config("data=half")
 
@@ -694,6 +694,19 @@ def test_offline_features_train_like_online(tmp_path, tmp_path_factory):
     np.testing.assert_allclose(ra["loss"], rb["loss"], rtol=1e-4)
     if ra["split"] == "eval":
       assert rb["sim_tau"] == pytest.approx(ra["sim_tau"], abs=1e-3)
+  # A fraction of the data reads the whole set's store: its rows (training, then held
+  # out) are the whole set's rows of the same tokens; nothing new is written.
+  c.data.fraction = 0.25
+  part = trainer.load_data(c, target)
+  store = features.build(target, part, (models.FINAL,), folder, progress=False)
+  assert part.whole is not None and len(part.tokens) < len(d.tokens)
+  for rows in (np.arange(len(part.tokens)), len(part.tokens) + np.arange(4)):
+    full_rows = part.origin[rows]
+    tokens = np.concatenate([d.tokens, d.eval_tokens])[full_rows]
+    np.testing.assert_array_equal(tokens, np.concatenate([part.tokens, part.eval_tokens])[rows])
+    np.testing.assert_array_equal(store.get(rows, 16)[0],
+                                  features.build(target, d, (models.FINAL,), folder,
+                                                 progress=False).get(full_rows, 16)[0])
 
 
 def test_medusa2_lora_trains_jointly_and_decodes_with_merged_target(tmp_path):

@@ -183,6 +183,10 @@ class Data:
   eval_lengths: np.ndarray
   seed: int
   bucket: int = 128
+  # A `fraction` of the rows: the whole split it was cut from, and each row's index there
+  # (training rows, then held-out rows), so offline features are stored once for all.
+  whole: "Data | None" = None
+  origin: np.ndarray | None = None
 
   GROUP = 16
 
@@ -262,9 +266,14 @@ def load(source: str, *, seq_len: int, vocab: int, encode: Callable | None = Non
   order = np.random.default_rng(seed).permutation(len(toks))
   toks, masks, lens = np.stack(toks)[order], np.stack(masks)[order], np.asarray(lens)[order]
   cut = len(toks) - eval_rows
+  whole = Data(toks[:cut], masks[:cut], lens[:cut], toks[cut:], masks[cut:], lens[cut:],
+               seed, min(bucket, seq_len))
+  if fraction == 1:
+    return whole
   keep = max(1, round(fraction * cut))
-  return Data(toks[:keep], masks[:keep], lens[:keep], toks[cut:], masks[cut:], lens[cut:],
-              seed, min(bucket, seq_len))
+  return dataclasses.replace(
+      whole, tokens=toks[:keep], mask=masks[:keep], lengths=lens[:keep], whole=whole,
+      origin=np.concatenate([np.arange(keep), cut + np.arange(eval_rows)]))
 
 
 def describe(data: Data) -> str:

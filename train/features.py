@@ -35,17 +35,26 @@ class Store:
   def __init__(self, folder: str, features, num_rows: int, seq_len: int, hidden: int,
                dtype: str, mode: str):
     self.features = tuple(features)
+    self.origin = None  # row -> stored row, for a fraction of the stored data (`build`)
     self.arrays = [np.lib.format.open_memmap(
         os.path.join(folder, f"feature_{'final' if f == FINAL else f}.npy"), mode=mode,
         dtype=np.dtype(dtype), shape=(num_rows, seq_len, hidden)) for f in self.features]
 
   def get(self, rows, width: int) -> tuple[np.ndarray, ...]:
+    rows = rows if self.origin is None else self.origin[rows]
     return tuple(np.asarray(a[rows, :width], np.float32) for a in self.arrays)
 
 
 def build(target: models.Model, data, head_features, folder: str, *, batch_size: int = 8,
           dtype: str = "float32", progress: bool = True) -> Store:
-  """Writes (or finishes writing) the store for `data`; returns it."""
+  """Writes (or finishes writing) the store for `data`; returns it. For a fraction of a
+  data set (`data.whole`) the store is the whole set's, read through `data.origin`: every
+  point of a tau-vs-data curve shares one store."""
+  if data.whole is not None:
+    store = build(target, data.whole, head_features, folder, batch_size=batch_size,
+                  dtype=dtype, progress=progress)
+    store.origin = data.origin
+    return store
   os.makedirs(folder, exist_ok=True)
   feats = stored_features(head_features)
   tokens = np.concatenate([data.tokens, data.eval_tokens])
