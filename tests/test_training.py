@@ -709,6 +709,26 @@ def test_offline_features_train_like_online(tmp_path, tmp_path_factory):
                                                  progress=False).get(full_rows, 16)[0])
 
 
+def test_data_curve_measures_runs_on_shares_of_the_data(tmp_path):
+  """`data_curve` over a whole-data run and a half-data run of one recipe: its rows, the
+  plot, and a mix of recipes refused before anything runs."""
+  from specjax.training import data_curve  # pylint: disable=g-import-not-at-top
+  whole = run_dir("eagle")
+  c = tiny_config("eagle", steps=20)
+  c.data.fraction = 0.5
+  half = str(tmp_path / "half")
+  trainer.train(c, half)
+  png, out = str(tmp_path / "curve.png"), str(tmp_path / "curve.json")
+  rows = data_curve.main([half, whole, "--png", png, "--json", out, "--max_new_tokens", "12"])
+  assert [r["fraction"] for r in rows] == [0.5, 1.0]
+  assert rows[0]["rows"] == round(rows[1]["rows"] / 2)
+  assert 0.3 < rows[0]["distinct_tokens"] / rows[1]["distinct_tokens"] < 0.7
+  assert all(1.0 <= r["measured_tau"] <= 1 + r["depth"] and r["sim_tau"] >= 1.0 for r in rows)
+  assert os.path.getsize(png) > 0 and json.load(open(out)) == rows
+  with pytest.raises(SystemExit, match="different heads"):
+    data_curve.main([whole, run_dir("medusa")])
+
+
 def test_medusa2_lora_trains_jointly_and_decodes_with_merged_target(tmp_path):
   c = tiny_config("medusa", steps=20)
   c.head_kwargs.lora_rank = 4
