@@ -711,13 +711,22 @@ def test_offline_features_train_like_online(tmp_path, tmp_path_factory):
 
 def test_data_curve_measures_runs_on_shares_of_the_data(tmp_path):
   """`data_curve` over a whole-data run and a half-data run of one recipe: its rows, the
-  plot, and a mix of recipes refused before anything runs."""
+  plot, and a mix of recipes refused before anything runs; `wallclock` recomputes the
+  half run's train seconds from its metrics."""
   from specjax.training import data_curve  # pylint: disable=g-import-not-at-top
   whole = run_dir("eagle")
-  c = tiny_config("eagle", steps=20)
+  c = tiny_config("eagle", steps=20, eval_every=10)
   c.data.fraction = 0.5
   half = str(tmp_path / "half")
+  start = time.perf_counter()
   trainer.train(c, half)
+  elapsed = time.perf_counter() - start
+  # Its train seconds, recomputed from the metrics (evals and setup excluded).
+  from specjax.training import wallclock  # pylint: disable=g-import-not-at-top
+  at = wallclock.seconds_at_evals(half)
+  assert [r["step"] for r in at] == [0, 10, 20] and at[0]["train_s"] == 0
+  assert 0 < at[1]["train_s"] < at[2]["train_s"] < elapsed
+  assert at[2]["train_s"] > 0.2 * elapsed
   png, out = str(tmp_path / "curve.png"), str(tmp_path / "curve.json")
   rows = data_curve.main([half, whole, "--png", png, "--json", out, "--max_new_tokens", "12"])
   assert [r["fraction"] for r in rows] == [0.5, 1.0]
