@@ -55,3 +55,21 @@ def test_the_stream_is_code_the_mix_never_held():
   assert not set(prompts) & {r["prompt"] for r in prompt_mix.build()}
   with pytest.raises(ValueError, match="asked for 100000"):
     online.stream(100000)
+
+
+def test_a_drafter_from_before_an_update_stays_usable():
+  """An update donates the learner's state; the frozen head of a side-by-side stream
+  (`run_stream`) was made before it and must still decode, equal to AR."""
+  target = models.load("tiny-random")
+  learner = online.OnlineLearner.from_head(
+      target, os.path.join(run_dir("eagle3"), trainer.HEAD_DIR), lr=3e-3, update_every=1,
+      bucket=64, depth=3)
+  frozen = learner.drafter()
+  rng = np.random.default_rng(5)
+  for n in (9, 30):
+    p = rng.integers(0, 512, n).tolist()
+    ar = decode.generate(target, [p], max_new_tokens=20, eos=None, max_len=128)
+    out = decode.generate(target, [p], max_new_tokens=20, eos=None, max_len=128,
+                          drafter=frozen)
+    assert out.token_lists() == ar.token_lists()
+    assert learner.observe([p], out.token_lists())

@@ -73,9 +73,10 @@ class OnlineLearner:
                eval_step, update_every, bucket)
 
   def drafter(self):
-    """The drafter of the head as it is now."""
+    """The drafter of the head as it is now: on a copy of the weights, since an update
+    donates the state's buffers (a drafter kept from before it stays usable)."""
     shared = models.shared_params(self.target.config, self.target.params)
-    return self.head.drafter(self.state.params, shared, **self.decode)
+    return self.head.drafter(jax.tree.map(jnp.copy, self.state.params), shared, **self.decode)
 
   def _padded(self, rows: Sequence[tuple[list[int], list[int]]]):
     """(tokens [B, W], response mask [B, W]) of (prompt, output) rows, W a bucket."""
