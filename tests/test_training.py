@@ -382,7 +382,8 @@ def test_dflash_block_equals_a_cache_free_recomputation():
     g = head.blocks(params, shared, ctx_kv, seq[:, :n], jnp.asarray([[n - 1]]), 4)
     return jax.nn.softmax(models.lm_head(cfg, shared, g[:, 0]), -1)
 
-  np.testing.assert_allclose(cached(drafter), reference(params), atol=2e-6)
+  # float32 sums in another order: a few 1e-6 apart; a stale or shifted cache is far off
+  np.testing.assert_allclose(cached(drafter), reference(params), atol=1e-5)
 
 
 def test_dflash_and_dspark_refuse_bad_knobs_by_name():

@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+import argparse
+from typing import Sequence
+
 import ml_collections
 import numpy as np
 
@@ -22,8 +24,6 @@ from specjax.drafters import io, load_drafter
 
 from . import trainer
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A finished specjax-train workdir.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 96, "Tokens decoded per prompt.")
 
 
 def measure(workdir: str, max_new_tokens: int = 96) -> dict[str, float]:
@@ -54,13 +54,17 @@ def measure(workdir: str, max_new_tokens: int = 96) -> dict[str, float]:
           "rows": len(prompts), "depth": c.sim_depth}
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+  p = argparse.ArgumentParser(prog="python -m specjax.training.tau_check",
+                              description=__doc__.splitlines()[0])
+  p.add_argument("--workdir", required=True, help="a finished specjax-train workdir")
+  p.add_argument("--max_new_tokens", type=int, default=96, help="tokens decoded per prompt")
+  args = p.parse_args(argv)
   runtime.enable_compilation_cache()
-  print(json.dumps(measure(_WORKDIR.value, _MAX_NEW.value)))
+  out = measure(args.workdir, args.max_new_tokens)
+  print(json.dumps(out))
+  return out
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  main()
