@@ -7,7 +7,9 @@ Markov head and a confidence head that cuts the chain.
 Loss 0.1 x CE + 0.9 x L1(draft, target) + 1.0 x BCE(confidence, 1 - TV) (DeepSpec's
 weights); decoded as a chain of up to 7, cut where the cumulative product of confidences
 falls under 0.1 (`c.decode.threshold`; the committed head's run saved 0.5, which cuts
-almost every draft: docs/benchmarks.md#block-drafters-and-dsparks-draft-length).
+almost every draft: docs/benchmarks.md#block-drafters-and-dsparks-draft-length). The
+committed head is this run cut to rank 64 afterwards (`python -m specjax.training.truncate`;
+docs/heads.md#dspark).
 """
 
 from specjax.configs import dflash

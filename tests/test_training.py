@@ -409,6 +409,51 @@ def test_dflash_and_dspark_refuse_bad_knobs_by_name():
     dspark.drafter(params, None, top_k=2, depth=2).validate(cfg)
 
 
+def test_dspark_markov_truncation_is_the_best_low_rank_map(tmp_path):
+  """`truncate_markov` keeps what a full-rank cut computes and, at a lower rank, errs by
+  exactly the dropped singular values (Eckart-Young) where naively keeping the first
+  columns errs more; the CLI writes a loadable head folder with the new rank."""
+  from specjax.training import truncate  # pylint: disable=g-import-not-at-top
+  cfg = models.load("tiny-random").config
+  head = registry.HEADS.build("dspark", cfg, num_layers=1, block_size=4, markov_rank=8)
+  params = head.init(jax.random.key(0))
+  k = jax.random.split(jax.random.key(1), 2)
+  params["markov"]["w2"] = jax.random.normal(k[0], params["markov"]["w2"].shape)
+  params["confidence"]["kernel"] = jax.random.normal(k[1], params["confidence"]["kernel"].shape)
+  prev = jnp.arange(cfg.vocab_size)
+  g = jax.random.normal(jax.random.key(2), (cfg.vocab_size, cfg.hidden_size))
+  zeros = jnp.zeros((cfg.vocab_size, cfg.vocab_size))
+
+  def maps(h, p):
+    bias, e = h.markov(p, zeros, prev)
+    return np.asarray(bias), np.asarray(h.confidence(p, g, e))
+
+  full = maps(head, params)
+  same = maps(*head.truncate_markov(params, 8))
+  np.testing.assert_allclose(same[0], full[0], atol=1e-4)
+  np.testing.assert_allclose(same[1], full[1], atol=1e-4)
+  cut_head, cut = head.truncate_markov(params, 3)
+  assert cut_head.markov_rank == 3 and cut["markov"]["w1"].shape == (cfg.vocab_size, 3)
+  bias3 = maps(cut_head, cut)[0]
+  s = np.linalg.svd(full[0], compute_uv=False)  # the bias's share of the joint map
+  err = np.linalg.norm(bias3 - full[0])
+  naive = np.asarray(params["markov"]["w1"][:, :3] @ params["markov"]["w2"][:3])
+  assert err <= 1.05 * np.sqrt(np.sum(s[3:] ** 2)) + 1e-3
+  assert err < np.linalg.norm(naive - full[0])
+  with pytest.raises(ValueError, match="rank 9 must be in 1..8"):
+    head.truncate_markov(params, 9)
+  src = str(tmp_path / "head")
+  io.save(src, "dspark", dict(num_layers=1, block_size=4, markov_rank=8), params, cfg,
+          {"depth": 3}, target_name="tiny-random", sim_accept=[0.5], sim_tau=1.5)
+  meta = truncate.main([src, "--rank", "3", "--out", str(tmp_path / "r3")])
+  assert meta["head_kwargs"]["markov_rank"] == 3 and meta["truncated_from"] == 8
+  assert "sim_accept" not in meta and meta["decode"] == {"depth": 3}
+  _, loaded_head, loaded, _ = io.load(str(tmp_path / "r3"), cfg)
+  np.testing.assert_allclose(maps(loaded_head, loaded)[0], bias3, atol=1e-4)
+  with pytest.raises(ValueError, match="--out must be a new folder"):
+    truncate.truncate(src, 3, src)
+
+
 def test_tvdpp_gradient_is_tvds_scaled_and_descends():
   """TVD++'s surrogate has TV's gradient divided by the reward's std under q (the
   baseline drops out of an exact sum), and descending it, like TV and soft CE, brings q

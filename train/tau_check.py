@@ -49,7 +49,10 @@ def measure(workdir: str, max_new_tokens: int = 96) -> dict[str, float]:
   _, eval_step = trainer.make_steps(target, head, trainer.optimizer(c, params), c.seed,
                                     c.sim_depth)
   sim = trainer.evaluate(eval_step, params, target.params, d, c.batch_size)
-  return {"simulated": sim["sim_tau"],
+  accept = []  # held-out P(first k drafts accepted), what head.json's sim_accept holds
+  while f"sim_accept/{len(accept) + 1}" in sim:
+    accept.append(float(sim[f"sim_accept/{len(accept) + 1}"]))
+  return {"simulated": sim["sim_tau"], "sim_accept": accept,
           "measured": float(np.sum(out.lengths) / np.sum(out.stats.target_calls)),
           "rows": len(prompts), "depth": c.sim_depth}
 

@@ -203,6 +203,36 @@ class DFlashHead(TrainableHead):
     e = jnp.take(params["markov"]["w1"], prev_x, axis=0)
     return logits_xV + (e @ params["markov"]["w2"]).astype(jnp.float32), e
 
+  def truncate_markov(self, params, rank: int) -> tuple["DFlashHead", dict]:
+    """(head, params) with the Markov head cut to `rank`, without retraining.
+
+    The rank-r factors feed two maps of the previous token: the logit bias W1[x] W2 and
+    the confidence's share W1[x] . w_e (w_e: the confidence kernel's rows that read the
+    code). Both are rows of W1 [W2 | s w_e], and its best rank-`rank` approximation (the
+    truncated SVD, from QR of W1 and SVD of the small r x (V + 1) factor) replaces them;
+    s = ||W2|| / ||w_e|| weighs the confidence column like the whole bias."""
+    r = self.markov_rank
+    if not 0 < rank <= r:
+      raise ValueError(f"truncate_markov: rank {rank} must be in 1..{r} (this head's rank).")
+    m, conf = params["markov"], params["confidence"]
+    h = self.layer.hidden_size
+    w1 = np.asarray(m["w1"], np.float64)
+    w_e = np.asarray(conf["kernel"], np.float64)[h:]  # [r, 1]
+    scale = np.linalg.norm(m["w2"]) / max(np.linalg.norm(w_e), 1e-12)
+    right = np.concatenate([np.asarray(m["w2"], np.float64), scale * w_e], 1)  # [r, V + 1]
+    q, rr = np.linalg.qr(w1)  # [V, r], [r, r]
+    u, s, vt = np.linalg.svd(rr @ right, full_matrices=False)
+    root = np.sqrt(s[:rank])
+    new_w1 = (q @ u[:, :rank]) * root  # [V, rank]
+    new_right = root[:, None] * vt[:rank]  # [rank, V + 1]
+    dtype = m["w1"].dtype
+    out = dict(params, markov={"w1": jnp.asarray(new_w1, dtype),
+                               "w2": jnp.asarray(new_right[:, :-1], dtype)},
+               confidence={"kernel": jnp.concatenate(
+                   [conf["kernel"][:h], jnp.asarray(new_right[:, -1:] / scale, dtype)]),
+                           "bias": conf["bias"]})
+    return self.replace(markov_rank=rank), out
+
   def confidence(self, params, g_xH, e_xR) -> jax.Array:
     """DSpark's confidence logit [...] of slot states g and their previous-token codes."""
     x = jnp.concatenate([g_xH, e_xR.astype(g_xH.dtype)], -1)
