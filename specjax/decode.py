@@ -83,15 +83,17 @@ class Output:
 
 
 @flax.struct.dataclass
-class _State:
-  cache: KVCache
-  history: jax.Array  # int32[B, L]
+class State:
+  """The loop's carry over B rows (`start`, `step`; `specjax.serve` keeps one per slot)."""
+  cache: KVCache  # the target's, of every committed token but the root
+  history: jax.Array  # int32[B, L]: prompt + generated tokens, left-aligned
   length: jax.Array  # int32[B]
   new: jax.Array  # int32[B] tokens generated so far
+  budget: jax.Array  # int32[B]: the row is done once `new` reaches it
   done: jax.Array  # bool[B]
   drafter: Any
   stats: Stats
-  step: jax.Array
+  step: jax.Array  # int32: steps run (the PRNG key's fold-in)
   trace: Trace | None
 
 
@@ -144,33 +146,38 @@ def _decode(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_len_B, 
             sampling: Sampling, rule: verify_lib.Acceptance, max_new_tokens: int,
             eos: tuple[int, ...], trace: bool = False,
             plan: sharding.Plan | None = None) -> Output:
-  """The whole decode, one program per cache size L (= the history's width). With a
-  `plan`, the KV cache is laid out over its mesh (batch and KV heads), kernels run per
-  device (`sharding.use`), and XLA's SPMD partitioner shards the rest from the placed
-  arguments."""
+  """The whole decode, one program per cache size L (= the history's width): `start`, then
+  `step` under one while_loop until every row is done, then `finish`. With a `plan`, the
+  KV cache is laid out over its mesh (batch and KV heads), kernels run per device
+  (`sharding.use`), and XLA's SPMD partitioner shards the rest from the placed arguments."""
   with sharding.use(plan):
-    return _decode_loop(cfg, params, drafter, stop, history_BxL, prompt_len_B, key,
-                        sampling=sampling, rule=rule, max_new_tokens=max_new_tokens, eos=eos,
-                        trace=trace, plan=plan)
+    budget_B = jnp.full(prompt_len_B.shape, max_new_tokens, jnp.int32)
+    st = start(cfg, params, drafter, stop, history_BxL, prompt_len_B, budget_B, key,
+               sampling=sampling, max_new_tokens=max_new_tokens, trace=trace, plan=plan)
+    st = jax.lax.while_loop(
+        lambda st: (st.step < max_new_tokens) & ~st.done.all(),
+        lambda st: step(cfg, params, drafter, stop, st, key, sampling=sampling, rule=rule,
+                        eos=eos, plan=plan), st)
+    return finish(drafter, st, prompt_len_B, max_new_tokens, keep_drafter=plan is None)
 
 
-def _decode_loop(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_len_B, key, *,
-                 sampling: Sampling, rule: verify_lib.Acceptance, max_new_tokens: int,
-                 eos: tuple[int, ...], trace: bool = False,
-                 plan: sharding.Plan | None = None) -> Output:
+def start(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_len_B, budget_B, key,
+          *, sampling: Sampling, max_new_tokens: int, trace: bool = False,
+          plan: sharding.Plan | None = None) -> State:
+  """The loop's state before its first step: the prompts (all but their last token, the
+  first root) prefilled into a fresh cache, the drafter's state built from their
+  features. Row b may gain up to budget_B[b] <= max_new_tokens tokens."""
   b, max_len = history_BxL.shape
-  n = 0 if drafter is None else drafter.num_nodes
   feats = () if drafter is None else tuple(drafter.features)
   cache = KVCache.for_config(cfg, b, max_len, param_dtype(params))
   cache_shardings = None if plan is None else plan.cache_shardings(cache)
-  # Prefill everything but the last prompt token (the first root).
   cache, prompt_features = prefill(cfg, params, sharding.constrain(cache, cache_shardings),
                                    history_BxL, prompt_len_B - 1, feats)
   ctx = Context(history_BxL, prompt_len_B, cache)
   zeros = jnp.zeros((b,), jnp.int32)
-  state = _State(
+  state = State(
       cache=cache, history=history_BxL, length=prompt_len_B, new=zeros,
-      done=jnp.zeros((b,), bool),
+      budget=budget_B.astype(jnp.int32), done=budget_B <= 0,
       drafter=() if drafter is None else drafter.init(ctx, max_len, prompt_features),
       stats=Stats(jnp.zeros((b, max_new_tokens), jnp.int32), zeros, zeros, zeros),
       step=jnp.zeros((), jnp.int32), trace=None)
@@ -178,98 +185,113 @@ def _decode_loop(cfg: ModelConfig, params, drafter, stop, history_BxL, prompt_le
     tree_shape = jax.eval_shape(lambda: drafter.propose(state.drafter, ctx, stop, sampling,
                                                         key)[0])
     state = state.replace(trace=_empty_trace(tree_shape, max_new_tokens))
+  return state
+
+
+def step(cfg: ModelConfig, params, drafter, stop, st: State, key, *, sampling: Sampling,
+         rule: verify_lib.Acceptance, eos: tuple[int, ...],
+         plan: sharding.Plan | None = None) -> State:
+  """One draft-and-verify step of every live row (an AR step without a drafter); done rows
+  ride along unchanged. The step's PRNG key is `key` folded with the step count."""
+  b = st.history.shape[0]
+  n = 0 if drafter is None else drafter.num_nodes
+  feats = () if drafter is None else tuple(drafter.features)
+  cache_shardings = None if plan is None else plan.cache_shardings(st.cache)
   rows = jnp.arange(b)
+  zeros = jnp.zeros((b,), jnp.int32)
   eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
   top_k = 0 if drafter is None else getattr(drafter, "target_top_k", 0)
   owns_forward = callable(getattr(drafter, "target_forward", None))
   rule_feats = tuple(getattr(rule, "features", ()))  # what the rule reads (Judge: FINAL)
+  trace = st.trace is not None
 
-  def body(st: _State) -> _State:
-    ctx = Context(st.history, st.length, st.cache)
-    live = ~st.done
-    draft_key, verify_key = jax.random.split(jax.random.fold_in(key, st.step))
-    if drafter is None:
-      tree, dstate, draft_calls = _empty_tree(b), st.drafter, zeros
+  ctx = Context(st.history, st.length, st.cache)
+  live = ~st.done
+  draft_key, verify_key = jax.random.split(jax.random.fold_in(key, st.step))
+  if drafter is None:
+    tree, dstate, draft_calls = _empty_tree(b), st.drafter, zeros
+  else:
+    tree, dstate, draft_calls = drafter.propose(st.drafter, ctx, stop, sampling, draft_key)
+  root_B = st.history[rows, st.length - 1]
+
+  def verify_tree(tree):
+    tokens, positions, tree_mask = tree.verify_inputs(root_B, st.length - 1)
+    every = feats + rule_feats
+    if owns_forward:  # the drafter runs the target itself (SpecEE's early exit: LOSSY)
+      out, state = drafter.target_forward(dstate, cfg, params, tokens, positions, tree_mask,
+                                          st.cache, every)
     else:
-      tree, dstate, draft_calls = drafter.propose(st.drafter, ctx, stop, sampling, draft_key)
-    root_B = st.history[rows, st.length - 1]
+      out, state = forward(cfg, params, tokens, positions, tree_mask, st.cache, every), dstate
+    verdict = verify_lib.verify(rule, tree, out.logits, sampling, verify_key,
+                                out.features[len(feats)] if rule_feats else None)
+    if top_k:  # what drafters that learn from the target's predictions read in commit
+      verdict = verdict._replace(scored_tokens=tokens,
+                                 target_top_k=jax.lax.top_k(out.logits, top_k)[1])
+    label = (verify_lib.acceptance_probs(tree, out.logits, sampling) if trace
+             else jnp.zeros(tree.tokens.shape))
+    return out.cache, out.features[:len(feats)], verdict, label, state
 
-    def verify_tree(tree):
-      tokens, positions, tree_mask = tree.verify_inputs(root_B, st.length - 1)
-      every = feats + rule_feats
-      if owns_forward:  # the drafter runs the target itself (SpecEE's early exit: LOSSY)
-        out, state = drafter.target_forward(dstate, cfg, params, tokens, positions, tree_mask,
-                                            st.cache, every)
-      else:
-        out, state = forward(cfg, params, tokens, positions, tree_mask, st.cache, every), dstate
-      verdict = verify_lib.verify(rule, tree, out.logits, sampling, verify_key,
-                                  out.features[len(feats)] if rule_feats else None)
-      if top_k:  # what drafters that learn from the target's predictions read in commit
-        verdict = verdict._replace(scored_tokens=tokens,
-                                   target_top_k=jax.lax.top_k(out.logits, top_k)[1])
-      label = (verify_lib.acceptance_probs(tree, out.logits, sampling) if trace
-               else jnp.zeros(tree.tokens.shape))
-      return out.cache, out.features[:len(feats)], verdict, label, state
+  def verify_first(m, tree):
+    """Verifies nodes [0, m) (none after them is valid), padded back to n nodes."""
+    cache, features, verdict, label, state = verify_tree(tree.first(m))
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, n - m)) + ((0, 0),) * (x.ndim - 2))
+    verdict = verdict._replace(
+        path=pad(verdict.path),
+        **({} if not top_k else dict(scored_tokens=jnp.pad(  # -1: no token verified there
+            verdict.scored_tokens, ((0, 0), (0, n - m)), constant_values=-1),
+                                     target_top_k=pad(verdict.target_top_k))))
+    return (cache, tuple(pad(f) for f in features), verdict, pad(label), state,
+            jnp.int32(1 + m))
 
-    def verify_first(m, tree):
-      """Verifies nodes [0, m) (none after them is valid), padded back to n nodes."""
-      cache, features, verdict, label, state = verify_tree(tree.first(m))
-      pad = lambda x: jnp.pad(x, ((0, 0), (0, n - m)) + ((0, 0),) * (x.ndim - 2))
-      verdict = verdict._replace(
-          path=pad(verdict.path),
-          **({} if not top_k else dict(scored_tokens=jnp.pad(  # -1: no token verified there
-              verdict.scored_tokens, ((0, 0), (0, n - m)), constant_values=-1),
-                                       target_top_k=pad(verdict.target_top_k))))
-      return (cache, tuple(pad(f) for f in features), verdict, pad(label), state,
-              jnp.int32(1 + m))
+  if n:
+    # The narrowest width that holds every sequence's last valid node: a step whose
+    # stop policy drafted little verifies little, and one without drafts is an AR step.
+    # A drafter that always fills its tree compiles one width (fewer target forwards).
+    widths = verify_widths(n) if _drafts_vary(drafter, stop) else (n,)
+    last = jnp.max(jnp.where(tree.valid & live[:, None], jnp.arange(1, n + 1), 0))
+    cache, features, verdict, label, dstate, width = jax.lax.switch(
+        jnp.searchsorted(jnp.asarray(widths), last),
+        [functools.partial(verify_first, m) for m in widths], tree)
+  else:
+    (cache, features, verdict, label, dstate), width = verify_tree(tree), jnp.int32(1)
+  verdict = verdict._replace(accepted_drafts=jnp.where(live, verdict.accepted_drafts, 0))
+  a_B = verdict.accepted_drafts
+  # Target cache: keep the root (offset 0) and the accepted nodes (offset 1 + node).
+  keep = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), 1 + verdict.path], axis=1)
+  cache = cache.commit(keep, jnp.where(live, 1 + a_B, 0))
+  # New tokens: the accepted path then the next token; cut after the first EOS.
+  j = jnp.arange(n + 1)
+  path_tokens = jnp.take_along_axis(tree.tokens, verdict.path, 1)
+  window = jnp.where(j < a_B[:, None],
+                     jnp.concatenate([path_tokens, zeros[:, None]], 1), verdict.next_token[:, None])
+  is_eos = jnp.isin(window, eos_arr) & (j <= a_B[:, None])
+  hit_eos = is_eos.any(-1)
+  gained = jnp.where(hit_eos, jnp.argmax(is_eos, -1) + 1, a_B + 1)
+  gained = jnp.where(live, gained, 0).astype(jnp.int32)
+  new = st.new + gained
+  # gained[b, k]: row b's k-th step (its own count: rows of a stream start at other steps)
+  stats = Stats(st.stats.gained.at[rows, st.stats.target_calls].set(gained, mode="drop"),
+                st.stats.target_calls + live, st.stats.draft_calls + draft_calls * live,
+                st.stats.verified + width * live)
+  dstate = dstate if drafter is None else drafter.commit(dstate, ctx, verdict, features)
+  return State(cache=sharding.constrain(cache, cache_shardings),
+                history=_write(st.history, window, st.length),
+                length=st.length + gained, new=new, budget=st.budget,
+                done=st.done | (live & hit_eos) | (new >= st.budget), drafter=dstate,
+                stats=stats, step=st.step + 1,
+                trace=st.trace if st.trace is None else _record(
+                    st.trace, st.step, tree, label, verdict, live))
 
-    if n:
-      # The narrowest width that holds every sequence's last valid node: a step whose
-      # stop policy drafted little verifies little, and one without drafts is an AR step.
-      # A drafter that always fills its tree compiles one width (fewer target forwards).
-      widths = verify_widths(n) if _drafts_vary(drafter, stop) else (n,)
-      last = jnp.max(jnp.where(tree.valid, jnp.arange(1, n + 1), 0))
-      cache, features, verdict, label, dstate, width = jax.lax.switch(
-          jnp.searchsorted(jnp.asarray(widths), last),
-          [functools.partial(verify_first, m) for m in widths], tree)
-    else:
-      (cache, features, verdict, label, dstate), width = verify_tree(tree), jnp.int32(1)
-    verdict = verdict._replace(accepted_drafts=jnp.where(live, verdict.accepted_drafts, 0))
-    a_B = verdict.accepted_drafts
-    # Target cache: keep the root (offset 0) and the accepted nodes (offset 1 + node).
-    keep = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), 1 + verdict.path], axis=1)
-    cache = cache.commit(keep, jnp.where(live, 1 + a_B, 0))
-    # New tokens: the accepted path then the next token; cut after the first EOS.
-    j = jnp.arange(n + 1)
-    path_tokens = jnp.take_along_axis(tree.tokens, verdict.path, 1)
-    window = jnp.where(j < a_B[:, None],
-                       jnp.concatenate([path_tokens, zeros[:, None]], 1), verdict.next_token[:, None])
-    is_eos = jnp.isin(window, eos_arr) & (j <= a_B[:, None])
-    hit_eos = is_eos.any(-1)
-    gained = jnp.where(hit_eos, jnp.argmax(is_eos, -1) + 1, a_B + 1)
-    gained = jnp.where(live, gained, 0).astype(jnp.int32)
-    new = st.new + gained
-    stats = Stats(st.stats.gained.at[:, st.step].set(gained),
-                  st.stats.target_calls + live, st.stats.draft_calls + draft_calls * live,
-                  st.stats.verified + width * live)
-    dstate = dstate if drafter is None else drafter.commit(dstate, ctx, verdict, features)
-    return _State(cache=sharding.constrain(cache, cache_shardings),
-                  history=_write(st.history, window, st.length),
-                  length=st.length + gained, new=new,
-                  done=st.done | (live & hit_eos) | (new >= max_new_tokens), drafter=dstate,
-                  stats=stats, step=st.step + 1,
-                  trace=st.trace if st.trace is None else _record(
-                      st.trace, st.step, tree, label, verdict, live))
 
-  def cond(st: _State):
-    return (st.step < max_new_tokens) & ~st.done.all()
-
-  st = jax.lax.while_loop(cond, body, state)
+def finish(drafter, st: State, prompt_len_B, max_new_tokens: int,
+           keep_drafter: bool = True) -> Output:
+  """The `Output` of a finished loop: each row's new tokens, cut at its length."""
+  max_len = st.history.shape[1]
   lengths = jnp.minimum(st.new, max_new_tokens)
   idx = jnp.minimum(prompt_len_B[:, None] + jnp.arange(max_new_tokens), max_len - 1)
   tokens = jnp.take_along_axis(st.history, idx, 1)
   tokens = jnp.where(jnp.arange(max_new_tokens) < lengths[:, None], tokens, 0)
-  carried = st.drafter if drafter is not None and plan is None and carries(drafter) else None
+  carried = st.drafter if drafter is not None and keep_drafter and carries(drafter) else None
   return Output(tokens, lengths, st.stats, st.trace, carried)
 
 
@@ -295,7 +317,7 @@ def _is_number(x) -> bool:
   return np.isscalar(x) and not isinstance(x, (str, bytes))
 
 
-def _encode_prompts(model: Model, prompts) -> list[list[int]]:
+def encode_prompts(model: Model, prompts) -> list[list[int]]:
   """Token-id lists from one prompt (a string, or a flat list / 1-D array of token ids)
   or a list of prompts (strings and token-id lists, mixed as you like)."""
   if isinstance(prompts, str) or (
@@ -387,6 +409,33 @@ def bucketed_cache_size(prompt_tokens: int, max_new_tokens: int, num_nodes: int,
   return -(-cache_size(prompt_tokens, max_new_tokens, num_nodes) // bucket) * bucket
 
 
+def setup(model: Model, drafter, stop, acceptance, temperature: float = 0.0,
+          top_k: int | None = None, top_p: float | None = None, eos: Any = "default"):
+  """(sampling, rule, stop policy, eos ids) for a decode loop, every combination checked
+  (`registry.check_combination`) before anything compiles; `generate` and
+  `specjax.serve.Engine` share it."""
+  eos_ids = _eos_ids(model, eos)
+  sampling = Sampling.create(temperature, top_k, top_p)
+  rule = None if acceptance is None else verify_lib.get(acceptance)
+  registry.check_combination(
+      takes_stop_policy=None if drafter is None else bool(drafter.takes_stop_policy),
+      has_stop=stop is not None, rule=None if rule is None else rule.name,
+      temperatures=[temperature], greedy_only=bool(getattr(drafter, "greedy_only", False)))
+  if rule is None:
+    rule = verify_lib.get("greedy" if sampling.greedy else "speculative")
+  if hasattr(rule, "validate"):
+    rule.validate(model.config)
+  if rule.name == "rsd" and not sampling.greedy:  # the rule asks for distinct siblings
+    sampling = sampling.replace(without_replacement=True)
+  if drafter is not None:
+    drafter.validate(model.config)
+    check_features(model.config, drafter.features)
+  stop = stopping.get(stop)
+  if drafter is not None:
+    stop.check(drafter)
+  return sampling, rule, stop, eos_ids
+
+
 def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, eos: Any = "default",
@@ -429,28 +478,11 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
   """
   if not _is_int(max_new_tokens) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1 and an integer; got {max_new_tokens!r}.")
-  eos_ids = _eos_ids(model, eos)
-  sampling = Sampling.create(temperature, top_k, top_p)
-  rule = None if acceptance is None else verify_lib.get(acceptance)
-  registry.check_combination(
-      takes_stop_policy=None if drafter is None else bool(drafter.takes_stop_policy),
-      has_stop=stop is not None, rule=None if rule is None else rule.name,
-      temperatures=[temperature], greedy_only=bool(getattr(drafter, "greedy_only", False)))
-  if rule is None:
-    rule = verify_lib.get("greedy" if sampling.greedy else "speculative")
-  if hasattr(rule, "validate"):
-    rule.validate(model.config)
-  if rule.name == "rsd" and not sampling.greedy:  # the rule asks for distinct siblings
-    sampling = sampling.replace(without_replacement=True)
-  if drafter is not None:
-    drafter.validate(model.config)
-    check_features(model.config, drafter.features)
-  stop = stopping.get(stop)
-  if drafter is not None:
-    stop.check(drafter)
+  sampling, rule, stop, eos_ids = setup(model, drafter, stop, acceptance, temperature, top_k,
+                                        top_p, eos)
   if trace and drafter is None:
     raise ValueError("trace=True records draft nodes; pass a drafter.")
-  tokens = _encode_prompts(model, prompts)
+  tokens = encode_prompts(model, prompts)
   rows = len(tokens)
   if plan is not None:  # pad to an even split over the batch axes (per process)
     per_process = -(-plan.batch_size_multiple // jax.process_count())

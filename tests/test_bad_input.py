@@ -39,10 +39,10 @@ def _never_compile(monkeypatch):
 
 
 def test_list_of_strings_is_a_batch_of_prompts(tiny):
-  assert decode._encode_prompts(tiny, ["a", "bc"]) == [[97], [98, 99]]
-  assert decode._encode_prompts(tiny, ("a", [5, 6])) == [[97], [5, 6]]
-  assert decode._encode_prompts(tiny, "ab") == [[97, 98]]
-  assert decode._encode_prompts(tiny, [1, 2]) == [[1, 2]]
+  assert decode.encode_prompts(tiny, ["a", "bc"]) == [[97], [98, 99]]
+  assert decode.encode_prompts(tiny, ("a", [5, 6])) == [[97], [5, 6]]
+  assert decode.encode_prompts(tiny, "ab") == [[97, 98]]
+  assert decode.encode_prompts(tiny, [1, 2]) == [[1, 2]]
   out = decode.generate(tiny, ["a", "bc"], max_new_tokens=1, eos=None)
   assert np.asarray(out.lengths).tolist() == [1, 1]
 
