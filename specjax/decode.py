@@ -205,8 +205,8 @@ def step(cfg: ModelConfig, params, drafter, stop, st: State, key, *, sampling: S
   rule_feats = tuple(getattr(rule, "features", ()))  # what the rule reads (Judge: FINAL)
   trace = st.trace is not None
 
-  ctx = Context(st.history, st.length, st.cache)
   live = ~st.done
+  ctx = Context(st.history, st.length, st.cache, live)
   draft_key, verify_key = jax.random.split(jax.random.fold_in(key, st.step))
   if drafter is None:
     tree, dstate, draft_calls = _empty_tree(b), st.drafter, zeros

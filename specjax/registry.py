@@ -92,6 +92,7 @@ DRAFTERS = Registry("drafter", {
     **_HEADS, "prompt_lookup": "specjax.drafters.retrieval.prompt_lookup",
     "token_recycling": "specjax.drafters.retrieval.token_recycling",
     "suffix": "specjax.drafters.retrieval.suffix", "hybrid": "specjax.drafters.hybrid",
+    "goodput": "specjax.drafters.goodput",
     "self_draft": "specjax.drafters.selfdraft.draft_model",
     "draft_model": "specjax.drafters.selfdraft.draft_model",
     "swift": "specjax.drafters.selfdraft.swift",

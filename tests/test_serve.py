@@ -8,9 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from specjax import decode, serve, verify
+from specjax import decode, models, serve, verify
 from specjax.drafters import DraftModel, PromptLookup, TokenRecycling
-from specjax.models import Model, ModelConfig, init_params
+from specjax.models import Model, ModelConfig, init_params  # noqa
 
 from test_lossless_sampling import (DRAFT, PROMPTS as SAMPLED_PROMPTS, TARGET as SMALL,
                                     counts_of, exact_two_tokens, tv, tv_bound)
@@ -148,3 +148,22 @@ def test_sampled_stream_keeps_the_target_distribution():
   assert max(got) < bound, (got, bound)
   biased, bound = _sampled_stream(verify.get("fuzzy", threshold=1e9))
   assert min(biased) > bound, (biased, bound)
+
+
+def test_stream_cli_runs_and_resumes(tmp_path):
+  """`python -m specjax.evaluation.stream` on the tiny config: a row per (method, policy),
+  every output equal across them; a rerun skips the cells it has."""
+  from specjax.configs import stream as stream_config  # pylint: disable=g-import-not-at-top
+  from specjax.evaluation import stream  # pylint: disable=g-import-not-at-top
+  c = stream_config.get_config("tiny")
+  rows = stream.run(c, str(tmp_path))
+  assert [(r["method"], r["policy"]) for r in rows] == [
+      (m, p) for m in ("ar", "prompt_lookup") for p in ("static", "fifo")]
+  assert all(r["outputs"] == rows[0]["outputs"] and r["requests"] == 12 for r in rows)
+  assert rows[2]["tau"] > 1.0 and rows[0]["tau"] == 1.0
+  assert "| prompt_lookup | fifo | 3 |" in (tmp_path / "summary.md").read_text()
+  assert stream.run(c, str(tmp_path)) == rows  # nothing left to run
+  c.arrivals_file = str(tmp_path / "arrivals.json")
+  (tmp_path / "arrivals.json").write_text("[0, 1]")
+  with pytest.raises(ValueError, match="must hold 12 arrival times"):
+    stream.requests(models.load("tiny-random"), c)

@@ -11,7 +11,8 @@
                first layers, or the target skipping sub-layers it searches for (SWIFT)
                or exiting at a layer it picks as it goes (DEL)
 
-`hybrid` merges the trees of several of them into one. Shared modules beside them: `base`
+`hybrid` merges the trees of several of them into one; `goodput` (SmartSpec) picks a chain
+drafter's length each step for the batch's goodput. Shared modules beside them: `base`
 (the interface the decode loop calls), `static_tree` /
 `dynamic_tree` (tree drafting), `budget` (draft sizes from measured costs), `io` (head
 folders: save, load, foreign layouts), `export` (to the speculators format).
@@ -27,7 +28,7 @@ from specjax.drafters.base import Context, Drafter, TargetBatch, TrainableHead
 _LAZY = {
     "DraftModel": "selfdraft.draft_model", "PromptLookup": "retrieval.prompt_lookup",
     "TokenRecycling": "retrieval.token_recycling",
-    "SuffixDecoding": "retrieval.suffix", "Hybrid": "hybrid", "Swift": "selfdraft.swift",
+    "SuffixDecoding": "retrieval.suffix", "Hybrid": "hybrid", "Goodput": "goodput", "Swift": "selfdraft.swift",
     "DynamicExit": "selfdraft.dynamic_exit", "FeatureDrafter": "heads.runtime", "EagleHead": "heads.eagle",
     "Eagle3Head": "heads.eagle3", "Falcon": "heads.falcon", "FalconHead": "heads.falcon",
     "Hydra": "heads.hydra", "HydraHead": "heads.hydra", "Medusa": "heads.medusa",

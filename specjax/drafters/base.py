@@ -53,6 +53,9 @@ class Context:
   # The target's KV cache of the committed tokens (all but the root): what drafters that
   # run the target's own layers read (`models.skip`: SWIFT, DEL).
   cache: Any = None
+  # bool[B]: rows still decoding (finished rows and a stream's empty slots are not):
+  # what policies that weigh the whole batch read (`drafters.goodput`).
+  live: Any = None
 
 
 def soft_ce(target_logits, logits):

@@ -1,0 +1,93 @@
+"""SmartSpec's goodput policy (`drafters.goodput`): the length it picks from hand-computed
+costs and acceptance, and greedy decoding through it equal to AR."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from specjax import decode, registry, serve
+from specjax.drafters import DraftModel, goodput
+
+from test_engine import PROMPTS, TARGET, gen
+
+
+def costs(verify_ms, draft_ms=0.0, **batches):
+  c = {"verify_ms": verify_ms, "draft_ms": draft_ms}
+  if batches:
+    c["batches"] = {b[1:]: {"verify_ms": v, "draft_ms": d} for b, (v, d) in batches.items()}
+  return c
+
+
+FREE = costs({1: 10.0, 2: 10.0, 3: 10.0, 4: 10.0, 8: 10.0})
+
+
+def test_free_verification_drafts_the_most_and_costly_drafts_nothing():
+  a = jnp.asarray([0.5, 0.5])
+  live = jnp.asarray([True, True])
+  # E(k) = 1, 1.5, 1.75, 1.875 per row; every k costs 10 ms: the longest wins.
+  np.testing.assert_allclose(goodput.expected_tokens(a, 3)[0], [1, 1.5, 1.75, 1.875])
+  assert int(goodput.best_length(a, live, jnp.asarray(goodput.step_costs(FREE, 2, 3)))) == 3
+  # Verifying 1 + k tokens costs 10, 15.5, 18 ms (k = 0, 1, 2): goodput 0.2, 0.194, 0.194
+  # tokens/ms for the two rows: AR wins.
+  dear = costs({1: 10.0, 2: 15.5, 3: 18.0})
+  assert goodput.step_costs(dear, 2, 2) == (10.0, 15.5, 18.0)
+  assert int(goodput.best_length(a, live, jnp.asarray(goodput.step_costs(dear, 2, 2)))) == 0
+  # ...unless acceptance is high: a = 0.9 gives 1.9 / 15.5 = 0.123 > 1 / 10 at k = 1 and
+  # 2.71 / 18 = 0.151 at k = 2.
+  hi = jnp.asarray([0.9, 0.9])
+  assert int(goodput.best_length(hi, live, jnp.asarray(goodput.step_costs(dear, 2, 2)))) == 2
+  # Draft forwards count: 4 ms each makes k = 2 cost 26 ms (0.104) and k = 1 19.5 (0.097).
+  assert goodput.step_costs(costs({1: 10.0, 2: 15.5, 3: 18.0}, 4.0), 1, 2) == (10.0, 19.5, 26.0)
+  # Only live rows count: a finished row with a high estimate does not buy drafts.
+  mixed = jnp.asarray([0.9, 0.1])
+  assert int(goodput.best_length(mixed, jnp.asarray([False, True]),
+                                 jnp.asarray(goodput.step_costs(dear, 2, 2)))) == 0
+
+
+def test_a_bigger_batch_turns_speculation_off():
+  """Per-batch tables: verification is nearly free at batch 1 and costs like AR steps at
+  batch 32; in between the costs are interpolated (batch 16.5: halfway)."""
+  c = costs({1: 10.0, 2: 10.0, 3: 10.0},
+            b1=({1: 10.0, 2: 10.5, 3: 11.0}, 0.0), b32=({1: 40.0, 2: 80.0, 3: 120.0}, 0.0))
+  a, k = jnp.full((32,), 0.6), lambda b: int(goodput.best_length(
+      jnp.full((b,), 0.6), jnp.ones((b,), bool), jnp.asarray(goodput.step_costs(c, b, 2))))
+  assert goodput.step_costs(c, 1, 2) == (10.0, 10.5, 11.0)
+  assert goodput.step_costs(c, 32, 2)[2] == 120.0
+  np.testing.assert_allclose(goodput.step_costs(c, 16.5, 2), (25.0, 45.25, 65.5))
+  assert (k(1), k(32)) == (2, 0)
+  del a
+
+
+def _generate(cost_table, **kw):
+  d = goodput.create(DraftModel.truncated(TARGET, 1, depth=3), cost_table, prior=0.8)
+  return gen(TARGET, PROMPTS, max_new_tokens=24, eos=None, drafter=d, **kw)
+
+
+def test_greedy_through_goodput_equals_ar_and_follows_the_costs():
+  want = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None).token_lists()
+  free = _generate(FREE)
+  assert free.token_lists() == want
+  assert (np.asarray(free.stats.draft_calls) > 0).all() and (free.tau > 1).all()
+  dear = _generate(costs({1: 10.0, 2: 40.0, 3: 60.0, 4: 80.0}))  # AR at any acceptance
+  assert dear.token_lists() == want
+  assert (dear.tau == 1).all()  # AR steps (the draft model still reads each root)
+  assert (np.asarray(dear.stats.verified) == np.asarray(dear.stats.target_calls)).all()
+
+
+def test_goodput_in_a_stream_and_bad_input(tmp_path):
+  d = goodput.create(DraftModel.truncated(TARGET, 1, depth=3), FREE)
+  eng = serve.Engine(TARGET, slots=2, max_len=128, max_new_tokens=12, drafter=d, eos=None)
+  reqs = [serve.Request(tuple(p), 12) for p in PROMPTS]
+  assert [r.tokens for r in serve.serve(eng, reqs)] == gen(
+      TARGET, PROMPTS, max_new_tokens=12, eos=None).token_lists()
+  with pytest.raises(ValueError, match="goodput wraps a drafter"):
+    registry.DRAFTERS.check("goodput", None, inner="eagle", costs=None)
+  with pytest.raises(FileNotFoundError, match="No cost file"):
+    registry.DRAFTERS.check("goodput", None, inner={"drafter": "prompt_lookup"},
+                            costs=str(tmp_path / "none.json"))
+  with pytest.raises(ValueError, match="verify-cost table stops at T=2"):
+    goodput.create(DraftModel.truncated(TARGET, 1, depth=3),
+                   costs({1: 1.0, 2: 1.0})).validate(TARGET.config)
+  with pytest.raises(ValueError, match="prior must be in"):
+    goodput.create(DraftModel.truncated(TARGET, 1, depth=3), FREE, prior=2.0).validate(
+        TARGET.config)
