@@ -6,7 +6,9 @@ In one process, after warm-up, medians of several runs:
   specjax    batch-1 greedy AR decoding, tokens/s and ms per step
   hf         transformers' greedy `generate` on the same weights (PyTorch CPU)
   verify     one target forward of T tokens against a cache, relative to T = 1: what
-             verifying a draft tree of T-1 nodes costs on this device
+             verifying a draft tree of T-1 nodes costs on this device; and at batch 1, 8,
+             16 and 32 for T up to 5, with an EAGLE draft forward at each (the per-batch
+             tables SmartSpec's goodput policy weighs, `drafters.goodput`)
   forward vs matmul   that forward (in a jitted loop, as in decoding) beside the same run's
              matmul-only floors for the same B*T rows (chained, as a forward runs them, and
              independent), at 300 and 1,400 tokens of context and at batch 16
@@ -20,6 +22,8 @@ In one process, after warm-up, medians of several runs:
   compile    seconds to compile one decode program (AR, the committed EAGLE-3 head as a
              chain of 3, the committed EAGLE head as an EAGLE-2 tree), persistent cache off,
              beside the run time of that call
+  goodput    `--goodput COSTS_JSON`: greedy tokens/s at batch 1, 8, 16, 32 for AR, fixed
+             EAGLE-3 chains and SmartSpec's goodput policy (`goodput_table`)
   AR floor   the AR step of `generate` after a 300-token prompt beside both matmul floors
              (chained as a forward's layers are, and independent)
 Writes bench.json and costs.json (the verify and draft costs `drafters.budget` sizes drafts
@@ -135,15 +139,16 @@ def forward_ms(model: models.Model, batch: int, t: int, context: int, runs: int,
   return 1e3 * _median_time(lambda: fwd(params, tokens, cache), runs) / reps
 
 
-def draft_ms(model: models.Model, runs: int, context: int = 256) -> float:
-  """ms of one EAGLE draft forward: 1 token through the head against its cache + LM head."""
+def draft_ms(model: models.Model, runs: int, context: int = 256, batch: int = 1) -> float:
+  """ms of one EAGLE draft forward: 1 token per row through the head against its cache +
+  LM head, for `batch` rows."""
   from specjax.drafters import EagleHead  # pylint: disable=g-import-not-at-top
   cfg = model.config
   head = EagleHead(cfg)
   params = head.init(jax.random.key(0))
   shared = models.shared_params(cfg, model.params)
-  cache = models.KVCache.create(1, 1, context + 8, cfg.num_kv_heads, cfg.head_dim).advance(
-      jnp.full((1,), context, jnp.int32))
+  cache = models.KVCache.create(1, batch, context + 8, cfg.num_kv_heads, cfg.head_dim).advance(
+      jnp.full((batch,), context, jnp.int32))
 
   @jax.jit
   def step(params, feat, tokens, cache):
@@ -151,7 +156,7 @@ def draft_ms(model: models.Model, runs: int, context: int = 256) -> float:
                         models.causal(1), cache)
     return models.lm_head(cfg, shared, g), cache
 
-  feat, tokens = jnp.ones((1, 1, cfg.hidden_size)), jnp.ones((1, 1), jnp.int32)
+  feat, tokens = jnp.ones((batch, 1, cfg.hidden_size)), jnp.ones((batch, 1), jnp.int32)
   return 1e3 * _median_time(lambda: step(params, feat, tokens, cache), runs)
 
 
@@ -248,15 +253,74 @@ def compile_table(model: models.Model, prompt: list[int], new_tokens: int) -> li
   return rows
 
 
-def verify_cost(model: models.Model, sizes, runs: int, context: int = 256) -> dict:
-  """Median ms of one cached forward of T tokens, for each T."""
-  return {t: forward_ms(model, 1, t, context, runs) for t in sizes}
+def goodput_table(model: models.Model, costs: dict, batches=(1, 8, 16, 32), depth: int = 3,
+                  new_tokens: int = 64, runs: int = 2, checkpoint: str | None = None) -> list:
+  """Greedy tokens/s of `generate` at each batch size (MT-Bench first turns, repeated to
+  fill the batch) for AR, the committed EAGLE-3 head as a fixed chain of 1..depth, and
+  that chain under SmartSpec's goodput policy (`drafters.goodput`, with `costs`). Every
+  output is checked equal to AR's."""
+  from specjax.drafters import goodput  # pylint: disable=g-import-not-at-top
+  from specjax.evaluation import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
+  from specjax.configs import common  # pylint: disable=g-import-not-at-top
+  checkpoint = checkpoint or common.EAGLE3_SMOLLM2
+  chats = [model.tokenizer.encode_chat([{"role": "user", "content": p.turns[0]}])
+           for p in prompts_lib.load("mt_bench")]
+  chain = lambda d: registry.DRAFTERS.build("eagle3", model, checkpoint=checkpoint, top_k=1,
+                                            depth=d)
+  methods = [("ar", None)] + [(f"chain {d}", chain(d)) for d in range(1, depth + 1)] + [
+      ("goodput", goodput.create(chain(depth), costs))]
+  rows = []
+  print("\n| batch | method | tokens/s | tau | x AR |\n|---|---|---|---|---|", flush=True)
+  for b in batches:
+    prompts = [chats[i % len(chats)] for i in range(b)]
+    ar_out, ar_tps = None, None
+    for name, drafter in methods:
+      run = lambda: decode.generate(model, prompts, max_new_tokens=new_tokens, eos=None,
+                                    drafter=drafter)
+      seconds = _median_time(run, runs)
+      out = run()
+      if ar_out is None:
+        ar_out = out.token_lists()
+      elif out.token_lists() != ar_out:
+        raise AssertionError(f"{name} at batch {b}: outputs differ from AR")
+      tps = b * new_tokens / seconds
+      ar_tps = ar_tps or tps
+      tau = float(np.sum(out.lengths) / np.sum(out.stats.target_calls))
+      rows.append({"batch": b, "method": name, "tokens_per_s": tps, "tau": tau,
+                   "speedup": tps / ar_tps})
+      print(f"| {b} | {name} | {tps:.1f} | {tau:.2f} | {tps / ar_tps:.2f} |", flush=True)
+  return rows
+
+
+def verify_cost(model: models.Model, sizes, runs: int, context: int = 256,
+                batch: int = 1) -> dict:
+  """Median ms of one cached forward of T tokens per row, for each T."""
+  return {t: forward_ms(model, batch, t, context, runs) for t in sizes}
+
+
+# Batch sizes and widths of the per-batch cost tables (`drafters.goodput` reads them).
+COST_BATCHES, COST_WIDTHS = (1, 8, 16, 32), (1, 2, 3, 4, 5)
+
+
+def batch_costs(model: models.Model, runs: int, batches=COST_BATCHES,
+                widths=COST_WIDTHS) -> dict:
+  """{B: {"verify_ms": {T: ms}, "draft_ms": ms}}: a step's verification of T tokens per
+  row and one draft forward, at each batch size (what SmartSpec's goodput weighs)."""
+  out = {}
+  for b in batches:
+    out[b] = {"verify_ms": verify_cost(model, widths, runs, batch=b),
+              "draft_ms": draft_ms(model, runs, batch=b)}
+    print(f"batch {b}: verify ms " + ", ".join(f"T={t} {ms:.1f}" for t, ms in
+                                                out[b]["verify_ms"].items())
+          + f"; draft {out[b]['draft_ms']:.1f} ms", flush=True)
+  return out
 
 
 def write_costs(res: dict, out: str) -> None:
   """costs.json: what `drafters.budget` sizes drafts from (a sweep's `budget=` knob)."""
   os.makedirs(out, exist_ok=True)
-  costs = {k: res[k] for k in ("model", "device", "verify_ms", "draft_ms")}
+  costs = {k: res[k] for k in ("model", "device", "verify_ms", "draft_ms", "batches")
+           if k in res}
   with open(os.path.join(out, "costs.json"), "w", encoding="utf-8") as f:
     json.dump(costs, f, indent=1)
 
@@ -275,6 +339,9 @@ def main(argv=None):
   ap.add_argument("--train", default=None,
                   help="only the train-throughput table for these recipes (comma-separated "
                        f"of {', '.join(TRAIN_RECIPES)}, or 'all')")
+  ap.add_argument("--goodput", default=None, metavar="COSTS_JSON",
+                  help="only the goodput table (AR, fixed EAGLE-3 chains, SmartSpec's "
+                       "policy at batch 1, 8, 16, 32) with this cost file")
   args = ap.parse_args(argv)
   recipes = None
   if args.train:
@@ -284,6 +351,18 @@ def main(argv=None):
       raise SystemExit(f"--train: unknown recipe(s) {unknown}; known: {list(TRAIN_RECIPES)}")
   runtime.enable_compilation_cache()
   model = models.load(args.model)
+  if args.goodput:
+    from specjax.drafters import budget as budget_lib  # pylint: disable=g-import-not-at-top
+    costs = budget_lib.read_costs(args.goodput)
+    if "batches" not in costs:
+      raise SystemExit(f"{args.goodput} has no per-batch tables: re-run "
+                       "`python -m specjax.evaluation.bench --costs-only`.")
+    res = {"model": args.model, "device": str(jax.devices()[0]),
+           "goodput": goodput_table(model, costs, runs=max(2, args.runs // 2))}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "goodput.json"), "w", encoding="utf-8") as f:
+      json.dump(res, f, indent=1)
+    return res
   if recipes:
     res = {"model": args.model, "device": str(jax.devices()[0]),
            "train": train_table(model, recipes, runs=max(2, args.runs // 2))}
@@ -311,6 +390,7 @@ def main(argv=None):
   res["draft_ms"] = draft_ms(model, args.runs * 4)
   print(f"EAGLE draft forward: {res['draft_ms']:.1f} ms (target T=1: {base:.1f} ms)",
         flush=True)
+  res["batches"] = batch_costs(model, args.runs)
   write_costs(res, args.out)
   if args.costs_only:
     return

@@ -95,7 +95,7 @@ DRAFTERS = Registry("drafter", {
     "goodput": "specjax.drafters.goodput",
     "self_draft": "specjax.drafters.selfdraft.draft_model",
     "draft_model": "specjax.drafters.selfdraft.draft_model",
-    "swift": "specjax.drafters.selfdraft.swift",
+    "swift": "specjax.drafters.selfdraft.swift", "pearl": "specjax.drafters.selfdraft.pearl",
     "del": "specjax.drafters.selfdraft.dynamic_exit",
     "specee": "specjax.drafters.selfdraft.specee"})
 # builder(**knobs) -> policy

@@ -1,6 +1,7 @@
 """`make bench`'s train-throughput table (eval/bench.py), at a tiny shape."""
 
 import importlib
+import json
 
 import pytest
 
@@ -24,3 +25,20 @@ def test_train_tokens_per_s_runs_a_recipe_step():
 def test_unknown_train_recipe_is_refused_before_loading():
   with pytest.raises(SystemExit, match="unknown recipe.*'eagel'"):
     bench.main(["--model", "no-such-model", "--train", "eagle,eagel"])
+
+
+def test_batch_costs_feed_the_goodput_policy(tmp_path):
+  """The per-batch cost tables `make bench` writes are what `drafters.goodput` reads."""
+  from specjax.drafters import goodput  # pylint: disable=g-import-not-at-top
+  model = models.load("tiny-random")
+  table = bench.batch_costs(model, 1, batches=(1, 4), widths=(1, 2, 3))
+  assert set(table) == {1, 4} and set(table[4]["verify_ms"]) == {1, 2, 3}
+  assert all(ms > 0 for b in table.values() for ms in [*b["verify_ms"].values(), b["draft_ms"]])
+  res = {"model": "tiny-random", "device": "cpu", "verify_ms": table[1]["verify_ms"],
+         "draft_ms": table[1]["draft_ms"], "batches": table}
+  bench.write_costs(res, str(tmp_path))
+  costs = json.loads((tmp_path / "costs.json").read_text())
+  got = goodput.step_costs(costs, 4, 2)  # JSON keys are strings; batch 4 is measured
+  want = [table[4]["verify_ms"][t] + k * table[4]["draft_ms"] for k, t in ((0, 1), (1, 2),
+                                                                          (2, 3))]
+  assert got == pytest.approx(want)

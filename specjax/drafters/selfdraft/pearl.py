@@ -1,0 +1,170 @@
+"""PEARL: drafting and verification at the same time, with an adaptive draft length.
+
+After "PEARL: Parallel Speculative Decoding with Adaptive Draft Length". Plain speculative
+decoding alternates: the target waits while the draft drafts gamma tokens, then the draft
+waits while the target verifies them. PEARL overlaps the two:
+
+  pre-verify   while the draft drafts gamma tokens, the target already runs on the
+               current token (an AR step), which checks the first draft early: if it
+               disagrees, the rest is dropped and the target's token is kept
+  post-verify  while the target verifies gamma pending drafts, the draft goes on
+               drafting the next gamma tokens as if all were accepted; if they were, and
+               the target's next token equals the first new draft, the remaining new
+               drafts become the pending ones and no drafting phase is needed
+
+Both are one rule in this loop's steps: each step verifies the drafts *pending* from the
+previous step (none after a rejection: an AR step, pre-verify) while the draft drafts
+`gamma` tokens past them. In `commit`, if every pending draft was accepted and the
+target's next token (bonus or correction) equals the first new draft, the other gamma - 1
+become the next step's pending drafts (post-verify); otherwise there are none. A row
+running well verifies gamma - 1 drafts a step and pays no drafting phase; a row running
+badly falls back to AR steps: the draft length adapts per row, as in the paper.
+
+The step's two halves read the same inputs (the committed tokens and the pending drafts)
+and nothing of each other, so on hardware that runs the draft and the target on separate
+devices a step costs max(draft, verify) rather than their sum (`predicted_speedup`; the
+paper puts them on separate GPUs). Run on one device, as here, they run one after the
+other: the loop checks the algorithm (outputs equal to AR, tau), not the overlap.
+
+Lossless at any temperature: pending drafts are verified by the step's rule against the
+draft distributions they were sampled from, and a new draft is kept only when it equals
+the target's own next token, which is drawn exactly as without it.
+
+The draft is an LM with its own KV cache (an independent model sharing the vocabulary,
+or the target's first layers). Its cache holds the committed tokens; each step forwards
+the ones it lacks together with the pending drafts (one forward of up to 2 gamma - 1
+tokens) and then drafts gamma - 1 more, one token a forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specjax import registry
+from specjax import sampling as sampling_lib
+from specjax.models.cache import KVCache
+from specjax.models.config import ModelConfig
+from specjax.models.model import Model, causal, forward, param_dtype, prefill
+from specjax.tree import DraftTree
+
+
+@flax.struct.dataclass
+class PearlState:
+  cache: KVCache  # the draft's: the committed tokens (root included) after a propose
+  pending: jax.Array  # int32[B, gamma - 1]: drafts the next step verifies
+  num_pending: jax.Array  # int32[B]
+  pending_q: jax.Array  # float32[B, gamma - 1, V]: their draft distributions (sampling)
+  drafts: jax.Array  # int32[B, gamma]: this step's new drafts (past the pending ones)
+  drafts_q: jax.Array  # float32[B, gamma, V] (zeros when greedy)
+
+
+@flax.struct.dataclass
+class Pearl:
+  params: Any
+  config: ModelConfig = flax.struct.field(pytree_node=False)
+  gamma: int = flax.struct.field(pytree_node=False, default=4)
+  takes_stop_policy = False
+  drafts_vary = True  # no pending drafts: an AR step
+  features = ()
+
+  @property
+  def num_nodes(self) -> int:
+    return self.gamma - 1
+
+  def validate(self, target_config: ModelConfig) -> None:
+    if self.config.vocab_size != target_config.vocab_size:
+      raise ValueError(f"PEARL's draft has vocab size {self.config.vocab_size}, the target "
+                       f"{target_config.vocab_size}: they must share a tokenizer.")
+    if not isinstance(self.gamma, (int, np.integer)) or self.gamma < 2:
+      raise ValueError(f"PEARL's gamma (tokens drafted a step) must be an integer >= 2; got "
+                       f"{self.gamma!r}.")
+
+  def init(self, ctx, max_len: int, features) -> PearlState:
+    del features
+    b, g, v = ctx.history.shape[0], self.gamma, self.config.vocab_size
+    # Room past the committed tokens for a step's window and new drafts.
+    cache = KVCache.for_config(self.config, b, max_len + 3 * g, param_dtype(self.params))
+    cache, _ = prefill(self.config, self.params, cache, ctx.history, ctx.length - 1)
+    zeros = lambda *s: jnp.zeros((b,) + s, jnp.int32)
+    q = lambda n: jnp.zeros((b, n, v), jnp.float32)
+    return PearlState(cache, zeros(g - 1), zeros(), q(g - 1), zeros(g), q(g))
+
+  def propose(self, state: PearlState, ctx, stop, sampling, key):
+    del stop
+    g, cache = self.gamma, state.cache
+    b, width = ctx.history.shape[0], 2 * g - 1
+    # The window: committed tokens the cache lacks (root included), then the pending drafts.
+    lag = ctx.length - cache.lengths  # 1..gamma for live rows
+    j = jnp.arange(width)[None, :]
+    from_history = jnp.take_along_axis(
+        ctx.history, jnp.minimum(cache.lengths[:, None] + j, ctx.history.shape[1] - 1), 1)
+    from_pending = jnp.take_along_axis(state.pending, jnp.clip(j - lag[:, None], 0, g - 2), 1)
+    window = jnp.where(j < lag[:, None], from_history, from_pending)
+    used = lag + state.num_pending
+    out = forward(self.config, self.params, window, cache.lengths[:, None] + j,
+                  causal(width), cache)
+    last = jnp.take_along_axis(out.logits, jnp.maximum(used - 1, 0)[:, None, None], 1)[:, 0]
+    cache = out.cache.advance(used)
+
+    def draw(logits, key):
+      if sampling.greedy:
+        return jnp.argmax(logits, -1).astype(jnp.int32), None
+      q = sampling_lib.probs(logits, sampling)
+      return jax.random.categorical(key, jnp.log(q), -1).astype(jnp.int32), q
+
+    keys = jax.random.split(key, g)
+    tok, q = draw(last, keys[0])
+    toks, qs = [tok], [q]
+    for i in range(1, g):  # gamma - 1 more drafts, one forward each
+      step = forward(self.config, self.params, tok[:, None], cache.lengths[:, None],
+                     causal(1), cache)
+      cache = step.cache.advance(jnp.ones((b,), jnp.int32))
+      tok, q = draw(step.logits[:, 0], keys[i])
+      toks.append(tok)
+      qs.append(q)
+    drafts = jnp.stack(toks, 1)
+    drafts_q = state.drafts_q if sampling.greedy else jnp.stack(qs, 1)
+    valid = jnp.arange(g - 1)[None, :] < state.num_pending[:, None]
+    tree = DraftTree.chain(state.pending, valid,
+                           None if sampling.greedy else state.pending_q,
+                           sampled=not sampling.greedy)
+    # The cache keeps the committed tokens; what lies past them is rewritten next step.
+    state = state.replace(cache=cache.replace(lengths=ctx.length), drafts=drafts,
+                          drafts_q=drafts_q)
+    return tree, state, jnp.full((b,), g, jnp.int32)
+
+  def commit(self, state: PearlState, ctx, verdict, features) -> PearlState:
+    del ctx, features
+    hit = (verdict.accepted_drafts == state.num_pending) & (
+        verdict.next_token == state.drafts[:, 0])
+    n = jnp.where(hit, self.gamma - 1, 0).astype(jnp.int32)
+    return state.replace(pending=state.drafts[:, 1:], num_pending=n,
+                         pending_q=state.drafts_q[:, 1:])
+
+  def predicted_speedup(self, tau: float, verify_ms: float, draft_ms: float,
+                        ar_ms: float) -> tuple[float, float]:
+    """(sequential, parallel) speedup over AR for a measured tau: a step costs
+    verify + gamma draft forwards on one device, max of the two on two."""
+    steps = self.gamma * draft_ms
+    return (tau * ar_ms / (verify_ms + steps), tau * ar_ms / max(verify_ms, steps))
+
+
+@registry.DRAFTERS.register("pearl", takes_stop_policy=False)
+def _build(target: Model, *, gamma: int = 4, layers: int | None = None,
+           checkpoint: str | None = None) -> Pearl:
+  """PEARL with the target's first `layers` layers or the model at `checkpoint` as the
+  draft, `gamma` tokens drafted a step."""
+  if (layers is None) == (checkpoint is None):
+    raise ValueError("pearl: give the draft as layers=N (the target's first N layers) or "
+                     "checkpoint=PATH (an independent model), not both or neither.")
+  if layers is not None:
+    draft = target.truncated(layers)
+  else:
+    from specjax import models  # pylint: disable=g-import-not-at-top
+    draft = models.load(checkpoint, target.dtype)
+  return Pearl(draft.params, draft.config, gamma)
