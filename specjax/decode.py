@@ -441,7 +441,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
              top_p: float | None = None, seed: int = 0, eos: Any = "default",
              drafter: Any = None, stop: Any = None, acceptance: Any = None,
              max_len: int | None = None, trace: bool = False,
-             plan: sharding.Plan | None = None) -> Output:
+             plan: sharding.Plan | None = None, _compile_only: bool = False) -> Output:
   """Decodes a batch of prompts (ragged token lists, or strings via the model's tokenizer).
 
   Args:
@@ -506,13 +506,31 @@ def generate(model: Model, prompts: Sequence[Sequence[int] | str] | str, *,
   kwargs = dict(sampling=sampling, rule=rule, max_new_tokens=max_new_tokens,
                 eos=eos_ids, trace=trace)
   if plan is None:
-    return _generate(model.config, model.params, drafter, stop, jnp.asarray(history_BxL),
-                     jnp.asarray(lens_B), key, **kwargs)
+    args = (model.config, model.params, drafter, stop, jnp.asarray(history_BxL),
+            jnp.asarray(lens_B), key)
+    return _generate.lower(*args, **kwargs).compile() if _compile_only else _generate(
+        *args, **kwargs)
   params, drafter, stop = (_place_tree(plan, t) for t in (model.params, drafter, stop))
-  out = _sharded_decode(plan)(model.config, params, drafter, stop,
-                              plan.global_batch(history_BxL), plan.global_batch(lens_B), key,
-                              plan=plan, **kwargs)
+  args = (model.config, params, drafter, stop, plan.global_batch(history_BxL),
+          plan.global_batch(lens_B), key)
+  if _compile_only:
+    return _sharded_decode(plan).lower(*args, plan=plan, **kwargs).compile()
+  out = _sharded_decode(plan)(*args, plan=plan, **kwargs)
   return jax.tree.map(lambda x: _local_rows(plan, x)[:rows], out)
+
+
+def compiled(model: Model, prompts, **kwargs) -> jax.stages.Compiled:
+  """The program `generate(model, prompts, **kwargs)` would run, compiled and not run:
+  its `memory_analysis()` (what `budget.fit_memory` reads), `cost_analysis()`, HLO."""
+  return generate(model, prompts, _compile_only=True, **kwargs)
+
+
+def program_bytes(model: Model, prompts, **kwargs) -> int:
+  """Device bytes the decode program needs (arguments + outputs + temporaries, less what
+  outputs alias), from the compiled program's own memory analysis."""
+  m = compiled(model, prompts, **kwargs).memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
 
 
 def _place_tree(plan: sharding.Plan, tree):

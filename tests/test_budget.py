@@ -102,3 +102,27 @@ def test_ppd_sizes_its_tree_at_its_own_verification_width(tmp_path):
   with pytest.raises(ValueError, match="sizes the tree"):
     registry.DRAFTERS.build("ppd", target, checkpoint=str(tmp_path / "ppd"),
                             budget=str(costs), depth=2)
+
+
+def test_memory_budget_falls_back_to_a_smaller_tree_with_a_message():
+  """SpecMemo's budget from the compiled programs' own memory analysis: a budget between
+  the chain's and the tree's needs gets the chain, with a message naming the tree; one
+  below every candidate is an error before anything runs."""
+  from specjax import decode  # pylint: disable=g-import-not-at-top
+  from specjax.drafters import DraftModel  # pylint: disable=g-import-not-at-top
+  from test_engine import PROMPTS, TARGET  # pylint: disable=g-import-not-at-top
+  tree = DraftModel.truncated(TARGET, 1, top_k=3, depth=4)  # 120 nodes
+  chain = DraftModel.truncated(TARGET, 1, depth=2)
+  kw = dict(max_new_tokens=8, eos=None, max_len=288)
+  big, small = (decode.program_bytes(TARGET, PROMPTS, drafter=d, **kw) for d in (tree, chain))
+  assert big > small
+  said = []
+  label, got, n = budget.fit_memory(TARGET, PROMPTS, [("tree", tree), ("chain", chain)],
+                                    (big + small) // 2, log=said.append, **kw)
+  assert (label, got, n) == ("chain", chain, small)
+  assert len(said) == 1 and said[0].startswith("memory budget: tree needs")
+  out = decode.generate(TARGET, PROMPTS, drafter=got, **kw)  # and it runs
+  assert out.token_lists() == decode.generate(TARGET, PROMPTS, **kw).token_lists()
+  with pytest.raises(ValueError, match="No candidate fits .* the smallest, chain, needs"):
+    budget.fit_memory(TARGET, PROMPTS, [("tree", tree), ("chain", chain)], small - 1,
+                      log=said.append, **kw)

@@ -1,4 +1,5 @@
-"""Draft budgets from costs measured on the device at hand, not hard-coded.
+"""Draft budgets from costs measured on the device at hand, not hard-coded, and draft sizes
+that fit a device-memory budget (SpecMemo: `fit_memory`).
 
 EAGLE-2's reference times the target at a few tree sizes and keeps the cheapest per token.
 Here the inputs are `make bench`'s verify-cost table (ms of one target forward of T
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -121,3 +122,29 @@ def step_ms(verify_ms: Mapping, n: int) -> tuple[float, ...]:
   widths = decode.verify_widths(n)
   return tuple(_verify_ms(verify_ms, 1 + min(w for w in widths if w >= d)) for d in range(n + 1))
 
+
+
+def fit_memory(model, prompts, candidates: Sequence[tuple[str, Any]], limit_bytes: int,
+               log: Callable[[str], None] = print, **generate_kwargs) -> tuple[str, Any, int]:
+  """SpecMemo's memory budget: the first of `candidates` ((label, drafter) pairs, largest
+  first; None = AR) whose decode program fits `limit_bytes` of device memory, measured
+  from the compiled program itself (`decode.program_bytes`: weights, KV caches, draft
+  trees and buffers, temporaries), with the same prompts and `generate` settings it will
+  run with. Each candidate that does not fit is named in a message (`log`) and the next
+  is tried; if none fits, a ValueError says what the smallest needs. Nothing runs on the
+  device, so a budget too small is an error before decoding, never an out-of-memory crash.
+  Returns (label, drafter, bytes)."""
+  from specjax import decode  # pylint: disable=g-import-not-at-top
+  if not candidates:
+    raise ValueError("fit_memory needs at least one (label, drafter) candidate.")
+  need = []
+  for label, drafter in candidates:
+    n = decode.program_bytes(model, prompts, drafter=drafter, **generate_kwargs)
+    if n <= limit_bytes:
+      return label, drafter, n
+    need.append((label, n))
+    log(f"memory budget: {label} needs {n / 2**20:.1f} MiB > {limit_bytes / 2**20:.1f} MiB; "
+        "trying the next candidate")
+  smallest = min(need, key=lambda x: x[1])
+  raise ValueError(f"No candidate fits the memory budget of {limit_bytes / 2**20:.1f} MiB: "
+                   f"the smallest, {smallest[0]}, needs {smallest[1] / 2**20:.1f} MiB.")
