@@ -24,6 +24,8 @@ In one process, after warm-up, medians of several runs:
              beside the run time of that call
   goodput    `--goodput COSTS_JSON`: greedy tokens/s at batch 1, 8, 16, 32 for AR, fixed
              EAGLE-3 chains and SmartSpec's goodput policy (`goodput_table`)
+  parallel   `--parallel`: PEARL and EasySpec beside AR and a plain self-draft chain at
+             batch 1, with the cost model's speedup for separate devices (`parallel_table`)
   AR floor   the AR step of `generate` after a 300-token prompt beside both matmul floors
              (chained as a forward's layers are, and independent)
 Writes bench.json and costs.json (the verify and draft costs `drafters.budget` sizes drafts
@@ -292,6 +294,58 @@ def goodput_table(model: models.Model, costs: dict, batches=(1, 8, 16, 32), dept
   return rows
 
 
+def parallel_table(model: models.Model, layers: int = 8, new_tokens: int = 64,
+                   num_prompts: int = 4, runs: int = 2) -> list:
+  """Batch-1 greedy tokens/s and tau on MT-Bench first turns for AR, the target's first
+  `layers` layers as a plain chain draft, PEARL and EasySpec with that draft, each output
+  checked equal to AR's; with the cost model's speedup for hardware where draft and
+  target run on separate devices (PEARL: a step costs max(draft, verify)) and where
+  EasySpec's groups run on separate devices (ceil(L / group) layers a draft forward)."""
+  from specjax.evaluation import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
+  chats = [model.tokenizer.encode_chat([{"role": "user", "content": p.turns[0]}])
+           for p in prompts_lib.load("mt_bench")[:num_prompts]]
+  build = lambda name, **kw: registry.DRAFTERS.build(name, model, layers=layers, **kw)
+  methods = [("ar", None), ("self_draft chain 3", build("self_draft", depth=3)),
+             ("pearl gamma 4", build("pearl", gamma=4))] + [
+                 (f"easyspec chain 3, group {g}", build("easyspec", depth=3, group=g))
+                 for g in (1, 2, 4)]
+  draft = model.truncated(layers)
+  draft_ms = forward_ms(draft, 1, 1, 256, runs * 2)
+  layer_ms = (draft_ms - forward_ms(model.truncated(1), 1, 1, 256, runs * 2)) / (layers - 1)
+  head_ms = draft_ms - layers * layer_ms
+  verify = {t: forward_ms(model, 1, t, 256, runs * 2) for t in (1, 4)}
+  rows, ar_tps, ar_out = [], None, None
+  print(f"\ndraft forward {draft_ms:.1f} ms ({layer_ms:.2f} ms a layer), target T=1 "
+        f"{verify[1]:.1f} ms, T=4 {verify[4]:.1f} ms\n\n| method | tokens/s | tau | x AR | "
+        "predicted x AR, separate devices |\n|---|---|---|---|---|", flush=True)
+  for name, drafter in methods:
+    outs, seconds = [], 0.0
+    for p in chats:
+      run = lambda: decode.generate(model, [p], max_new_tokens=new_tokens, eos=None,
+                                    drafter=drafter)
+      seconds += _median_time(run, runs)
+      outs.append(run())
+    toks = [o.token_lists()[0] for o in outs]
+    if ar_out is None:
+      ar_out = toks
+    elif toks != ar_out:
+      raise AssertionError(f"{name}: outputs differ from AR")
+    tps = len(chats) * new_tokens / seconds
+    ar_tps = ar_tps or tps
+    tau = float(sum(int(o.lengths[0]) for o in outs) /
+                sum(int(o.stats.target_calls[0]) for o in outs))
+    predicted = ""
+    if name.startswith("pearl"):
+      predicted = f"{drafter.predicted_speedup(tau, verify[4], draft_ms, verify[1])[1]:.2f}"
+    elif name.startswith("easyspec"):
+      fast = drafter.predicted_draft_ms(layer_ms, head_ms)
+      predicted = f"{tau * verify[1] / (verify[4] + fast * drafter.depth):.2f}"
+    rows.append({"method": name, "tokens_per_s": tps, "tau": tau, "speedup": tps / ar_tps,
+                 "predicted_parallel_speedup": predicted})
+    print(f"| {name} | {tps:.1f} | {tau:.2f} | {tps / ar_tps:.2f} | {predicted} |", flush=True)
+  return rows
+
+
 def verify_cost(model: models.Model, sizes, runs: int, context: int = 256,
                 batch: int = 1) -> dict:
   """Median ms of one cached forward of T tokens per row, for each T."""
@@ -342,6 +396,9 @@ def main(argv=None):
   ap.add_argument("--goodput", default=None, metavar="COSTS_JSON",
                   help="only the goodput table (AR, fixed EAGLE-3 chains, SmartSpec's "
                        "policy at batch 1, 8, 16, 32) with this cost file")
+  ap.add_argument("--parallel", action="store_true",
+                  help="only the PEARL / EasySpec table (batch 1, with the cost model's "
+                       "prediction for separate devices)")
   args = ap.parse_args(argv)
   recipes = None
   if args.train:
@@ -351,6 +408,13 @@ def main(argv=None):
       raise SystemExit(f"--train: unknown recipe(s) {unknown}; known: {list(TRAIN_RECIPES)}")
   runtime.enable_compilation_cache()
   model = models.load(args.model)
+  if args.parallel:
+    res = {"model": args.model, "device": str(jax.devices()[0]),
+           "parallel": parallel_table(model, runs=max(2, args.runs // 2))}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "parallel.json"), "w", encoding="utf-8") as f:
+      json.dump(res, f, indent=1)
+    return res
   if args.goodput:
     from specjax.drafters import budget as budget_lib  # pylint: disable=g-import-not-at-top
     costs = budget_lib.read_costs(args.goodput)

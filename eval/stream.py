@@ -56,9 +56,12 @@ def requests(target: models.Model, c: Any) -> list[serve.Request]:
   if c.arrivals_file:
     with open(c.arrivals_file, encoding="utf-8") as f:
       times = np.asarray(json.load(f), float)
-    if times.shape != (c.num_requests,) or (times < 0).any():
-      raise ValueError(f"{c.arrivals_file} must hold {c.num_requests} arrival times >= 0 "
+    if times.shape != (c.num_requests,):
+      raise ValueError(f"{c.arrivals_file} must hold {c.num_requests} arrival times "
                        f"(seconds); it holds {times.shape[0] if times.ndim else 0}.")
+    if (times < 0).any():
+      raise ValueError(f"{c.arrivals_file}: arrival times must be >= 0 seconds; got "
+                       f"{times[times < 0][:3].tolist()}.")
   else:
     times = serve.poisson_arrivals(c.num_requests, c.rate, c.seed)
   return [serve.Request(tuple(pool[j]), int(b), float(t), id=i)
@@ -101,7 +104,7 @@ def run(c: Any, workdir: str) -> list[dict]:
       row = {"method": m.name, "policy": policy, "slots": c.slots, "max_len": int(size),
              "lossy": m.lossy, **serve.summary(results),
              "outputs": [r.tokens for r in results],
-             "latency_s": [r.latency for r in results]}
+             "latency_s": [None if r.error else r.latency for r in results]}
       rows.append(row)
       with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
@@ -119,6 +122,10 @@ def table(rows: Sequence[dict], header: bool = True) -> str:
            "all equal |", "|---|---|---|---|---|---|---|---|"] if header else []
   for r in rows:
     name = r["method"] + (" (LOSSY)" if r.get("lossy") else "")
+    if not r.get("requests"):
+      lines.append(f"| {name} | {r['policy']} | {r['slots']} | every request refused | "
+                   "| | | |")
+      continue
     lines.append(f"| {name} | {r['policy']} | {r['slots']} | {r['tokens_per_s']:.1f} | "
                  f"{r['p50_latency_s']:.1f} | {r['p99_latency_s']:.1f} | {r['tau']:.2f} | "
                  f"{'yes' if r['outputs'] == first else 'NO'} |")

@@ -527,10 +527,15 @@ def compiled(model: Model, prompts, **kwargs) -> jax.stages.Compiled:
 
 def program_bytes(model: Model, prompts, **kwargs) -> int:
   """Device bytes the decode program needs (arguments + outputs + temporaries, less what
-  outputs alias), from the compiled program's own memory analysis."""
+  outputs alias), from the compiled program's own memory analysis. A drafter's arrays
+  that are the target's own (a truncated self-draft shares its layers) are counted once:
+  the program takes them twice as arguments, the device holds them once."""
   m = compiled(model, prompts, **kwargs).memory_analysis()
+  target_ids = {id(x) for x in jax.tree.leaves(model.params)}
+  shared = sum(x.nbytes for x in jax.tree.leaves(kwargs.get("drafter"))
+               if id(x) in target_ids)
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
+             - m.alias_size_in_bytes - shared)
 
 
 def _place_tree(plan: sharding.Plan, tree):

@@ -96,6 +96,7 @@ DRAFTERS = Registry("drafter", {
     "self_draft": "specjax.drafters.selfdraft.draft_model",
     "draft_model": "specjax.drafters.selfdraft.draft_model",
     "swift": "specjax.drafters.selfdraft.swift", "pearl": "specjax.drafters.selfdraft.pearl",
+    "easyspec": "specjax.drafters.selfdraft.easyspec",
     "del": "specjax.drafters.selfdraft.dynamic_exit",
     "specee": "specjax.drafters.selfdraft.specee"})
 # builder(**knobs) -> policy

@@ -28,8 +28,8 @@ Scheduling policies (`serve(policy=)`):
            like lengths (the paper batches sequences of equal length to avoid realignment;
            rows here never need realigning, so this measures what grouping alone buys)
 
-`python -m specjax.serve` runs a request stream (Poisson arrivals or a file) under each
-policy and prints throughput, latency percentiles and tau (docs/serving.md).
+`python -m specjax.evaluation.stream` runs a request stream (Poisson arrivals or a file)
+under each policy and prints throughput, latency percentiles and tau (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -175,6 +175,8 @@ class Engine:
   def admit(self, state: decode.State, slot: int, tokens: Sequence[int],
             max_new_tokens: int) -> decode.State:
     """`state` with `tokens` prefilled into `slot` (which must be free). Donates `state`."""
+    if not decode._is_int(slot) or not 0 <= slot < self.slots:  # pylint: disable=protected-access
+      raise ValueError(f"slot {slot!r} is not one of this engine's slots 0..{self.slots - 1}.")
     why = self.refusal(tokens, max_new_tokens)
     if why:
       raise ValueError(f"Request refused: {why}.")
@@ -193,15 +195,17 @@ class Engine:
     jax.block_until_ready(self.step(state))
 
 
-def _pick(policy: str, waiting: collections.deque, live_lengths: list[int], pool: int):
-  """The waiting request a free slot takes under `policy` (removed from `waiting`)."""
+def _pick(policy: str, waiting: collections.deque, live_lengths: list[int], pool: int,
+          requests: Sequence[Request]) -> int:
+  """The waiting request (its index) a free slot takes under `policy`, removed from
+  `waiting`."""
   if policy == "exspec" and live_lengths:
     target = float(np.median(live_lengths))
     window = list(waiting)[:pool]
-    best = min(range(len(window)), key=lambda i: (abs(len(window[i].tokens) - target), i))
-    request = window[best]
-    waiting.remove(request)
-    return request
+    best = min(range(len(window)),
+               key=lambda j: (abs(len(requests[window[j]].tokens) - target), j))
+    del waiting[best]
+    return window[best]
   return waiting.popleft()
 
 
@@ -217,9 +221,9 @@ def serve(engine: Engine, requests: Sequence[Request], *, policy: str = "fifo",
   order = sorted(range(len(requests)), key=lambda i: requests[i].arrival)
   results: list[Result | None] = [None] * len(requests)
   pending = collections.deque(order)
-  waiting: collections.deque = collections.deque()
-  index_of = {}
+  waiting: collections.deque = collections.deque()  # indices into `requests`
   owner: list[int | None] = [None] * engine.slots
+  lengths = [0] * engine.slots  # host copy of each slot's length when exspec needs it
   state = engine.init()
   t0 = clock()
   done_count, last_print = 0, 0.0
@@ -233,20 +237,19 @@ def serve(engine: Engine, requests: Sequence[Request], *, policy: str = "fifo",
         results[i] = Result(r.id, [], len(r.tokens), r.arrival, error=why)
         done_count += 1
         continue
-      index_of[id(r)] = i
-      waiting.append(r)
+      waiting.append(i)
     free = [s for s, o in enumerate(owner) if o is None]
     if waiting and free and (policy != "static" or len(free) == engine.slots):
-      lengths = (np.asarray(state.length) if policy == "exspec" else None)
+      if policy == "exspec":
+        lengths = np.asarray(state.length).tolist()
       for s in free:
         if not waiting:
           break
-        live = [int(lengths[k]) for k, o in enumerate(owner) if o is not None] \
-            if lengths is not None else []
-        r = _pick(policy, waiting, live, pool)
-        i = index_of.pop(id(r))
+        live = [lengths[k] for k, o in enumerate(owner) if o is not None]
+        i = _pick(policy, waiting, live, pool, requests)
+        r = requests[i]
         state = engine.admit(state, s, list(r.tokens), r.max_new_tokens)
-        owner[s] = i
+        owner[s], lengths[s] = i, len(r.tokens)
         results[i] = Result(r.id, [], len(r.tokens), r.arrival, admitted=clock() - t0)
     if all(o is None for o in owner):
       if pending:  # idle until the next arrival

@@ -39,6 +39,6 @@ def test_batch_costs_feed_the_goodput_policy(tmp_path):
   bench.write_costs(res, str(tmp_path))
   costs = json.loads((tmp_path / "costs.json").read_text())
   got = goodput.step_costs(costs, 4, 2)  # JSON keys are strings; batch 4 is measured
-  want = [table[4]["verify_ms"][t] + k * table[4]["draft_ms"] for k, t in ((0, 1), (1, 2),
+  want = [table[4]["verify_ms"][t] + max(k, 1) * table[4]["draft_ms"] for k, t in ((0, 1), (1, 2),
                                                                           (2, 3))]
   assert got == pytest.approx(want)

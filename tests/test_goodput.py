@@ -36,8 +36,12 @@ def test_free_verification_drafts_the_most_and_costly_drafts_nothing():
   # 2.71 / 18 = 0.151 at k = 2.
   hi = jnp.asarray([0.9, 0.9])
   assert int(goodput.best_length(hi, live, jnp.asarray(goodput.step_costs(dear, 2, 2)))) == 2
-  # Draft forwards count: 4 ms each makes k = 2 cost 26 ms (0.104) and k = 1 19.5 (0.097).
-  assert goodput.step_costs(costs({1: 10.0, 2: 15.5, 3: 18.0}, 4.0), 1, 2) == (10.0, 19.5, 26.0)
+  # Draft forwards count, at least one a step (the drafter reads each step's tokens):
+  # 4 ms each makes k = 0, 1, 2 cost 14, 19.5, 26 ms, and at a = 0.5 k = 1 wins
+  # (1.5 / 19.5 = 0.077 against 1 / 14 = 0.071 and 1.75 / 26 = 0.067).
+  with_draft = goodput.step_costs(costs({1: 10.0, 2: 15.5, 3: 18.0}, 4.0), 1, 2)
+  assert with_draft == (14.0, 19.5, 26.0)
+  assert int(goodput.best_length(a, live, jnp.asarray(with_draft))) == 1
   # Only live rows count: a finished row with a high estimate does not buy drafts.
   mixed = jnp.asarray([0.9, 0.1])
   assert int(goodput.best_length(mixed, jnp.asarray([False, True]),
@@ -91,3 +95,31 @@ def test_goodput_in_a_stream_and_bad_input(tmp_path):
   with pytest.raises(ValueError, match="prior must be in"):
     goodput.create(DraftModel.truncated(TARGET, 1, depth=3), FREE, prior=2.0).validate(
         TARGET.config)
+
+
+def test_acceptance_estimate_is_the_geometric_rate_and_resets_per_slot():
+  """A / (A + R) from moving averages of accepted drafts and rejections: all 4 of 4
+  accepted moves the estimate from 0.5 up to 0.9, 1 of 4 (one acceptance, one rejection)
+  keeps it at 0.5 where accepted / drafted would say 0.25; a slot's estimate restarts at the prior
+  when a new request takes it."""
+  from specjax.verify import Verdict  # pylint: disable=g-import-not-at-top
+  d = goodput.create(DraftModel.truncated(TARGET, 1, depth=4), FREE, prior=0.5, decay=0.5)
+  st = goodput.GoodputState((), jnp.full((2,), 0.5), jnp.full((2,), 0.5),
+                            jnp.asarray([4, 4], jnp.int32))
+  d = d.replace(inner=_Inert())
+  v = Verdict(accepted_drafts=jnp.asarray([4, 1]), path=None, next_token=None)
+  st = d.commit(st, None, v, ())
+  np.testing.assert_allclose(st.accept_B, [2.25 / 2.5, 0.75 / 1.5])  # 0.9 and 0.5
+  eng = serve.Engine(TARGET, slots=2, max_len=128, max_new_tokens=12, drafter=goodput.create(
+      DraftModel.truncated(TARGET, 1, depth=3), FREE, prior=0.3), eos=None)
+  state = eng.init().replace(drafter=eng.init().drafter.replace(
+      accepted_B=jnp.full((2,), 9.0)))
+  state = eng.admit(state, 1, PROMPTS[0], 12)
+  np.testing.assert_allclose(state.drafter.accept_B, [9 / 9.7, 0.3], rtol=1e-6)
+
+
+class _Inert:
+  """An inner drafter whose commit does nothing (the estimate alone is under test)."""
+
+  def commit(self, state, ctx, verdict, features):
+    return state

@@ -167,3 +167,11 @@ def test_stream_cli_runs_and_resumes(tmp_path):
   (tmp_path / "arrivals.json").write_text("[0, 1]")
   with pytest.raises(ValueError, match="must hold 12 arrival times"):
     stream.requests(models.load("tiny-random"), c)
+
+
+def test_admit_checks_the_slot_and_one_request_object_may_repeat():
+  with pytest.raises(ValueError, match="slot 4 is not one of this engine's slots 0..3"):
+    engine("ar").admit(engine("ar").init(), 4, [1, 2], 3)
+  same = REQUESTS[1]
+  results = serve.serve(engine("ar"), [same] * 3)
+  assert [r.tokens for r in results] == [ar_outputs()[1]] * 3

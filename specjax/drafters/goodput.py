@@ -7,7 +7,8 @@ bonus token) per second of batch time. With a per-token acceptance estimate a_i 
 request i, a chain of k drafts yields E_i(k) = 1 + a_i + ... + a_i^k tokens in
 expectation, and a step that verifies k drafts for B rows costs c_B(k) ms (measured:
 `make bench`'s cost file at this batch size, verification at the compiled width that
-holds k drafts, plus k draft forwards). Each step picks
+holds k drafts, plus max(k, 1) draft forwards: the inner drafter reads the committed
+tokens every step). Each step picks
 
   k* = argmax_{k in 0..K} sum_{live i} E_i(k) / c_B(k)
 
@@ -20,9 +21,12 @@ here is set by its widest row (every row is verified at the same compiled width)
 a given width a row drafting less only gives up tokens it would get for free. The
 per-request estimates still set the batch's length: they are what E sums.
 
-The estimates are exponential moving averages of each row's accepted / drafted per step
-(weight `decay` on the newest step), starting at `prior`; a row whose step drafted
-nothing keeps its estimate. They live in the drafter's state, so `specjax.serve` resets
+The estimate is the geometric model's maximum-likelihood rate A / (A + R): A counts
+accepted drafts and R rejections (a step that accepted all it drafted has none), both
+exponential moving averages over the row's steps (weight `decay` on the newest), starting
+from one step's worth at `prior` (A = prior, R = 1 - prior). accepted / drafted would
+underestimate the rate (a = 0.8 over 4 drafts gives 0.59 on average) and shorten the
+drafts it sizes. A row whose step drafted nothing keeps its estimate. They live in the drafter's state, so `specjax.serve` resets
 a slot's estimate when a new request takes it. The inner drafter is any chain drafter
 (`{"drafter": name, **knobs}`); a drafter that takes a stop policy stops drafting at k*
 (fewer draft forwards), any other has its drafts past k* cut.
@@ -43,8 +47,10 @@ from specjax.drafters import budget as budget_lib
 
 def step_costs(costs: Mapping, batch: int, depth: int) -> tuple[float, ...]:
   """ms of one step that verifies k drafts at `batch` rows, k = 0..depth: verification at
-  the compiled width holding k drafts (`budget.step_ms`) plus k draft forwards, from a
-  cost file's per-batch tables (`batches`: {B: {"verify_ms": {T: ms}, "draft_ms": ms}}),
+  the compiled width holding k drafts (`budget.step_ms`) plus max(k, 1) draft forwards (a
+  drafter with its own cache, a feature head or a draft LM, reads each step's committed
+  tokens even when it drafts nothing; drafters without a network have draft_ms 0), from
+  a cost file's per-batch tables (`batches`: {B: {"verify_ms": {T: ms}, "draft_ms": ms}}),
   linear in the batch size between measured ones (the nearest beyond them)."""
   table = costs.get("batches") or {"1": {"verify_ms": costs["verify_ms"],
                                          "draft_ms": costs["draft_ms"]}}
@@ -53,7 +59,7 @@ def step_costs(costs: Mapping, batch: int, depth: int) -> tuple[float, ...]:
   def at(b: int) -> np.ndarray:
     t = table[str(b)] if str(b) in table else table[b]
     verify = budget_lib.step_ms(t["verify_ms"], depth)
-    return np.asarray(verify) + float(t["draft_ms"]) * np.arange(depth + 1)
+    return np.asarray(verify) + float(t["draft_ms"]) * np.maximum(np.arange(depth + 1), 1)
 
   rows = np.stack([at(b) for b in sizes])  # [batches, depth + 1]
   return tuple(float(np.interp(batch, sizes, rows[:, k])) for k in range(depth + 1))
@@ -93,8 +99,14 @@ class _DepthCap:
 @flax.struct.dataclass
 class GoodputState:
   inner: Any
-  accept_B: jax.Array  # float32[B]: running per-token acceptance estimate
+  accepted_B: jax.Array  # float32[B]: moving average of accepted drafts per step
+  rejected_B: jax.Array  # float32[B]: ... of rejections per step (0 or 1)
   drafted_B: jax.Array  # int32[B]: drafts the last step verified for the row
+
+  @property
+  def accept_B(self) -> jax.Array:
+    """float32[B]: the per-token acceptance estimate."""
+    return self.accepted_B / jnp.maximum(self.accepted_B + self.rejected_B, 1e-6)
 
 
 @flax.struct.dataclass
@@ -133,7 +145,8 @@ class Goodput:
   def init(self, ctx, max_len, features):
     b = ctx.history.shape[0]
     return GoodputState(self.inner.init(ctx, max_len, features),
-                        jnp.full((b,), self.prior, jnp.float32), jnp.zeros((b,), jnp.int32))
+                        jnp.full((b,), self.prior, jnp.float32),
+                        jnp.full((b,), 1.0 - self.prior, jnp.float32), jnp.zeros((b,), jnp.int32))
 
   def propose(self, state: GoodputState, ctx, stop, sampling, key):
     b = ctx.history.shape[0]
@@ -147,11 +160,10 @@ class Goodput:
 
   def commit(self, state: GoodputState, ctx, verdict, features):
     inner = self.inner.commit(state.inner, ctx, verdict, features)
-    d = state.drafted_B
-    rate = verdict.accepted_drafts / jnp.maximum(d, 1)
-    accept = jnp.where(d > 0, (1 - self.decay) * state.accept_B + self.decay * rate,
-                       state.accept_B)
-    return GoodputState(inner, accept.astype(jnp.float32), d)
+    d, a = state.drafted_B, verdict.accepted_drafts.astype(jnp.float32)
+    ema = lambda old, new: jnp.where(d > 0, (1 - self.decay) * old + self.decay * new, old)
+    return GoodputState(inner, ema(state.accepted_B, a),
+                        ema(state.rejected_B, (a < d).astype(jnp.float32)), d)
 
 
 def _freeze(x):

@@ -167,3 +167,35 @@ def forward_exiting(cfg: ModelConfig, params: Any, tokens_BxT, positions_BxT, vi
   logits = jax.lax.cond(live.any(), lambda: jnp.where(
       live[:, None, None], lm_head(cfg, params, hidden), logits), lambda: logits)
   return Forward(logits, hidden, (), cache.replace(k=tuple(ks), v=tuple(vs))), ran
+
+
+def layer_groups(num_layers: int, group: int) -> tuple[tuple[int, ...], ...]:
+  """EasySpec's grouping: the first and last layers alone, the ones between in consecutive
+  groups of `group`."""
+  if num_layers <= 2:
+    return tuple((i,) for i in range(num_layers))
+  middle = range(1, num_layers - 1)
+  return ((0,),) + tuple(tuple(middle[i:i + group]) for i in range(0, len(middle), group)) + (
+      (num_layers - 1,),)
+
+
+def forward_layer_parallel(cfg: ModelConfig, params: Any, tokens_BxT, positions_BxT,
+                           visible_BxTxT, cache, group: int) -> Forward:
+  """`models.forward` (with a cache, no features) with EasySpec's layer-parallel
+  attention: in each group (`layer_groups`) every layer's attention reads the group's
+  input, then the layers' attention outputs and MLPs are added in order, x <- x + a_l,
+  x <- x + MLP_l(x). The attentions of a group depend on nothing of each other, so devices
+  can run them at once; the result is an approximation, and so are the keys/values
+  written at `cache.lengths`. `group` 1 is the exact forward."""
+  sub = _sublayers(cfg, params, tokens_BxT, positions_BxT, visible_BxTxT, cache)
+  x, ks, vs = sub.x, [None] * cfg.num_layers, [None] * cfg.num_layers
+  for layers in layer_groups(cfg.num_layers, group):
+    deltas = []
+    for i in layers:  # all read the group's input
+      h, (ks[i], vs[i]) = sub.attention(i, x, (cache.k[i], cache.v[i]))
+      deltas.append(h - x)
+    for i, d in zip(layers, deltas):
+      x = sub.mlp(i, x + d)
+  hidden = final_norm(cfg, params, x)
+  return Forward(lm_head(cfg, params, hidden), hidden, (),
+                 cache.replace(k=tuple(ks), v=tuple(vs)))
