@@ -21,7 +21,7 @@ def get_config(arg: str | None = None):
   c = ml_collections.ConfigDict()
   c.target = "smollm2-135m"
   c.dtype = "float32"
-  c.datasets = ["mt_bench", "humaneval", "gsm8k"]
+  c.datasets = ("mt_bench", "humaneval", "gsm8k")
   c.num_requests = 64
   c.max_prompt_tokens = 300
   c.min_new_tokens = 16
@@ -32,7 +32,7 @@ def get_config(arg: str | None = None):
   c.max_len = 0  # cache slots per row; 0: the longest prompt + budget + draft room
   c.temperature = 0.0
   c.seed = 0
-  c.policies = ["static", "fifo", "exspec"]
+  c.policies = ("static", "fifo", "exspec")
   c.exspec_pool = 48  # EXSPEC's pool of waiting sequences it groups from
   c.progress = True
   c.methods = [
@@ -43,11 +43,11 @@ def get_config(arg: str | None = None):
   ]
   if arg == "tiny":
     c.target = "tiny-random"
-    c.datasets = ["mt_bench"]
+    c.datasets = ("mt_bench",)
     c.num_requests, c.max_prompt_tokens = 12, 120
     c.min_new_tokens, c.max_new_tokens = 2, 12
     c.rate, c.slots = 0.0, 3
-    c.policies = ["static", "fifo"]
+    c.policies = ("static", "fifo")
     c.progress = False
     c.methods = [common.method("ar"),
                  common.method("prompt_lookup", drafter="prompt_lookup", depth=4)]

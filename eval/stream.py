@@ -28,11 +28,6 @@ from specjax import models, runtime, serve
 from . import prompts as prompts_lib
 from . import sweep
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Stream config: a file with get_config(arg), e.g. configs/stream.py.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder; a rerun resumes it.")
-
 RESULTS = "results.jsonl"
 
 
@@ -136,10 +131,16 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   runtime.enable_compilation_cache()
-  rows = run(_CONFIG.value, _WORKDIR.value)
+  rows = run(flags.FLAGS.config, flags.FLAGS.workdir)
   print(table(rows))
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: the tests import this module beside the other CLIs,
+  # whose absl flags share the same names.
+  config_flags.DEFINE_config_file(
+      "config", None, "Stream config: a file with get_config(arg), e.g. configs/stream.py.",
+      lock_config=True)
+  flags.DEFINE_string("workdir", None, "Output folder; a rerun resumes it.")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main, flags_parser=runtime.parse_config_flags)
