@@ -20,6 +20,7 @@ per sequence: tau = new tokens / target calls (the bonus token counts, so AR has
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Sequence
 
@@ -31,6 +32,7 @@ import numpy as np
 from specjax import registry, sharding, stopping
 from specjax import verify as verify_lib
 from specjax.drafters.base import Context
+from specjax.models import cache as cache_lib
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
 from specjax.models.model import Model, check_features, forward, param_dtype, prefill
@@ -231,10 +233,19 @@ def step(cfg: ModelConfig, params, drafter, stop, st: State, key, *, sampling: S
              else jnp.zeros(tree.tokens.shape))
     return out.cache, out.features[:len(feats)], verdict, label, state
 
+  defer = not owns_forward  # write the verified keys/values after the width switch
+
   def verify_first(m, tree):
-    """Verifies nodes [0, m) (none after them is valid), padded back to n nodes."""
-    cache, features, verdict, label, state = verify_tree(tree.first(m))
+    """Verifies nodes [0, m) (none after them is valid), padded back to n nodes. The
+    forward's new keys/values come back padded to 1 + n entries, not written: the cache
+    is written after the switch, in place (`cache_lib.deferred_writes`; a drafter that
+    runs the target's forward itself writes its own)."""
+    with cache_lib.deferred_writes() if defer else contextlib.nullcontext():
+      cache, features, verdict, label, state = verify_tree(tree.first(m))
     pad = lambda x: jnp.pad(x, ((0, 0), (0, n - m)) + ((0, 0),) * (x.ndim - 2))
+    if defer:  # the new entries, padded to 1 + n
+      pad_kv = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, n - m), (0, 0)))
+      cache = cache.replace(k=tuple(map(pad_kv, cache.k)), v=tuple(map(pad_kv, cache.v)))
     verdict = verdict._replace(
         path=pad(verdict.path),
         **({} if not top_k else dict(scored_tokens=jnp.pad(  # -1: no token verified there
@@ -249,9 +260,18 @@ def step(cfg: ModelConfig, params, drafter, stop, st: State, key, *, sampling: S
     # A drafter that always fills its tree compiles one width (fewer target forwards).
     widths = verify_widths(n) if _drafts_vary(drafter, stop) else (n,)
     last = jnp.max(jnp.where(tree.valid & live[:, None], jnp.arange(1, n + 1), 0))
-    cache, features, verdict, label, dstate, width = jax.lax.switch(
-        jnp.searchsorted(jnp.asarray(widths), last),
-        [functools.partial(verify_first, m) for m in widths], tree)
+    if len(widths) == 1:
+      cache, features, verdict, label, dstate = verify_tree(tree)
+      width = jnp.int32(1 + n)
+    else:
+      cache, features, verdict, label, dstate, width = jax.lax.switch(
+          jnp.searchsorted(jnp.asarray(widths), last),
+          [functools.partial(verify_first, m) for m in widths], tree)
+      if defer:
+        start = st.cache.lengths
+        cache = st.cache.replace(
+            k=tuple(cache_lib.write(c, k, start) for c, k in zip(st.cache.k, cache.k)),
+            v=tuple(cache_lib.write(c, v, start) for c, v in zip(st.cache.v, cache.v)))
   else:
     (cache, features, verdict, label, dstate), width = verify_tree(tree), jnp.int32(1)
   verdict = verdict._replace(accepted_drafts=jnp.where(live, verdict.accepted_drafts, 0))

@@ -15,11 +15,34 @@ over a stacked cache (docs/design.md, "Layers unrolled, not scanned").
 
 from __future__ import annotations
 
+import contextlib
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from specjax.kernels.attention import prefix_mask
+
+
+_DEFERRED = [False]
+
+
+@contextlib.contextmanager
+def deferred_writes():
+  """Inside, a cached forward does not write its new keys/values into the cache: the
+  Forward's cache holds just those entries ([B, KVH, T, D] per layer), for the caller to
+  write (`write`). The decode step verifies under a `lax.switch` over widths: a cache
+  written inside a branch is copied whole every step, one written after the switch is
+  updated in place."""
+  _DEFERRED.append(True)
+  try:
+    yield
+  finally:
+    _DEFERRED.pop()
+
+
+def writes_deferred() -> bool:
+  return _DEFERRED[-1]
 
 
 def write(cache_BxKxSxD: jax.Array, new_BxKxTxD: jax.Array, start_B: jax.Array) -> jax.Array:

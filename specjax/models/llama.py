@@ -95,6 +95,8 @@ def attend(q_BxTxHxD, k_BxKxTxD, v_BxKxTxD, visible_BxTxT, prefix_BxTxS, kv, sta
     return kernels.attention(q_BxTxHxD, k_BxKxTxD, v_BxKxTxD, visible_BxTxT), None
   o_BxTxHxD = kernels.attention(q_BxTxHxD, k_BxKxTxD, v_BxKxTxD, visible_BxTxT, kv[0], kv[1],
                                 prefix_BxTxS, start_B, impl)
+  if cache_lib.writes_deferred():  # the caller writes them (`cache.deferred_writes`)
+    return o_BxTxHxD, (k_BxKxTxD, v_BxKxTxD)
   b, t, h, d = o_BxTxHxD.shape
   kvh = k_BxKxTxD.shape[1]
   zero_BxKx1x1 = (o_BxTxHxD.reshape(b, t, kvh, h // kvh, d)[:, 0, :, 0, :1, None] * 0).astype(
