@@ -379,6 +379,15 @@ def write_costs(res: dict, out: str) -> None:
     json.dump(costs, f, indent=1)
 
 
+def _save(args, key: str, rows, file: str | None = None) -> dict:
+  """{model, device, key: rows}, written to the output folder as FILE (default key.json)."""
+  res = {"model": args.model, "device": str(jax.devices()[0]), key: rows}
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, file or f"{key}.json"), "w", encoding="utf-8") as f:
+    json.dump(res, f, indent=1)
+  return res
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--model", default=models.DEFAULT)
@@ -409,31 +418,17 @@ def main(argv=None):
   runtime.enable_compilation_cache()
   model = models.load(args.model)
   if args.parallel:
-    res = {"model": args.model, "device": str(jax.devices()[0]),
-           "parallel": parallel_table(model, runs=max(2, args.runs // 2))}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "parallel.json"), "w", encoding="utf-8") as f:
-      json.dump(res, f, indent=1)
-    return res
+    return _save(args, "parallel", parallel_table(model, runs=max(2, args.runs // 2)))
   if args.goodput:
     from specjax.drafters import budget as budget_lib  # pylint: disable=g-import-not-at-top
     costs = budget_lib.read_costs(args.goodput)
     if "batches" not in costs:
       raise SystemExit(f"{args.goodput} has no per-batch tables: re-run "
                        "`python -m specjax.evaluation.bench --costs-only`.")
-    res = {"model": args.model, "device": str(jax.devices()[0]),
-           "goodput": goodput_table(model, costs, runs=max(2, args.runs // 2))}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "goodput.json"), "w", encoding="utf-8") as f:
-      json.dump(res, f, indent=1)
-    return res
+    return _save(args, "goodput", goodput_table(model, costs, runs=max(2, args.runs // 2)))
   if recipes:
-    res = {"model": args.model, "device": str(jax.devices()[0]),
-           "train": train_table(model, recipes, runs=max(2, args.runs // 2))}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "train_throughput.json"), "w", encoding="utf-8") as f:
-      json.dump(res, f, indent=1)
-    return res
+    return _save(args, "train", train_table(model, recipes, runs=max(2, args.runs // 2)),
+                 "train_throughput.json")
   prompt = model.tokenizer.encode_chat([{"role": "user", "content": "Tell me about the sea."}])
   if args.compile_only:
     print("| decode program | compile s | run s |\n|---|---|---|")

@@ -84,7 +84,17 @@ def load(name_or_path: str = DEFAULT, dtype: str = "float32", plan=None) -> Mode
   return Model(cfg, params, tokenizer, name=name_or_path)
 
 
+def draft_lm(target: Model, what: str, layers: int | None = None,
+             checkpoint: str | None = None) -> Model:
+  """A draft LM for `target`: its first `layers` layers (sharing their weights) or the
+  model at `checkpoint` (a preset, HF folder or .gguf), exactly one of the two."""
+  if (layers is None) == (checkpoint is None):
+    raise ValueError(f"{what}: give the draft as layers=N (the target's first N layers) "
+                     "or checkpoint=PATH (an independent model), not both or neither.")
+  return target.truncated(layers) if layers is not None else load(checkpoint, target.dtype)
+
+
 __all__ = ["DEFAULT", "FINAL", "PRESETS", "RANDOM", "Forward", "KVCache", "Model", "ModelConfig",
-           "causal", "causal_forward", "embed", "forward", "from_hf_config", "init_params",
+           "causal", "draft_lm", "causal_forward", "embed", "forward", "from_hf_config", "init_params",
            "lm_head", "load", "load_gguf", "load_hf_dir", "param_dtype", "params_from_hf",
            "parse_dtype", "prefill", "preset_path", "shared_params"]

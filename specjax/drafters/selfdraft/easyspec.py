@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax import registry
+from specjax import models, registry
 from specjax import sampling as sampling_lib
 from specjax.models import skip
 from specjax.models.cache import KVCache
@@ -126,12 +126,5 @@ def _build(target: Model, *, depth: int = 4, group: int = 2, layers: int | None 
            checkpoint: str | None = None) -> EasySpec:
   """EasySpec with the target's first `layers` layers or the model at `checkpoint` as the
   draft: a chain of `depth`, layers in groups of `group`."""
-  if (layers is None) == (checkpoint is None):
-    raise ValueError("easyspec: give the draft as layers=N (the target's first N layers) "
-                     "or checkpoint=PATH (an independent model), not both or neither.")
-  if layers is not None:
-    draft = target.truncated(layers)
-  else:
-    from specjax import models  # pylint: disable=g-import-not-at-top
-    draft = models.load(checkpoint, target.dtype)
+  draft = models.draft_lm(target, "easyspec", layers, checkpoint)
   return EasySpec(draft.params, draft.config, depth, group)

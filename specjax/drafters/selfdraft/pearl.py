@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax import registry
+from specjax import models, registry
 from specjax import sampling as sampling_lib
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
@@ -159,12 +159,5 @@ def _build(target: Model, *, gamma: int = 4, layers: int | None = None,
            checkpoint: str | None = None) -> Pearl:
   """PEARL with the target's first `layers` layers or the model at `checkpoint` as the
   draft, `gamma` tokens drafted a step."""
-  if (layers is None) == (checkpoint is None):
-    raise ValueError("pearl: give the draft as layers=N (the target's first N layers) or "
-                     "checkpoint=PATH (an independent model), not both or neither.")
-  if layers is not None:
-    draft = target.truncated(layers)
-  else:
-    from specjax import models  # pylint: disable=g-import-not-at-top
-    draft = models.load(checkpoint, target.dtype)
+  draft = models.draft_lm(target, "pearl", layers, checkpoint)
   return Pearl(draft.params, draft.config, gamma)
