@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from specjax import decode, models, registry, sharding
+from specjax import registry
 from specjax.drafters.base import Context
 from specjax.drafters.selfdraft.easyspec import EasySpec
 from specjax.models import KVCache, causal, forward, prefill
@@ -70,17 +70,6 @@ def test_greedy_easyspec_equals_ar(group):
     own = gen(TARGET, PROMPTS, max_new_tokens=24, eos=None,
               drafter=EasySpec(TARGET.params, TARGET.config, depth=3, group=1))
     assert own.token_lists() == want and (own.tau > 3.4).all()
-
-
-def test_easyspec_on_a_mesh_of_8_devices_equals_ar():
-  plan = sharding.Plan.create("data=2,tensor=4")
-  single, target = models.load("tiny-random"), models.load("tiny-random", plan=plan)
-  rng = np.random.default_rng(3)
-  prompts = [rng.integers(0, 512, n).tolist() for n in (9, 25, 3, 14)]
-  want = decode.generate(single, prompts, max_new_tokens=12, eos=None).token_lists()
-  d = registry.DRAFTERS.build("easyspec", target, layers=1, depth=3, group=2)
-  out = decode.generate(target, prompts, max_new_tokens=12, eos=None, drafter=d, plan=plan)
-  assert out.token_lists() == want
 
 
 def test_sampled_easyspec_keeps_the_target_distribution():

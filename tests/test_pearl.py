@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from specjax import decode, models, registry, sharding
+from specjax import decode, registry
 from specjax.drafters.selfdraft.pearl import Pearl
 
 from test_engine import OTHER, PROMPTS, TARGET, gen
@@ -28,17 +28,6 @@ def test_greedy_pearl_equals_ar_and_adapts_its_length():
     assert out.token_lists() == want
     gained = np.asarray(out.stats.gained)
     assert set(np.unique(gained)) <= {0, 1, 2, 3}  # AR steps, or pending drafts verified
-
-
-def test_pearl_on_a_mesh_of_8_devices_equals_ar():
-  plan = sharding.Plan.create("data=2,tensor=4")
-  single, target = models.load("tiny-random"), models.load("tiny-random", plan=plan)
-  rng = np.random.default_rng(2)
-  prompts = [rng.integers(0, 512, n).tolist() for n in (7, 30, 2, 12)]
-  want = decode.generate(single, prompts, max_new_tokens=12, eos=None).token_lists()
-  d = registry.DRAFTERS.build("pearl", target, layers=1, gamma=3)
-  out = decode.generate(target, prompts, max_new_tokens=12, eos=None, drafter=d, plan=plan)
-  assert out.token_lists() == want
 
 
 def test_sampled_pearl_keeps_the_target_distribution():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from specjax import decode, models, sharding
+from specjax import decode, models, registry, sharding
 from specjax.configs import eagle as eagle_config
 from specjax.drafters import load_drafter
 from specjax.evaluation import layouts
@@ -148,6 +148,20 @@ def test_sharded_greedy_generate_equals_single_device(mesh, runs):
     np.testing.assert_array_equal(out.stats.target_calls, ref.stats.target_calls)
   # The target really is placed across the mesh (the cache layout: test_param_and_cache_layouts).
   assert len(target.params["embed_tokens"]["embedding"].sharding.device_set) == 8
+
+
+@pytest.mark.parametrize("name,knobs", [("pearl", {"gamma": 3}),
+                                        ("easyspec", {"depth": 3, "group": 2})])
+def test_parallel_drafters_on_a_mesh_of_8_devices_equal_ar(name, knobs):
+  """PEARL and EasySpec (draft and target on one mesh, batch and tensor axes)."""
+  plan = sharding.Plan.create("data=2,tensor=4")
+  single, target = models.load(TARGET), models.load(TARGET, plan=plan)
+  rng = np.random.default_rng(2)
+  prompts = [rng.integers(0, 512, n).tolist() for n in (7, 30, 2, 12)]
+  want = decode.generate(single, prompts, max_new_tokens=12, eos=None).token_lists()
+  d = registry.DRAFTERS.build(name, target, layers=1, **knobs)
+  out = decode.generate(target, prompts, max_new_tokens=12, eos=None, drafter=d, plan=plan)
+  assert out.token_lists() == want
 
 
 # ---- training ------------------------------------------------------------------------------
