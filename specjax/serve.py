@@ -122,17 +122,15 @@ class Engine:
     start = functools.partial(decode.start, model.config, sampling=self.sampling,
                               max_new_tokens=max_new_tokens)
     self._start = start
-    shape = lambda b: jax.eval_shape(
-        lambda: start(model.params, drafter, self.stop, jnp.zeros((b, max_len), jnp.int32),
-                      jnp.ones((b,), jnp.int32), jnp.zeros((b,), jnp.int32), self.key))
+    shape = lambda b: jax.eval_shape(lambda: self._empty(model.params, drafter, b))
     self._axes = _batch_axes(shape(1), shape(2))
-    self._init = jax.jit(self._init_fn)
+    self._init = jax.jit(functools.partial(self._empty, b=slots))
     self._admit = jax.jit(self._admit_fn, donate_argnums=(2,))
     self._step = jax.jit(self._step_fn, donate_argnums=(2,))
 
   # The jitted functions take the params and the drafter as arguments (not constants).
-  def _init_fn(self, params, drafter):
-    b = self.slots
+  def _empty(self, params, drafter, b: int):
+    """`b` empty rows: 1-token prompts with no budget (done)."""
     return self._start(params, drafter, self.stop, jnp.zeros((b, self.max_len), jnp.int32),
                        jnp.ones((b,), jnp.int32), jnp.zeros((b,), jnp.int32), self.key)
 

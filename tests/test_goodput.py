@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from specjax import decode, registry, serve
+from specjax import registry, serve
 from specjax.drafters import DraftModel, goodput
 
 from test_engine import PROMPTS, TARGET, gen
@@ -53,13 +53,12 @@ def test_a_bigger_batch_turns_speculation_off():
   batch 32; in between the costs are interpolated (batch 16.5: halfway)."""
   c = costs({1: 10.0, 2: 10.0, 3: 10.0},
             b1=({1: 10.0, 2: 10.5, 3: 11.0}, 0.0), b32=({1: 40.0, 2: 80.0, 3: 120.0}, 0.0))
-  a, k = jnp.full((32,), 0.6), lambda b: int(goodput.best_length(
+  k = lambda b: int(goodput.best_length(  # the length at acceptance 0.6, batch b
       jnp.full((b,), 0.6), jnp.ones((b,), bool), jnp.asarray(goodput.step_costs(c, b, 2))))
   assert goodput.step_costs(c, 1, 2) == (10.0, 10.5, 11.0)
   assert goodput.step_costs(c, 32, 2)[2] == 120.0
   np.testing.assert_allclose(goodput.step_costs(c, 16.5, 2), (25.0, 45.25, 65.5))
   assert (k(1), k(32)) == (2, 0)
-  del a
 
 
 def _generate(cost_table, **kw):

@@ -38,7 +38,7 @@ tokens) and then drafts gamma - 1 more, one token a forward.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import flax.struct
 import jax
