@@ -97,6 +97,7 @@ DRAFTERS = Registry("drafter", {
     "draft_model": "specjax.drafters.selfdraft.draft_model",
     "swift": "specjax.drafters.selfdraft.swift", "pearl": "specjax.drafters.selfdraft.pearl",
     "easyspec": "specjax.drafters.selfdraft.easyspec",
+    "mirror": "specjax.drafters.selfdraft.mirror",
     "del": "specjax.drafters.selfdraft.dynamic_exit",
     "specee": "specjax.drafters.selfdraft.specee"})
 # builder(**knobs) -> policy

@@ -151,9 +151,11 @@ def test_sharded_greedy_generate_equals_single_device(mesh, runs):
 
 
 @pytest.mark.parametrize("name,knobs", [("pearl", {"gamma": 3}),
-                                        ("easyspec", {"depth": 3, "group": 2})])
+                                        ("easyspec", {"depth": 3, "group": 2}),
+                                        ("mirror", {"gamma": 3, "kappa": 2})])
 def test_parallel_drafters_on_a_mesh_of_8_devices_equal_ar(name, knobs):
-  """PEARL and EasySpec (draft and target on one mesh, batch and tensor axes)."""
+  """PEARL, EasySpec and Mirror SD (draft and target on one mesh, batch and tensor axes;
+  Mirror's branch rows split over the batch axis)."""
   plan = sharding.Plan.create("data=2,tensor=4")
   single, target = models.load(TARGET), models.load(TARGET, plan=plan)
   rng = np.random.default_rng(2)
