@@ -299,21 +299,27 @@ def parallel_table(model: models.Model, layers: int = 8, new_tokens: int = 64,
   """Batch-1 greedy tokens/s and tau on MT-Bench first turns for AR, the target's first
   `layers` layers as a plain chain draft, PEARL and EasySpec with that draft, each output
   checked equal to AR's; with the cost model's speedup for hardware where draft and
-  target run on separate devices (PEARL: a step costs max(draft, verify)) and where
-  EasySpec's groups run on separate devices (ceil(L / group) layers a draft forward)."""
+  target run on separate devices (PEARL: a step costs max(draft, verify)), where
+  EasySpec's groups run on separate devices (ceil(L / group) layers a draft forward) and
+  where Mirror SD's branches roll out beside the target's layers past its exit (its exit
+  head trained here on the self-distilled training rows, `mirror_exit`)."""
   from specjax.evaluation import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
   chats = [model.tokenizer.encode_chat([{"role": "user", "content": p.turns[0]}])
            for p in prompts_lib.load("mt_bench")[:num_prompts]]
   build = lambda name, **kw: registry.DRAFTERS.build(name, model, layers=layers, **kw)
+  exit_params = mirror_exit(model)
   methods = [("ar", None), ("self_draft chain 3", build("self_draft", depth=3)),
              ("pearl gamma 4", build("pearl", gamma=4))] + [
                  (f"easyspec chain 3, group {g}", build("easyspec", depth=3, group=g))
-                 for g in (1, 2, 4)]
+                 for g in (1, 2, 4)] + [
+                 (f"mirror gamma 4, kappa {k}", build("mirror", gamma=4, kappa=k,
+                                                      exit_params=exit_params))
+                 for k in (1, 4)]
   draft = model.truncated(layers)
   draft_ms = forward_ms(draft, 1, 1, 256, runs * 2)
   layer_ms = (draft_ms - forward_ms(model.truncated(1), 1, 1, 256, runs * 2)) / (layers - 1)
   head_ms = draft_ms - layers * layer_ms
-  verify = {t: forward_ms(model, 1, t, 256, runs * 2) for t in (1, 4)}
+  verify = {t: forward_ms(model, 1, t, 256, runs * 2) for t in (1, 4, 5)}
   rows, ar_tps, ar_out = [], None, None
   print(f"\ndraft forward {draft_ms:.1f} ms ({layer_ms:.2f} ms a layer), target T=1 "
         f"{verify[1]:.1f} ms, T=4 {verify[4]:.1f} ms\n\n| method | tokens/s | tau | x AR | "
@@ -340,10 +346,38 @@ def parallel_table(model: models.Model, layers: int = 8, new_tokens: int = 64,
     elif name.startswith("easyspec"):
       fast = drafter.predicted_draft_ms(layer_ms, head_ms)
       predicted = f"{tau * verify[1] / (verify[4] + fast * drafter.depth):.2f}"
+    elif name.startswith("mirror"):
+      g = drafter.gamma
+      reuse = 1 - sum(int(o.stats.draft_calls[0]) for o in outs) / (
+          g * sum(int(o.stats.target_calls[0]) for o in outs))
+      rollout = g * forward_ms(draft, drafter.branches, 1, 256, runs * 2)
+      exit_ms = verify[g + 1] * drafter.exit_layer / model.config.num_layers
+      ms = drafter.predicted_ms(reuse, verify[g + 1], exit_ms, draft_ms, rollout)
+      predicted = f"{tau * verify[1] / ms:.2f} (reuse {reuse:.2f})"
     rows.append({"method": name, "tokens_per_s": tps, "tau": tau, "speedup": tps / ar_tps,
                  "predicted_parallel_speedup": predicted})
     print(f"| {name} | {tps:.1f} | {tau:.2f} | {tps / ar_tps:.2f} | {predicted} |", flush=True)
   return rows
+
+
+def mirror_exit(model: models.Model, rows: int = 64, held: int = 16, steps: int = 400):
+  """Mirror SD's early-exit adapter for `model` at half its depth, trained on the
+  self-distilled training rows (never evaluation prompts); prints its top-1 agreement
+  with the target's next token on held-out rows before and after."""
+  from specjax.drafters.selfdraft import mirror  # pylint: disable=g-import-not-at-top
+  from specjax.training import data as data_lib  # pylint: disable=g-import-not-at-top
+  d = data_lib.load("assets/distill/smollm2-135m", seq_len=256,
+                    vocab=model.config.vocab_size, eval_rows=held)
+  full = d.tokens[d.lengths == 256]
+  train, test = full[:rows], d.eval_tokens[:held, :128]
+  layer = model.config.num_layers // 2
+  params = mirror.train_exit(model, layer, train, steps=steps, positions=256, log_every=100)
+  fresh = mirror.init_exit(model.config, 1, jax.random.key(0))
+  print(f"exit head at layer {layer}: held-out top-1 agreement "
+        f"{mirror.exit_agreement(model, layer, fresh, test):.3f} (LM head alone) -> "
+        f"{mirror.exit_agreement(model, layer, params, test):.3f} (trained), top-4 "
+        f"{mirror.exit_agreement(model, layer, params, test, 4):.3f}", flush=True)
+  return params
 
 
 def verify_cost(model: models.Model, sizes, runs: int, context: int = 256,

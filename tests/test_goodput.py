@@ -109,6 +109,16 @@ def test_acceptance_estimate_is_the_geometric_rate_and_resets_per_slot():
   v = Verdict(accepted_drafts=jnp.asarray([4, 1]), path=None, next_token=None)
   st = d.commit(st, None, v, ())
   np.testing.assert_allclose(st.accept_B, [2.25 / 2.5, 0.75 / 1.5])  # 0.9 and 0.5
+  # A row that drafts nothing drifts back toward the prior (relax 0.05 a step), so a row
+  # whose estimate stopped its drafting probes again: from A, R = 0, 1 the estimate after
+  # n idle steps is 0.5 (1 - 0.95^n), and with free verification any a > 0 drafts again.
+  idle = goodput.GoodputState((), jnp.asarray([0.0]), jnp.asarray([1.0]),
+                              jnp.asarray([0], jnp.int32))
+  for _ in range(10):
+    idle = d.commit(idle, None, Verdict(None, jnp.zeros((1,), jnp.int32), None), ())
+  np.testing.assert_allclose(idle.accept_B, [0.5 * (1 - 0.95 ** 10)], rtol=1e-5)
+  assert d.replace(relax=0.0).commit(st.replace(drafted_B=jnp.zeros((2,), jnp.int32)), None,
+                                     v, ()).accept_B.tolist() == st.accept_B.tolist()
   eng = serve.Engine(TARGET, slots=2, max_len=128, max_new_tokens=12, drafter=goodput.create(
       DraftModel.truncated(TARGET, 1, depth=3), FREE, prior=0.3), eos=None)
   state = eng.init().replace(drafter=eng.init().drafter.replace(

@@ -63,7 +63,7 @@ def test_exit_head_trains_toward_the_target():
   np.testing.assert_allclose(mirror.exit_logits(TARGET.config, TARGET.params, fresh, h),
                              skip.exit_logits(TARGET.config, TARGET.params, h), atol=1e-6)
   before = mirror.exit_agreement(TARGET, 1, fresh, train)
-  trained = mirror.train_exit(TARGET, 1, train, rank=16, steps=150, batch=8, lr=1e-2)
+  trained = mirror.train_exit(TARGET, 1, train, rank=16, steps=150, positions=256, lr=1e-2)
   after = mirror.exit_agreement(TARGET, 1, trained, train)
   assert after > before + 0.15, (before, after)
   assert mirror.exit_agreement(TARGET, 1, trained, train, kappa=4) >= after

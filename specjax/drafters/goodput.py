@@ -26,7 +26,11 @@ accepted drafts and R rejections (a step that accepted all it drafted has none),
 exponential moving averages over the row's steps (weight `decay` on the newest), starting
 from one step's worth at `prior` (A = prior, R = 1 - prior). accepted / drafted would
 underestimate the rate (a = 0.8 over 4 drafts gives 0.59 on average) and shorten the
-drafts it sizes. A row whose step drafted nothing keeps its estimate. They live in the drafter's state, so `specjax.serve` resets
+drafts it sizes. A row whose step drafted nothing learns nothing, so its A and R drift
+back toward the prior (weight `relax` a step): a row that stopped drafting because its
+context was hard probes again once the prior's goodput beats AR, and a batch where even
+the prior does not pay (a large batch) never wastes a probe. The estimates live in the
+drafter's state, so `specjax.serve` resets
 a slot's estimate when a new request takes it. The inner drafter is any chain drafter
 (`{"drafter": name, **knobs}`); a drafter that takes a stop policy stops drafting at k*
 (fewer draft forwards), any other has its drafts past k* cut.
@@ -117,6 +121,7 @@ class Goodput:
   costs: Any = flax.struct.field(pytree_node=False)  # the cost file's dict, as a tuple tree
   prior: float = flax.struct.field(pytree_node=False, default=0.5)
   decay: float = flax.struct.field(pytree_node=False, default=0.5)
+  relax: float = flax.struct.field(pytree_node=False, default=0.05)
 
   @property
   def num_nodes(self) -> int:
@@ -134,9 +139,10 @@ class Goodput:
 
   def validate(self, target_config) -> None:
     self.inner.validate(target_config)
-    if not 0.0 <= self.prior <= 1.0 or not 0.0 < self.decay <= 1.0:
-      raise ValueError(f"goodput: prior must be in [0, 1] and decay in (0, 1]; got "
-                       f"{self.prior}, {self.decay}.")
+    if (not 0.0 <= self.prior <= 1.0 or not 0.0 < self.decay <= 1.0
+        or not 0.0 <= self.relax <= 1.0):
+      raise ValueError(f"goodput: prior must be in [0, 1], decay in (0, 1] and relax in "
+                       f"[0, 1]; got {self.prior}, {self.decay}, {self.relax}.")
     step_costs(_as_dict(self.costs), 1, self.num_nodes)  # the table covers the width
 
   def costs_at(self, batch: int) -> jax.Array:
@@ -161,9 +167,12 @@ class Goodput:
   def commit(self, state: GoodputState, ctx, verdict, features):
     inner = self.inner.commit(state.inner, ctx, verdict, features)
     d, a = state.drafted_B, verdict.accepted_drafts.astype(jnp.float32)
-    ema = lambda old, new: jnp.where(d > 0, (1 - self.decay) * old + self.decay * new, old)
-    return GoodputState(inner, ema(state.accepted_B, a),
-                        ema(state.rejected_B, (a < d).astype(jnp.float32)), d)
+
+    def ema(old, new, prior):
+      return jnp.where(d > 0, (1 - self.decay) * old + self.decay * new,
+                       (1 - self.relax) * old + self.relax * prior)
+    return GoodputState(inner, ema(state.accepted_B, a, self.prior),
+                        ema(state.rejected_B, (a < d).astype(jnp.float32), 1 - self.prior), d)
 
 
 def _freeze(x):
@@ -180,13 +189,14 @@ def _as_dict(x):
   return x
 
 
-def create(inner, costs: Mapping, prior: float = 0.5, decay: float = 0.5) -> Goodput:
+def create(inner, costs: Mapping, prior: float = 0.5, decay: float = 0.5,
+           relax: float = 0.05) -> Goodput:
   """The goodput policy around a built chain drafter, with a cost file's dict."""
-  return Goodput(inner, _freeze(costs), prior, decay)
+  return Goodput(inner, _freeze(costs), prior, decay, relax)
 
 
-def _check(*, inner=None, costs=None, prior=0.5, decay=0.5) -> None:
-  del prior, decay  # checked by validate, with the drafter built
+def _check(*, inner=None, costs=None, prior=0.5, decay=0.5, relax=0.05) -> None:
+  del prior, decay, relax  # checked by validate, with the drafter built
   if not isinstance(inner, Mapping) or inner.get("drafter") in (None, "goodput"):
     raise ValueError("goodput wraps a drafter: inner={'drafter': name, **knobs}; got "
                      f"{inner!r}.")
@@ -198,9 +208,9 @@ def _check(*, inner=None, costs=None, prior=0.5, decay=0.5) -> None:
 
 @registry.DRAFTERS.register("goodput", takes_stop_policy=True, check=_check)
 def _build(target, *, inner: Mapping[str, Any], costs: str, prior: float = 0.5,
-           decay: float = 0.5) -> Goodput:
+           decay: float = 0.5, relax: float = 0.05) -> Goodput:
   """SmartSpec's goodput policy around `inner` ({"drafter": name, **knobs}, a chain) with
   the cost file at `costs` (`make bench`'s costs.json, per batch size)."""
   knobs = dict(inner)
   return create(registry.DRAFTERS.build(knobs.pop("drafter"), target, **knobs),
-                budget_lib.read_costs(costs), prior, decay)
+                budget_lib.read_costs(costs), prior, decay, relax)

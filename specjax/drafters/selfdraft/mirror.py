@@ -73,23 +73,22 @@ def init_exit(cfg: ModelConfig, rank: int, key: jax.Array) -> dict:
 
 
 def train_exit(target: Model, exit_layer: int, tokens_NxT, *, rank: int = 32,
-               steps: int = 200, batch: int = 8, lr: float = 3e-3, seed: int = 0,
+               steps: int = 200, positions: int = 256, lr: float = 3e-3, seed: int = 0,
                log_every: int = 0) -> dict:
   """The early-exit adapter fitted to the target's next tokens on `tokens_NxT` (training
   rows, never evaluation prompts): Adam on the cross-entropy of the exit's logits against
-  the target's argmax at every position. The target's states are computed once."""
+  the target's argmax, `positions` random positions a step. The target's states are
+  computed once."""
   tokens = jnp.asarray(tokens_NxT, jnp.int32)
   if tokens.ndim != 2 or tokens.shape[0] < 1:
     raise ValueError(f"train_exit needs token rows [N, T]; got shape {tokens.shape}.")
-  out = models.causal_forward(target.config, target.params, tokens, features=(exit_layer,))
-  h_MxH = out.features[0].reshape(-1, target.config.hidden_size).astype(jnp.float32)
-  labels_M = jnp.argmax(out.logits, -1).reshape(-1)
+  h_MxH, labels_M = _exit_data(target, exit_layer, tokens)
   tx = optax.adam(lr)
   params = init_exit(target.config, rank, jax.random.key(seed))
 
   @jax.jit
   def step(params, opt, key):
-    rows = jax.random.randint(key, (batch * tokens.shape[1],), 0, h_MxH.shape[0])
+    rows = jax.random.randint(key, (positions,), 0, h_MxH.shape[0])
 
     def loss(p):
       logits = exit_logits(target.config, target.params, p, h_MxH[rows])
@@ -107,14 +106,24 @@ def train_exit(target: Model, exit_layer: int, tokens_NxT, *, rank: int = 32,
   return params
 
 
+def _exit_data(target: Model, exit_layer: int, tokens_NxT, chunk: int = 8):
+  """(the target's states at the exit [N * T, H], its next tokens [N * T]), computed a few
+  rows at a time (the full logits of many rows would not fit)."""
+  hs, labels = [], []
+  for i in range(0, tokens_NxT.shape[0], chunk):
+    out = models.causal_forward(target.config, target.params, tokens_NxT[i:i + chunk],
+                                features=(exit_layer,))
+    hs.append(out.features[0].reshape(-1, target.config.hidden_size).astype(jnp.float32))
+    labels.append(jnp.argmax(out.logits, -1).reshape(-1))
+  return jnp.concatenate(hs), jnp.concatenate(labels)
+
+
 def exit_agreement(target: Model, exit_layer: int, exit_params: dict, tokens_NxT,
                    kappa: int = 1) -> float:
   """Share of positions whose target next token is in the exit's top-`kappa`."""
-  out = models.causal_forward(target.config, target.params, jnp.asarray(tokens_NxT, jnp.int32),
-                              features=(exit_layer,))
-  logits = exit_logits(target.config, target.params, exit_params, out.features[0])
-  top = jax.lax.top_k(logits, kappa)[1]
-  return float(jnp.mean(jnp.any(top == jnp.argmax(out.logits, -1)[..., None], -1)))
+  h_MxH, labels_M = _exit_data(target, exit_layer, jnp.asarray(tokens_NxT, jnp.int32))
+  top = jax.lax.top_k(exit_logits(target.config, target.params, exit_params, h_MxH), kappa)[1]
+  return float(jnp.mean(jnp.any(top == labels_M[:, None], -1)))
 
 
 @flax.struct.dataclass
