@@ -24,8 +24,11 @@ In one process, after warm-up, medians of several runs:
              beside the run time of that call
   goodput    `--goodput COSTS_JSON`: greedy tokens/s at batch 1, 8, 16, 32 for AR, fixed
              EAGLE-3 chains and SmartSpec's goodput policy (`goodput_table`)
-  parallel   `--parallel`: PEARL and EasySpec beside AR and a plain self-draft chain at
-             batch 1, with the cost model's speedup for separate devices (`parallel_table`)
+  parallel   `--parallel`: PEARL, EasySpec and Mirror SD beside AR and a plain self-draft
+             chain at batch 1, with the cost model's speedup for separate devices
+             (`parallel_table`)
+  profile    `--profile`: where the batch-16 single-token forward after 300 tokens of
+             context spends its time, by class of XLA op (`forward_profile`)
   AR floor   the AR step of `generate` after a 300-token prompt beside both matmul floors
              (chained as a forward's layers are, and independent)
 Writes bench.json and costs.json (the verify and draft costs `drafters.budget` sizes drafts
@@ -116,12 +119,11 @@ def matmul_ms(model: models.Model, rows: int, runs: int, chain: bool = False) ->
   return 1e3 * _median_time(lambda: step(x, mats), runs)
 
 
-def forward_ms(model: models.Model, batch: int, t: int, context: int, runs: int,
-               reps: int = 8) -> float:
-  """ms of one cached forward of t tokens per sequence after `context` committed tokens, as
-  the decode loop runs it: `reps` forwards inside one jitted fori_loop carrying the cache
-  (separate jitted calls, even with the cache donated, add a copy of the cache per call)."""
-  cfg, params = model.config, model.params
+def _forward_loop(model: models.Model, batch: int, t: int, context: int, reps: int):
+  """(a call running `reps` cached forwards of t tokens per sequence after `context`
+  committed tokens inside one jitted fori_loop carrying the cache, as the decode loop runs
+  them; the jitted function and its arguments, for its compiled text)."""
+  cfg = model.config
 
   @jax.jit
   def fwd(params, tokens, cache):
@@ -137,8 +139,80 @@ def forward_ms(model: models.Model, batch: int, t: int, context: int, runs: int,
     return jax.lax.fori_loop(0, reps, body, (cache, jnp.float32(0)))[1]
 
   cache = model.init_cache(batch, context + 64).advance(jnp.full((batch,), context, jnp.int32))
-  tokens = jnp.ones((batch, t), jnp.int32)
-  return 1e3 * _median_time(lambda: fwd(params, tokens, cache), runs) / reps
+  args = (model.params, jnp.ones((batch, t), jnp.int32), cache)
+  return (lambda: fwd(*args)), fwd, args
+
+
+def forward_ms(model: models.Model, batch: int, t: int, context: int, runs: int,
+               reps: int = 8) -> float:
+  """ms of one cached forward of t tokens per sequence after `context` committed tokens, as
+  the decode loop runs it: `reps` forwards inside one jitted fori_loop carrying the cache
+  (separate jitted calls, even with the cache donated, add a copy of the cache per call)."""
+  run, _, _ = _forward_loop(model, batch, 1 if t is None else t, context, reps)
+  return 1e3 * _median_time(run, runs) / reps
+
+
+def forward_profile(model: models.Model, batch: int = 16, context: int = 300,
+                    runs: int = 3, reps: int = 8) -> dict:
+  """Where a batch-`batch` single-token forward's time goes, from `jax.profiler`'s trace of
+  XLA's ops: ms a forward in the weight matmuls (2-D dots), attention's score dot q.K over
+  the cache (a dot whose last output axis is the cache's slots), its value dot p.V (the
+  other batched dots) and everything else, beside the forward's wall ms and the chained
+  matmul floor. Ops may overlap on a multi-core CPU, so the classes can sum past the wall
+  time; the input cache's copy into the loop is left out (once a call, not a forward)."""
+  import collections  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  run, fwd, args = _forward_loop(model, batch, 1, context, reps)
+  wall = 1e3 * _median_time(run, runs) / reps
+  text = fwd.lower(*args).compile().as_text()
+  slots = context + 64
+  # HLO op name -> its class, from the dots inside it (a fusion's called computation).
+  bodies, cur = collections.defaultdict(list), None
+  for line in text.splitlines():
+    if line and not line.startswith(" "):
+      cur = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+    elif cur:
+      bodies[cur].append(line)
+  kind = {}
+  for lines in bodies.values():
+    for line in lines:
+      m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]\S* (\w+)\((.*)", line)
+      if not m:
+        continue
+      name, dims, op, rest = m.groups()
+      dots = []
+      if op == "dot":
+        dots = [dims]
+      elif op == "fusion":
+        called = re.search(r"calls=%([\w.\-]+)", rest)
+        dots = [d.group(1) for l in bodies.get(called.group(1) if called else "", [])
+                for d in [re.search(r"= \w+\[([\d,]*)\]\S* dot\(", l)] if d]
+      if not dots:
+        kind[name] = "other"
+      elif dots[0].count(",") == 1:
+        kind[name] = "weight matmuls"
+      elif dots[0].split(",")[-1] == str(slots):
+        kind[name] = "attention q.K (cache)"
+      else:
+        kind[name] = "attention p.V (cache)"
+  folder = tempfile.mkdtemp()
+  jax.profiler.start_trace(folder)
+  for _ in range(runs):
+    jax.block_until_ready(run())
+  jax.profiler.stop_trace()
+  trace = sorted(glob.glob(os.path.join(folder, "**", "*.trace.json.gz"), recursive=True))[-1]
+  ms = collections.Counter()
+  for e in json.load(gzip.open(trace))["traceEvents"]:
+    name = e.get("name", "")
+    if e.get("ph") == "X" and name in kind and not name.startswith("copy"):
+      ms[kind[name]] += e["dur"] / 1e3 / (runs * reps)
+  chained = matmul_ms(model, batch, runs, chain=True)
+  return {"batch": batch, "context": context, "forward_ms": wall, "chained_matmul_ms": chained,
+          **{k: ms[k] for k in ("weight matmuls", "attention q.K (cache)",
+                                "attention p.V (cache)", "other")}}
 
 
 def draft_ms(model: models.Model, runs: int, context: int = 256, batch: int = 1) -> float:
@@ -442,6 +516,9 @@ def main(argv=None):
   ap.add_argument("--parallel", action="store_true",
                   help="only the PEARL / EasySpec table (batch 1, with the cost model's "
                        "prediction for separate devices)")
+  ap.add_argument("--profile", action="store_true",
+                  help="only the op-class profile of the batch-16 forward at 300 tokens of "
+                       "context")
   args = ap.parse_args(argv)
   recipes = None
   if args.train:
@@ -453,6 +530,11 @@ def main(argv=None):
   model = models.load(args.model)
   if args.parallel:
     return _save(args, "parallel", parallel_table(model, runs=max(2, args.runs // 2)))
+  if args.profile:
+    row = forward_profile(model, runs=max(2, args.runs // 2))
+    print("\n| " + " | ".join(row) + " |\n|" + "---|" * len(row) + "\n| " + " | ".join(
+        f"{v:.1f}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+    return _save(args, "profile", [row])
   if args.goodput:
     from specjax.drafters import budget as budget_lib  # pylint: disable=g-import-not-at-top
     costs = budget_lib.read_costs(args.goodput)
