@@ -27,6 +27,8 @@ In one process, after warm-up, medians of several runs:
   parallel   `--parallel`: PEARL, EasySpec and Mirror SD beside AR and a plain self-draft
              chain at batch 1, with the cost model's speedup for separate devices
              (`parallel_table`)
+  quant      `--quant`: the float target beside its int8 and int4 weight-only versions:
+             logit error, AR and EAGLE-3 tokens/s and tau (`quant_table`)
   profile    `--profile`: where the batch-16 single-token forward after 300 tokens of
              context spends its time, by class of XLA op (`forward_profile`)
   AR floor   the AR step of `generate` after a 300-token prompt beside both matmul floors
@@ -434,6 +436,58 @@ def parallel_table(model: models.Model, layers: int = 8, new_tokens: int = 64,
   return rows
 
 
+def quant_table(model: models.Model, new_tokens: int = 64, num_prompts: int = 4,
+                runs: int = 2, group: int = 64) -> list[dict]:
+  """The float target beside its int8 and int4 weight-only versions (`models.quant`,
+  `group` input rows a scale): stored weight bytes, the logit error against float over 8
+  held-out self-distilled rows of 256 tokens, and batch-1 greedy tokens/s of AR and of the
+  committed EAGLE-3 head (chain of 3) on MT-Bench first turns, with its tau. Every
+  speculative output is checked equal to AR of the same (quantized) target: lossless
+  relative to the target being verified with."""
+  from specjax.configs import common  # pylint: disable=g-import-not-at-top
+  from specjax.evaluation import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
+  from specjax.models import quant  # pylint: disable=g-import-not-at-top
+  from specjax.training import data as data_lib  # pylint: disable=g-import-not-at-top
+  rows = data_lib.load("assets/distill/smollm2-135m", seq_len=256,
+                       vocab=model.config.vocab_size, eval_rows=8).eval_tokens
+  chats = [model.tokenizer.encode_chat([{"role": "user", "content": p.turns[0]}])
+           for p in prompts_lib.load("mt_bench")[:num_prompts]]
+  out = []
+  print("\n| target | weight MB | max abs logit error | KL | top-1 agreement | AR tokens/s | "
+        "EAGLE-3 tokens/s | tau | x AR |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+  for bits in (None, 8, 4):
+    target = model if bits is None else model.quantized(bits, group)
+    label = "float32" if bits is None else f"int{bits} (g{group})"
+    err = quant.logit_error(model, target, rows)
+    head = registry.DRAFTERS.build("eagle3", target, checkpoint=common.EAGLE3_SMOLLM2,
+                                   top_k=1, depth=3)
+    tps, tau = {}, 0.0
+    for name, drafter in (("ar", None), ("eagle3", head)):
+      seconds, toks, calls = 0.0, [], 0
+      for p in chats:
+        run = lambda: decode.generate(target, [p], max_new_tokens=new_tokens, eos=None,
+                                      drafter=drafter)
+        seconds += _median_time(run, runs)
+        o = run()
+        toks.append(o.token_lists()[0])
+        calls += int(o.stats.target_calls[0])
+      tps[name] = len(chats) * new_tokens / seconds
+      if name == "ar":
+        ar_toks = toks
+      elif toks != ar_toks:
+        raise AssertionError(f"{label}: EAGLE-3's output differs from that target's AR")
+      else:
+        tau = len(chats) * new_tokens / calls
+    row = {"target": label, "weight_mb": quant.weight_bytes(target.params) / 2**20, **err,
+           "ar_tokens_per_s": tps["ar"], "eagle3_tokens_per_s": tps["eagle3"], "tau": tau,
+           "speedup": tps["eagle3"] / tps["ar"]}
+    out.append(row)
+    print(f"| {label} | {row['weight_mb']:.0f} | {err['max_abs_logit']:.3f} | "
+          f"{err['kl']:.2e} | {err['top1_agreement']:.3f} | {tps['ar']:.1f} | "
+          f"{tps['eagle3']:.1f} | {tau:.2f} | {row['speedup']:.2f} |", flush=True)
+  return out
+
+
 def mirror_exit(model: models.Model, rows: int = 64, held: int = 16, steps: int = 400):
   """Mirror SD's early-exit adapter for `model` at half its depth, trained on the
   self-distilled training rows (never evaluation prompts); prints its top-1 agreement
@@ -516,6 +570,9 @@ def main(argv=None):
   ap.add_argument("--parallel", action="store_true",
                   help="only the PEARL / EasySpec table (batch 1, with the cost model's "
                        "prediction for separate devices)")
+  ap.add_argument("--quant", action="store_true",
+                  help="only the quantized-target table (float, int8, int4: logit error, "
+                       "AR and EAGLE-3 tokens/s, tau)")
   ap.add_argument("--profile", action="store_true",
                   help="only the op-class profile of the batch-16 forward at 300 tokens of "
                        "context")
@@ -530,6 +587,8 @@ def main(argv=None):
   model = models.load(args.model)
   if args.parallel:
     return _save(args, "parallel", parallel_table(model, runs=max(2, args.runs // 2)))
+  if args.quant:
+    return _save(args, "quant", quant_table(model, runs=max(2, args.runs // 2)))
   if args.profile:
     row = forward_profile(model, runs=max(2, args.runs // 2))
     print("\n| " + " | ".join(row) + " |\n|" + "---|" * len(row) + "\n| " + " | ".join(

@@ -1,5 +1,6 @@
 """Prompt sets for evaluation: MT-Bench, HumanEval, GSM8K, HumanEval with renamed
-functions (a workload with repetition), or any local JSON/JSONL file.
+functions (a workload with repetition), long documents of about 2k, 4k and 7k tokens
+(`long_2k`, `long_4k`, `long_7k`), or any local JSON/JSONL file.
 
 A `Prompt` is a tuple of user turns (MT-Bench has two, the others one). The
 built-in sets are read from files shipped inside installed pip packages; they
@@ -111,7 +112,57 @@ def _humaneval_renamed() -> list[Prompt]:
   return out
 
 
+# Long-context sets: documents assembled from the long descriptions (the READMEs) of the
+# pinned packages specjax itself installs, in this order, read from their installed
+# metadata (no hub), followed by a task. No training source draws on them (the training mix
+# uses the standard library and Python's own docs; `prompt_mix.check_disjoint` checks).
+LONG_PACKAGES = ("tqdm", "ml-collections", "transformers", "datasets", "jax", "flax",
+                 "tokenizers", "optax", "numpy", "matplotlib", "gguf", "absl-py", "jinja2")
+LONG_LENGTHS = {"long_2k": 2000, "long_4k": 4000, "long_7k": 7000}  # tokens, about
+LONG_PROMPTS = 4  # per length, each starting at another document
+# Characters a SmolLM2 token covers in these documents (measured 2.9-3.7 per document);
+# the test checks the resulting token counts.
+CHARS_PER_TOKEN = 3.2
+LONG_TASKS = (
+    "Summarise the documentation above for a new user in one paragraph.",
+    "List the main features of each package described above, one line each.",
+    "Continue the last document above with one more section in the same style.",
+    "Which of the packages described above would you use to show a progress bar, and how?",
+)
+
+
+def _package_readme(name: str) -> str:
+  import importlib.metadata as metadata  # pylint: disable=g-import-not-at-top
+  try:
+    meta = metadata.metadata(name)
+  except metadata.PackageNotFoundError:
+    raise FileNotFoundError(f"The long-context prompt sets read package {name!r}'s "
+                            "description, and it is not installed: pip install -e . "
+                            "installs it.") from None
+  return (meta.get_payload() or meta.get("Description") or "").strip()
+
+
+def _long(name: str) -> list[Prompt]:
+  """`LONG_PROMPTS` documents of about `LONG_LENGTHS[name]` tokens: prompt i reads the
+  packages' descriptions from the i-th on (wrapping around), cut at a line end."""
+  docs = [f"# {p}\n\n{_package_readme(p)}" for p in LONG_PACKAGES]
+  budget = int(LONG_LENGTHS[name] * CHARS_PER_TOKEN)
+  out = []
+  for i in range(LONG_PROMPTS):
+    text = ""
+    for j in range(len(docs)):
+      text += docs[(i * 3 + j) % len(docs)] + "\n\n"
+      if len(text) >= budget:
+        break
+    text = text[:budget]
+    text = text[:text.rfind("\n")].rstrip()
+    task = LONG_TASKS[i % len(LONG_TASKS)]
+    out.append(Prompt(f"{name}/{i}", (f"{text}\n\n{task}",), name, category=name[5:]))
+  return out
+
+
 REGISTRY: dict[str, Callable[[], list[Prompt]]] = {
+    **{name: (lambda name=name: _long(name)) for name in LONG_LENGTHS},
     "humaneval_renamed": _humaneval_renamed,
     "mt_bench": _mt_bench,
     "humaneval": _humaneval,

@@ -98,6 +98,7 @@ DRAFTERS = Registry("drafter", {
     "swift": "specjax.drafters.selfdraft.swift", "pearl": "specjax.drafters.selfdraft.pearl",
     "easyspec": "specjax.drafters.selfdraft.easyspec",
     "mirror": "specjax.drafters.selfdraft.mirror",
+    "partial_kv": "specjax.drafters.selfdraft.partial_kv",
     "del": "specjax.drafters.selfdraft.dynamic_exit",
     "specee": "specjax.drafters.selfdraft.specee"})
 # builder(**knobs) -> policy

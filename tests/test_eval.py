@@ -325,7 +325,8 @@ def test_greedy_rule_with_sampling_is_refused(prompt_file):
 
 @pytest.mark.parametrize("name", ["demo", "bench", "sweep", "tiny", "training_free",
                                   "training_free:repeat", "training_free:specee", "lossy",
-                                  "lossy:rsd", "block_drafters", "block_drafters:mt_bench"])
+                                  "lossy:rsd", "block_drafters", "block_drafters:mt_bench",
+                                  "long_context"])
 def test_shipped_configs_are_valid(name):
   p = sweep.plan(get_config(*name.split(":")))
   assert p.baseline.name == "ar"

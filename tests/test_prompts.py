@@ -9,7 +9,9 @@ from specjax.evaluation import prompts
 
 @pytest.mark.parametrize("name,count,n_turns", [("mt_bench", 80, 2), ("humaneval", 164, 1),
                                                  ("gsm8k", 1319, 1),
-                                                 ("humaneval_renamed", 4 * 164, 1)])
+                                                 ("humaneval_renamed", 4 * 164, 1),
+                                                 ("long_2k", 4, 1), ("long_4k", 4, 1),
+                                                 ("long_7k", 4, 1)])
 def test_builtin_sets(name, count, n_turns):
   ps = prompts.load(name)
   assert len(ps) == count
@@ -29,7 +31,21 @@ def test_contents():
 
 
 def test_names():
-  assert prompts.names() == sorted(["mt_bench", "humaneval", "gsm8k", "humaneval_renamed"])
+  assert prompts.names() == sorted(["mt_bench", "humaneval", "gsm8k", "humaneval_renamed",
+                                    "long_2k", "long_4k", "long_7k"])
+
+
+def test_long_context_sets_have_their_lengths_and_leave_room_to_decode():
+  """Each long set's prompts, rendered for SmolLM2, are within 15% of their nominal token
+  count, and the 7k ones leave room in the 8,192-token context for 512 new tokens."""
+  from specjax import models  # pylint: disable=g-import-not-at-top
+  tok = models.load("smollm2-135m").tokenizer
+  for name, want in prompts.LONG_LENGTHS.items():
+    ps = prompts.load(name)
+    n = [len(tok.encode_chat([{"role": "user", "content": p.turns[0]}])) for p in ps]
+    assert all(0.85 * want < k < 1.15 * want for k in n), (name, n)
+    assert max(n) + 512 <= 8192
+    assert len({p.turns[0][:200] for p in ps}) == len(ps)  # each starts at another document
 
 
 def test_renamed_humaneval_asks_each_problem_four_times_in_a_row():

