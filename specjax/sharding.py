@@ -39,7 +39,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 # The mesh axes specjax names (a config may use any subset, in any order).
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "tensor", "expert")
 # Logical axis -> mesh axes. Batches split over data and fsdp; parameters shard their
 # model dimension over fsdp (all-gathered per layer) and heads / MLP / vocabulary over
 # tensor (Megatron-style column-then-row splits, one all-reduce per block).
@@ -50,6 +50,7 @@ DEFAULT_RULES = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
+    ("experts", "expert"),
 )
 # (regex on a parameter's path, its logical axes). The first match whose rank fits wins;
 # anything unmatched (norm scales, fusion layers, small head weights) is replicated.
@@ -65,6 +66,8 @@ PARAM_AXES = (
     (r"(gate_proj|up_proj|c_fc)/bias$", ("mlp",)),
     (r"(down_proj|mlp_c_proj)/kernel$", ("mlp", "embed")),
     (r"c_attn/kernel$", ("embed", None)),
+    (r"mlp/(gate|up)$", ("experts", "embed", "mlp")),  # stacked experts [E, H, I]
+    (r"mlp/down$", ("experts", "mlp", "embed")),
 )
 
 

@@ -2,7 +2,8 @@
 
 One config covers the Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3), which
 differ only by flags (qkv bias, q/k norm, RoPE scaling, sliding window, tied embeddings),
-and GPT-2. It is hashable so that jitted functions can take it as a static argument.
+its mixture-of-experts members (Mixtral, Qwen3-MoE: `num_experts` > 0 swaps the MLP of
+the `moe_layers` for routed experts), and GPT-2. It is hashable so that jitted functions can take it as a static argument.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ HF_MODEL_TYPES = {
     "mistral": "llama",
     "qwen2": "llama",
     "qwen3": "llama",
+    "mixtral": "llama",
+    "qwen3_moe": "llama",
     "gpt2": "gpt2",
 }
 
@@ -47,6 +50,14 @@ class ModelConfig:
   # How the forward attends over a cache: "xla" (dense masks) or a Pallas tree-attention
   # kernel ("pallas", "pallas_tpu", "pallas_gpu"; `specjax.kernels.attention`).
   attention_impl: str = "xla"
+  # Mixture of experts (0 experts: dense). Each token's `experts_per_token` experts of the
+  # softmax router's top scores (renormalised over them when `moe_norm_topk`) run an MLP of
+  # `moe_intermediate_size`; the layers in `moe_layers` are MoE, the others dense.
+  num_experts: int = 0
+  experts_per_token: int = 0
+  moe_intermediate_size: int = 0
+  moe_norm_topk: bool = True
+  moe_layers: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.arch not in ARCHS:
@@ -56,6 +67,11 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}.")
+    if self.num_experts and not (1 <= self.experts_per_token <= self.num_experts
+                                 and self.moe_intermediate_size > 0):
+      raise ValueError(f"A mixture of {self.num_experts} experts needs 1 <= experts_per_token "
+                       f"<= num_experts and moe_intermediate_size > 0; got "
+                       f"{self.experts_per_token}, {self.moe_intermediate_size}.")
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
@@ -125,6 +141,7 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
     raise ValueError("Unsupported: Llama attention_bias=True (o_proj bias).")
   window = _sliding_window(model_type, hf)
   heads = hf["num_attention_heads"]
+  moe = _moe(model_type, hf)
   return ModelConfig(
       arch="llama", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
       intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
@@ -133,5 +150,27 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
       norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(_rope_params(hf)["rope_theta"]),
       rope_scaling=_rope_scaling(hf), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias")),
-      qk_norm=model_type == "qwen3", sliding_window=window,
-      max_position_embeddings=hf.get("max_position_embeddings", 4096), model_type=model_type)
+      qk_norm=model_type in ("qwen3", "qwen3_moe"), sliding_window=window,
+      max_position_embeddings=hf.get("max_position_embeddings", 4096), model_type=model_type,
+      **moe)
+
+
+def _moe(model_type: str, hf: Mapping[str, Any]) -> dict:
+  """The mixture-of-experts fields of a Mixtral or Qwen3-MoE config ({} for dense ones).
+  Mixtral: every layer, experts of `intermediate_size`, weights renormalised over the
+  top k. Qwen3-MoE: layers (i + 1) % decoder_sparse_step == 0 not in mlp_only_layers,
+  experts of `moe_intermediate_size`, renormalised when norm_topk_prob."""
+  if model_type not in ("mixtral", "qwen3_moe"):
+    return {}
+  layers = hf["num_hidden_layers"]
+  experts = hf.get("num_experts") or hf.get("num_local_experts")
+  if model_type == "mixtral":
+    return dict(num_experts=experts, experts_per_token=hf["num_experts_per_tok"],
+                moe_intermediate_size=hf["intermediate_size"], moe_norm_topk=True,
+                moe_layers=tuple(range(layers)))
+  step, dense = hf.get("decoder_sparse_step") or 1, set(hf.get("mlp_only_layers") or ())
+  return dict(num_experts=experts, experts_per_token=hf["num_experts_per_tok"],
+              moe_intermediate_size=hf["moe_intermediate_size"],
+              moe_norm_topk=bool(hf.get("norm_topk_prob", False)),
+              moe_layers=tuple(i for i in range(layers)
+                               if i not in dense and (i + 1) % step == 0))

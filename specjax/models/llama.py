@@ -160,9 +160,56 @@ class MLP(nn.Module):
         nn.silu(dense(f, "gate_proj")(x)) * dense(f, "up_proj")(x))
 
 
+def route(cfg: ModelConfig, router_HxE, x_NxH) -> tuple[jax.Array, jax.Array]:
+  """(the experts [N, k] each token goes to, their weights [N, k]): the top k of the
+  router's softmax, renormalised over them when `cfg.moe_norm_topk`."""
+  probs = jax.nn.softmax((x_NxH @ router_HxE).astype(jnp.float32), -1)
+  weight_NxK, expert_NxK = jax.lax.top_k(probs, cfg.experts_per_token)
+  if cfg.moe_norm_topk:
+    weight_NxK = weight_NxK / jnp.sum(weight_NxK, -1, keepdims=True)
+  return expert_NxK, weight_NxK
+
+
+class MoE(nn.Module):
+  """Routed experts in place of the MLP (Mixtral, Qwen3-MoE).
+
+  Every expert runs on every token and a token keeps its k experts' outputs, weighted
+  (the dense form: exact, the same compiled shape whatever the routing, and expert-
+  parallel by sharding the expert axis; the MLP work is num_experts / k times the routed
+  form's, which suits the tiny and small targets this runs here). Expert weights are
+  stacked: gate / up [E, H, I], down [E, I, H]."""
+
+  cfg: ModelConfig
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    cfg, e, f, h = self.cfg, self.cfg.num_experts, self.cfg.moe_intermediate_size, x.shape[-1]
+    init = nn.initializers.lecun_normal(batch_axis=(0,))
+    router = self.param("router", nn.initializers.lecun_normal(), (h, e), self.dtype)
+    gate = self.param("gate", init, (e, h, f), self.dtype)
+    up = self.param("up", init, (e, h, f), self.dtype)
+    down = self.param("down", init, (e, f, h), self.dtype)
+    x_NxH = x.reshape(-1, h)
+    expert_NxK, weight_NxK = route(cfg, router, x_NxH)
+    weight_NxE = jnp.sum(jax.nn.one_hot(expert_NxK, e, dtype=jnp.float32) *
+                         weight_NxK[..., None], 1)
+    hidden_ExNxF = nn.silu(jnp.einsum("nh,ehf->enf", x_NxH, gate)) * jnp.einsum(
+        "nh,ehf->enf", x_NxH, up)
+    out_ExNxH = jnp.einsum("enf,efh->enh", hidden_ExNxF, down)
+    y = jnp.einsum("ne,enh->nh", weight_NxE.astype(out_ExNxH.dtype), out_ExNxH)
+    return y.reshape(x.shape).astype(x.dtype)
+
+
+def feed_forward(cfg: ModelConfig, dtype, layer: int, **kw) -> nn.Module:
+  """Layer `layer`'s MLP: routed experts when it is one of `cfg.moe_layers`."""
+  return (MoE if layer in cfg.moe_layers else MLP)(cfg, dtype, **kw)
+
+
 class Block(nn.Module):
   cfg: ModelConfig
   dtype: jnp.dtype
+  layer: int = 0
 
   @nn.compact
   def __call__(self, x, cos, sin, visible, prefix, kv, start_B):
@@ -170,7 +217,7 @@ class Block(nn.Module):
         RMSNorm(self.cfg.norm_eps, self.dtype, name="input_layernorm")(x),
         cos, sin, visible, prefix, kv, start_B)
     x = x + h
-    x = x + MLP(self.cfg, self.dtype, name="mlp")(
+    x = x + feed_forward(self.cfg, self.dtype, self.layer, name="mlp")(
         RMSNorm(self.cfg.norm_eps, self.dtype, name="post_attention_layernorm")(x))
     return x, kv
 
@@ -199,7 +246,7 @@ class Llama(nn.Module):
     visible_BxTxT, prefix_BxTxS = in_window(cfg, positions_BxT, visible_BxTxT, prefix_BxTxS,
                                             cache)
     start_B = None if cache is None else cache.lengths
-    block = lambda i, x, kv: Block(cfg, self.dtype, name=f"layers_{i}")(
+    block = lambda i, x, kv: Block(cfg, self.dtype, i, name=f"layers_{i}")(
         x, cos, sin, visible_BxTxT, prefix_BxTxS, kv, start_B)
     x, layer_hidden, new_cache = run_layers(cfg.num_layers, x, cache, feature_layers, block)
     hidden_BxTxH = RMSNorm(cfg.norm_eps, self.dtype, name="norm")(x)

@@ -33,6 +33,16 @@ _LLAMA_RULES = [  # (regex on the HF name without the "model." prefix, flax path
     (r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", r"layers_\1/\2/scale",
      False),
 ]
+# Mixture-of-experts layers (Qwen3-MoE: mlp.gate / mlp.experts.M.*_proj; Mixtral:
+# block_sparse_moe.gate / experts.M.w1 (gate), w3 (up), w2 (down)): expert M's weight is
+# row M of a stacked [E, ...] param.
+_MOE_RULES = [
+    (r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate\.weight", r"layers_\1/mlp/router", True),
+    (r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight", r"layers_\1/mlp/\3", True),
+    (r"layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.w1\.weight", r"layers_\1/mlp/gate", True),
+    (r"layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.w3\.weight", r"layers_\1/mlp/up", True),
+    (r"layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.w2\.weight", r"layers_\1/mlp/down", True),
+]
 _GPT2_RULES = [  # GPT-2 Conv1D weights are already [in, out].
     (r"wte\.weight", "wte/embedding", False),
     (r"wpe\.weight", "wpe/embedding", False),
@@ -47,16 +57,21 @@ _GPT2_RULES = [  # GPT-2 Conv1D weights are already [in, out].
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|attn\.(masked_)?bias|lm_head\.weight)$")
 
 
-def _flax_name(cfg: ModelConfig, hf_name: str) -> tuple[str, bool] | None:
+def _flax_name(cfg: ModelConfig, hf_name: str) -> tuple[str, bool, int | None] | None:
+  """(flax path, transpose, expert row or None), or None for a tensor we skip."""
   name = re.sub(r"^(model|transformer)\.", "", hf_name)
-  for pattern, target, transpose in (_GPT2_RULES if cfg.arch == "gpt2" else _LLAMA_RULES):
-    if re.fullmatch(pattern, name):
+  rules = _GPT2_RULES if cfg.arch == "gpt2" else _LLAMA_RULES + (
+      _MOE_RULES if cfg.num_experts else [])
+  for pattern, target, transpose in rules:
+    m = re.fullmatch(pattern, name)
+    if m:
       path = re.sub(pattern, target, name)
       if cfg.arch == "gpt2":
         path = path.replace("/weight", "/kernel")
       if cfg.tie_embeddings and path == "lm_head/kernel":
         return None
-      return path, transpose
+      expert = int(m.group(2)) if "experts" in pattern else None
+      return path, transpose, expert
   if _IGNORED.search(name):
     return None
   raise ValueError(f"Unexpected tensor {hf_name!r} in a {cfg.model_type} checkpoint.")
@@ -77,19 +92,30 @@ def params_from_hf(cfg: ModelConfig, tensors: Iterable[tuple[str, Any]], dtype=j
                        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
   flat_want = flat(want)
   flat_shardings = None if shardings is None else flat(shardings)
-  got = {}
+  got, experts = {}, {}
   for hf_name, array in tensors:
     mapped = _flax_name(cfg, hf_name)
     if mapped is None:
       continue
-    path, transpose = mapped
+    path, transpose, expert = mapped
     shape = tuple(array.shape)[::-1] if transpose else tuple(array.shape)
     if path not in flat_want:
       raise ValueError(f"Tensor {hf_name!r} maps to {path!r}, which the model does not have.")
+    if expert is not None:  # one row of a stacked expert param, gathered below
+      if shape != flat_want[path].shape[1:] or not 0 <= expert < cfg.num_experts:
+        raise ValueError(f"Tensor {hf_name!r} (expert {expert}, shape {shape}) does not fit "
+                         f"{path!r} of shape {flat_want[path].shape}.")
+      experts.setdefault(path, {})[expert] = np.asarray(array, np.float32).T
+      continue
     if shape != flat_want[path].shape:
       raise ValueError(f"Tensor {hf_name!r} has shape {shape}; the config implies "
                        f"{flat_want[path].shape}.")
     got[path] = _place(array, transpose, dtype,
+                       None if flat_shardings is None else flat_shardings[path])
+  for path, rows in experts.items():
+    if len(rows) != cfg.num_experts:
+      raise ValueError(f"Checkpoint has {len(rows)} of {cfg.num_experts} experts for {path!r}.")
+    got[path] = _place(np.stack([rows[i] for i in range(cfg.num_experts)]), False, dtype,
                        None if flat_shardings is None else flat_shardings[path])
   missing = sorted(set(flat_want) - set(got))
   if missing:

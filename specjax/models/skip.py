@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from specjax.models import cache as cache_lib
 from specjax.models import quant
 from specjax.models.config import ModelConfig
-from specjax.models.llama import MLP, Attention, RMSNorm, apply_rope, in_window, rope_cos_sin
+from specjax.models.llama import (Attention, RMSNorm, apply_rope, feed_forward, in_window,
+                                  rope_cos_sin)
 from specjax.models.model import Forward, embed, lm_head, param_dtype
 
 
@@ -59,8 +60,8 @@ def _sublayers(cfg: ModelConfig, params: Any, tokens_BxT, positions_BxT, visible
     return x + h, kv
 
   def mlp(i, x):
-    return x + MLP(cfg, dtype).apply({"params": layer(i)["mlp"]},
-                                     norm(layer(i)["post_attention_layernorm"], x))
+    return x + feed_forward(cfg, dtype, i).apply({"params": layer(i)["mlp"]},
+                                                 norm(layer(i)["post_attention_layernorm"], x))
 
   def keys_values(i, x, kv):
     k, v = _keys_values(cfg, layer(i)["self_attn"], norm(layer(i)["input_layernorm"], x),
