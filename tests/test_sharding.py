@@ -243,3 +243,29 @@ def test_7b_and_70b_fit_a_tpu_chip_on_256_devices():
   r = rows["llama3-70b"]
   assert r["total_param_bytes"] > 100 * 2**30
   assert r["total_param_bytes"] / 32 <= r["param_bytes"] < 1.001 * r["total_param_bytes"] / 32
+
+
+def test_pearl_on_disjoint_device_groups_equals_ar():
+  """PEARL's target on devices 0-3 (tensor=4) and its draft on devices 4-7: two programs
+  a step, each on its own group; greedy output equals single-device AR and PEARL in one
+  program, and each model's weights live only on its own group."""
+  from specjax.drafters.selfdraft import pearl  # pylint: disable=g-import-not-at-top
+  devices = jax.devices()
+  plan_t = sharding.Plan.create(sharding.make_mesh("tensor=4", devices[:4]))
+  plan_d = sharding.Plan.create(sharding.make_mesh("tensor=4", devices[4:]))
+  single = models.load(TARGET)
+  rng = np.random.default_rng(3)
+  prompts = [rng.integers(0, 512, n).tolist() for n in (7, 30, 2)]
+  want = decode.generate(single, prompts, max_new_tokens=12, eos=None).token_lists()
+  d = registry.DRAFTERS.build("pearl", single, layers=1, gamma=3)
+  one = decode.generate(single, prompts, max_new_tokens=12, eos=None, drafter=d)
+  out = pearl.generate_on_groups(single, d, prompts, target_plan=plan_t, draft_plan=plan_d,
+                                 max_new_tokens=12)
+  assert out.token_lists() == want == one.token_lists()
+  np.testing.assert_array_equal(out.stats.target_calls, one.stats.target_calls)
+  placed_t = decode._place_tree(plan_t, single.params)  # pylint: disable=protected-access
+  placed_d = decode._place_tree(plan_d, d.params)  # pylint: disable=protected-access
+  groups = lambda tree: {frozenset(x.sharding.device_set) for x in jax.tree.leaves(tree)}
+  assert groups(placed_t) == {frozenset(devices[:4])}
+  assert groups(placed_d) == {frozenset(devices[4:])}
+  assert out.tokens.sharding.device_set == set(devices[:4])

@@ -94,18 +94,22 @@ class Pearl:
     q = lambda n: jnp.zeros((b, n, v), jnp.float32)
     return PearlState(cache, zeros(g - 1), zeros(), q(g - 1), zeros(g), q(g))
 
-  def propose(self, state: PearlState, ctx, stop, sampling, key):
-    del stop
-    g, cache = self.gamma, state.cache
-    b, width = ctx.history.shape[0], 2 * g - 1
+  def draft(self, cache: KVCache, history_BxL, length_B, pending_BxG, num_pending_B,
+            sampling, key):
+    """The draft half of a step: the committed tokens the draft's cache lacks and the
+    pending drafts in one forward, then gamma - 1 more drafts one forward each. Reads
+    nothing the step's verification makes. Returns (drafts [B, gamma], their q [B, gamma,
+    V] or None when greedy, the cache holding the committed tokens)."""
+    g = self.gamma
+    b, width = history_BxL.shape[0], 2 * g - 1
     # The window: committed tokens the cache lacks (root included), then the pending drafts.
-    lag = ctx.length - cache.lengths  # 1..gamma for live rows
+    lag = length_B - cache.lengths  # 1..gamma for live rows
     j = jnp.arange(width)[None, :]
     from_history = jnp.take_along_axis(
-        ctx.history, jnp.minimum(cache.lengths[:, None] + j, ctx.history.shape[1] - 1), 1)
-    from_pending = jnp.take_along_axis(state.pending, jnp.clip(j - lag[:, None], 0, g - 2), 1)
+        history_BxL, jnp.minimum(cache.lengths[:, None] + j, history_BxL.shape[1] - 1), 1)
+    from_pending = jnp.take_along_axis(pending_BxG, jnp.clip(j - lag[:, None], 0, g - 2), 1)
     window = jnp.where(j < lag[:, None], from_history, from_pending)
-    used = lag + state.num_pending
+    used = lag + num_pending_B
     out = forward(self.config, self.params, window, cache.lengths[:, None] + j,
                   causal(width), cache)
     last = jnp.take_along_axis(out.logits, jnp.maximum(used - 1, 0)[:, None, None], 1)[:, 0]
@@ -127,15 +131,21 @@ class Pearl:
       tok, q = draw(step.logits[:, 0], keys[i])
       toks.append(tok)
       qs.append(q)
-    drafts = jnp.stack(toks, 1)
-    drafts_q = state.drafts_q if sampling.greedy else jnp.stack(qs, 1)
+    # The cache keeps the committed tokens; what lies past them is rewritten next step.
+    return (jnp.stack(toks, 1), None if sampling.greedy else jnp.stack(qs, 1),
+            cache.replace(lengths=length_B))
+
+  def propose(self, state: PearlState, ctx, stop, sampling, key):
+    del stop
+    b, g = ctx.history.shape[0], self.gamma
+    drafts, drafts_q, cache = self.draft(state.cache, ctx.history, ctx.length,
+                                         state.pending, state.num_pending, sampling, key)
     valid = jnp.arange(g - 1)[None, :] < state.num_pending[:, None]
     tree = DraftTree.chain(state.pending, valid,
                            None if sampling.greedy else state.pending_q,
                            sampled=not sampling.greedy)
-    # The cache keeps the committed tokens; what lies past them is rewritten next step.
-    state = state.replace(cache=cache.replace(lengths=ctx.length), drafts=drafts,
-                          drafts_q=drafts_q)
+    state = state.replace(cache=cache, drafts=drafts,
+                          drafts_q=state.drafts_q if drafts_q is None else drafts_q)
     return tree, state, jnp.full((b,), g, jnp.int32)
 
   def commit(self, state: PearlState, ctx, verdict, features) -> PearlState:
@@ -152,6 +162,115 @@ class Pearl:
     verify + gamma draft forwards on one device, max of the two on two."""
     steps = self.gamma * draft_ms
     return (tau * ar_ms / (verify_ms + steps), tau * ar_ms / max(verify_ms, steps))
+
+
+@flax.struct.dataclass
+class PendingState:
+  pending: jax.Array  # int32[B, gamma - 1]
+  num_pending: jax.Array  # int32[B]
+  pending_q: jax.Array  # float32[B, gamma - 1, V]
+
+
+@flax.struct.dataclass
+class _Verifier:
+  """PEARL's target half when the draft runs on other devices (`generate_on_groups`): it
+  verifies the pending drafts in its state, which the host sets between steps."""
+  gamma: int = flax.struct.field(pytree_node=False)
+  vocab_size: int = flax.struct.field(pytree_node=False)
+  takes_stop_policy = False
+  drafts_vary = True
+  features = ()
+
+  @property
+  def num_nodes(self) -> int:
+    return self.gamma - 1
+
+  def validate(self, target_config) -> None:
+    del target_config
+
+  def init(self, ctx, max_len, features) -> PendingState:
+    del max_len, features
+    b, g = ctx.history.shape[0], self.gamma
+    return PendingState(jnp.zeros((b, g - 1), jnp.int32), jnp.zeros((b,), jnp.int32),
+                        jnp.zeros((b, g - 1, self.vocab_size), jnp.float32))
+
+  def propose(self, state: PendingState, ctx, stop, sampling, key):
+    del stop, key
+    b, g = ctx.history.shape[0], self.gamma
+    valid = jnp.arange(g - 1)[None, :] < state.num_pending[:, None]
+    tree = DraftTree.chain(state.pending, valid, None if sampling.greedy else state.pending_q,
+                           sampled=not sampling.greedy)
+    return tree, state, jnp.full((b,), g, jnp.int32)  # the draft group's forwards
+
+  def commit(self, state, ctx, verdict, features):
+    del ctx, verdict, features
+    return state
+
+
+def generate_on_groups(target: Model, pearl: Pearl, prompts, *, target_plan, draft_plan,
+                       max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+                       eos=None) -> "decode.Output":
+  """PEARL with the target and the draft on disjoint device groups: `target_plan`'s mesh
+  holds the target, its KV cache and the loop's state, `draft_plan`'s mesh the draft and
+  its cache. Each step the host launches the target's verification of the pending drafts
+  and the draft's next gamma tokens, two programs that read the same inputs and run on
+  their own devices at the same time (JAX dispatches both before waiting on either); then
+  a small program on the target's devices keeps the new drafts as pending when the step
+  confirmed the first of them. Only token ids (and draft distributions when sampling)
+  cross between the groups. Same outputs as `generate(..., drafter=pearl)`."""
+  from specjax import decode  # pylint: disable=g-import-not-at-top
+  sampling, rule, stop, eos_ids = decode.setup(target, pearl, None, None, temperature,
+                                               eos=eos)
+  tokens = decode.encode_prompts(target, prompts)
+  g, lens = pearl.gamma, np.asarray([len(t) for t in tokens], np.int32)
+  max_len = decode.bucketed_cache_size(int(lens.max()), max_new_tokens, g - 1)
+  history = np.zeros((len(tokens), max_len), np.int32)
+  for i, t in enumerate(tokens):
+    history[i, :len(t)] = t
+  verifier = _Verifier(g, pearl.config.vocab_size)
+  on_t = lambda x: jax.device_put(x, target_plan.replicated())
+  on_d = lambda x: jax.device_put(x, draft_plan.replicated())
+  params_t = decode._place_tree(target_plan, target.params)  # pylint: disable=protected-access
+  params_d = decode._place_tree(draft_plan, pearl.params)  # pylint: disable=protected-access
+  key = jax.random.key(seed)
+  cfg = target.config
+
+  start = jax.jit(lambda p, h, n: decode.start(
+      cfg, p, verifier, stop, h, n, jnp.full(n.shape, max_new_tokens, jnp.int32), key,
+      sampling=sampling, max_new_tokens=max_new_tokens, plan=target_plan))
+  step = jax.jit(lambda p, st: decode.step(cfg, p, verifier, stop, st, key, sampling=sampling,
+                                           rule=rule, eos=eos_ids, plan=target_plan))
+
+  @jax.jit
+  def draft_init(p, h, n):
+    cache = KVCache.for_config(pearl.config, h.shape[0], max_len + 3 * g, param_dtype(p))
+    return prefill(pearl.config, p, cache, h, n - 1)[0]
+
+  @jax.jit
+  def draft(p, cache, h, n, pending, num_pending, step_count):
+    return pearl.replace(params=p).draft(cache, h, n, pending, num_pending, sampling,
+                                         jax.random.fold_in(jax.random.key(seed + 1),
+                                                            step_count))
+
+  @jax.jit
+  def merge(old, new, drafts, drafts_q):
+    """The next pending drafts: the new ones past the first, when every pending draft was
+    accepted and the next token is the first new draft (PEARL's post-verify)."""
+    rows = jnp.arange(drafts.shape[0])
+    hit = ((new.length - old.length - 1 == old.drafter.num_pending)
+           & (new.history[rows, new.length - 1] == drafts[:, 0]) & ~new.done)
+    q = old.drafter.pending_q if drafts_q is None else drafts_q[:, 1:]
+    return new.replace(drafter=PendingState(drafts[:, 1:], jnp.where(hit, g - 1, 0)
+                                            .astype(jnp.int32), q))
+
+  st = start(params_t, on_t(history), on_t(lens))
+  cache_d = draft_init(params_d, on_d(history), on_d(lens))
+  while not bool(st.done.all()) and int(st.step) < max_new_tokens:
+    inputs = (st.history, st.length, st.drafter.pending, st.drafter.num_pending, st.step)
+    drafts, drafts_q, cache_d = draft(params_d, cache_d, *map(on_d, inputs))  # group D
+    new = step(params_t, st)  # group T, at the same time
+    st = merge(st, new, on_t(drafts), None if drafts_q is None else on_t(drafts_q))
+  return decode.finish(verifier, st, on_t(lens), max_new_tokens)
 
 
 @registry.DRAFTERS.register("pearl", takes_stop_policy=False)
