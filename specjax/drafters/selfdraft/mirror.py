@@ -36,9 +36,19 @@ low-rank residual adapter, h + (h W_down) W_up (`exit_logits`), W_up zero at ini
 is the target's LM head at the exit layer); `train_exit` fits the adapter with optax to
 the target's own next tokens (cross-entropy on its argmax).
 
-Departures: the paper also gives its draft speculative streaming (several tokens per
-draft forward, from a draft trained for it); this draft emits one token a forward. The
-paper splits devices between GPU and NPU; here draft and target share the loop's mesh.
+Speculative streaming (the paper's draft emits several tokens a forward): with
+`stream_params` [S - 1, H], S - 1 trained stream embeddings ride after the draft's last
+real token at the next positions, and the draft's outputs there are its guesses of the
+tokens 2..S ahead, so a forward drafts S tokens and a branch of gamma takes
+ceil(gamma / S) forwards; the next forward feeds the S drafted tokens (writing their
+keys/values) with a fresh group of stream tokens. `train_stream` fits the embeddings with
+optax (cross-entropy against the training rows' next tokens, the draft frozen). A drawn
+token's q is the distribution it was drawn from, so sampling stays lossless.
+
+Departures: the paper's streaming draft is trained with multi-stream attention in its
+own layers; here only the stream embeddings train (as parallel prompt decoding does),
+on a draft made of the target's first layers. The paper splits devices between GPU and
+NPU; here draft and target share the loop's mesh.
 """
 
 from __future__ import annotations
@@ -118,6 +128,71 @@ def _exit_data(target: Model, exit_layer: int, tokens_NxT, chunk: int = 8):
   return jnp.concatenate(hs), jnp.concatenate(labels)
 
 
+def train_stream(draft: Model, tokens_NxT, streams: int, *, steps: int = 200,
+                 batch: int = 16, window: int = 64, lr: float = 1e-2, seed: int = 0,
+                 log_every: int = 0) -> jax.Array:
+  """Stream embeddings [streams, H] for speculative streaming with `draft`: after a window
+  of a training row ending at a random anchor t, stream token i predicts token t + 1 + i
+  (cross-entropy; only the embeddings train, starting from the mean token embedding)."""
+  tokens = np.asarray(tokens_NxT, np.int32)
+  n, t = tokens.shape
+  if t < window + streams + 2 or streams < 1:
+    raise ValueError(f"train_stream needs rows longer than window + streams + 1 = "
+                     f"{window + streams + 1} tokens and streams >= 1; got rows of {t}, "
+                     f"streams={streams}.")
+  cfg, v = draft.config, draft.config.vocab_size
+  table = draft.params["embed_tokens"]["embedding"]
+  stream = jnp.broadcast_to(jnp.mean(table, 0), (streams, cfg.hidden_size)).astype(jnp.float32)
+  ids_tail = v + jnp.arange(streams)
+  positions = jnp.arange(window + streams)[None]
+  tx = optax.adam(lr)
+
+  @jax.jit
+  def step(emb, opt, rows_BxT):
+    ctx, labels = rows_BxT[:, :window], rows_BxT[:, window + 1:]
+
+    def loss(e):
+      ids = jnp.concatenate([ctx, jnp.broadcast_to(ids_tail, (ctx.shape[0], streams))], 1)
+      out = forward(cfg, draft.params, ids, jnp.broadcast_to(positions, ids.shape),
+                    causal(ids.shape[1]), extra_embeddings_NxH=e)
+      return optax.softmax_cross_entropy_with_integer_labels(
+          out.logits[:, window:].astype(jnp.float32), labels).mean()
+    value, grads = jax.value_and_grad(loss)(emb)
+    updates, opt = tx.update(grads, opt, emb)
+    return optax.apply_updates(emb, updates), opt, value
+
+  rng, opt = np.random.default_rng(seed), tx.init(stream)
+  if steps == 0:
+    return stream
+  for i in range(steps):
+    r = rng.integers(0, n, batch)
+    a = rng.integers(window - 1, t - streams - 1, batch)  # the anchor (last context token)
+    rows = np.stack([tokens[ri, ai - window + 1:ai + streams + 2] for ri, ai in zip(r, a)])
+    stream, opt, value = step(stream, opt, jnp.asarray(rows))
+    if log_every and (i + 1) % log_every == 0:
+      print(f"stream embeddings step {i + 1}/{steps}: loss {float(value):.3f}", flush=True)
+  return stream
+
+
+def stream_fit(draft: Model, stream_params, tokens_NxT, window: int = 64,
+               every: int = 8) -> tuple[float, float]:
+  """(cross-entropy, top-1 accuracy) of the stream positions against the rows' tokens, at
+  every `every`-th anchor of every row (a window of context before each, as
+  `train_stream` trains)."""
+  tokens = np.asarray(tokens_NxT, np.int32)
+  streams, (n, t) = stream_params.shape[0], tokens.shape
+  anchors = range(window - 1, t - streams - 1, every)
+  rows = np.concatenate([tokens[:, a - window + 1:a + streams + 2] for a in anchors])
+  ids = np.concatenate([rows[:, :window], np.broadcast_to(
+      draft.config.vocab_size + np.arange(streams), (len(rows), streams))], 1)
+  out = forward(draft.config, draft.params, jnp.asarray(ids),
+                jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), causal(ids.shape[1]),
+                extra_embeddings_NxH=stream_params)
+  logits, labels = out.logits[:, window:].astype(jnp.float32), jnp.asarray(rows[:, window + 1:])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return float(ce), float(jnp.mean(jnp.argmax(logits, -1) == labels))
+
+
 def exit_agreement(target: Model, exit_layer: int, exit_params: dict, tokens_NxT,
                    kappa: int = 1) -> float:
   """Share of positions whose target next token is in the exit's top-`kappa`."""
@@ -148,6 +223,7 @@ class Mirror:
   exit_layer: int = flax.struct.field(pytree_node=False, default=1)
   gamma: int = flax.struct.field(pytree_node=False, default=4)
   kappa: int = flax.struct.field(pytree_node=False, default=2)
+  stream_params: Any = None  # [S - 1, H] stream embeddings (None: one token a forward)
   takes_stop_policy = False
   drafts_vary = False
   features = property(lambda self: (self.exit_layer,))
@@ -159,6 +235,16 @@ class Mirror:
   @property
   def branches(self) -> int:
     return (self.gamma + 1) * self.kappa
+
+  @property
+  def stream(self) -> int:
+    """Draft tokens a forward (speculative streaming; 1 without stream embeddings)."""
+    return 1 if self.stream_params is None else 1 + self.stream_params.shape[0]
+
+  @property
+  def draft_forwards(self) -> int:
+    """Draft forwards a branch (or a drafting phase) of gamma tokens takes."""
+    return -(-self.gamma // self.stream)
 
   def validate(self, target_config: ModelConfig) -> None:
     skip.check(target_config, "Mirror SD's early exit")
@@ -178,12 +264,20 @@ class Mirror:
     if got != want:
       raise ValueError(f"Mirror SD's exit adapter is shaped for hidden size {got}, the "
                        f"target's is {want[0]}.")
+    if self.stream_params is not None and (
+        self.config.arch != "llama" or self.stream_params.ndim != 2
+        or self.stream_params.shape[1] != self.config.hidden_size):
+      raise ValueError(f"Mirror SD's stream embeddings must be [S - 1, "
+                       f"{self.config.hidden_size}] for a Llama-family draft; got "
+                       f"{getattr(self.stream_params, 'shape', None)} for a "
+                       f"{self.config.arch!r} draft.")
 
   def init(self, ctx, max_len: int, features) -> MirrorState:
     del features
     b, g, v = ctx.history.shape[0], self.gamma, self.config.vocab_size
     # Room past the committed tokens for the root, a chain and a branch.
-    cache = KVCache.for_config(self.config, b, max_len + 2 * g + 2, param_dtype(self.params))
+    cache = KVCache.for_config(self.config, b, max_len + 2 * g + 2 + self.stream,
+                               param_dtype(self.params))
     cache, _ = prefill(self.config, self.params, cache, ctx.history, ctx.length - 1)
     zeros = lambda *s: jnp.zeros((b,) + s, jnp.int32)
     no = jnp.zeros((b,), bool)
@@ -198,20 +292,27 @@ class Mirror:
 
   def _roll(self, cache, first_BxT, positions_BxT, key, sampling):
     """gamma draft tokens after each row's `first` tokens (fed at `positions`, the cache
-    holding what comes before): (tokens [B, gamma], q [B, gamma, V] or None if greedy)."""
-    b, t = first_BxT.shape
-    out = forward(self.config, self.params, first_BxT, positions_BxT, causal(t), cache)
-    cache = out.cache.advance(jnp.full((b,), t, jnp.int32))
+    holding what comes before), `stream` a forward: (tokens [B, gamma], q [B, gamma, V]
+    or None if greedy)."""
+    b, s, v = first_BxT.shape[0], self.stream, self.config.vocab_size
+    streams = jnp.broadcast_to(v + jnp.arange(s - 1), (b, s - 1))
     keys = jax.random.split(key, self.gamma)
-    tok, q = self._draw(out.logits[:, -1], keys[0], sampling)
-    toks, qs = [tok], [q]
-    for i in range(1, self.gamma):
-      step = forward(self.config, self.params, tok[:, None], cache.lengths[:, None],
-                     causal(1), cache)
-      cache = step.cache.advance(jnp.ones((b,), jnp.int32))
-      tok, q = self._draw(step.logits[:, 0], keys[i], sampling)
-      toks.append(tok)
-      qs.append(q)
+    toks, qs, feed, pos = [], [], first_BxT, positions_BxT
+    while len(toks) < self.gamma:
+      real = feed.shape[1]
+      ids = jnp.concatenate([feed, streams], 1)
+      at = jnp.concatenate([pos, pos[:, -1:] + 1 + jnp.arange(s - 1)], 1)
+      out = forward(self.config, self.params, ids, at, causal(ids.shape[1]), cache,
+                    extra_embeddings_NxH=self.stream_params)
+      cache = out.cache.advance(jnp.full((b,), real, jnp.int32))  # stream entries dropped
+      new = []
+      for i in range(min(s, self.gamma - len(toks))):
+        tok, q = self._draw(out.logits[:, real - 1 + i], keys[len(toks)], sampling)
+        toks.append(tok)
+        qs.append(q)
+        new.append(tok)
+      feed = jnp.stack(new, 1)
+      pos = pos[:, -1:] + 1 + jnp.arange(len(new))
     return jnp.stack(toks, 1), None if sampling.greedy else jnp.stack(qs, 1)
 
   def _rollouts(self, state: MirrorState, key, sampling):
@@ -264,7 +365,7 @@ class Mirror:
     tree = DraftTree.chain(drafts, jnp.ones((b, g), bool), probs, sampled=not sampling.greedy)
     state = state.replace(cache=cache, drafts=drafts, reused=found,
                           root=root)
-    return tree, state, jnp.where(found, 0, g).astype(jnp.int32)
+    return tree, state, jnp.where(found, 0, self.draft_forwards).astype(jnp.int32)
 
   def commit(self, state: MirrorState, ctx, verdict, features) -> MirrorState:
     """The early exit's top-kappa guesses at [root, d_0, ..., d_{gamma-1}]."""
@@ -280,17 +381,19 @@ class Mirror:
     """A round's expected time where draft and target run at once: the target's verify
     (`exit_ms` of it before the exit), the rollouts (`rollout_ms`, all branches in
     parallel) hidden behind the rest unless longer, and a drafting phase of gamma draft
-    forwards in the rounds (1 - `reuse`) that match no guess."""
-    return (max(verify_ms, exit_ms + rollout_ms) + (1 - reuse) * self.gamma * draft_ms)
+    forwards (ceil(gamma / stream)) in the rounds (1 - `reuse`) that match no guess."""
+    return (max(verify_ms, exit_ms + rollout_ms) + (1 - reuse) * self.draft_forwards *
+            draft_ms)
 
 
 @registry.DRAFTERS.register("mirror", takes_stop_policy=False)
 def _build(target: Model, *, gamma: int = 4, kappa: int = 2, exit_layer: int | None = None,
-           exit_params: dict | None = None, layers: int | None = None,
-           checkpoint: str | None = None) -> Mirror:
+           exit_params: dict | None = None, stream_params: Any = None,
+           layers: int | None = None, checkpoint: str | None = None) -> Mirror:
   """Mirror SD with the target's first `layers` layers or the model at `checkpoint` as
   the draft, the early exit after `exit_layer` target layers (default: half of them)
-  through `exit_params` (`train_exit`; default: the target's LM head alone)."""
+  through `exit_params` (`train_exit`; default: the target's LM head alone), and
+  speculative streaming with `stream_params` (`train_stream`; default: none)."""
   skip.check(target.config, "Mirror SD's early exit")
   draft = models.draft_lm(target, "mirror", layers, checkpoint)
   exit_layer = target.config.num_layers // 2 if exit_layer is None else int(exit_layer)
@@ -299,4 +402,4 @@ def _build(target: Model, *, gamma: int = 4, kappa: int = 2, exit_layer: int | N
   head = {k: target.params[k] for k in ("norm", "embed_tokens", "lm_head")
           if k in target.params}
   return Mirror(draft.params, draft.config, head, target.config, exit_params, exit_layer,
-                gamma, kappa)
+                gamma, kappa, stream_params)
