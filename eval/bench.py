@@ -371,26 +371,33 @@ def goodput_table(model: models.Model, costs: dict, batches=(1, 8, 16, 32), dept
 
 
 def parallel_table(model: models.Model, layers: int = 8, new_tokens: int = 64,
-                   num_prompts: int = 4, runs: int = 2) -> list:
+                   num_prompts: int = 4, runs: int = 2, only: tuple[str, ...] = ()) -> list:
   """Batch-1 greedy tokens/s and tau on MT-Bench first turns for AR, the target's first
   `layers` layers as a plain chain draft, PEARL and EasySpec with that draft, each output
   checked equal to AR's; with the cost model's speedup for hardware where draft and
   target run on separate devices (PEARL: a step costs max(draft, verify)), where
   EasySpec's groups run on separate devices (ceil(L / group) layers a draft forward) and
   where Mirror SD's branches roll out beside the target's layers past its exit (its exit
-  head trained here on the self-distilled training rows, `mirror_exit`)."""
+  head and stream embeddings trained here on the self-distilled training rows,
+  `mirror_heads`). `only`: the methods whose names start with one of these (AR always)."""
   from specjax.evaluation import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
   chats = [model.tokenizer.encode_chat([{"role": "user", "content": p.turns[0]}])
            for p in prompts_lib.load("mt_bench")[:num_prompts]]
   build = lambda name, **kw: registry.DRAFTERS.build(name, model, layers=layers, **kw)
-  exit_params = mirror_exit(model)
+  keep = lambda name: name == "ar" or not only or name.startswith(tuple(only))
+  exit_params, stream_params = (mirror_heads(model, layers) if keep("mirror")
+                                else (None, None))
   methods = [("ar", None), ("self_draft chain 3", build("self_draft", depth=3)),
              ("pearl gamma 4", build("pearl", gamma=4))] + [
                  (f"easyspec chain 3, group {g}", build("easyspec", depth=3, group=g))
                  for g in (1, 2, 4)] + [
                  (f"mirror gamma 4, kappa {k}", build("mirror", gamma=4, kappa=k,
                                                       exit_params=exit_params))
-                 for k in (1, 4)]
+                 for k in (1, 4)] + [
+                 ("mirror gamma 4, kappa 4, stream 2", build(
+                     "mirror", gamma=4, kappa=4, exit_params=exit_params,
+                     stream_params=stream_params))]
+  methods = [(name, d) for name, d in methods if keep(name)]
   draft = model.truncated(layers)
   draft_ms = forward_ms(draft, 1, 1, 256, runs * 2)
   layer_ms = (draft_ms - forward_ms(model.truncated(1), 1, 1, 256, runs * 2)) / (layers - 1)
@@ -488,10 +495,13 @@ def quant_table(model: models.Model, new_tokens: int = 64, num_prompts: int = 4,
   return out
 
 
-def mirror_exit(model: models.Model, rows: int = 64, held: int = 16, steps: int = 400):
-  """Mirror SD's early-exit adapter for `model` at half its depth, trained on the
-  self-distilled training rows (never evaluation prompts); prints its top-1 agreement
-  with the target's next token on held-out rows before and after."""
+def mirror_heads(model: models.Model, layers: int, rows: int = 64, held: int = 16,
+                 steps: int = 400):
+  """Mirror SD's trained parts for `model` and its first `layers` layers as the draft,
+  on the self-distilled training rows (never evaluation prompts): the early-exit adapter
+  at half the target's depth and one stream embedding (2 draft tokens a forward). Prints
+  the exit's top-1 agreement with the target's next token and the stream token's top-1
+  accuracy on held-out rows, before and after training."""
   from specjax.drafters.selfdraft import mirror  # pylint: disable=g-import-not-at-top
   from specjax.training import data as data_lib  # pylint: disable=g-import-not-at-top
   d = data_lib.load("assets/distill/smollm2-135m", seq_len=256,
@@ -505,7 +515,13 @@ def mirror_exit(model: models.Model, rows: int = 64, held: int = 16, steps: int 
         f"{mirror.exit_agreement(model, layer, fresh, test):.3f} (LM head alone) -> "
         f"{mirror.exit_agreement(model, layer, params, test):.3f} (trained), top-4 "
         f"{mirror.exit_agreement(model, layer, params, test, 4):.3f}", flush=True)
-  return params
+  draft = model.truncated(layers)
+  start = mirror.train_stream(draft, train, 1, steps=0)
+  stream = mirror.train_stream(draft, train, 1, steps=steps // 2, log_every=100)
+  print(f"stream embedding for the {layers}-layer draft: held-out top-1 two tokens ahead "
+        f"{mirror.stream_fit(draft, start, test)[1]:.3f} (mean embedding) -> "
+        f"{mirror.stream_fit(draft, stream, test)[1]:.3f} (trained)", flush=True)
+  return params, stream
 
 
 def verify_cost(model: models.Model, sizes, runs: int, context: int = 256,
@@ -568,8 +584,11 @@ def main(argv=None):
                   help="only the goodput table (AR, fixed EAGLE-3 chains, SmartSpec's "
                        "policy at batch 1, 8, 16, 32) with this cost file")
   ap.add_argument("--parallel", action="store_true",
-                  help="only the PEARL / EasySpec table (batch 1, with the cost model's "
+                  help="only the PEARL / EasySpec / Mirror SD table (batch 1, with the cost model's "
                        "prediction for separate devices)")
+  ap.add_argument("--only", default="",
+                  help="with --parallel: only AR and the methods whose names start with "
+                       "these (comma-separated, e.g. 'mirror,pearl')")
   ap.add_argument("--quant", action="store_true",
                   help="only the quantized-target table (float, int8, int4: logit error, "
                        "AR and EAGLE-3 tokens/s, tau)")
@@ -586,7 +605,9 @@ def main(argv=None):
   runtime.enable_compilation_cache()
   model = models.load(args.model)
   if args.parallel:
-    return _save(args, "parallel", parallel_table(model, runs=max(2, args.runs // 2)))
+    return _save(args, "parallel", parallel_table(
+        model, runs=max(2, args.runs // 2),
+        only=tuple(args.only.split(",")) if args.only else ()))
   if args.quant:
     return _save(args, "quant", quant_table(model, runs=max(2, args.runs // 2)))
   if args.profile:
