@@ -584,8 +584,8 @@ def main(argv=None):
                   help="only the goodput table (AR, fixed EAGLE-3 chains, SmartSpec's "
                        "policy at batch 1, 8, 16, 32) with this cost file")
   ap.add_argument("--parallel", action="store_true",
-                  help="only the PEARL / EasySpec / Mirror SD table (batch 1, with the cost model's "
-                       "prediction for separate devices)")
+                  help="only the PEARL / EasySpec / Mirror SD table (batch 1, with the "
+                       "cost model's prediction for separate devices)")
   ap.add_argument("--only", default="",
                   help="with --parallel: only AR and the methods whose names start with "
                        "these (comma-separated, e.g. 'mirror,pearl')")

@@ -3,7 +3,8 @@
 One config covers the Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3), which
 differ only by flags (qkv bias, q/k norm, RoPE scaling, sliding window, tied embeddings),
 its mixture-of-experts members (Mixtral, Qwen3-MoE: `num_experts` > 0 swaps the MLP of
-the `moe_layers` for routed experts), and GPT-2. It is hashable so that jitted functions can take it as a static argument.
+the `moe_layers` for routed experts), and GPT-2. It is hashable so that jitted functions
+can take it as a static argument.
 """
 
 from __future__ import annotations
