@@ -447,7 +447,8 @@ def quant_table(model: models.Model, new_tokens: int = 64, num_prompts: int = 4,
                 runs: int = 2, group: int = 64) -> list[dict]:
   """The float target beside its int8 and int4 weight-only versions (`models.quant`,
   `group` input rows a scale): stored weight bytes, the logit error against float over 8
-  held-out self-distilled rows of 256 tokens, and batch-1 greedy tokens/s of AR and of the
+  self-distilled rows of a full 256 tokens (no padding, whose positions would dominate
+  the error), and batch-1 greedy tokens/s of AR and of the
   committed EAGLE-3 head (chain of 3) on MT-Bench first turns, with its tau. Every
   speculative output is checked equal to AR of the same (quantized) target: lossless
   relative to the target being verified with."""
@@ -455,8 +456,9 @@ def quant_table(model: models.Model, new_tokens: int = 64, num_prompts: int = 4,
   from specjax.evaluation import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
   from specjax.models import quant  # pylint: disable=g-import-not-at-top
   from specjax.training import data as data_lib  # pylint: disable=g-import-not-at-top
-  rows = data_lib.load("assets/distill/smollm2-135m", seq_len=256,
-                       vocab=model.config.vocab_size, eval_rows=8).eval_tokens
+  d = data_lib.load("assets/distill/smollm2-135m", seq_len=256,
+                    vocab=model.config.vocab_size, eval_rows=8)
+  rows = d.tokens[d.lengths == 256][:8]
   chats = [model.tokenizer.encode_chat([{"role": "user", "content": p.turns[0]}])
            for p in prompts_lib.load("mt_bench")[:num_prompts]]
   out = []
@@ -507,7 +509,7 @@ def mirror_heads(model: models.Model, layers: int, rows: int = 64, held: int = 1
   d = data_lib.load("assets/distill/smollm2-135m", seq_len=256,
                     vocab=model.config.vocab_size, eval_rows=held)
   full = d.tokens[d.lengths == 256]
-  train, test = full[:rows], d.eval_tokens[:held, :128]
+  train, test = full[:rows], d.eval_tokens[d.eval_lengths >= 128][:, :128]  # no padding
   layer = model.config.num_layers // 2
   params = mirror.train_exit(model, layer, train, steps=steps, positions=256, log_every=100)
   fresh = mirror.init_exit(model.config, 1, jax.random.key(0))
