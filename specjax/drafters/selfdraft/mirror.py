@@ -180,15 +180,19 @@ def stream_fit(draft: Model, stream_params, tokens_NxT, window: int = 64,
   every `every`-th anchor of every row (a window of context before each, as
   `train_stream` trains)."""
   tokens = np.asarray(tokens_NxT, np.int32)
-  streams, (n, t) = stream_params.shape[0], tokens.shape
+  streams, t = stream_params.shape[0], tokens.shape[1]
   anchors = range(window - 1, t - streams - 1, every)
   rows = np.concatenate([tokens[:, a - window + 1:a + streams + 2] for a in anchors])
   ids = np.concatenate([rows[:, :window], np.broadcast_to(
       draft.config.vocab_size + np.arange(streams), (len(rows), streams))], 1)
-  out = forward(draft.config, draft.params, jnp.asarray(ids),
-                jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), causal(ids.shape[1]),
-                extra_embeddings_NxH=stream_params)
-  logits, labels = out.logits[:, window:].astype(jnp.float32), jnp.asarray(rows[:, window + 1:])
+  ids = np.concatenate([ids, np.repeat(ids[-1:], -len(ids) % 8, 0)])  # whole chunks
+  positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), (8, ids.shape[1]))
+  run = jax.jit(lambda x: forward(draft.config, draft.params, x, positions,
+                                  causal(ids.shape[1]), extra_embeddings_NxH=stream_params
+                                  ).logits[:, window:])
+  logits = jnp.concatenate([run(jnp.asarray(ids[i:i + 8])) for i in range(0, len(ids), 8)]
+                           )[:len(rows)].astype(jnp.float32)  # 8 rows at a time
+  labels = jnp.asarray(rows[:, window + 1:])
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   return float(ce), float(jnp.mean(jnp.argmax(logits, -1) == labels))
 
