@@ -430,10 +430,13 @@ def parallel_table(model: models.Model, layers: int = 8, new_tokens: int = 64,
       fast = drafter.predicted_draft_ms(layer_ms, head_ms)
       predicted = f"{tau * verify[1] / (verify[4] + fast * drafter.depth):.2f}"
     elif name.startswith("mirror"):
-      g = drafter.gamma
+      g, f, st = drafter.gamma, drafter.draft_forwards, drafter.stream
+      # A round without a matching branch spends f draft forwards (ceil(gamma / stream)).
       reuse = 1 - sum(int(o.stats.draft_calls[0]) for o in outs) / (
-          g * sum(int(o.stats.target_calls[0]) for o in outs))
-      rollout = g * forward_ms(draft, drafter.branches, 1, 256, runs * 2)
+          f * sum(int(o.stats.target_calls[0]) for o in outs))
+      # The rollouts: f forwards of every branch row, each of stream real tokens and
+      # stream - 1 stream tokens (the first carries the guess in place of real tokens).
+      rollout = f * forward_ms(draft, drafter.branches, 2 * st - 1, 256, runs * 2)
       exit_ms = verify[g + 1] * drafter.exit_layer / model.config.num_layers
       ms = drafter.predicted_ms(reuse, verify[g + 1], exit_ms, draft_ms, rollout)
       predicted = f"{tau * verify[1] / ms:.2f} (reuse {reuse:.2f})"

@@ -144,7 +144,7 @@ def _package_readme(name: str) -> str:
 
 def _long(name: str) -> list[Prompt]:
   """`LONG_PROMPTS` documents of about `LONG_LENGTHS[name]` tokens: prompt i reads the
-  packages' descriptions from the i-th on (wrapping around), cut at a line end."""
+  packages' descriptions from the (3 i)-th on (wrapping around), cut at a line end."""
   docs = [f"# {p}\n\n{_package_readme(p)}" for p in LONG_PACKAGES]
   budget = int(LONG_LENGTHS[name] * CHARS_PER_TOKEN)
   out = []

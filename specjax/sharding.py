@@ -121,7 +121,12 @@ def make_mesh(spec, devices: Sequence[Any] | None = None) -> Mesh:
 
 
 def param_axes(path: str, ndim: int) -> tuple[str | None, ...]:
-  """The logical axes of the parameter at `path` ("layers_0/self_attn/q_proj/kernel")."""
+  """The logical axes of the parameter at `path` ("layers_0/self_attn/q_proj/kernel").
+  A quantized kernel's codes (`kernel/q`, `models.quant`) take the kernel's axes and its
+  scales (`kernel/scale`, [in / group, out]) its output axis."""
+  if re.search(r"kernel/(q|scale)$", path):
+    axes = param_axes(path.rsplit("/", 1)[0], ndim)
+    return axes if path.endswith("/q") else (None,) + axes[1:]
   for pattern, axes in PARAM_AXES:
     if re.search(pattern, path) and len(axes) == ndim:
       return axes

@@ -53,3 +53,10 @@ def test_speculation_is_lossless_against_the_quantized_target():
   for drafter in (DraftModel.truncated(q, 1, depth=3), PromptLookup(depth=4),
                   DraftModel.from_model(TARGET, depth=3)):  # the float model drafting
     assert gen(q, PROMPTS, max_new_tokens=20, eos=None, drafter=drafter).token_lists() == want
+
+
+def test_quantized_kernels_shard_like_their_kernels():
+  from specjax import sharding  # pylint: disable=g-import-not-at-top
+  assert sharding.param_axes("layers_0/mlp/up_proj/kernel/q", 2) == ("embed", "mlp")
+  assert sharding.param_axes("layers_0/mlp/up_proj/kernel/scale", 2) == (None, "mlp")
+  assert sharding.param_axes("layers_0/input_layernorm/scale", 1) == (None,)

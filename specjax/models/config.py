@@ -106,13 +106,14 @@ def _sliding_window(model_type: str, hf: Mapping[str, Any]) -> int | None:
   layer; other configs through `layer_types` (Qwen2/3: with use_sliding_window, layers
   >= max_window_layers in transformers < 5); a window on some layers only is refused."""
   window = hf.get("sliding_window")
-  if model_type == "mistral":
+  qwen = ("qwen2", "qwen3", "qwen3_moe")
+  if model_type in ("mistral", "mixtral"):
     return window if hf.get("use_sliding_window", True) else None
-  if not window or (model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window")):
+  if not window or (model_type in qwen and not hf.get("use_sliding_window")):
     return None
   types = hf.get("layer_types") or (
       ["sliding_attention" if i >= hf.get("max_window_layers", 0) else "full_attention"
-       for i in range(hf["num_hidden_layers"])] if model_type in ("qwen2", "qwen3") else [])
+       for i in range(hf["num_hidden_layers"])] if model_type in qwen else [])
   if "sliding_attention" not in types:
     return None
   if any(t != "sliding_attention" for t in types):

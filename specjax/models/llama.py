@@ -209,7 +209,7 @@ def feed_forward(cfg: ModelConfig, dtype, layer: int, **kw) -> nn.Module:
 class Block(nn.Module):
   cfg: ModelConfig
   dtype: jnp.dtype
-  layer: int = 0
+  layer: int  # its index: whether its MLP is routed experts (`cfg.moe_layers`)
 
   @nn.compact
   def __call__(self, x, cos, sin, visible, prefix, kv, start_B):

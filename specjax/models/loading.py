@@ -105,7 +105,11 @@ def params_from_hf(cfg: ModelConfig, tensors: Iterable[tuple[str, Any]], dtype=j
       if shape != flat_want[path].shape[1:] or not 0 <= expert < cfg.num_experts:
         raise ValueError(f"Tensor {hf_name!r} (expert {expert}, shape {shape}) does not fit "
                          f"{path!r} of shape {flat_want[path].shape}.")
-      experts.setdefault(path, {})[expert] = np.asarray(array, np.float32).T
+      rows = experts.setdefault(path, {})
+      rows[expert] = np.asarray(array, np.float32).T
+      if len(rows) == cfg.num_experts:  # placed at once: one layer's experts held at a time
+        got[path] = _place(np.stack([rows.pop(i) for i in range(cfg.num_experts)]), False,
+                           dtype, None if flat_shardings is None else flat_shardings[path])
       continue
     if shape != flat_want[path].shape:
       raise ValueError(f"Tensor {hf_name!r} has shape {shape}; the config implies "
@@ -113,10 +117,8 @@ def params_from_hf(cfg: ModelConfig, tensors: Iterable[tuple[str, Any]], dtype=j
     got[path] = _place(array, transpose, dtype,
                        None if flat_shardings is None else flat_shardings[path])
   for path, rows in experts.items():
-    if len(rows) != cfg.num_experts:
+    if rows:
       raise ValueError(f"Checkpoint has {len(rows)} of {cfg.num_experts} experts for {path!r}.")
-    got[path] = _place(np.stack([rows[i] for i in range(cfg.num_experts)]), False, dtype,
-                       None if flat_shardings is None else flat_shardings[path])
   missing = sorted(set(flat_want) - set(got))
   if missing:
     raise ValueError(f"Checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}.")

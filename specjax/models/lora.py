@@ -32,6 +32,10 @@ def init(cfg: ModelConfig, key, rank: int, dtype=jnp.float32,
 
 def merge(params: Any, lora: dict[str, Any], alpha: float) -> Any:
   """The target's params with every adapter folded into its kernel."""
+  from specjax.models import quant  # pylint: disable=g-import-not-at-top
+  if quant.is_quantized(params):
+    raise ValueError("Medusa-2's LoRA merges into float kernels; this target is quantized. "
+                     "Merge into the float model, then quantize the merged one.")
   out = dict(params)
   for layer, sub in lora.items():
     attn = dict(out[layer]["self_attn"])

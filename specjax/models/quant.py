@@ -8,11 +8,12 @@ q = round(W / s) (symmetric, no zero point) in int8 or int4. Activations stay in
 model's float dtype. `QTensor` is a pytree leaf pair (q, s); `materialize` turns a params
 tree holding them back into float kernels, and every forward calls it first
 (`models.forward`, and `models.skip` per layer), so the dequantisation sits right before
-each matmul in the traced program: XLA fuses it into the matmul where the backend can, and
-only the quantized weights stay resident.
+each matmul in the traced program, where XLA can fuse it into the matmul (whether a
+backend then keeps only the codes resident, or hoists float copies out of the decode
+loop, is the compiler's call: `decode.program_bytes` tells).
 
 Quantized: the attention and MLP projections of Llama-family targets. Kept in float: the
-embedding, the LM head and the norms (the usual W4A16 recipe; the LM head is shared with
+embedding, the LM head, the norms and a mixture-of-experts layer's stacked experts (the usual W4A16 recipe; the LM head is shared with
 draft heads). Speculation with a quantized target is lossless relative to the quantized
 target, which is the model being verified with (`logit_error` measures how far it is from
 the float one).

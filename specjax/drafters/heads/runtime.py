@@ -77,7 +77,8 @@ class FeatureBlock(nn.Module):
   def __call__(self, f_BxTxH, positions_BxT, visible_BxTxT, kv=None, start_B=None,
                prefix_BxTxS=None):
     cos, sin = llama.rope_cos_sin(self.cfg, positions_BxT, self.dtype)
-    return llama.Block(self.cfg, self.dtype, name="block")(f_BxTxH, cos, sin, visible_BxTxT,
+    dense = self.cfg.replace(num_experts=0, moe_layers=())  # a head's layer has one MLP
+    return llama.Block(dense, self.dtype, 0, name="block")(f_BxTxH, cos, sin, visible_BxTxT,
                                                            prefix_BxTxS, kv, start_B)
 
 

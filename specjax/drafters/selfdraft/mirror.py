@@ -129,11 +129,13 @@ def _exit_data(target: Model, exit_layer: int, tokens_NxT, chunk: int = 8):
 
 
 def train_stream(draft: Model, tokens_NxT, streams: int, *, steps: int = 200,
-                 batch: int = 16, window: int = 64, lr: float = 1e-2, seed: int = 0,
+                 batch: int = 16, window: int = 64, lr: float | None = None, seed: int = 0,
                  log_every: int = 0) -> jax.Array:
   """Stream embeddings [streams, H] for speculative streaming with `draft`: after a window
   of a training row ending at a random anchor t, stream token i predicts token t + 1 + i
-  (cross-entropy; only the embeddings train, starting from the mean token embedding)."""
+  (cross-entropy; only the embeddings train, starting from the mean token embedding).
+  Adam's step is about `lr` per coordinate: the default, 2% of the embedding table's
+  standard deviation, keeps the embeddings on the table's scale."""
   tokens = np.asarray(tokens_NxT, np.int32)
   n, t = tokens.shape
   if t < window + streams + 2 or streams < 1:
@@ -145,7 +147,7 @@ def train_stream(draft: Model, tokens_NxT, streams: int, *, steps: int = 200,
   stream = jnp.broadcast_to(jnp.mean(table, 0), (streams, cfg.hidden_size)).astype(jnp.float32)
   ids_tail = v + jnp.arange(streams)
   positions = jnp.arange(window + streams)[None]
-  tx = optax.adam(lr)
+  tx = optax.adam(0.02 * float(jnp.std(table)) if lr is None else lr)
 
   @jax.jit
   def step(emb, opt, rows_BxT):

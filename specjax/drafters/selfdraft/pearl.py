@@ -209,7 +209,7 @@ class _Verifier:
 
 def generate_on_groups(target: Model, pearl: Pearl, prompts, *, target_plan, draft_plan,
                        max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
-                       eos=None) -> "decode.Output":
+                       eos="default") -> "decode.Output":
   """PEARL with the target and the draft on disjoint device groups: `target_plan`'s mesh
   holds the target, its KV cache and the loop's state, `draft_plan`'s mesh the draft and
   its cache. Each step the host launches the target's verification of the pending drafts
@@ -217,12 +217,21 @@ def generate_on_groups(target: Model, pearl: Pearl, prompts, *, target_plan, dra
   their own devices at the same time (JAX dispatches both before waiting on either); then
   a small program on the target's devices keeps the new drafts as pending when the step
   confirmed the first of them. Only token ids (and draft distributions when sampling)
-  cross between the groups. Same outputs as `generate(..., drafter=pearl)`."""
+  cross between the groups. Greedy, the same outputs as `generate(..., drafter=pearl)`;
+  sampled, the same distribution (the draft half draws with its own key). The batch is
+  padded to the target mesh's batch split like `generate`'s."""
   from specjax import decode  # pylint: disable=g-import-not-at-top
+  if not decode._is_int(max_new_tokens) or max_new_tokens < 1:  # pylint: disable=protected-access
+    raise ValueError(f"max_new_tokens must be >= 1 and an integer; got {max_new_tokens!r}.")
   sampling, rule, stop, eos_ids = decode.setup(target, pearl, None, None, temperature,
                                                eos=eos)
   tokens = decode.encode_prompts(target, prompts)
+  rows = len(tokens)
+  tokens = tokens + [tokens[0]] * (-rows % target_plan.batch_size_multiple)
   g, lens = pearl.gamma, np.asarray([len(t) for t in tokens], np.int32)
+  overflow = decode.context_overflow(int(lens.max()), max_new_tokens, g - 1, target.config)
+  if overflow:
+    raise ValueError(f"Prompt too long: {overflow}.")
   max_len = decode.bucketed_cache_size(int(lens.max()), max_new_tokens, g - 1)
   history = np.zeros((len(tokens), max_len), np.int32)
   for i, t in enumerate(tokens):
@@ -231,7 +240,11 @@ def generate_on_groups(target: Model, pearl: Pearl, prompts, *, target_plan, dra
   on_t = lambda x: jax.device_put(x, target_plan.replicated())
   on_d = lambda x: jax.device_put(x, draft_plan.replicated())
   params_t = decode._place_tree(target_plan, target.params)  # pylint: disable=protected-access
-  params_d = decode._place_tree(draft_plan, pearl.params)  # pylint: disable=protected-access
+  # A truncated draft shares the target's tree: only its own layers go to the draft group.
+  layers = pearl.config.num_layers
+  own = {k: v for k, v in pearl.params.items()
+         if not (k.startswith("layers_") and int(k.split("_")[1]) >= layers)}
+  params_d = decode._place_tree(draft_plan, own)  # pylint: disable=protected-access
   key = jax.random.key(seed)
   cfg = target.config
 
@@ -270,7 +283,8 @@ def generate_on_groups(target: Model, pearl: Pearl, prompts, *, target_plan, dra
     drafts, drafts_q, cache_d = draft(params_d, cache_d, *map(on_d, inputs))  # group D
     new = step(params_t, st)  # group T, at the same time
     st = merge(st, new, on_t(drafts), None if drafts_q is None else on_t(drafts_q))
-  return decode.finish(verifier, st, on_t(lens), max_new_tokens)
+  out = decode.finish(verifier, st, on_t(lens), max_new_tokens)
+  return jax.tree.map(lambda x: x[:rows], out)
 
 
 @registry.DRAFTERS.register("pearl", takes_stop_policy=False)
