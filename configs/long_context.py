@@ -15,7 +15,8 @@ from specjax.configs import common
 
 def get_config(arg: str | None = None):
   if arg:
-    raise ValueError(f"Unknown argument {arg!r}: configs/long_context.py takes none.")
+    raise ValueError(f"Unknown argument {arg!r}: configs/long_context.py takes none (use "
+                     "nothing).")
   c = common.base()
   c.methods = [
       common.method("ar"),
