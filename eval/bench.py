@@ -331,6 +331,35 @@ def compile_table(model: models.Model, prompt: list[int], new_tokens: int) -> li
   return rows
 
 
+def _mt_bench_chats(model: models.Model, limit: int | None = None) -> list[list[int]]:
+  """MT-Bench first turns rendered with the model's chat template (the first `limit`)."""
+  from specjax.evaluation import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
+  return [model.tokenizer.encode_chat([{"role": "user", "content": p.turns[0]}])
+          for p in prompts_lib.load("mt_bench", limit=limit)]
+
+
+def _batch1(model: models.Model, chats, drafter, new_tokens: int, runs: int):
+  """Each prompt alone through greedy `generate` (no EOS): (tokens/s over the medians of
+  `runs` timed calls, tau, the outputs)."""
+  outs, seconds = [], 0.0
+  for p in chats:
+    run = lambda: decode.generate(model, [p], max_new_tokens=new_tokens, eos=None,
+                                  drafter=drafter)
+    seconds += _median_time(run, runs)
+    outs.append(run())
+  tau = float(sum(int(o.lengths[0]) for o in outs) /
+              sum(int(o.stats.target_calls[0]) for o in outs))
+  return len(chats) * new_tokens / seconds, tau, outs
+
+
+def _distill_rows(model: models.Model, eval_rows: int):
+  """The committed self-distilled training data (never evaluation prompts), as 256-token
+  rows (`training.data.Data`)."""
+  from specjax.training import data as data_lib  # pylint: disable=g-import-not-at-top
+  return data_lib.load("assets/distill/smollm2-135m", seq_len=256,
+                       vocab=model.config.vocab_size, eval_rows=eval_rows)
+
+
 def goodput_table(model: models.Model, costs: dict, batches=(1, 8, 16, 32), depth: int = 3,
                   new_tokens: int = 64, runs: int = 2, checkpoint: str | None = None) -> list:
   """Greedy tokens/s of `generate` at each batch size (MT-Bench first turns, repeated to
@@ -338,11 +367,9 @@ def goodput_table(model: models.Model, costs: dict, batches=(1, 8, 16, 32), dept
   that chain under SmartSpec's goodput policy (`drafters.goodput`, with `costs`). Every
   output is checked equal to AR's."""
   from specjax.drafters import goodput  # pylint: disable=g-import-not-at-top
-  from specjax.evaluation import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
   from specjax.configs import common  # pylint: disable=g-import-not-at-top
   checkpoint = checkpoint or common.EAGLE3_SMOLLM2
-  chats = [model.tokenizer.encode_chat([{"role": "user", "content": p.turns[0]}])
-           for p in prompts_lib.load("mt_bench")]
+  chats = _mt_bench_chats(model)
   chain = lambda d: registry.DRAFTERS.build("eagle3", model, checkpoint=checkpoint, top_k=1,
                                             depth=d)
   methods = [("ar", None)] + [(f"chain {d}", chain(d)) for d in range(1, depth + 1)] + [
@@ -380,9 +407,7 @@ def parallel_table(model: models.Model, layers: int = 8, new_tokens: int = 64,
   where Mirror SD's branches roll out beside the target's layers past its exit (its exit
   head and stream embeddings trained here on the self-distilled training rows,
   `mirror_heads`). `only`: the methods whose names start with one of these (AR always)."""
-  from specjax.evaluation import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
-  chats = [model.tokenizer.encode_chat([{"role": "user", "content": p.turns[0]}])
-           for p in prompts_lib.load("mt_bench")[:num_prompts]]
+  chats = _mt_bench_chats(model, num_prompts)
   build = lambda name, **kw: registry.DRAFTERS.build(name, model, layers=layers, **kw)
   keep = lambda name: name == "ar" or not only or name.startswith(tuple(only))
   exit_params, stream_params = (mirror_heads(model, layers) if keep("mirror")
@@ -408,21 +433,13 @@ def parallel_table(model: models.Model, layers: int = 8, new_tokens: int = 64,
         f"{verify[1]:.1f} ms, T=4 {verify[4]:.1f} ms\n\n| method | tokens/s | tau | x AR | "
         "predicted x AR, separate devices |\n|---|---|---|---|---|", flush=True)
   for name, drafter in methods:
-    outs, seconds = [], 0.0
-    for p in chats:
-      run = lambda: decode.generate(model, [p], max_new_tokens=new_tokens, eos=None,
-                                    drafter=drafter)
-      seconds += _median_time(run, runs)
-      outs.append(run())
+    tps, tau, outs = _batch1(model, chats, drafter, new_tokens, runs)
     toks = [o.token_lists()[0] for o in outs]
     if ar_out is None:
       ar_out = toks
     elif toks != ar_out:
       raise AssertionError(f"{name}: outputs differ from AR")
-    tps = len(chats) * new_tokens / seconds
     ar_tps = ar_tps or tps
-    tau = float(sum(int(o.lengths[0]) for o in outs) /
-                sum(int(o.stats.target_calls[0]) for o in outs))
     predicted = ""
     if name.startswith("pearl"):
       predicted = f"{drafter.predicted_speedup(tau, verify[4], draft_ms, verify[1])[1]:.2f}"
@@ -456,14 +473,10 @@ def quant_table(model: models.Model, new_tokens: int = 64, num_prompts: int = 4,
   speculative output is checked equal to AR of the same (quantized) target: lossless
   relative to the target being verified with."""
   from specjax.configs import common  # pylint: disable=g-import-not-at-top
-  from specjax.evaluation import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
   from specjax.models import quant  # pylint: disable=g-import-not-at-top
-  from specjax.training import data as data_lib  # pylint: disable=g-import-not-at-top
-  d = data_lib.load("assets/distill/smollm2-135m", seq_len=256,
-                    vocab=model.config.vocab_size, eval_rows=8)
+  d = _distill_rows(model, 8)
   rows = d.tokens[d.lengths == 256][:8]
-  chats = [model.tokenizer.encode_chat([{"role": "user", "content": p.turns[0]}])
-           for p in prompts_lib.load("mt_bench")[:num_prompts]]
+  chats = _mt_bench_chats(model, num_prompts)
   out = []
   print("\n| target | weight MB | max abs logit error | KL | top-1 agreement | AR tokens/s | "
         "EAGLE-3 tokens/s | tau | x AR |\n|---|---|---|---|---|---|---|---|---|", flush=True)
@@ -473,30 +486,17 @@ def quant_table(model: models.Model, new_tokens: int = 64, num_prompts: int = 4,
     err = quant.logit_error(model, target, rows)
     head = registry.DRAFTERS.build("eagle3", target, checkpoint=common.EAGLE3_SMOLLM2,
                                    top_k=1, depth=3)
-    tps, tau = {}, 0.0
-    for name, drafter in (("ar", None), ("eagle3", head)):
-      seconds, toks, calls = 0.0, [], 0
-      for p in chats:
-        run = lambda: decode.generate(target, [p], max_new_tokens=new_tokens, eos=None,
-                                      drafter=drafter)
-        seconds += _median_time(run, runs)
-        o = run()
-        toks.append(o.token_lists()[0])
-        calls += int(o.stats.target_calls[0])
-      tps[name] = len(chats) * new_tokens / seconds
-      if name == "ar":
-        ar_toks = toks
-      elif toks != ar_toks:
-        raise AssertionError(f"{label}: EAGLE-3's output differs from that target's AR")
-      else:
-        tau = len(chats) * new_tokens / calls
+    ar_tps, _, ar_outs = _batch1(target, chats, None, new_tokens, runs)
+    tps, tau, outs = _batch1(target, chats, head, new_tokens, runs)
+    if [o.token_lists() for o in outs] != [o.token_lists() for o in ar_outs]:
+      raise AssertionError(f"{label}: EAGLE-3's output differs from that target's AR")
     row = {"target": label, "weight_mb": quant.weight_bytes(target.params) / 2**20, **err,
-           "ar_tokens_per_s": tps["ar"], "eagle3_tokens_per_s": tps["eagle3"], "tau": tau,
-           "speedup": tps["eagle3"] / tps["ar"]}
+           "ar_tokens_per_s": ar_tps, "eagle3_tokens_per_s": tps, "tau": tau,
+           "speedup": tps / ar_tps}
     out.append(row)
     print(f"| {label} | {row['weight_mb']:.0f} | {err['max_abs_logit']:.3f} | "
-          f"{err['kl']:.2e} | {err['top1_agreement']:.3f} | {tps['ar']:.1f} | "
-          f"{tps['eagle3']:.1f} | {tau:.2f} | {row['speedup']:.2f} |", flush=True)
+          f"{err['kl']:.2e} | {err['top1_agreement']:.3f} | {ar_tps:.1f} | {tps:.1f} | "
+          f"{tau:.2f} | {row['speedup']:.2f} |", flush=True)
   return out
 
 
@@ -508,9 +508,7 @@ def mirror_heads(model: models.Model, layers: int, rows: int = 64, held: int = 1
   the exit's top-1 agreement with the target's next token and the stream token's top-1
   accuracy on held-out rows, before and after training."""
   from specjax.drafters.selfdraft import mirror  # pylint: disable=g-import-not-at-top
-  from specjax.training import data as data_lib  # pylint: disable=g-import-not-at-top
-  d = data_lib.load("assets/distill/smollm2-135m", seq_len=256,
-                    vocab=model.config.vocab_size, eval_rows=held)
+  d = _distill_rows(model, held)
   full = d.tokens[d.lengths == 256]
   train, test = full[:rows], d.eval_tokens[d.eval_lengths >= 128][:, :128]  # no padding
   layer = model.config.num_layers // 2

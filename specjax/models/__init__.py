@@ -94,7 +94,8 @@ def draft_lm(target: Model, what: str, layers: int | None = None,
   return target.truncated(layers) if layers is not None else load(checkpoint, target.dtype)
 
 
-__all__ = ["DEFAULT", "FINAL", "PRESETS", "RANDOM", "Forward", "KVCache", "Model", "ModelConfig",
-           "causal", "draft_lm", "causal_forward", "embed", "forward", "from_hf_config", "init_params",
+__all__ = ["DEFAULT", "FINAL", "PRESETS", "RANDOM", "Forward", "KVCache", "Model",
+           "ModelConfig", "causal", "causal_forward", "draft_lm", "embed", "forward",
+           "from_hf_config", "init_params",
            "lm_head", "load", "load_gguf", "load_hf_dir", "param_dtype", "params_from_hf",
            "parse_dtype", "prefill", "preset_path", "shared_params"]

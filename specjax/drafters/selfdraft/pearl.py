@@ -53,6 +53,13 @@ from specjax.models.model import Model, causal, forward, param_dtype, prefill
 from specjax.tree import DraftTree
 
 
+def _pending_tree(pending_BxG, num_pending_B, pending_q, sampling) -> DraftTree:
+  """The chain a step verifies: the first num_pending of the pending drafts."""
+  valid = jnp.arange(pending_BxG.shape[1])[None, :] < num_pending_B[:, None]
+  return DraftTree.chain(pending_BxG, valid, None if sampling.greedy else pending_q,
+                         sampled=not sampling.greedy)
+
+
 @flax.struct.dataclass
 class PearlState:
   cache: KVCache  # the draft's: the committed tokens (root included) after a propose
@@ -140,10 +147,7 @@ class Pearl:
     b, g = ctx.history.shape[0], self.gamma
     drafts, drafts_q, cache = self.draft(state.cache, ctx.history, ctx.length,
                                          state.pending, state.num_pending, sampling, key)
-    valid = jnp.arange(g - 1)[None, :] < state.num_pending[:, None]
-    tree = DraftTree.chain(state.pending, valid,
-                           None if sampling.greedy else state.pending_q,
-                           sampled=not sampling.greedy)
+    tree = _pending_tree(state.pending, state.num_pending, state.pending_q, sampling)
     state = state.replace(cache=cache, drafts=drafts,
                           drafts_q=state.drafts_q if drafts_q is None else drafts_q)
     return tree, state, jnp.full((b,), g, jnp.int32)
@@ -196,11 +200,9 @@ class _Verifier:
 
   def propose(self, state: PendingState, ctx, stop, sampling, key):
     del stop, key
-    b, g = ctx.history.shape[0], self.gamma
-    valid = jnp.arange(g - 1)[None, :] < state.num_pending[:, None]
-    tree = DraftTree.chain(state.pending, valid, None if sampling.greedy else state.pending_q,
-                           sampled=not sampling.greedy)
-    return tree, state, jnp.full((b,), g, jnp.int32)  # the draft group's forwards
+    tree = _pending_tree(state.pending, state.num_pending, state.pending_q, sampling)
+    # The draft group's forwards: gamma a step, beside this one.
+    return tree, state, jnp.full(ctx.length.shape, self.gamma, jnp.int32)
 
   def commit(self, state, ctx, verdict, features):
     del ctx, verdict, features
