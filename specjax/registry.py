@@ -100,7 +100,8 @@ DRAFTERS = Registry("drafter", {
     "mirror": "specjax.drafters.selfdraft.mirror",
     "partial_kv": "specjax.drafters.selfdraft.partial_kv",
     "del": "specjax.drafters.selfdraft.dynamic_exit",
-    "specee": "specjax.drafters.selfdraft.specee"})
+    "specee": "specjax.drafters.selfdraft.specee",
+    "specpv": "specjax.drafters.selfdraft.specpv"})
 # builder(**knobs) -> policy
 STOP_POLICIES = Registry("stop policy", {
     **{k: "specjax.stopping.training_free" for k in ("fixed", "confidence", "svip")},

@@ -17,9 +17,9 @@ compact cache's shape does not depend on the context: the draft's memory is boun
 (`cache_slots`).
 
 The compact cache is rebuilt from the target's cache every step (a gather of
-sinks + window slots a layer) rather than kept up to date: one mechanism, the same
-entries. SpecPV (lossy, not here) verifies with such a partial cache as well; this one
-only drafts with it.
+sinks + window slots a layer, `models.partial_cache`) rather than kept up to date: one
+mechanism, the same entries. SpecPV (`selfdraft.specpv`, lossy) verifies with such a
+partial cache as well; this one only drafts with it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from specjax import registry
 from specjax import sampling as sampling_lib
-from specjax.models import skip
+from specjax.models import partial_cache, skip
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
 from specjax.models.model import Model, causal, forward
@@ -78,22 +78,8 @@ class PartialKV:
     """(the compact cache: sinks and the recent window of `cache`'s committed slots,
     then room for the drafts; bool[B, sinks + window]: which gathered slots hold a
     committed entry, each once)."""
-    n = cache.lengths  # [B]
-    j = jnp.arange(self.sinks + self.window)[None, :]
-    recent = n[:, None] - self.window + (j - self.sinks)
-    src_BxJ = jnp.where(j < self.sinks, j, recent)
-    valid_BxJ = (src_BxJ >= 0) & (src_BxJ < n[:, None]) & ((j < self.sinks) |
-                                                            (src_BxJ >= self.sinks))
-    src_BxJ = jnp.clip(src_BxJ, 0, cache.max_len - 1)
-    pad = ((0, 0), (0, 0), (0, self.depth), (0, 0))
-
-    def take(x_BxKxSxD):
-      got = jnp.take_along_axis(x_BxKxSxD, src_BxJ[:, None, :, None], axis=2)
-      return jnp.pad(got, pad)
-    b = n.shape[0]
-    compact = KVCache(tuple(take(k) for k in cache.k), tuple(take(v) for v in cache.v),
-                      jnp.full((b,), self.sinks + self.window, jnp.int32))
-    return compact, valid_BxJ
+    src_BxJ, valid_BxJ = partial_cache.sinks_and_window(cache.lengths, self.sinks, self.window)
+    return partial_cache.gather(cache, src_BxJ, room=self.depth), valid_BxJ
 
   def propose(self, state, ctx, stop, sampling, key):
     del stop
