@@ -243,6 +243,7 @@ def step(cfg: ModelConfig, params, drafter, stop, st: State, key, *, sampling: S
     with cache_lib.deferred_writes() if defer else contextlib.nullcontext():
       cache, features, verdict, label, state = verify_tree(tree.first(m))
     pad = lambda x: jnp.pad(x, ((0, 0), (0, n - m)) + ((0, 0),) * (x.ndim - 2))
+    cache = cache.pad_pending(1 + n)  # recurrent states' per-token ingredients (`ssm`)
     if defer:  # the new entries, padded to 1 + n
       pad_kv = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, n - m), (0, 0)))
       cache = cache.replace(k=tuple(map(pad_kv, cache.k)), v=tuple(map(pad_kv, cache.v)))
@@ -271,7 +272,8 @@ def step(cfg: ModelConfig, params, drafter, stop, st: State, key, *, sampling: S
         start = st.cache.lengths
         cache = st.cache.replace(
             k=tuple(cache_lib.write(c, k, start) for c, k in zip(st.cache.k, cache.k)),
-            v=tuple(cache_lib.write(c, v, start) for c, v in zip(st.cache.v, cache.v)))
+            v=tuple(cache_lib.write(c, v, start) for c, v in zip(st.cache.v, cache.v)),
+            ssm=cache.ssm)  # recurrent states: never written, pending until the commit
   else:
     (cache, features, verdict, label, dstate), width = verify_tree(tree), jnp.int32(1)
   verdict = verdict._replace(accepted_drafts=jnp.where(live, verdict.accepted_drafts, 0))

@@ -8,6 +8,11 @@ accepted entries into contiguous slots. Rejected entries simply stay past `lengt
 Writes and commits touch only the slots they change (in place inside a jitted loop), so a
 step's cost does not grow with the cache beyond attention's own read.
 
+A target with Mamba-2 layers (`models.ssm`) keeps keys/values for its attention layers
+only, and one recurrent `SSMState` per mixer layer (`ssm`): a forward leaves the committed
+state alone and hands back its per-token ingredients (`Pending`); `commit` / `advance`
+move the state to the accepted path's last token, as they move keys/values.
+
 Keys and values are kept as one array per layer (not one stacked array): on XLA's CPU
 backend an unrolled layer loop over separate buffers decodes ~2x faster than a scan
 over a stacked cache (docs/design.md, "Layers unrolled, not scanned").
@@ -22,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from specjax.kernels.attention import prefix_mask
+from specjax.models import ssm as ssm_lib
 
 
 _DEFERRED = [False]
@@ -65,6 +71,9 @@ class KVCache:
   k: tuple  # num_layers x [B, KVH, S, Dh]
   v: tuple  # num_layers x [B, KVH, S, Dh]
   lengths: jax.Array  # int32[B]
+  ssm: tuple = ()  # one `ssm.SSMState` per Mamba-2 layer (none for a transformer)
+  # Slots per sequence when there is no attention layer to read them from (Mamba-2).
+  slots: int = flax.struct.field(pytree_node=False, default=0)
 
   @classmethod
   def create(cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int,
@@ -77,11 +86,16 @@ class KVCache:
   @classmethod
   def for_config(cls, cfg, batch: int, max_len: int, dtype) -> "KVCache":
     """An empty cache shaped for a `ModelConfig`."""
-    return cls.create(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
+    if not cfg.state_layers:
+      return cls.create(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
+    kv = cls.create(len(cfg.attention_layers), batch, max_len, cfg.num_kv_heads, cfg.head_dim,
+                    dtype)
+    return kv.replace(ssm=tuple(ssm_lib.init_state(cfg, batch, dtype) for _ in cfg.state_layers),
+                      slots=max_len)
 
   @property
   def max_len(self) -> int:
-    return self.k[0].shape[2]
+    return self.k[0].shape[2] if self.k else self.slots
 
   def prefix_mask(self, t: int, pending_BxTxN: jax.Array | None = None) -> jax.Array:
     """bool[B, T, S]: the cache slots each of T new tokens sees: every committed slot, plus
@@ -99,8 +113,14 @@ class KVCache:
     return committed_BxTxS | (((rel_BxS >= 0) & (rel_BxS < n))[:, None, :] & pending_BxTxS)
 
   def advance(self, n_B: jax.Array) -> "KVCache":
-    """Marks the next n[b] written entries of each sequence as committed."""
-    return self.replace(lengths=self.lengths + n_B.astype(jnp.int32))
+    """Marks the next n[b] written entries of each sequence as committed (recurrent states:
+    the state after the last forward's first n[b] tokens, a chain)."""
+    return self.replace(lengths=self.lengths + n_B.astype(jnp.int32),
+                        ssm=tuple(ssm_lib.advance(s, n_B) for s in self.ssm))
+
+  def pad_pending(self, width: int) -> "KVCache":
+    """Recurrent states' pending ingredients padded to `width` tokens (`ssm.pad`)."""
+    return self.replace(ssm=tuple(ssm_lib.pad(s, width) for s in self.ssm))
 
   def commit(self, path_BxA: jax.Array, n_B: jax.Array) -> "KVCache":
     """Keeps the n[b] new entries at offsets path[b, :n[b]] (relative to `lengths`).
@@ -108,7 +128,8 @@ class KVCache:
     The kept entries move to `[lengths, lengths + n)`; `path` must be increasing (tree
     nodes are stored parents first), so every source is read before it is overwritten.
     Only the A slots `[lengths, lengths + A)` are rewritten (slots past the kept ones get
-    their old contents back).
+    their old contents back). A recurrent state becomes the one after new entry
+    path[b, n[b] - 1] (`ssm.commit`).
     """
     a = path_BxA.shape[1]
     keep_BxA = jnp.arange(a)[None, :] < n_B[:, None]
@@ -119,5 +140,6 @@ class KVCache:
       moved = jnp.take_along_axis(c_BxKxSxD, src_BxA[:, None, :, None], axis=2)
       return write(c_BxKxSxD, moved, self.lengths)
 
-    return KVCache(k=tuple(move(c) for c in self.k), v=tuple(move(c) for c in self.v),
-                   lengths=self.lengths + n_B.astype(jnp.int32))
+    return self.replace(k=tuple(move(c) for c in self.k), v=tuple(move(c) for c in self.v),
+                        lengths=self.lengths + n_B.astype(jnp.int32),
+                        ssm=tuple(ssm_lib.commit(s, path_BxA, n_B) for s in self.ssm))

@@ -54,13 +54,34 @@ _GPT2_RULES = [  # GPT-2 Conv1D weights are already [in, out].
     (r"h\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"h_\1/c_fc/\2", False),
     (r"h\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"h_\1/mlp_c_proj/\2", False),
 ]
+# Mamba-2 (backbone.embeddings / layers.N.norm / layers.N.mixer / norm_f) and Bamba
+# (mamba / self_attn / feed_forward, input_ / pre_ff_layernorm, final_layernorm) onto one
+# layout (`models.hybrid`). conv1d.weight [C, 1, K] transposes to our [K, 1, C].
+_MIXER = (r"(?:mixer|mamba)")
+_HYBRID_RULES = [
+    (r"embed(?:dings|_tokens)\.weight", "embed_tokens/embedding", False),
+    (r"(?:norm_f|final_layernorm)\.weight", "norm/scale", False),
+    (r"lm_head\.weight", "lm_head/kernel", True),
+    (r"layers\.(\d+)\.(?:norm|input_layernorm)\.weight", r"layers_\1/input_layernorm/scale", False),
+    (r"layers\.(\d+)\.pre_ff_layernorm\.weight", r"layers_\1/pre_ff_layernorm/scale", False),
+    (r"layers\.(\d+)\.self_attn\.([qkvo])_proj\.weight", r"layers_\1/self_attn/\2_proj/kernel",
+     True),
+    (r"layers\.(\d+)\.feed_forward\.(gate|up|down)_proj\.weight",
+     r"layers_\1/feed_forward/\2_proj/kernel", True),
+    (rf"layers\.(\d+)\.{_MIXER}\.(in_proj|out_proj)\.weight", r"layers_\1/mamba/\2/kernel", True),
+    (rf"layers\.(\d+)\.{_MIXER}\.(in_proj|out_proj)\.bias", r"layers_\1/mamba/\2/bias", False),
+    (rf"layers\.(\d+)\.{_MIXER}\.conv1d\.weight", r"layers_\1/mamba/conv_kernel", True),
+    (rf"layers\.(\d+)\.{_MIXER}\.conv1d\.bias", r"layers_\1/mamba/conv_bias", False),
+    (rf"layers\.(\d+)\.{_MIXER}\.norm\.weight", r"layers_\1/mamba/norm_scale", False),
+    (rf"layers\.(\d+)\.{_MIXER}\.(A_log|D|dt_bias)", r"layers_\1/mamba/\2", False),
+]
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|attn\.(masked_)?bias|lm_head\.weight)$")
 
 
 def _flax_name(cfg: ModelConfig, hf_name: str) -> tuple[str, bool, int | None] | None:
   """(flax path, transpose, expert row or None), or None for a tensor we skip."""
-  name = re.sub(r"^(model|transformer)\.", "", hf_name)
-  rules = _GPT2_RULES if cfg.arch == "gpt2" else _LLAMA_RULES + (
+  name = re.sub(r"^(model|transformer|backbone)\.", "", hf_name)
+  rules = {"gpt2": _GPT2_RULES, "hybrid": _HYBRID_RULES}.get(cfg.arch) or _LLAMA_RULES + (
       _MOE_RULES if cfg.num_experts else [])
   for pattern, target, transpose in rules:
     m = re.fullmatch(pattern, name)

@@ -23,6 +23,7 @@ from specjax.models import quant
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
 from specjax.models.gpt2 import GPT2
+from specjax.models.hybrid import Hybrid
 from specjax.models.llama import Llama
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -30,7 +31,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # i (the residual stream before it); FINAL is the final normed state the LM head reads.
 FINAL = -1
 # Where each architecture keeps its token embedding (the LM head too, when tied).
-_EMBEDDING = {"llama": "embed_tokens", "gpt2": "wte"}
+_EMBEDDING = {"llama": "embed_tokens", "gpt2": "wte", "hybrid": "embed_tokens"}
 
 
 def parse_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
@@ -49,7 +50,7 @@ def param_dtype(params: Any) -> jnp.dtype:
 
 
 def module(cfg: ModelConfig, dtype=jnp.float32):
-  return {"llama": Llama, "gpt2": GPT2}[cfg.arch](cfg, dtype)
+  return {"llama": Llama, "gpt2": GPT2, "hybrid": Hybrid}[cfg.arch](cfg, dtype)
 
 
 class Forward(NamedTuple):
@@ -88,7 +89,19 @@ def forward(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array, positions_BxT:
   `lengths` (commit or advance afterwards). `features` names hidden states to return
   (layer inputs, or FINAL), in that order. `extra_embeddings_NxH` (Llama family): token
   id V + i, past the vocabulary, embeds as row i (trainable prompt tokens: PPD).
+
+  Mamba-2 layers (`cfg.ssm_layers`) read the cache's committed recurrent state and see
+  only it and the new tokens' ancestors (`visible_BxTxT` must be a tree: each token's
+  visible set one root-to-token path); the returned cache carries their pending
+  ingredients until `commit` / `advance` (`models.ssm`).
   """
+  if cfg.arch == "hybrid" and cfg.state_layers and prefix_BxTxS is not None:
+    raise ValueError(
+        f"A {cfg.model_type} model's Mamba-2 layers keep one recurrent state of the committed "
+        "tokens: they cannot also see uncommitted entries past them (prefix_BxTxS), as a "
+        "drafter that writes its tree level by level into its own cache needs. Draft for "
+        "this target with an attention-only model (e.g. an independent draft LM, or a "
+        "truncation that ends before the first Mamba-2 layer).")
   layers = tuple(sorted({f for f in features if f != FINAL}))
   params = quant.materialize(params)  # quantized kernels dequantised before their matmuls
   if cache is not None and prefix_BxTxS is None and cfg.attention_impl == "xla":
@@ -134,6 +147,8 @@ def prefill(cfg: ModelConfig, params: Any, cache: KVCache, tokens_BxL: jax.Array
                   cache.replace(lengths=jnp.full((b,), start, jnp.int32)), features)
     feats = tuple(jax.lax.dynamic_update_slice_in_dim(f, new, start, axis=1)
                   for f, new in zip(feats, out.features))
+    if out.cache.ssm:  # recurrent states: each row's state at its own length
+      return out.cache.advance(jnp.clip(n_B - start, 0, chunk)), feats
     return out.cache, feats
 
   num_chunks = -(-jnp.max(n_B) // chunk)
