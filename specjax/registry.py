@@ -101,7 +101,8 @@ DRAFTERS = Registry("drafter", {
     "partial_kv": "specjax.drafters.selfdraft.partial_kv",
     "del": "specjax.drafters.selfdraft.dynamic_exit",
     "specee": "specjax.drafters.selfdraft.specee",
-    "specpv": "specjax.drafters.selfdraft.specpv"})
+    "specpv": "specjax.drafters.selfdraft.specpv",
+    "hierarchical": "specjax.drafters.selfdraft.hierarchical"})
 # builder(**knobs) -> policy
 STOP_POLICIES = Registry("stop policy", {
     **{k: "specjax.stopping.training_free" for k in ("fixed", "confidence", "svip")},
@@ -125,13 +126,13 @@ def check_combination(*, takes_stop_policy: bool | None, has_stop: bool, rule: s
     has_stop: whether a stop policy was given.
     rule: the acceptance rule's name, or None (greedy at temperature 0, else speculative).
     temperatures: every temperature the method will run at.
-    greedy_only: the drafter changes the target's own forward and is defined for greedy
-      decoding only (SpecEE's early exit, LOSSY).
+    greedy_only: the drafter is defined for greedy decoding only (SpecEE's early exit,
+      LOSSY; hierarchical drafting's greedy inner loop).
   """
   temperatures = tuple(temperatures)
   if greedy_only and any(t > 0 for t in temperatures):
-    raise ValueError("This drafter exits the target's forward early (LOSSY) and is defined "
-                     "for greedy decoding only: use temperature 0.")
+    raise ValueError("This drafter is defined for greedy decoding only (greedy-only): use "
+                     "temperature 0.")
   if takes_stop_policy is None:
     if has_stop:
       raise ValueError("A stop policy needs a drafter (AR decoding drafts nothing).")
