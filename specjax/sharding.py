@@ -140,10 +140,15 @@ class Plan:
 
   mesh: Mesh
   rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
+  # How mixture-of-experts layers run over the mesh: None, the dense form (every expert on
+  # every token, the expert axis sharded); `models.moe_parallel.Routed(...)`, tokens
+  # dispatched to their experts' devices by all-to-all.
+  moe: Any = None
 
   @classmethod
-  def create(cls, mesh, rules=None) -> "Plan":
-    """From a Mesh (or a mesh spec, see `parse_mesh`) and rules (None: `DEFAULT_RULES`)."""
+  def create(cls, mesh, rules=None, moe=None) -> "Plan":
+    """From a Mesh (or a mesh spec, see `parse_mesh`), rules (None: `DEFAULT_RULES`) and
+    the MoE form (None: dense; `models.moe_parallel.Routed`)."""
     mesh = mesh if isinstance(mesh, (Mesh, jax.sharding.AbstractMesh)) else make_mesh(mesh)
     rules = DEFAULT_RULES if not rules else tuple(
         (str(k), tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in rules)
@@ -153,7 +158,7 @@ class Plan:
         if a is not None and a not in known and a not in AXES:
           raise ShardingError(f"Rule {logical!r} -> {axes!r} names mesh axis {a!r}; the "
                               f"axes are {AXES}.")
-    return cls(mesh, rules)
+    return cls(mesh, rules, moe)
 
   @property
   def name(self) -> str:

@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from specjax import kernels
+from specjax import sharding
 from specjax.models import cache as cache_lib
+from specjax.models import moe_parallel
 from specjax.models.cache import KVCache
 from specjax.models.config import ModelConfig
 
@@ -176,8 +178,10 @@ class MoE(nn.Module):
   Every expert runs on every token and a token keeps its k experts' outputs, weighted
   (the dense form: exact, the same compiled shape whatever the routing, and expert-
   parallel by sharding the expert axis; the MLP work is num_experts / k times the routed
-  form's, which suits the tiny and small targets this runs here). Expert weights are
-  stacked: gate / up [E, H, I], down [E, I, H]."""
+  form's, which suits the tiny and small targets this runs here). Under a plan with
+  `moe=moe_parallel.Routed(...)` it is the routed form instead: tokens dispatched to their
+  experts' devices by all-to-all (`moe_parallel`). Expert weights are stacked: gate / up
+  [E, H, I], down [E, I, H]."""
 
   cfg: ModelConfig
   dtype: jnp.dtype
@@ -192,6 +196,10 @@ class MoE(nn.Module):
     down = self.param("down", init, (e, f, h), self.dtype)
     x_NxH = x.reshape(-1, h)
     expert_NxK, weight_NxK = route(cfg, router, x_NxH)
+    self.sow("intermediates", "routing", expert_NxK)  # routing statistics (`moe_grouping`)
+    plan = sharding.active()
+    if plan is not None and plan.moe is not None:  # expert-parallel routed form
+      return moe_parallel.layer(self, plan, x, expert_NxK, weight_NxK, gate, up, down)
     weight_NxE = jnp.sum(jax.nn.one_hot(expert_NxK, e, dtype=jnp.float32) *
                          weight_NxK[..., None], 1)
     hidden_ExNxF = nn.silu(jnp.einsum("nh,ehf->enf", x_NxH, gate)) * jnp.einsum(
