@@ -14,15 +14,10 @@ bounds the attention logit of any key in it; the blocks with the highest bound a
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
-from specjax.models import quant
 from specjax.models.cache import KVCache
-from specjax.models.config import ModelConfig
-from specjax.models.llama import RMSNorm, apply_rope, rope_cos_sin
 
 
 def gather(cache: KVCache, src_BxJ: jax.Array, room: int = 0) -> KVCache:
@@ -57,23 +52,6 @@ def block_slots(blocks_BxK: jax.Array, valid_BxK: jax.Array, block: int, lo: int
   valid_BxKxG = valid_BxK[:, :, None] & (src_BxKxG >= lo) & (src_BxKxG < hi_B[:, None, None])
   b = blocks_BxK.shape[0]
   return src_BxKxG.reshape(b, -1), valid_BxKxG.reshape(b, -1)
-
-
-def queries(cfg: ModelConfig, params: Any, layer: int, x_BxTxH: jax.Array,
-            positions_BxT: jax.Array) -> jax.Array:
-  """[B, T, heads, Dh]: layer `layer`'s attention queries of its inputs `x` at these
-  positions, as `llama.Attention` makes them (rotary phase applied)."""
-  p = quant.materialize(params[f"layers_{layer}"])
-  dtype = x_BxTxH.dtype
-  x = RMSNorm(cfg.norm_eps, dtype).apply({"params": p["input_layernorm"]}, x_BxTxH)
-  attn = p["self_attn"]
-  q = x @ attn["q_proj"]["kernel"] + (attn["q_proj"]["bias"] if cfg.attention_bias else 0)
-  b, t, _ = x_BxTxH.shape
-  q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
-  if cfg.qk_norm:
-    q = RMSNorm(cfg.norm_eps, dtype).apply({"params": attn["q_norm"]}, q)
-  cos, sin = rope_cos_sin(cfg, positions_BxT, dtype)
-  return apply_rope(q, cos, sin)
 
 
 def block_bounds(q_BxHxD: jax.Array, k_BxKxSxD: jax.Array, lengths_B: jax.Array,

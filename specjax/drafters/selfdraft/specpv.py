@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from specjax import registry
 from specjax.drafters import io
 from specjax.models import cache as cache_lib
-from specjax.models import partial_cache
+from specjax.models import partial_cache, projections
 from specjax.models.config import ModelConfig
 from specjax.models.model import FINAL, Forward, Model, forward
 
@@ -122,8 +122,8 @@ class SpecPV:
 
   def _pick_blocks(self, ctx, x_BxH, position_B):
     """The `retrieve` blocks of highest bound for a query from layer input `x`."""
-    q_BxHxD = partial_cache.queries(self.config, self.params, self.score_layer, x_BxH[:, None],
-                                    position_B[:, None])[:, 0]
+    q_BxHxD = projections.queries(self.config, self.params, self.score_layer, x_BxH[:, None],
+                                  position_B[:, None])[:, 0]
     c_B = ctx.cache.lengths
     bound_BxN = partial_cache.block_bounds(q_BxHxD, ctx.cache.k[self.score_layer], c_B,
                                            self.block)
