@@ -123,15 +123,23 @@ def test_compiled_all_to_all_bytes_match_the_capacity(routed):
 
 
 def test_balanced_placement_fills_every_device_and_honours_preferences():
-  prefer = jnp.array([2, 2, 2, 2, 0, -1, 1, 2, 0, 3, 3, 3])  # device 2 over-asked
-  slots = np.asarray(moe_shuffle.balanced_placement(prefer, 4))
+  """12 tokens over 4 devices of 3 slots: device 2 is over-asked; token 3 falls back to
+  its second device, token 7 (second device full) and token 5 (none) fill the free slots
+  interleaved over the devices."""
+  first = [2, 2, 2, 2, 0, -1, 1, 2, 0, 3, 3, 3]
+  second = [-1, -1, -1, 1, -1, -1, -1, 3, -1, -1, -1, -1]
+  slots = np.asarray(moe_shuffle.balanced_placement(jnp.array([first, second]).T, 4))
   assert sorted(slots) == list(range(12))
-  on = {t: s // 3 for s, t in enumerate(slots)}
-  assert [on[t] for t in (0, 1, 2)] == [2, 2, 2] and on[4] == 0 and on[8] == 0
-  assert on[6] == 1 and [on[t] for t in (9, 10, 11)] == [3, 3, 3]
-  assert on[3] != 2 and on[7] != 2  # past device 2's three slots
-  none = np.asarray(moe_shuffle.balanced_placement(jnp.full((8,), -1), 4))
-  assert list(none) == list(range(8))
+  on = {int(t): s // 3 for s, t in enumerate(slots)}
+  assert [on[t] for t in (0, 1, 2, 4, 6, 8, 9, 10, 11)] == [2, 2, 2, 0, 1, 0, 3, 3, 3]
+  assert on[3] == 1 and on[5] == 0 and on[7] == 1
+  # No preference at all: round-robin over the devices, not contiguous shares.
+  none = np.asarray(moe_shuffle.balanced_placement(jnp.full((8, 2), -1), 4))
+  assert list(none) == [0, 4, 1, 5, 2, 6, 3, 7]
+  routing = jnp.array([[0, 5], [6, 7], [2, 3]])  # 8 experts on 4 devices
+  weights = jnp.array([[0.3, 0.7], [0.6, 0.4], [0.5, 0.5]])
+  assert np.asarray(moe_shuffle.preferred_devices(routing, weights, 8, 4)).tolist() == [
+      [2, 0], [3, -1], [1, -1]]
 
 
 def test_expert_grouping_is_exact_and_groups_experts_picked_together(model, dense, tokens):

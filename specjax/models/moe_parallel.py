@@ -126,35 +126,36 @@ def _exchange(ax, x_LxH, w_LxDxEl, send_LxD, pos_LxD, c, weights):
   return jnp.sum(jnp.where(send_LxD[..., None], got_LxDxH, 0), axis=1)
 
 
-def dispatch(plan, opts: Routed, x_BxTxH, expert_BxTxK, weight_BxTxK, prefer_BxT,
+def dispatch(plan, opts: Routed, x_BxTxH, expert_BxTxK, weight_BxTxK, prefer_BxTxR,
              gate_ExHxF, up_ExHxF, down_ExFxH) -> tuple[jax.Array, dict]:
   """The routed MoE output [B, T, H] of tokens with this routing (experts [B, T, K] and
-  weights; `prefer_BxT` the device s-TS places each token on, or None for contiguous
-  shares), and the layer's dispatch counts (summed over the mesh)."""
+  weights; `prefer_BxTxR` the devices s-TS would place each token on, most preferred
+  first, or None for contiguous shares), and the layer's dispatch counts (summed over
+  the mesh)."""
   e = gate_ExHxF.shape[0]
   ax, d = expert_axis(plan, e)
   el = e // d
   batch = plan.spec(("batch",))[0]
   shape = x_BxTxH.shape
-  k = expert_BxTxK.shape[-1]
   replicas = [a for a in plan.mesh.axis_names if a != ax and a not in (
       (batch,) if isinstance(batch, str) else tuple(batch or ()))]
-  if prefer_BxT is None:
-    prefer_BxT = jnp.full(shape[:2], -1, jnp.int32)
+  shuffled = prefer_BxTxR is not None
+  if not shuffled:
+    prefer_BxTxR = jnp.full(shape[:2] + (1,), -1, jnp.int32)
 
-  def per_device(x_BxTxH, expert_BxTxK, weight_BxTxK, prefer_BxT, gate, up, down):
+  def per_device(x_BxTxH, expert_BxTxK, weight_BxTxK, prefer_BxTxR, gate, up, down):
     n = x_BxTxH.shape[0] * x_BxTxH.shape[1]
     l = -(-n // d)
     s, c = d * l, capacity(l, opts.capacity_factor)
     pad = lambda a, v: jnp.concatenate(
         [a.reshape((n,) + a.shape[2:]), jnp.full((s - n,) + a.shape[2:], v, a.dtype)])
     x_SxH, expert_SxK = pad(x_BxTxH, 0), pad(expert_BxTxK, 0)
-    weight_SxK, prefer_S = pad(weight_BxTxK, 0), pad(prefer_BxT, -1)
+    weight_SxK, prefer_SxR = pad(weight_BxTxK, 0), pad(prefer_BxTxR, -1)
     valid_S = jnp.arange(s) < n
-    if opts.shuffle == "none":
-      token_of_slot_S = moe_shuffle.identity_placement(s)
+    if shuffled:
+      token_of_slot_S = moe_shuffle.balanced_placement(prefer_SxR, d)
     else:
-      token_of_slot_S = moe_shuffle.balanced_placement(jnp.where(valid_S, prefer_S, -1), d)
+      token_of_slot_S = moe_shuffle.identity_placement(s)
     me = jax.lax.axis_index(ax)
     mine_L = jax.lax.dynamic_slice_in_dim(token_of_slot_S, me * l, l)
     x_LxH, valid_L = x_SxH[mine_L], valid_S[mine_L]
@@ -191,17 +192,16 @@ def dispatch(plan, opts: Routed, x_BxTxH, expert_BxTxK, weight_BxTxK, prefer_BxT
              "dropped_rows": overflow if opts.overflow == "drop" and c < l else overflow * 0,
              "tokens_all_local": total(valid_L & ~jnp.any(remote_LxD, -1)),
              "max_pair_rows": jax.lax.pmax(jnp.max(demand_D), mesh_axes),
-             "per_device": jnp.int32(l) + overflow * 0, "capacity": jnp.int32(c) + overflow * 0}
+             "per_device": jnp.int32(l), "capacity": jnp.int32(c)}
     return y_BxTxH, stats
 
   tok = P(batch, None, None)
   w_spec = P(ax, None, None)
   y, stats = jax.shard_map(
       per_device, mesh=plan.mesh,
-      in_specs=(tok, tok, tok, P(batch, None), w_spec, w_spec, w_spec),
+      in_specs=(tok, tok, tok, tok, w_spec, w_spec, w_spec),
       out_specs=(tok, P()), check_vma=False)(
-          x_BxTxH, expert_BxTxK, weight_BxTxK, prefer_BxT, gate_ExHxF, up_ExHxF, down_ExFxH)
-  del k
+          x_BxTxH, expert_BxTxK, weight_BxTxK, prefer_BxTxR, gate_ExHxF, up_ExHxF, down_ExFxH)
   return y, stats
 
 
@@ -213,19 +213,20 @@ def layer(module: nn.Module, plan, x, expert_NxK, weight_NxK, gate_ExHxF, up_ExH
   e = gate_ExHxF.shape[0]
   _, d = expert_axis(plan, e)
   bt = x.shape[:-1]
-  prefer_N = None
+  prefer_NxR = None
   if opts.shuffle == "gate":
-    prefer_N = moe_shuffle.preferred_device(expert_NxK, weight_NxK, e, d)
+    prefer_NxR = moe_shuffle.preferred_devices(expert_NxK, weight_NxK, e, d)
   elif opts.shuffle == "previous":
     first = getattr(module.parent, "layer", None) == min(module.cfg.moe_layers)
     kept = None if first else moe_shuffle.recall(expert_NxK)
     if kept is not None:
-      prefer_N = moe_shuffle.preferred_device(*kept, e, d)
+      prefer_NxR = moe_shuffle.preferred_devices(*kept, e, d)
     moe_shuffle.remember(expert_NxK, weight_NxK)
   y, stats = dispatch(plan, opts, x.reshape(bt[0], -1, x.shape[-1]),
                       expert_NxK.reshape(bt[0], -1, expert_NxK.shape[-1]),
                       weight_NxK.reshape(bt[0], -1, weight_NxK.shape[-1]),
-                      None if prefer_N is None else prefer_N.reshape(bt[0], -1),
+                      None if prefer_NxR is None else prefer_NxR.reshape(
+                          bt[0], -1, prefer_NxR.shape[-1]),
                       gate_ExHxF, up_ExHxF, down_ExFxH)
   module.sow("intermediates", "moe_stats", stats)
   return y.reshape(x.shape).astype(x.dtype)

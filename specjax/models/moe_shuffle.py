@@ -27,40 +27,54 @@ import jax
 import jax.numpy as jnp
 
 
-def preferred_device(expert_NxK: jax.Array, weight_NxK: jax.Array, num_experts: int,
-                     devices: int) -> jax.Array:
-  """int32[N]: the device (of `devices`, each holding num_experts / devices contiguous
-  experts) holding the largest share of each token's routing weight."""
+def preferred_devices(expert_NxK: jax.Array, weight_NxK: jax.Array, num_experts: int,
+                      devices: int) -> jax.Array:
+  """int32[N, R]: the devices (of `devices`, each holding num_experts / devices contiguous
+  experts) holding each token's experts, by its routing weight on them, most first; -1
+  past the devices it touches (R = min(K, D))."""
   per_device = num_experts // devices
   weight_NxD = jnp.sum(jax.nn.one_hot(expert_NxK // per_device, devices, dtype=jnp.float32) *
-                       weight_NxK[..., None].astype(jnp.float32), axis=1)
-  return jnp.argmax(weight_NxD, axis=-1).astype(jnp.int32)
+                       (weight_NxK[..., None].astype(jnp.float32) + 1e-30), axis=1)
+  top_NxR, device_NxR = jax.lax.top_k(weight_NxD, min(expert_NxK.shape[-1], devices))
+  return jnp.where(top_NxR > 0, device_NxR, -1).astype(jnp.int32)
 
 
-def balanced_placement(prefer_S: jax.Array, devices: int) -> jax.Array:
+def balanced_placement(prefer_SxR: jax.Array, devices: int) -> jax.Array:
   """int32[S]: the token in each slot (slot s is position s % L on device s // L, S = D * L)
-  so that every device gets L tokens, as many as possible on their preferred device.
+  so that every device gets L tokens, as many as it can on their preferred devices.
 
-  `prefer_S[t]` is in [0, D), or -1 for no preference (padding). Tokens of each preference
-  take that device's slots in index order up to L; the rest fill the free slots in order.
-  Static shapes, O(S log S)."""
-  s = prefer_S.shape[0]
+  `prefer_SxR[t]` lists token t's devices, most preferred first (-1: none). Round r gives
+  the tokens still unplaced their r-th device while it has free slots (in token order);
+  the tokens left fill the free slots interleaved over the devices (position 0 of every
+  device, then position 1, ...), so that no one device takes them all: their rows then
+  spread over the (source, destination) pairs, whose largest count sets the capacity.
+  Static shapes, O(R S log S)."""
+  s, rounds = prefer_SxR.shape
   per_device = s // devices
-  key_S = jnp.where(prefer_S >= 0, prefer_S, devices)
-  order_S = jnp.argsort(key_S, stable=True)
-  sorted_key_S = key_S[order_S]
-  count_D = jnp.sum(jax.nn.one_hot(key_S, devices + 1, dtype=jnp.int32), axis=0)[:devices]
-  start_D = jnp.cumsum(count_D) - count_D
-  rank_S = jnp.arange(s) - jnp.concatenate([start_D, jnp.array([0])])[sorted_key_S]
-  kept_S = (sorted_key_S < devices) & (rank_S < per_device)
-  fill_D = jnp.minimum(count_D, per_device)
-  slot_S = jnp.arange(s)
-  free_S = (slot_S % per_device) >= fill_D[slot_S // per_device]
-  free_list_S = jnp.argsort(~free_S, stable=True)  # the free slots first, ascending
-  nth_spill_S = jnp.cumsum(~kept_S) - 1
-  dest_S = jnp.where(kept_S, sorted_key_S * per_device + rank_S,
-                     free_list_S[jnp.clip(nth_spill_S, 0, s - 1)])
-  return jnp.zeros((s,), jnp.int32).at[dest_S].set(order_S.astype(jnp.int32))
+  token_S = jnp.arange(s)
+  slot_S = jnp.full((s,), -1, jnp.int32)
+  free_D = jnp.full((devices,), per_device, jnp.int32)
+  for r in range(rounds):
+    key_S = jnp.where((slot_S < 0) & (prefer_SxR[:, r] >= 0), prefer_SxR[:, r], devices)
+    order_S = jnp.argsort(key_S, stable=True)
+    sorted_key_S = key_S[order_S]
+    count_D = jnp.sum(jax.nn.one_hot(key_S, devices + 1, dtype=jnp.int32), axis=0)[:devices]
+    start_D = jnp.concatenate([jnp.cumsum(count_D) - count_D, jnp.zeros((1,), jnp.int32)])
+    rank_S = token_S - start_D[sorted_key_S]
+    room_S = jnp.concatenate([free_D, jnp.zeros((1,), jnp.int32)])[sorted_key_S]
+    take_S = (sorted_key_S < devices) & (rank_S < room_S)
+    used_S = per_device - room_S
+    new_S = jnp.where(take_S, sorted_key_S * per_device + used_S + rank_S, -1)
+    slot_S = slot_S.at[order_S].max(new_S.astype(jnp.int32))
+    free_D = free_D - jnp.minimum(count_D, free_D)
+  pos_S, dev_S = token_S % per_device, token_S // per_device
+  free_slot_S = pos_S >= per_device - free_D[dev_S]
+  interleaved_S = jnp.argsort(jnp.where(free_slot_S, pos_S * devices + dev_S, s * devices + 1),
+                              stable=True)  # the free slots first, interleaved
+  left_S = slot_S < 0
+  nth_S = jnp.cumsum(left_S) - 1
+  slot_S = jnp.where(left_S, interleaved_S[jnp.clip(nth_S, 0, s - 1)], slot_S)
+  return jnp.zeros((s,), jnp.int32).at[slot_S].set(token_S.astype(jnp.int32))
 
 
 def identity_placement(s: int) -> jax.Array:
