@@ -84,7 +84,7 @@ class Registry:
 
 
 _HEADS = {**{k: f"specjax.drafters.heads.{k}" for k in ("dflash", "eagle", "eagle3", "falcon",
-                                                         "hydra", "medusa", "ppd")},
+                                                         "hydra", "longspec", "medusa", "ppd")},
           "dspark": "specjax.drafters.heads.dflash",
           "draft_lm": "specjax.drafters.selfdraft.draft_model"}
 # builder(target: Model, **knobs) -> drafter

@@ -31,6 +31,7 @@ from specjax.configs import eagle3 as eagle3_config
 from specjax.configs import falcon as falcon_config
 from specjax.configs import fastdraft as fastdraft_config
 from specjax.configs import hydra as hydra_config
+from specjax.configs import longspec as longspec_config
 from specjax.configs import medusa as medusa_config
 from specjax.configs import ppd as ppd_config
 from specjax.drafters import (Eagle3Head, EagleHead, FalconHead, HydraHead, MedusaHead, io,
@@ -50,8 +51,13 @@ CONFIGS = {"eagle": (eagle_config, "tiny"), "eagle3": (eagle3_config, "tiny"),
            "medusa": (medusa_config, "tiny"), "falcon": (falcon_config, "tiny"),
            "dflash": (dflash_config, "tiny"), "dspark": (dspark_config, "tiny"),
            "fspad": (eagle_config, "fspad_tiny"),
-           "draft_lm": (fastdraft_config, "pretrain_tiny"), "ppd": (ppd_config, "tiny")}
+           "draft_lm": (fastdraft_config, "pretrain_tiny"), "ppd": (ppd_config, "tiny"),
+           "longspec": (longspec_config, "tiny")}
 KINDS = list(CONFIGS)
+# LongSpec's residual stream starts at the token's embedding, which the tiny target's tied
+# LM head maps back to the same token, the tiny target's own argmax ~94% of the time: its
+# top-1 starts at that ceiling (its loss must still fall).
+TOP1_AT_START = {"longspec"}
 BIN = os.path.join(os.path.dirname(sys.executable), "specjax-train")
 
 
@@ -92,7 +98,10 @@ def test_loss_falls_and_outputs_written(trained):
   assert evals[0]["step"] == 0 and evals[-1]["step"] == tiny_config(kind).steps
   # Held-out loss (most of Medusa's is the target's own entropy) and top-1 agreement.
   assert evals[-1]["loss"] < evals[0]["loss"] - 0.02, evals
-  assert evals[-1]["top1/1"] > evals[0]["top1/1"], evals
+  if kind in TOP1_AT_START:
+    assert evals[-1]["top1/1"] > 0.9, evals
+  else:
+    assert evals[-1]["top1/1"] > evals[0]["top1/1"], evals
   assert evals and all(1.0 <= r["sim_tau"] <= 1 + tiny_config(kind).sim_depth for r in evals)
   assert os.path.getsize(os.path.join(workdir, metrics.PLOT)) > 1000
   meta = io.read_meta(os.path.join(workdir, trainer.HEAD_DIR))
@@ -113,13 +122,15 @@ TREE = [(0,), (1,), (0, 0), (1, 0)]
     ("falcon", {"depth": 7, "top_k": 2}), ("dflash", {}), ("dflash", {"tree": TREE}),
     ("dspark", {}), ("dspark", {"threshold": 0.0}), ("fspad", {"top_k": 3, "depth": 3,
                                                                 "num_nodes": 7}),
-    ("draft_lm", {}), ("draft_lm", {"tree": TREE}), ("ppd", {}), ("ppd", {"tree": TREE})],
+    ("draft_lm", {}), ("draft_lm", {"tree": TREE}), ("ppd", {}), ("ppd", {"tree": TREE}),
+    ("longspec", {})],
                          ids=["eagle_chain", "eagle_tree", "eagle2_dynamic", "eagle3_chain",
                               "eagle3_dynamic", "hydra_chain", "hydra_tree", "hydrapp_chain",
                               "hydrapp_tree", "medusa_chain", "medusa_tree", "falcon_chain",
                               "falcon_tree", "dflash_chain", "dflash_tree",
                               "dspark_cut_chain", "dspark_chain", "fspad_dynamic",
-                              "draft_lm_chain", "draft_lm_tree", "ppd_chain", "ppd_tree"])
+                              "draft_lm_chain", "draft_lm_tree", "ppd_chain", "ppd_tree",
+                              "longspec_chain"])
 def test_trained_head_greedy_equals_ar(kind, decode_knobs, tmp_path_factory):
   workdir = run_dir(kind, tmp_path_factory)
   target = models.load("tiny-random")
