@@ -139,16 +139,22 @@ def test_tree_forward_equals_each_path_run_in_turn():
   mask = ancestor_mask(jnp.asarray(PARENTS))
   y_tree, pending = run(x, mask, state)
   one = lambda s, i: jax.tree.map(lambda a: a[i:i + 1], s)
+
+  @jax.jit
+  def token(x_1x1xD, s):  # one token through the layer, its state committed
+    y, s = run(x_1x1xD, models.causal(1), s)
+    return y, ssm.advance(s, jnp.ones((1,), jnp.int32))
+
+  commit = jax.jit(ssm.commit)
   for row in range(b):
     for node in range(t):
       path = [int(j) for j in np.nonzero(np.asarray(mask[row, node]))[0]]  # root first
       s = one(state, row)
       for j in path:
-        y, s = run(x[row:row + 1, j:j + 1], models.causal(1), s)
-        s = ssm.advance(s, jnp.ones((1,), jnp.int32))
+        y, s = token(x[row:row + 1, j:j + 1], s)
       np.testing.assert_allclose(y[0, 0], y_tree[row, node], atol=1e-5, rtol=1e-5)
       padded = jnp.asarray([path + [0] * (t - len(path))] * b)
-      kept = one(ssm.commit(pending, padded, jnp.full((b,), len(path))), row)
+      kept = one(commit(pending, padded, jnp.full((b,), len(path))), row)
       np.testing.assert_allclose(kept.h_BxHxPxN, s.h_BxHxPxN, atol=1e-5, rtol=1e-5)
       np.testing.assert_allclose(kept.conv_BxKxC, s.conv_BxKxC, atol=1e-6)
   # Nothing accepted (n = 0): the committed state stays.

@@ -57,7 +57,7 @@ _GPT2_RULES = [  # GPT-2 Conv1D weights are already [in, out].
 # Mamba-2 (backbone.embeddings / layers.N.norm / layers.N.mixer / norm_f) and Bamba
 # (mamba / self_attn / feed_forward, input_ / pre_ff_layernorm, final_layernorm) onto one
 # layout (`models.hybrid`). conv1d.weight [C, 1, K] transposes to our [K, 1, C].
-_MIXER = (r"(?:mixer|mamba)")
+_MIXER = r"(?:mixer|mamba)"
 _HYBRID_RULES = [
     (r"embed(?:dings|_tokens)\.weight", "embed_tokens/embedding", False),
     (r"(?:norm_f|final_layernorm)\.weight", "norm/scale", False),
