@@ -194,12 +194,13 @@ class MoE(nn.Module):
     gate = self.param("gate", init, (e, h, f), self.dtype)
     up = self.param("up", init, (e, h, f), self.dtype)
     down = self.param("down", init, (e, f, h), self.dtype)
+    plan = sharding.active()
+    if plan is not None and plan.moe is not None:  # expert-parallel routed form
+      return moe_parallel.layer(self, plan, lambda r, x_NxH: route(cfg, r, x_NxH), x, router,
+                                gate, up, down)
     x_NxH = x.reshape(-1, h)
     expert_NxK, weight_NxK = route(cfg, router, x_NxH)
     self.sow("intermediates", "routing", expert_NxK)  # routing statistics (`moe_grouping`)
-    plan = sharding.active()
-    if plan is not None and plan.moe is not None:  # expert-parallel routed form
-      return moe_parallel.layer(self, plan, x, expert_NxK, weight_NxK, gate, up, down)
     weight_NxE = jnp.sum(jax.nn.one_hot(expert_NxK, e, dtype=jnp.float32) *
                          weight_NxK[..., None], 1)
     hidden_ExNxF = nn.silu(jnp.einsum("nh,ehf->enf", x_NxH, gate)) * jnp.einsum(

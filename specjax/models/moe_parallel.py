@@ -126,44 +126,50 @@ def _exchange(ax, x_LxH, w_LxDxEl, send_LxD, pos_LxD, c, weights):
   return jnp.sum(jnp.where(send_LxD[..., None], got_LxDxH, 0), axis=1)
 
 
-def dispatch(plan, opts: Routed, x_BxTxH, expert_BxTxK, weight_BxTxK, prefer_BxTxR,
-             gate_ExHxF, up_ExHxF, down_ExFxH) -> tuple[jax.Array, dict]:
-  """The routed MoE output [B, T, H] of tokens with this routing (experts [B, T, K] and
-  weights; `prefer_BxTxR` the devices s-TS would place each token on, most preferred
-  first, or None for contiguous shares), and the layer's dispatch counts (summed over
-  the mesh)."""
+def dispatch(plan, opts: Routed, route, x_BxTxH, router_HxE, gate_ExHxF, up_ExHxF,
+             down_ExFxH, previous=None) -> tuple[jax.Array, dict, tuple]:
+  """The routed MoE output [B, T, H], the layer's dispatch counts (summed over the mesh)
+  and its routing (experts, weights: [B, T, K] each). `route(router, x_NxH)` routes, on
+  each device, its data shard's tokens; `previous` is the previous MoE layer's routing
+  (for `shuffle="previous"`; None: contiguous shares)."""
   e = gate_ExHxF.shape[0]
   ax, d = expert_axis(plan, e)
   el = e // d
   batch = plan.spec(("batch",))[0]
-  shape = x_BxTxH.shape
-  replicas = [a for a in plan.mesh.axis_names if a != ax and a not in (
-      (batch,) if isinstance(batch, str) else tuple(batch or ()))]
-  shuffled = prefer_BxTxR is not None
-  if not shuffled:
-    prefer_BxTxR = jnp.full(shape[:2] + (1,), -1, jnp.int32)
+  batch_axes = (batch,) if isinstance(batch, str) else tuple(batch or ())
+  sum_axes = (ax,) + tuple(a for a in plan.mesh.axis_names if a in batch_axes)
+  b, t, h = x_BxTxH.shape
+  if previous is None:
+    previous = (jnp.zeros((b, t, 0), jnp.int32), jnp.zeros((b, t, 0), jnp.float32))
 
-  def per_device(x_BxTxH, expert_BxTxK, weight_BxTxK, prefer_BxTxR, gate, up, down):
+  def per_device(x_BxTxH, router, previous, gate, up, down):
     n = x_BxTxH.shape[0] * x_BxTxH.shape[1]
     l = -(-n // d)
     s, c = d * l, capacity(l, opts.capacity_factor)
-    pad = lambda a, v: jnp.concatenate(
-        [a.reshape((n,) + a.shape[2:]), jnp.full((s - n,) + a.shape[2:], v, a.dtype)])
-    x_SxH, expert_SxK = pad(x_BxTxH, 0), pad(expert_BxTxK, 0)
-    weight_SxK, prefer_SxR = pad(weight_BxTxK, 0), pad(prefer_BxTxR, -1)
-    valid_S = jnp.arange(s) < n
-    if shuffled:
-      token_of_slot_S = moe_shuffle.balanced_placement(prefer_SxR, d)
+    expert_NxK, weight_NxK = route(router, x_BxTxH.reshape(n, h))
+    k = expert_NxK.shape[-1]
+    if opts.shuffle == "gate":
+      prefer_NxR = moe_shuffle.preferred_devices(expert_NxK, weight_NxK, e, d)
+    elif previous[0].shape[-1]:
+      prefer_NxR = moe_shuffle.preferred_devices(previous[0].reshape(n, -1),
+                                                 previous[1].reshape(n, -1), e, d)
     else:
+      prefer_NxR = None
+    pad = lambda a, v: jnp.concatenate([a, jnp.full((s - n,) + a.shape[1:], v, a.dtype)])
+    x_SxH, expert_SxK = pad(x_BxTxH.reshape(n, h), 0), pad(expert_NxK, 0)
+    weight_SxK = pad(weight_NxK, 0)
+    valid_S = jnp.arange(s) < n
+    if prefer_NxR is None:
       token_of_slot_S = moe_shuffle.identity_placement(s)
+    else:
+      token_of_slot_S = moe_shuffle.balanced_placement(pad(prefer_NxR, -1), d)
     me = jax.lax.axis_index(ax)
     mine_L = jax.lax.dynamic_slice_in_dim(token_of_slot_S, me * l, l)
     x_LxH, valid_L = x_SxH[mine_L], valid_S[mine_L]
-    sel_LxE = jnp.sum(jax.nn.one_hot(expert_SxK[mine_L], e, dtype=jnp.float32), 1) > 0
-    w_LxE = jnp.sum(jax.nn.one_hot(expert_SxK[mine_L], e, dtype=jnp.float32) *
-                    weight_SxK[mine_L][..., None].astype(jnp.float32), 1)
-    w_LxDxEl = w_LxE.reshape(l, d, el)
-    want_LxD = jnp.any(sel_LxE.reshape(l, d, el), -1) & valid_L[:, None]
+    onehot_LxKxE = jax.nn.one_hot(expert_SxK[mine_L], e, dtype=jnp.float32)
+    w_LxDxEl = jnp.sum(onehot_LxKxE * weight_SxK[mine_L][..., None].astype(jnp.float32),
+                       1).reshape(l, d, el)
+    want_LxD = jnp.any(jnp.sum(onehot_LxKxE, 1).reshape(l, d, el) > 0, -1) & valid_L[:, None]
     is_me_D = jnp.arange(d) == me
     remote_LxD = want_LxD & ~is_me_D
     pos_LxD = jnp.cumsum(remote_LxD, axis=0) - 1
@@ -173,8 +179,7 @@ def dispatch(plan, opts: Routed, x_BxTxH, expert_BxTxK, weight_BxTxK, prefer_BxT
     w_local_LxEl = jax.lax.dynamic_index_in_dim(w_LxDxEl, me, axis=1, keepdims=False)
     y_LxH = experts_mlp(x_LxH, w_local_LxEl, *weights).astype(x_LxH.dtype)
     y_LxH = y_LxH + _exchange(ax, x_LxH, w_LxDxEl, fits_LxD, pos_LxD, c, weights)
-    mesh_axes = (ax,) + tuple(a for a in plan.mesh.axis_names if a != ax and a not in replicas)
-    total = lambda v: jax.lax.psum(jnp.sum(v.astype(jnp.int32)), mesh_axes)
+    total = lambda v: jax.lax.psum(jnp.sum(v.astype(jnp.int32)), sum_axes)
     overflow = total(over_LxD)
     if c < l and opts.overflow == "exact":
       over_pos_LxD = jnp.cumsum(over_LxD, axis=0) - 1
@@ -186,48 +191,40 @@ def dispatch(plan, opts: Routed, x_BxTxH, expert_BxTxK, weight_BxTxK, prefer_BxT
     slot_of_token_S = jnp.zeros((s,), jnp.int32).at[token_of_slot_S].set(
         jnp.arange(s, dtype=jnp.int32))
     y_BxTxH = y_SxH[slot_of_token_S[:n]].reshape(x_BxTxH.shape)
-    demand_D = jnp.sum(remote_LxD, axis=0)
     stats = {"tokens": total(valid_L), "local_rows": total(want_LxD & is_me_D),
              "remote_rows": total(remote_LxD), "overflow_rows": overflow,
              "dropped_rows": overflow if opts.overflow == "drop" and c < l else overflow * 0,
              "tokens_all_local": total(valid_L & ~jnp.any(remote_LxD, -1)),
-             "max_pair_rows": jax.lax.pmax(jnp.max(demand_D), mesh_axes),
+             "max_pair_rows": jax.lax.pmax(jnp.max(jnp.sum(remote_LxD, axis=0)), sum_axes),
              "per_device": jnp.int32(l), "capacity": jnp.int32(c)}
-    return y_BxTxH, stats
+    routing = (expert_NxK.reshape(x_BxTxH.shape[:2] + (k,)),
+               weight_NxK.reshape(x_BxTxH.shape[:2] + (k,)))
+    return y_BxTxH, stats, routing
 
   tok = P(batch, None, None)
   w_spec = P(ax, None, None)
-  y, stats = jax.shard_map(
+  return jax.shard_map(
       per_device, mesh=plan.mesh,
-      in_specs=(tok, tok, tok, tok, w_spec, w_spec, w_spec),
-      out_specs=(tok, P()), check_vma=False)(
-          x_BxTxH, expert_BxTxK, weight_BxTxK, prefer_BxTxR, gate_ExHxF, up_ExHxF, down_ExFxH)
-  return y, stats
+      in_specs=(tok, P(), (tok, tok), w_spec, w_spec, w_spec),
+      out_specs=(tok, P(), (tok, tok)), check_vma=False)(
+          x_BxTxH, router_HxE, previous, gate_ExHxF, up_ExHxF, down_ExFxH)
 
 
-def layer(module: nn.Module, plan, x, expert_NxK, weight_NxK, gate_ExHxF, up_ExHxF,
-          down_ExFxH):
-  """`llama.MoE`'s routed form: the placement prediction of `plan.moe.shuffle`, the
-  dispatch, and its counts sown as "intermediates" / "moe_stats"."""
+def layer(module: nn.Module, plan, route, x, router_HxE, gate_ExHxF, up_ExHxF, down_ExFxH):
+  """`llama.MoE`'s routed form (`route(router, x_NxH)` its routing): the dispatch, with
+  the previous MoE layer's routing for `shuffle="previous"`; the routing sown as
+  "intermediates" / "routing" and the counts as "moe_stats"."""
   opts: Routed = plan.moe
-  e = gate_ExHxF.shape[0]
-  _, d = expert_axis(plan, e)
-  bt = x.shape[:-1]
-  prefer_NxR = None
-  if opts.shuffle == "gate":
-    prefer_NxR = moe_shuffle.preferred_devices(expert_NxK, weight_NxK, e, d)
-  elif opts.shuffle == "previous":
+  x_BxTxH = x.reshape(x.shape[0], -1, x.shape[-1])
+  previous = None
+  if opts.shuffle == "previous":
     first = getattr(module.parent, "layer", None) == min(module.cfg.moe_layers)
-    kept = None if first else moe_shuffle.recall(expert_NxK)
-    if kept is not None:
-      prefer_NxR = moe_shuffle.preferred_devices(*kept, e, d)
-    moe_shuffle.remember(expert_NxK, weight_NxK)
-  y, stats = dispatch(plan, opts, x.reshape(bt[0], -1, x.shape[-1]),
-                      expert_NxK.reshape(bt[0], -1, expert_NxK.shape[-1]),
-                      weight_NxK.reshape(bt[0], -1, weight_NxK.shape[-1]),
-                      None if prefer_NxR is None else prefer_NxR.reshape(
-                          bt[0], -1, prefer_NxR.shape[-1]),
-                      gate_ExHxF, up_ExHxF, down_ExFxH)
+    previous = None if first else moe_shuffle.recall(x_BxTxH)
+  y, stats, (expert_BxTxK, weight_BxTxK) = dispatch(
+      plan, opts, route, x_BxTxH, router_HxE, gate_ExHxF, up_ExHxF, down_ExFxH, previous)
+  if opts.shuffle == "previous":
+    moe_shuffle.remember(x_BxTxH, expert_BxTxK, weight_BxTxK)
+  module.sow("intermediates", "routing", expert_BxTxK.reshape(-1, expert_BxTxK.shape[-1]))
   module.sow("intermediates", "moe_stats", stats)
   return y.reshape(x.shape).astype(x.dtype)
 

@@ -87,23 +87,24 @@ def identity_placement(s: int) -> jax.Array:
 _PREVIOUS: contextvars.ContextVar = contextvars.ContextVar("moe_previous", default=None)
 
 
-def remember(expert_NxK: jax.Array, weight_NxK: jax.Array) -> None:
-  """Keeps this layer's routing for the next MoE layer of the same forward."""
-  _PREVIOUS.set((expert_NxK, weight_NxK))
+def remember(x_BxTxH: jax.Array, expert_BxTxK: jax.Array, weight_BxTxK: jax.Array) -> None:
+  """Keeps this layer's routing of the tokens `x_BxTxH` for the next MoE layer of the same
+  forward."""
+  _PREVIOUS.set((x_BxTxH, expert_BxTxK, weight_BxTxK))
 
 
-def recall(like_NxK: jax.Array):
-  """The routing `remember` kept, or None unless it was traced in the same trace as
-  `like_NxK` (a routing from another program, or from inside a `lax.cond` branch the
-  caller is outside of, is never used) with the same shape."""
+def recall(x_BxTxH: jax.Array):
+  """The routing (experts, weights) `remember` kept, or None unless it was kept in the
+  same trace as `x_BxTxH` (a routing from another program, or from inside a `lax.cond`
+  branch the caller is outside of, is never used) for tokens of the same shape."""
   kept = _PREVIOUS.get()
   if kept is None:
     return None
-  expert_NxK, _ = kept
-  same_trace = getattr(expert_NxK, "_trace", None) is getattr(like_NxK, "_trace", None)
-  if not same_trace or expert_NxK.shape != like_NxK.shape:
+  x, expert_BxTxK, weight_BxTxK = kept
+  same_trace = getattr(x, "_trace", None) is getattr(x_BxTxH, "_trace", None)
+  if not same_trace or x.shape != x_BxTxH.shape:
     return None
-  return kept
+  return expert_BxTxK, weight_BxTxK
 
 
 def forget() -> None:
