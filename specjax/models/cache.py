@@ -68,8 +68,8 @@ def write(cache_BxKxSxD: jax.Array, new_BxKxTxD: jax.Array, start_B: jax.Array) 
 
 @flax.struct.dataclass
 class KVCache:
-  k: tuple  # num_layers x [B, KVH, S, Dh]
-  v: tuple  # num_layers x [B, KVH, S, Dh]
+  k: tuple  # per layer with attention (all of a transformer's): [B, KVH, S, Dh]
+  v: tuple  # likewise
   lengths: jax.Array  # int32[B]
   ssm: tuple = ()  # one `ssm.SSMState` per Mamba-2 layer (none for a transformer)
   # Slots per sequence when there is no attention layer to read them from (Mamba-2).
