@@ -29,6 +29,9 @@ In one process, after warm-up, medians of several runs:
              (`parallel_table`)
   quant      `--quant`: the float target beside its int8 and int4 weight-only versions:
              logit error, AR and EAGLE-3 tokens/s and tau (`quant_table`)
+  moe        `--moe`: all-to-all bytes per token of the routed expert-parallel MoE, with
+             speculative token shuffling and expert grouping, on 8 forced host devices
+             (`moe_table`)
   profile    `--profile`: where the batch-16 single-token forward after 300 tokens of
              context spends its time, by class of XLA op (`forward_profile`)
   AR floor   the AR step of `generate` after a 300-token prompt beside both matmul floors
@@ -40,6 +43,7 @@ from; `--costs-only` measures just those) and prints the tables.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -50,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax import decode, models, registry, runtime
+from specjax import decode, models, registry, runtime, sharding
 
 from . import peers
 
@@ -500,6 +504,161 @@ def quant_table(model: models.Model, new_tokens: int = 64, num_prompts: int = 4,
   return out
 
 
+# The speculative-MoE table's target: a tiny random MoE (16 experts, top 2, every layer),
+# on 2 data x 4 expert shards of 8 forced host devices (4 experts a device).
+MOE_BENCH = models.ModelConfig(
+    "llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
+    num_kv_heads=2, head_dim=16, num_experts=16, experts_per_token=2, moe_intermediate_size=32,
+    moe_layers=(0, 1, 2, 3), max_position_embeddings=512)
+MOE_MESH = "data=2,expert=4"
+
+
+def _twin_experts(params, cfg: models.ModelConfig, seed: int = 0):
+  """Synthetic co-activation: expert e + E/2's router column is expert e's plus 5% noise,
+  so a token that picks one mostly picks its twin, which starts on another device."""
+  rng = np.random.default_rng(seed)
+  half = cfg.num_experts // 2
+  params = jax.tree.map(lambda x: x, params)
+  for i in cfg.moe_layers:
+    r = np.asarray(params[f"layers_{i}"]["mlp"]["router"]).copy()
+    r[:, half:] = r[:, :half] + 0.05 * np.abs(r[:, :half]).mean() * rng.standard_normal(
+        r[:, :half].shape)
+    params[f"layers_{i}"]["mlp"]["router"] = jnp.asarray(r, params[f"layers_{i}"]["mlp"][
+        "router"].dtype)
+  return params
+
+
+def _moe_workloads(cfg: models.ModelConfig, seed: int, batch: int = 4, prompt: int = 24,
+                   nodes: int = 16):
+  """{"tree": a 16-node draft tree per row after a 24-token prompt, "ar": one token per
+  row, "prefill chunk": 64 tokens per row}: (tokens, positions, visible) and the prompt,
+  random tokens."""
+  rng = np.random.default_rng(seed)
+  prompts = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, prompt)))
+  parents = np.array([-1] + [int(rng.integers(0, i)) for i in range(1, nodes)])
+  from specjax import tree as tree_lib  # pylint: disable=g-import-not-at-top
+  anc = tree_lib.ancestor_mask(jnp.asarray(parents))
+  depth = jnp.sum(anc, -1) - 1
+  tree = (jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, nodes))),
+          jnp.broadcast_to(prompt + depth, (batch, nodes)), anc[None])
+  ar = (jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, 1))),
+        jnp.full((batch, 1), prompt), models.causal(1))
+  chunk = models.model.PREFILL_CHUNK
+  prefill = (jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, chunk))),
+             jnp.broadcast_to(prompt + jnp.arange(chunk), (batch, chunk)), models.causal(chunk))
+  return prompts, {"tree": tree, "ar": ar, "prefill chunk": prefill}
+
+
+def _moe_step(cfg, params, cache, work, plan):
+  """One cached forward of `work` under `plan`: (per-layer dispatch counts, collective
+  bytes of the compiled per-device program)."""
+  from specjax.models import moe_parallel  # pylint: disable=g-import-not-at-top
+  tokens, positions, visible = work
+
+  def f(p, c, tok, pos):
+    _, state = models.model.module(cfg).apply(
+        {"params": p}, tok, pos, visible, c, c.prefix_mask(tok.shape[1]),
+        mutable=["intermediates"])
+    return state["intermediates"]
+
+  with sharding.use(plan):
+    fn = jax.jit(f)
+    args = (jax.device_put(params, plan.param_shardings(params)),
+            jax.device_put(cache, plan.cache_shardings(cache)),
+            jax.device_put(tokens, plan.batch_sharding(tokens.shape)),
+            jax.device_put(positions, plan.batch_sharding(positions.shape)))
+    hlo = fn.lower(*args).compile().as_text()
+    stats = moe_parallel.dispatch_stats(fn(*args)) if plan.moe is not None else []
+  return stats, moe_parallel.collective_bytes(hlo)
+
+
+def moe_table(seed: int = 0) -> list[dict]:
+  """Speculative MoE's all-to-all bytes per token (`models.moe_parallel`) on 8 forced host
+  devices (`MOE_MESH`), for a 16-node tree verified at batch 4, an AR step at batch 4 and
+  a 64-token prefill chunk at batch 4, in every MoE layer of `MOE_BENCH` together: the dense form (all-reduce, no all-to-
+  all), the routed form, with speculative token shuffling (this layer's gate, or the
+  previous layer's routing), with expert grouping (`moe_grouping`, calibrated on other
+  tokens), and both. Each routed setting runs at full capacity (C = L, every local token
+  fits) on a calibration step of the same shape, then at the capacity that step needed
+  (its largest per-pair demand; what overflows on the measured step goes through the exact
+  overflow round). Compiled bytes: the per-device HLO's all-to-all results x devices /
+  tokens (the overflow round's, inside a conditional, apart); needed: the rows that crossed
+  devices x (2 H + E/D) x 4 bytes / tokens. Done for the random router and for synthetic
+  twin experts (`_twin_experts`). Every routed step's dispatch counts are checked against
+  its shapes (no drop)."""
+  from specjax.models import moe_grouping, moe_parallel  # pylint: disable=g-import-not-at-top
+  from specjax.models.moe_parallel import Routed  # pylint: disable=g-import-not-at-top
+  if jax.device_count() != 8:
+    raise SystemExit(f"--moe needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_"
+                     f"count=8 before JAX starts); there are {jax.device_count()}.")
+  cfg, devices = MOE_BENCH, jax.device_count()
+  d = sharding.Plan.create(MOE_MESH).mesh.shape["expert"]
+  row_bytes = (2 * cfg.hidden_size + cfg.num_experts // d) * 4
+  out = []
+  print("\n| router | step | MoE form | capacity C / L | compiled all-to-all B/token | "
+        "overflow round B/token (ran) | needed B/token | rows crossing / token | "
+        "other collectives B/token |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+  for router in ("random", "twin experts"):
+    params = models.init_params(cfg, jax.random.key(seed))
+    if router != "random":
+      params = _twin_experts(params, cfg, seed)
+    model = models.Model(cfg, params, name="moe-bench")
+    calib = np.random.default_rng(seed + 1).integers(0, cfg.vocab_size, (16, 64))
+    grouped, _ = moe_grouping.grouped(model, calib, d)
+    prompts, works = _moe_workloads(cfg, seed + 2)
+    cal = [_moe_workloads(cfg, seed + 3 + i) for i in range(2)]
+
+    def prefilled(tok):
+      cache = models.KVCache.for_config(cfg, tok.shape[0], 128, jnp.float32)
+      return models.prefill(cfg, params, cache, tok, jnp.full((tok.shape[0],), tok.shape[1]))[0]
+
+    cache = prefilled(prompts)
+    cal = [(prefilled(tok), w) for tok, w in cal]
+    forms = [("dense", params, None), ("routed", params, Routed()),
+             ("routed + s-TS (gate)", params, Routed(shuffle="gate")),
+             ("routed + s-TS (previous layer)", params, Routed(shuffle="previous")),
+             ("routed + s-EG", grouped.params, Routed()),
+             ("routed + s-TS (gate) + s-EG", grouped.params, Routed(shuffle="gate"))]
+    for step, work in works.items():
+      tokens = work[0].size
+      for label, p, opts in forms:
+        if opts is None:
+          _, coll = _moe_step(cfg, p, cache, work, sharding.Plan.create(MOE_MESH))
+          settings = [(None, coll, [])]
+        else:
+          seen = [_moe_step(cfg, p, c, w[step], sharding.Plan.create(MOE_MESH, moe=opts))[0]
+                  for c, w in cal]
+          per_device = seen[0][0]["per_device"]
+          need = max(max(s["max_pair_rows"] for s in stats) for stats in seen + [[{
+              "max_pair_rows": 1}]])
+          settings = []
+          for factor in sorted({1.0, need / per_device}, reverse=True):
+            o = dataclasses.replace(opts, capacity_factor=factor)
+            stats, coll = _moe_step(cfg, p, cache, work, sharding.Plan.create(MOE_MESH, moe=o))
+            if any(s["dropped_rows"] or s["tokens"] != tokens for s in stats):
+              raise AssertionError(f"{label}: dispatch counts off: {stats}")
+            settings.append((o, coll, stats))
+        for o, coll, stats in settings:
+          a2a = coll["all-to-all"]
+          other = sum(v["main"] + v["conditional"] for k, v in coll.items() if k != "all-to-all")
+          crossing = sum(s["remote_rows"] for s in stats)
+          ran = sum(s["overflow_rows"] for s in stats)
+          cap = "-" if o is None else (f"{stats[0]['capacity']} / {stats[0]['per_device']}")
+          row = {"router": router, "step": step, "form": label, "capacity": cap,
+                 "a2a_bytes_per_token": a2a["main"] * devices / tokens,
+                 "overflow_bytes_per_token": a2a["conditional"] * devices / tokens,
+                 "overflow_rows": ran,
+                 "needed_bytes_per_token": crossing * row_bytes / tokens,
+                 "rows_crossing_per_token": crossing / tokens,
+                 "other_bytes_per_token": other * devices / tokens}
+          out.append(row)
+          print(f"| {router} | {step} | {label} | {cap} | {row['a2a_bytes_per_token']:.0f} | "
+                f"{row['overflow_bytes_per_token']:.0f} ({'yes' if ran else 'no'}) | "
+                f"{row['needed_bytes_per_token']:.0f} | {row['rows_crossing_per_token']:.2f} | "
+                f"{row['other_bytes_per_token']:.0f} |", flush=True)
+  return out
+
+
 def mirror_heads(model: models.Model, layers: int, rows: int = 64, held: int = 16,
                  steps: int = 400):
   """Mirror SD's trained parts for `model` and its first `layers` layers as the draft,
@@ -598,7 +757,16 @@ def main(argv=None):
   ap.add_argument("--profile", action="store_true",
                   help="only the op-class profile of the batch-16 forward at 300 tokens of "
                        "context")
+  ap.add_argument("--moe", action="store_true",
+                  help="only the speculative-MoE table: all-to-all bytes per token of the "
+                       "routed expert-parallel MoE with token shuffling / expert grouping "
+                       "on 8 forced host devices")
   args = ap.parse_args(argv)
+  if args.moe:  # before JAX starts its backend: 8 host devices
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count=8").strip()
+    args.model = "moe-bench"
+    return _save(args, "moe", moe_table())
   recipes = None
   if args.train:
     recipes = list(TRAIN_RECIPES) if args.train == "all" else args.train.split(",")

@@ -7,9 +7,9 @@ without it the dense form runs, unchanged. Per MoE layer, on every device (data 
 expert shard e):
 
   1. the routing of all the data shard's N tokens (replicated over the expert axis, as the
-     attention before it is), and their placement: device e is the source of L = N / D of
-     them (contiguous shares, or the shares speculative token shuffling picks:
-     `moe_shuffle`);
+     attention before it is; computed inside the shard_map, so the partitioner gathers
+     nothing), and their placement: device e is the source of L = N / D of them
+     (contiguous shares, or the shares speculative token shuffling picks: `moe_shuffle`);
   2. per (token, device) one row at most (de-duplicated: a token with two experts on one
      device is sent once, with its weights for that device's experts): rows for this
      device run here (the local fast path, no communication); rows for device j != e go
@@ -26,6 +26,11 @@ is exact; a smaller C shrinks the compiled all-to-all by C / L, and pays off whe
 placement keeps most rows local (s-TS) and experts picked together share a device (s-EG,
 `moe_grouping`). Counts per layer (rows that crossed devices, rows kept local, overflow,
 the largest per-pair demand) are sown as "intermediates" / "moe_stats" (`dispatch_stats`).
+
+The experts run dense over a device's E / D experts on every row it computes (static
+shapes, as the dense form): the MLP work is not the routed ideal of k / E per token; what
+this form changes is the communication, which `collective_bytes` reads off the compiled
+program.
 """
 
 from __future__ import annotations

@@ -106,6 +106,3 @@ def recall(x_BxTxH: jax.Array):
     return None
   return expert_BxTxK, weight_BxTxK
 
-
-def forget() -> None:
-  _PREVIOUS.set(None)
