@@ -17,6 +17,7 @@ HYDRA_SMOLLM2 = os.path.join(HEADS, "hydra-smollm2-135m")
 FALCON_SMOLLM2 = os.path.join(HEADS, "falcon-smollm2-135m")
 DFLASH_SMOLLM2 = os.path.join(HEADS, "dflash-smollm2-135m")
 DSPARK_SMOLLM2 = os.path.join(HEADS, "dspark-smollm2-135m")
+LONGSPEC_SMOLLM2 = os.path.join(HEADS, "longspec-smollm2-135m")
 # SpecEE's exit predictors for SmolLM2-135M (configs/specee.py; candidates from EAGLE_SMOLLM2).
 SPECEE_SMOLLM2 = os.path.normpath(os.path.join(HEADS, "..", "specee", "smollm2-135m"))
 # Judge Decoding's judge and Arbitrage's router for SmolLM2-135M (configs/judge.py,

@@ -1,7 +1,11 @@
 """Speculation against context length on SmolLM2-135M: the long-context prompt sets
 (`long_2k`, `long_4k`, `long_7k`: package documentation with a task, about 2k, 4k and 7k
-tokens) with AR, prompt lookup, the committed short-context heads and partial-KV
-self-drafting (the target drafting over 4 sinks and a 256-token window; lossless).
+tokens) with AR, prompt lookup, the committed short-context heads, partial-KV
+self-drafting (the target drafting over 4 sinks and a 256-token window; lossless), the
+LongSpec head (a bounded draft cache, cross-attention into the target's last layer;
+lossless) and SpecPV (EAGLE-3 drafts, verification against sinks + 8 retrieved blocks of
+32 + a 256-token window, in full every 4th step; LOSSY: its agreement with AR is in the
+summary).
 
   specjax-eval --config configs/long_context.py --workdir workdir/long_context
 
@@ -26,6 +30,10 @@ def get_config(arg: str | None = None):
       common.method("eagle_k3", drafter="eagle", checkpoint=common.EAGLE_SMOLLM2, top_k=1,
                     depth=3),
       common.method("partial_kv_k4", drafter="partial_kv", depth=4, sinks=4, window=256),
+      common.method("longspec_k4", drafter="longspec", checkpoint=common.LONGSPEC_SMOLLM2,
+                    depth=4),
+      common.method("specpv_k3", drafter="specpv", checkpoint=common.EAGLE3_SMOLLM2, top_k=1,
+                    depth=3, sinks=16, block=32, retrieve=8, window=256, period=4),
   ]
   c.datasets = ("long_2k", "long_4k", "long_7k")
   c.num_prompts = 2

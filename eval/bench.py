@@ -29,6 +29,10 @@ In one process, after warm-up, medians of several runs:
              (`parallel_table`)
   quant      `--quant`: the float target beside its int8 and int4 weight-only versions:
              logit error, AR and EAGLE-3 tokens/s and tau (`quant_table`)
+  hier       `--hier`: hierarchical drafting for the int4 target beside EAGLE chains and
+             trees verified by it directly (`hier_table`)
+  stree      `--stree`: chain vs tree tau at equal node budgets on a tiny hybrid
+             (attention + Mamba-2) target (`stree_table`)
   moe        `--moe`: all-to-all bytes per token of the routed expert-parallel MoE, with
              speculative token shuffling and expert grouping, on 8 forced host devices
              (`moe_table`)
@@ -659,6 +663,135 @@ def moe_table(seed: int = 0) -> list[dict]:
   return out
 
 
+def hier_table(model: models.Model, layers=(6, 10), new_tokens: int = 64,
+               num_prompts: int = 4, runs: int = 2, bits: int = 4, group: int = 64) -> list:
+  """Hierarchical drafting for a quantized target (`drafters.selfdraft.hierarchical`):
+  batch-1 greedy tokens/s and tau on MT-Bench first turns of the int`bits` target's AR,
+  the committed EAGLE head as a chain of 3 and as an EAGLE-2 tree (top 3, 3 deep, 8 nodes)
+  verified by the quantized target directly, and the same tree verified by an
+  intermediate, the float target's first `layers` layers, whose first 6 accepted tokens
+  the quantized target verifies as a chain. Every output is checked equal to the
+  quantized target's AR: lossless relative to it."""
+  from specjax.configs import common  # pylint: disable=g-import-not-at-top
+  from specjax.drafters.selfdraft import hierarchical  # pylint: disable=g-import-not-at-top
+  target = model.quantized(bits, group)
+  chats = _mt_bench_chats(model, num_prompts)
+  tree = dict(top_k=3, depth=3, num_nodes=8)
+  ar_tps, _, ar_outs = _batch1(target, chats, None, new_tokens, runs)
+  rows = [{"method": f"AR (int{bits})", "tokens_per_s": ar_tps, "tau": 1.0, "speedup": 1.0,
+           "rounds": 0.0}]
+  cases = [("EAGLE chain 3 -> int4", registry.DRAFTERS.build(
+      "eagle", target, checkpoint=common.EAGLE_SMOLLM2, top_k=1, depth=3)),
+           ("EAGLE-2 tree 8 -> int4", registry.DRAFTERS.build(
+               "eagle", target, checkpoint=common.EAGLE_SMOLLM2, **tree))]
+  for n in layers:
+    mid = model.truncated(n)
+    inner = registry.DRAFTERS.build("eagle", mid, checkpoint=common.EAGLE_SMOLLM2, **tree)
+    cases.append((f"EAGLE-2 tree 8 -> float [:{n}] -> chain 6 -> int4",
+                   hierarchical.create(mid, inner, depth=6)))
+  print(f"\n| method (lossless against int{bits}) | tokens/s | tau | x AR | intermediate "
+        "rounds / step |\n|---|---|---|---|---|", flush=True)
+  print(f"| {rows[0]['method']} | {ar_tps:.1f} | 1.00 | 1.00 | |", flush=True)
+  for name, drafter in cases:
+    tps, tau, outs = _batch1(target, chats, drafter, new_tokens, runs)
+    if [o.token_lists() for o in outs] != [o.token_lists() for o in ar_outs]:
+      raise AssertionError(f"{name}: the output differs from the int{bits} target's AR")
+    calls = sum(int(o.stats.target_calls[0]) for o in outs)
+    rounds = (sum(int(o.stats.draft_calls[0]) for o in outs) / calls
+              if isinstance(drafter, hierarchical.Hierarchical) else 0.0)
+    rows.append({"method": name, "tokens_per_s": tps, "tau": tau, "speedup": tps / ar_tps,
+                 "rounds": rounds})
+    print(f"| {name} | {tps:.1f} | {tau:.2f} | {tps / ar_tps:.2f} | "
+          f"{f'{rounds:.2f}' if rounds else ''} |", flush=True)
+  return rows
+
+
+def tiny_bamba(path: str, seed: int = 0) -> models.Model:
+  """A random 4-layer Bamba checkpoint written by transformers (attention at layers 0
+  and 2, Mamba-2 mixers at 1 and 3, vocabulary 96), loaded."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  cfg = transformers.BambaConfig(
+      vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+      num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[0, 2],
+      mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4,
+      mamba_chunk_size=16, max_position_embeddings=512, initializer_range=0.2,
+      tie_word_embeddings=False)
+  transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(
+      path, safe_serialization=True)
+  return models.load(path)
+
+
+def damped(model: models.Model, factor: float) -> models.Model:
+  """`model` with every layer after the first adding `factor` x its output to the
+  residual (out_proj, o_proj, down_proj scaled): a target its first layer predicts
+  better, so a truncated draft is accepted at rates closer to a trained draft's."""
+  def scale(path, x):
+    keys = [getattr(k, "key", "") for k in path]
+    late = keys[0].startswith("layers_") and keys[0] != "layers_0"
+    return x * factor if late and {"out_proj", "o_proj", "down_proj"} & set(keys) else x
+  return models.Model(model.config, jax.tree_util.tree_map_with_path(scale, model.params))
+
+
+def stree_tau(target: models.Model, shapes: dict, prompt_batches, max_new_tokens: int,
+              want=None) -> dict:
+  """{name: (nodes, tau)}: greedy tau of a one-layer truncated draft of `target` in each
+  shape (DraftModel knobs) over every batch of prompts, the target verifying each tree in
+  one forward (through its Mamba-2 layers' tree form on a hybrid target). With `want`
+  (each batch's AR token lists), every output is checked equal to it."""
+  from specjax.drafters import DraftModel  # pylint: disable=g-import-not-at-top
+  out = {}
+  for name, shape in shapes.items():
+    drafter = DraftModel.truncated(target, 1, **shape)
+    new = calls = 0
+    for i, prompts in enumerate(prompt_batches):
+      o = decode.generate(target, prompts, max_new_tokens=max_new_tokens, eos=None,
+                          drafter=drafter)
+      if want is not None and o.token_lists() != want[i]:
+        raise AssertionError(f"{name}: the output differs from AR")
+      new, calls = new + int(np.sum(o.lengths)), calls + int(np.sum(o.stats.target_calls))
+    out[name] = (drafter.num_nodes, new / calls)
+  return out
+
+
+STREE_SHAPES = {  # node budget -> {shape: DraftModel knobs}
+    3: {"chain": dict(depth=3), "tree": dict(tree=[[0], [1], [0, 0]])},
+    6: {"chain": dict(depth=6),
+        "tree a": dict(tree=[[0], [1], [0, 0], [0, 0, 0], [0, 0, 0, 0], [1, 0]]),
+        "tree b": dict(tree=[[0], [1], [0, 0], [0, 1], [0, 0, 0], [0, 0, 0, 0]]),
+        "tree c": dict(tree=[[0], [1], [2], [0, 0], [0, 0, 0], [0, 0, 0, 0]])},
+    10: {"chain": dict(depth=10),
+         "tree": dict(tree=[[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1],
+                            [0, 0, 0, 0], [0, 0, 0, 0, 0]])},
+}
+
+
+def stree_table(workdir: str, new_tokens: int = 48) -> list[dict]:
+  """STree on a hybrid target: greedy tau of a chain and of trees of the same node budget
+  (`STREE_SHAPES`), drafted by the target's first layer (attention) and verified through
+  its Mamba-2 layers' tree form, on a random tiny Bamba (`tiny_bamba`) as written and
+  with its later layers damped (`damped`: acceptance nearer a trained draft's); 8 prompts
+  of 16 tokens in batches of 4. Every output is checked equal to AR."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  bamba = tiny_bamba(tempfile.mkdtemp(dir=workdir))
+  rng = np.random.default_rng(0)
+  batches = [[rng.integers(0, 96, 16).tolist() for _ in range(4)] for _ in range(2)]
+  rows = []
+  print("\n| target | nodes | shape | tau |\n|---|---|---|---|", flush=True)
+  for label, factor in (("as written", 1.0), ("later layers x0.5", 0.5),
+                        ("later layers x0.3", 0.3)):
+    target = bamba if factor == 1.0 else damped(bamba, factor)
+    want = [decode.generate(target, b, max_new_tokens=new_tokens, eos=None).token_lists()
+            for b in batches]
+    for nodes, shapes in STREE_SHAPES.items():
+      for name, (n, tau) in stree_tau(target, shapes, batches, new_tokens, want).items():
+        assert n == nodes
+        rows.append({"target": label, "nodes": nodes, "shape": name, "tau": tau})
+        print(f"| {label} | {nodes} | {name} | {tau:.3f} |", flush=True)
+  return rows
+
+
 def mirror_heads(model: models.Model, layers: int, rows: int = 64, held: int = 16,
                  steps: int = 400):
   """Mirror SD's trained parts for `model` and its first `layers` layers as the draft,
@@ -757,6 +890,13 @@ def main(argv=None):
   ap.add_argument("--profile", action="store_true",
                   help="only the op-class profile of the batch-16 forward at 300 tokens of "
                        "context")
+  ap.add_argument("--hier", action="store_true",
+                  help="only the hierarchical-drafting table for the int4 target (EAGLE "
+                       "chain and tree beside a float intermediate turning the tree into a "
+                       "chain)")
+  ap.add_argument("--stree", action="store_true",
+                  help="only the STree table: chain vs tree tau at equal node budgets on a "
+                       "tiny random hybrid (Bamba) target")
   ap.add_argument("--moe", action="store_true",
                   help="only the speculative-MoE table: all-to-all bytes per token of the "
                        "routed expert-parallel MoE with token shuffling / expert grouping "
@@ -767,6 +907,10 @@ def main(argv=None):
                                " --xla_force_host_platform_device_count=8").strip()
     args.model = "moe-bench"
     return _save(args, "moe", moe_table())
+  if args.stree:
+    os.makedirs(args.out, exist_ok=True)
+    args.model = "tiny-random-bamba"
+    return _save(args, "stree", stree_table(args.out))
   recipes = None
   if args.train:
     recipes = list(TRAIN_RECIPES) if args.train == "all" else args.train.split(",")
@@ -781,6 +925,8 @@ def main(argv=None):
         only=tuple(args.only.split(",")) if args.only else ()))
   if args.quant:
     return _save(args, "quant", quant_table(model, runs=max(2, args.runs // 2)))
+  if args.hier:
+    return _save(args, "hier", hier_table(model, runs=max(2, args.runs // 2)))
   if args.profile:
     row = forward_profile(model, runs=max(2, args.runs // 2))
     print("\n| " + " | ".join(row) + " |\n|" + "---|" * len(row) + "\n| " + " | ".join(

@@ -13,6 +13,7 @@ import transformers
 
 from specjax import decode, models, registry
 from specjax.drafters import DraftModel
+from specjax.evaluation import bench
 from specjax.models import model as model_lib
 from specjax.models import ssm
 from specjax.tree import ancestor_mask
@@ -202,40 +203,14 @@ def test_greedy_speculation_equals_ar_on_the_hybrid_target(bamba, ar, shape, sto
   assert (int(out.stats.verified.sum()) < full) == (stop is not None)
 
 
-def damped(model, factor):
-  """`model` with every layer after the first adding `factor` x its output to the
-  residual (out_proj, o_proj, down_proj scaled): a target its first layer predicts
-  better, so a truncated draft is accepted at rates closer to a trained draft's."""
-  def scale(path, x):
-    keys = [getattr(k, "key", "") for k in path]
-    late = keys[0].startswith("layers_") and keys[0] != "layers_0"
-    return x * factor if late and {"out_proj", "o_proj", "down_proj"} & set(keys) else x
-  return models.Model(model.config, jax.tree_util.tree_map_with_path(scale, model.params))
-
-
-def stree_tau(target, shapes, prompt_batches, max_new_tokens=NEW):
-  """{name: (nodes, tau)}: greedy tau of a one-layer truncated draft of `target` in each
-  tree shape (DraftModel knobs) over every batch of prompts, the target verifying each
-  tree in one forward."""
-  out = {}
-  for name, shape in shapes.items():
-    drafter = DraftModel.truncated(target, 1, **shape)
-    new = calls = 0
-    for prompts in prompt_batches:
-      o = decode.generate(target, prompts, max_new_tokens=max_new_tokens, eos=None,
-                          drafter=drafter)
-      new, calls = new + int(np.sum(o.lengths)), calls + int(np.sum(o.stats.target_calls))
-    out[name] = (drafter.num_nodes, new / calls)
-  return out
-
-
 def test_stree_accepts_more_than_a_chain_of_the_same_nodes(bamba):
   """STree's point: at one node budget, a tree verified through the state-space layers
   accepts more tokens per target call than a chain (measured and printed; the tree's edge
   is asserted: 1.64 vs 1.44 here). 6 batches of PROMPTS' shape: the programs above, reused."""
   batches = [[list(np.random.default_rng(100 + 4 * k + i).integers(0, VOCAB, 16))
               for i in range(len(PROMPTS))] for k in range(6)]
-  taus = stree_tau(damped(bamba, 0.3), {"chain": CHAIN, "tree": TREE}, batches)
+  taus = bench.stree_tau(bench.damped(bamba, 0.3), {"chain": CHAIN, "tree": TREE},
+                         batches, NEW)
   print(f"\nbamba, 6 nodes: tau chain {taus['chain'][1]:.3f}, tree {taus['tree'][1]:.3f}")
   assert taus["chain"][0] == taus["tree"][0] == 6
   assert taus["tree"][1] > taus["chain"][1] > 1.2

@@ -137,9 +137,12 @@ class LongSpecHead(TrainableHead):
                     cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size)
     keys = iter(jax.random.split(key, 9))
     w = lambda *shape, scale=0.02: {"kernel": scale * jax.random.normal(next(keys), shape, dtype)}
-    ones = lambda: {"scale": jnp.ones((hs,), dtype)}
+    ones = lambda s=1.0: {"scale": jnp.full((hs,), s, dtype)}
+    # The output norm starts small: the first distribution is soft, not a spike on the
+    # current token (whose embedding the residual stream starts from and a tied LM head
+    # maps back to it).
     return {"input_layernorm": ones(), "post_self_attention_layernorm": ones(),
-            "post_cross_attention_layernorm": ones(), "norm": ones(),
+            "post_cross_attention_layernorm": ones(), "norm": ones(0.1),
             "self_attn": {"q_proj": w(hs, q), "k_proj": w(hs, kv), "v_proj": w(hs, kv),
                           "o_proj": w(q, hs, scale=0.002)},
             "cross_attn": {"q_proj": w(hs, q), "o_proj": w(q, hs, scale=0.002)},
