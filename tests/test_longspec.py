@@ -104,3 +104,18 @@ def test_sampled_longspec_keeps_the_target_distribution():
   lossless.check_generate_matches_target(dict(temperature=1.0),
                                          drafter(lossless.TARGET, window=2, depth=2, scale=0.0),
                                          min_gain=1.05, n=8_000)
+
+
+def test_a_7k_token_prompt_decodes_as_ar_with_the_window_sized_draft_state():
+  from test_engine import tiny  # pylint: disable=g-import-not-at-top
+  cfg = tiny().config.replace(max_position_embeddings=8192)
+  target = model_lib.Model(cfg, tiny().params)
+  d = drafter(target, window=512, depth=4)
+  prompt = np.random.default_rng(3).integers(0, cfg.vocab_size, 7000).tolist()
+  want = gen(target, [prompt], max_new_tokens=12, eos=None, max_len=7040).token_lists()
+  out = gen(target, [prompt], max_new_tokens=12, eos=None, max_len=7040, drafter=d)
+  assert out.token_lists() == want
+  ctx = Context(jnp.zeros((1, 7040), jnp.int32), jnp.asarray([7000]),
+                KVCache.for_config(cfg, 1, 7040, jnp.float32))
+  state = jax.eval_shape(lambda: d.init(ctx, 7040, ()))
+  assert state.ring_k.shape == (1, cfg.num_kv_heads, 512, cfg.head_dim)
