@@ -94,6 +94,15 @@ def sample(key: jax.Array, p_xV: jax.Array, s: Sampling) -> jax.Array:
   return jax.random.categorical(key, jnp.log(p_xV), axis=-1).astype(jnp.int32)
 
 
+def draw(key: jax.Array, logits_xV: jax.Array, s: Sampling) -> tuple[jax.Array, jax.Array | None]:
+  """A drafter's next token from its logits, with the distribution it was drawn from (what
+  speculative sampling verifies against): the argmax and None when greedy."""
+  if s.greedy:
+    return jnp.argmax(logits_xV, axis=-1).astype(jnp.int32), None
+  q = probs(logits_xV, s)
+  return sample(key, q, s), q
+
+
 def sample_distinct(key: jax.Array, p_xV: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """(int32[..., k], bool[..., k]): k distinct tokens drawn without replacement from each
   row of `p_xV`, in the order drawn (Gumbel-top-k: the k largest log p + Gumbel noise),

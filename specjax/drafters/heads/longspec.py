@@ -290,12 +290,8 @@ class LongSpec:
                 jnp.concatenate([state.ring_k, buf_k], 2),
                 jnp.concatenate([state.ring_v, buf_v], 2), mask, cross_k, cross_v, cross_mask)
       logits = lm_head(cfg, self.shared, g)[:, 0]
-      if sampling.greedy:
-        tok = jnp.argmax(logits, -1).astype(jnp.int32)
-      else:
-        q = sampling_lib.probs(logits, sampling)
-        tok = jax.random.categorical(keys[i], jnp.log(q), -1).astype(jnp.int32)
-        qs.append(q)
+      tok, q = sampling_lib.draw(keys[i], logits, sampling)
+      qs.append(q)
       toks.append(tok)
     drafted = jnp.stack(toks, 1)
     tree = DraftTree.chain(drafted, jnp.ones((b, n), bool),

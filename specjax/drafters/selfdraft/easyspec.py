@@ -86,20 +86,14 @@ class EasySpec:
     committed = out.cache.advance(lag)
     cache = committed
 
-    def draw(logits, key):
-      if sampling.greedy:
-        return jnp.argmax(logits, -1).astype(jnp.int32), None
-      q = sampling_lib.probs(logits, sampling)
-      return jax.random.categorical(key, jnp.log(q), -1).astype(jnp.int32), q
-
     keys = jax.random.split(key, self.depth)
-    tok, q = draw(logits, keys[0])
+    tok, q = sampling_lib.draw(keys[0], logits, sampling)
     toks, qs = [tok], [q]
     for i in range(1, self.depth):  # the rest of the chain, layer-parallel
       step = skip.forward_layer_parallel(self.config, self.params, tok[:, None],
                                          cache.lengths[:, None], causal(1), cache, self.group)
       cache = step.cache.advance(jnp.ones((b,), jnp.int32))
-      tok, q = draw(step.logits[:, 0], keys[i])
+      tok, q = sampling_lib.draw(keys[i], step.logits[:, 0], sampling)
       toks.append(tok)
       qs.append(q)
     tree = DraftTree.chain(jnp.stack(toks, 1), jnp.ones((b, self.depth), bool),

@@ -290,12 +290,6 @@ class Mirror:
     return MirrorState(cache, zeros(), zeros(g),
                        zeros(g + 1, self.kappa), zeros(), zeros(), no, no)
 
-  def _draw(self, logits, key, sampling):
-    if sampling.greedy:
-      return jnp.argmax(logits, -1).astype(jnp.int32), None
-    q = sampling_lib.probs(logits, sampling)
-    return jax.random.categorical(key, jnp.log(q), -1).astype(jnp.int32), q
-
   def _roll(self, cache, first_BxT, positions_BxT, key, sampling):
     """gamma draft tokens after each row's `first` tokens (fed at `positions`, the cache
     holding what comes before), `stream` a forward: (tokens [B, gamma], q [B, gamma, V]
@@ -313,7 +307,7 @@ class Mirror:
       cache = out.cache.advance(jnp.full((b,), real, jnp.int32))  # stream entries dropped
       new = []
       for i in range(min(s, self.gamma - len(toks))):
-        tok, q = self._draw(out.logits[:, real - 1 + i], keys[len(toks)], sampling)
+        tok, q = sampling_lib.draw(keys[len(toks)], out.logits[:, real - 1 + i], sampling)
         toks.append(tok)
         qs.append(q)
         new.append(tok)

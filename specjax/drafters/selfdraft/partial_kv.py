@@ -97,12 +97,8 @@ class PartialKV:
                     prefix_BxTxS=seen[:, None, :])
       cache = out.cache
       logits = out.logits[:, 0]
-      if sampling.greedy:
-        tok = jnp.argmax(logits, -1).astype(jnp.int32)
-      else:
-        q = sampling_lib.probs(logits, sampling)
-        tok = jax.random.categorical(keys[i], jnp.log(q), -1).astype(jnp.int32)
-        qs.append(q)
+      tok, q = sampling_lib.draw(keys[i], logits, sampling)
+      qs.append(q)
       toks.append(tok)
     tree = DraftTree.chain(jnp.stack(toks, 1), jnp.ones((b, self.depth), bool),
                            None if sampling.greedy else jnp.stack(qs, 1),

@@ -122,20 +122,14 @@ class Pearl:
     last = jnp.take_along_axis(out.logits, jnp.maximum(used - 1, 0)[:, None, None], 1)[:, 0]
     cache = out.cache.advance(used)
 
-    def draw(logits, key):
-      if sampling.greedy:
-        return jnp.argmax(logits, -1).astype(jnp.int32), None
-      q = sampling_lib.probs(logits, sampling)
-      return jax.random.categorical(key, jnp.log(q), -1).astype(jnp.int32), q
-
     keys = jax.random.split(key, g)
-    tok, q = draw(last, keys[0])
+    tok, q = sampling_lib.draw(keys[0], last, sampling)
     toks, qs = [tok], [q]
     for i in range(1, g):  # gamma - 1 more drafts, one forward each
       step = forward(self.config, self.params, tok[:, None], cache.lengths[:, None],
                      causal(1), cache)
       cache = step.cache.advance(jnp.ones((b,), jnp.int32))
-      tok, q = draw(step.logits[:, 0], keys[i])
+      tok, q = sampling_lib.draw(keys[i], step.logits[:, 0], sampling)
       toks.append(tok)
       qs.append(q)
     # The cache keeps the committed tokens; what lies past them is rewritten next step.
