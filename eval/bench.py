@@ -663,14 +663,14 @@ def moe_table(seed: int = 0) -> list[dict]:
   return out
 
 
-def hier_table(model: models.Model, layers=(6, 10), new_tokens: int = 64,
+def hier_table(model: models.Model, layers=(10, 20, None), new_tokens: int = 64,
                num_prompts: int = 4, runs: int = 2, bits: int = 4, group: int = 64) -> list:
   """Hierarchical drafting for a quantized target (`drafters.selfdraft.hierarchical`):
   batch-1 greedy tokens/s and tau on MT-Bench first turns of the int`bits` target's AR,
   the committed EAGLE head as a chain of 3 and as an EAGLE-2 tree (top 3, 3 deep, 8 nodes)
   verified by the quantized target directly, and the same tree verified by an
-  intermediate, the float target's first `layers` layers, whose first 6 accepted tokens
-  the quantized target verifies as a chain. Every output is checked equal to the
+  intermediate, the float target's first `layers` layers (None: all of them), whose
+  first 6 accepted tokens the quantized target verifies as a chain. Every output is checked equal to the
   quantized target's AR: lossless relative to it."""
   from specjax.configs import common  # pylint: disable=g-import-not-at-top
   from specjax.drafters.selfdraft import hierarchical  # pylint: disable=g-import-not-at-top
@@ -680,15 +680,16 @@ def hier_table(model: models.Model, layers=(6, 10), new_tokens: int = 64,
   ar_tps, _, ar_outs = _batch1(target, chats, None, new_tokens, runs)
   rows = [{"method": f"AR (int{bits})", "tokens_per_s": ar_tps, "tau": 1.0, "speedup": 1.0,
            "rounds": 0.0}]
-  cases = [("EAGLE chain 3 -> int4", registry.DRAFTERS.build(
+  cases = [(f"EAGLE chain 3 -> int{bits}", registry.DRAFTERS.build(
       "eagle", target, checkpoint=common.EAGLE_SMOLLM2, top_k=1, depth=3)),
-           ("EAGLE-2 tree 8 -> int4", registry.DRAFTERS.build(
+           (f"EAGLE-2 tree 8 -> int{bits}", registry.DRAFTERS.build(
                "eagle", target, checkpoint=common.EAGLE_SMOLLM2, **tree))]
-  for n in layers:
-    mid = model.truncated(n)
+  for n in layers:  # None: the whole float model
+    mid = model if n is None else model.truncated(n)
     inner = registry.DRAFTERS.build("eagle", mid, checkpoint=common.EAGLE_SMOLLM2, **tree)
-    cases.append((f"EAGLE-2 tree 8 -> float [:{n}] -> chain 6 -> int4",
-                   hierarchical.create(mid, inner, depth=6)))
+    where = f"all {model.config.num_layers} layers" if n is None else f"[:{n}]"
+    cases.append((f"EAGLE-2 tree 8 -> float {where} -> chain 6 -> int{bits}",
+                  hierarchical.create(mid, inner, depth=6)))
   print(f"\n| method (lossless against int{bits}) | tokens/s | tau | x AR | intermediate "
         "rounds / step |\n|---|---|---|---|---|", flush=True)
   print(f"| {rows[0]['method']} | {ar_tps:.1f} | 1.00 | 1.00 | |", flush=True)

@@ -3,8 +3,8 @@
 At long context the target's verification forward is bound by reading its KV cache.
 SpecPV drafts with an EAGLE-3 head and verifies most steps against a *partial* cache:
 attention sinks, retrieved blocks, a local window and a buffer of the tokens committed
-since the last full verification. Every `period` steps it verifies against the full
-cache instead, and that step rewrites the buffered tokens' keys/values (which partial
+since the last full verification. Every `period` steps (the first step included) it
+verifies against the full cache instead, and that step rewrites the buffered tokens' keys/values (which partial
 verifications computed from a partial context) from the full context. Tokens accepted by
 a partial verification are checked against an approximation of the target, so the output
 can differ from AR decoding: the sweep reports its agreement with AR beside its speed.
@@ -137,7 +137,8 @@ class SpecPV:
     b = ctx.history.shape[0]
     last_B = jnp.maximum(ctx.length - 2, 0)  # the last prefilled token
     blocks, valid = self._pick_blocks(ctx, score_BxLxH[jnp.arange(b), last_B], ctx.length - 1)
-    return SpecPVState(self.inner.init(ctx, max_len, inner_feats), jnp.int32(0),
+    # The first step verifies fully (steps 0, period, 2 period, ...).
+    return SpecPVState(self.inner.init(ctx, max_len, inner_feats), jnp.int32(self.period - 1),
                        jnp.bool_(False), jnp.zeros((b, self.buffer), jnp.int32), blocks, valid)
 
   # --- A step ------------------------------------------------------------------------------
