@@ -119,3 +119,11 @@ def test_a_7k_token_prompt_decodes_as_ar_with_the_window_sized_draft_state():
                 KVCache.for_config(cfg, 1, 7040, jnp.float32))
   state = jax.eval_shape(lambda: d.init(ctx, 7040, ()))
   assert state.ring_k.shape == (1, cfg.num_kv_heads, 512, cfg.head_dim)
+
+
+def test_longspec_drafts_chains_only():
+  import pytest  # pylint: disable=g-import-not-at-top
+  head = longspec.LongSpecHead(TARGET.config, 8)
+  with pytest.raises(ValueError, match="LongSpec drafts a chain"):
+    head.drafter(head.init(jax.random.key(0)), shared_params(TARGET.config, TARGET.params),
+                 top_k=2)

@@ -25,7 +25,7 @@ def test_every_built_in_part_is_registered():
   assert set(registry.ACCEPTANCE.names()) == {"greedy", "speculative", "rsd", "typical", "fuzzy",
                                               "easd", "judge", "arbitrage"}
   assert set(registry.HEADS.names()) == {"dflash", "draft_lm", "dspark", "eagle", "eagle3",
-                                        "falcon", "hydra", "medusa", "ppd"}
+                                        "falcon", "hydra", "longspec", "medusa", "ppd"}
 
 
 @pytest.mark.parametrize("reg,name", PARTS, ids=[f"{r.kind}:{n}" for r, n in PARTS])

@@ -199,7 +199,13 @@ class LongSpecHead(TrainableHead):
       matches.append(ok)
     return jnp.stack(matches, -1), jnp.pad(batch.mask[:, 1:], ((0, 0), (0, 1)))
 
-  def drafter(self, params, shared, *, depth: int = 4) -> "LongSpec":
+  def drafter(self, params, shared, *, depth: int = 4, top_k: int = 1, tree=None,
+              num_nodes: int | None = None) -> "LongSpec":
+    """A chain of `depth` drafts (the draft-size knobs every head takes; LongSpec drafts
+    chains only: top_k 1, no tree)."""
+    if top_k != 1 or tree is not None or num_nodes is not None:
+      raise ValueError(f"LongSpec drafts a chain (depth); got top_k={top_k}, tree={tree}, "
+                       f"num_nodes={num_nodes}.")
     return LongSpec(params, shared, self.config, int(depth), self.window)
 
 
@@ -319,6 +325,9 @@ def _head(target_cfg: ModelConfig, *, window: int = 512, max_offset: int = 30000
 
 
 @registry.DRAFTERS.register("longspec", takes_stop_policy=False)
-def _drafter(target, *, checkpoint: str, depth: int | None = None) -> LongSpec:
-  """A trained LongSpec head folder as a chain of `depth` drafts (default: the folder's)."""
-  return io.trained_drafter("longspec", target, checkpoint, None, depth=depth)
+def _drafter(target, *, checkpoint: str, budget: str | None = None, depth: int | None = None,
+             top_k: int | None = None, tree=None) -> LongSpec:
+  """A trained LongSpec head folder as a chain of `depth` drafts (default: the folder's),
+  or sized by `budget=COSTS_JSON`; chains only (top_k 1, no tree)."""
+  return io.trained_drafter("longspec", target, checkpoint, budget, depth=depth, top_k=top_k,
+                            tree=tree)
