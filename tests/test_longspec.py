@@ -127,3 +127,12 @@ def test_longspec_drafts_chains_only():
   with pytest.raises(ValueError, match="LongSpec drafts a chain"):
     head.drafter(head.init(jax.random.key(0)), shared_params(TARGET.config, TARGET.params),
                  top_k=2)
+
+
+def test_longspec_verifies_through_the_tree_attention_kernel():
+  """The verification forward reads the committed prefix through the Pallas kernel's prefix
+  path and the drafts through its tree mask (interpreted here): still equal to AR."""
+  pallas = TARGET.with_attention("pallas")
+  want = gen(TARGET, PROMPTS[:2], max_new_tokens=8, eos=None).token_lists()
+  out = gen(pallas, PROMPTS[:2], max_new_tokens=8, eos=None, drafter=drafter(pallas))
+  assert out.token_lists() == want
