@@ -9,7 +9,7 @@ import numpy as np
 from specjax.drafters.base import Context
 from specjax.drafters.heads import longspec
 from specjax.models import model as model_lib
-from specjax.models import shared_params
+from specjax.models import projections, shared_params
 from specjax.models.cache import KVCache
 from specjax.sampling import Sampling
 from specjax.verify import Verdict
@@ -40,7 +40,6 @@ def _reference_first_draft(d, tokens_T, c):
   out = model_lib.causal_forward(cfg, TARGET.params, toks, features=(cfg.num_layers - 1,))
   emb = model_lib.embed(cfg, d.shared, toks)
   k, v = longspec.self_keys_values(cfg, d.params, emb, pos)
-  from specjax.models import projections  # pylint: disable=g-import-not-at-top
   ck, cv = projections.keys_values(cfg, TARGET.params, cfg.num_layers - 1, out.features[0], pos)
   j = jnp.arange(t)
   self_mask = ((j <= c) & (j > c - d.window))[None, None]

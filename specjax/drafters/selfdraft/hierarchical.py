@@ -52,7 +52,6 @@ class HierarchicalState:
   proposed: Any  # the inner drafter's state after its first proposal of the step
   feats: tuple  # the intermediate's features of [root, chain], each [B, 1 + depth, H]
   grown: KVCache  # the intermediate's cache after the inner loop
-  rounds: jax.Array  # int32[B]: inner rounds run so far (for the cost report)
 
 
 @flax.struct.dataclass
@@ -105,13 +104,14 @@ class Hierarchical:
     inner_ctx = inner_ctx.replace(cache=cache)
     inner = self.inner.init(inner_ctx, max_len + self.room, feats)
     zf = lambda: tuple(jnp.zeros((b, 1 + self.depth) + f.shape[2:], f.dtype) for f in feats)
-    return HierarchicalState(cache, inner, inner, zf(), cache, jnp.zeros((b,), jnp.int32))
+    return HierarchicalState(cache, inner, inner, zf(), cache)
 
   def _round(self, ctx0, sampling, key, carry):
     """One inner round: the inner drafter proposes, the intermediate verifies greedily,
     both commit; the features of the round's root and accepted nodes go to the chain's
-    slots (offsets past the step's root)."""
-    cache, dstate, history, length, made, feats, first, k = carry
+    slots (offsets past the step's root). Returns the carry and the inner drafter's state
+    after its proposal."""
+    cache, dstate, history, length, made, feats, k = carry
     b = history.shape[0]
     rows = jnp.arange(b)
     ctx = self._ctx(ctx0, cache, history, length)
@@ -138,8 +138,7 @@ class Hierarchical:
         new, keep[:, :, None], 1).astype(f.dtype), mode="drop")
                   for f, new in zip(feats, out.features))
     dstate = self.inner.commit(proposed, ctx, verdict, out.features)
-    first = jax.tree.map(lambda f, p: jnp.where(k == 0, p, f), first, proposed)
-    return (cache, dstate, history, length + 1 + a_B, made + 1 + a_B, feats, first, k + 1)
+    return (cache, dstate, history, length + 1 + a_B, made + 1 + a_B, feats, k + 1), proposed
 
   def propose(self, state: HierarchicalState, ctx, stop, sampling, key):
     del stop
@@ -148,17 +147,17 @@ class Hierarchical:
     b = ctx.history.shape[0]
     zeros = jnp.zeros((b,), jnp.int32)
     carry = (state.cache, state.inner, self._ctx(ctx, None).history, ctx.length, zeros,
-             state.feats, state.proposed, jnp.int32(0))
+             state.feats, jnp.int32(0))
     step = lambda c: self._round(ctx, sampling, key, c)
+    carry, first = step(carry)  # the first proposal: what commit starts from
     carry = jax.lax.while_loop(
-        lambda c: (c[7] < self.depth + 1) & jnp.any((c[4] <= self.depth) & ctx.live), step,
-        step(carry))
-    grown, _, history, _, _, feats, first, rounds = carry
+        lambda c: (c[6] < self.depth + 1) & jnp.any((c[4] <= self.depth) & ctx.live),
+        lambda c: step(c)[0], carry)
+    grown, _, history, _, _, feats, rounds = carry
     chain = jnp.take_along_axis(history, ctx.length[:, None] + jnp.arange(self.depth), 1)
     tree = DraftTree.chain(chain, jnp.ones((b, self.depth), bool))
-    calls = jnp.full((b,), rounds, jnp.int32)
-    return tree, state.replace(proposed=first, feats=feats, grown=grown,
-                               rounds=state.rounds + calls), calls
+    return tree, state.replace(proposed=first, feats=feats, grown=grown), jnp.full(
+        (b,), rounds, jnp.int32)
 
   def commit(self, state: HierarchicalState, ctx, verdict, features):
     del features

@@ -23,7 +23,7 @@ Retrieval (Quest-style block bounds, `partial_cache.block_bounds`) scores the ca
 blocks of `block` keys at layer `score_layer` with a query proxy: that layer's query of
 the last token the full verification accepted (its input there is a target feature the
 loop already returns), at the next root's position. The blocks are re-picked at every
-full verification, and once after the prefill.
+full verification (the first step is one).
 
 Departures from the paper: one block selection serves every layer and head (the bound is
 summed over heads; SpecPV and Quest select per layer from the current query), made from
@@ -133,13 +133,13 @@ class SpecPV:
     return partial_cache.select_blocks(bound_BxN, eligible_BxN, self.retrieve)
 
   def init(self, ctx, max_len, features):
-    inner_feats, score_BxLxH = self._split(features)
+    inner_feats, _ = self._split(features)
     b = ctx.history.shape[0]
-    last_B = jnp.maximum(ctx.length - 2, 0)  # the last prefilled token
-    blocks, valid = self._pick_blocks(ctx, score_BxLxH[jnp.arange(b), last_B], ctx.length - 1)
-    # The first step verifies fully (steps 0, period, 2 period, ...).
+    # The first step verifies fully (steps 0, period, 2 period, ...) and picks the blocks.
     return SpecPVState(self.inner.init(ctx, max_len, inner_feats), jnp.int32(self.period - 1),
-                       jnp.bool_(False), jnp.zeros((b, self.buffer), jnp.int32), blocks, valid)
+                       jnp.bool_(False), jnp.zeros((b, self.buffer), jnp.int32),
+                       jnp.zeros((b, self.retrieve), jnp.int32),
+                       jnp.zeros((b, self.retrieve), bool))
 
   # --- A step ------------------------------------------------------------------------------
 
@@ -189,12 +189,15 @@ class SpecPV:
         out = forward(cfg, params, tokens_BxT, positions_BxT, visible_BxTxT, compact, feats,
                       prefix_BxTxS=jnp.broadcast_to(valid_BxJ[:, None, :],
                                                     (b, t, valid_BxJ.shape[1])))
-      old = partial_cache.gather(cache, start_B[:, None] + jnp.arange(r))  # kept as they are
-      return (out.logits, out.hidden, out.features, old.k, old.v, out.cache.k, out.cache.v)
+      nothing = tuple(jnp.zeros(k.shape[:2] + (r,) + k.shape[3:], k.dtype)
+                      for k in out.cache.k)  # dropped below
+      return (out.logits, out.hidden, out.features, nothing, nothing, out.cache.k, out.cache.v)
 
     logits, hidden, features, k_re, v_re, k_new, v_new = jax.lax.cond(
         full, full_step, partial_step, None)
-    write = lambda c, re, new: cache_lib.write(cache_lib.write(c, re, start_B), new, c_B)
+    # The recomputed entries of a full step; past the cache (dropped) after a partial one.
+    re_start_B = jnp.where(full, start_B, cache.max_len)
+    write = lambda c, re, new: cache_lib.write(cache_lib.write(c, re, re_start_B), new, c_B)
     cache = cache.replace(k=tuple(map(write, cache.k, k_re, k_new)),
                           v=tuple(map(write, cache.v, v_re, v_new)))
     return Forward(logits, hidden, features, cache), state.replace(full=full)
